@@ -1,0 +1,158 @@
+"""The dataset manifest: one parquet row per sample and a JSON header whose hash is the dataset's identity."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import ReplayKDError
+from pipeline.io import atomic_path, write_json_atomic
+
+FORMAT = "replaykd.manifest/1"
+HEADER = "manifest.json"
+SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("position", pa.int32()),
+        ("label", pa.int32()),
+        ("nbytes", pa.int64()),
+        ("crc32c", pa.uint32()),
+        ("ext", pa.string()),
+    ]
+)
+
+
+def content_hash(classes: list[str], tables: dict[str, pa.Table]) -> str:
+    """sha256 over class names and every row; independent of where the files live."""
+    h = hashlib.sha256()
+    h.update(json.dumps(classes).encode())
+    for split in sorted(tables):
+        t = tables[split]
+        h.update(f"\0{split}\0{t.num_rows}\0".encode())
+        for name in SCHEMA.names:
+            col = t.column(name)
+            if pa.types.is_string(col.type):
+                h.update("\n".join(col.to_pylist()).encode())
+            else:
+                h.update(np.ascontiguousarray(col.to_numpy(), dtype=col.type.to_pandas_dtype()).tobytes())
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """A manifest table from row dicts (columns as in SCHEMA)."""
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+@dataclass
+class Manifest:
+    """Class names, a row table per split, where the shards are, and the content hash."""
+
+    path: Path
+    classes: list[str]
+    tables: dict[str, pa.Table]
+    shard_root: Path
+    hash: str = ""
+    info: dict = field(default_factory=dict)
+    _ranges: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.hash = self.hash or content_hash(self.classes, self.tables)
+        for split, t in self.tables.items():
+            shards = t.column("shard").to_numpy(zero_copy_only=False)
+            names, starts = np.unique(shards, return_index=True)
+            order = np.argsort(starts)
+            bounds = list(starts[order]) + [len(shards)]
+            self._ranges[split] = {names[o]: (int(bounds[i]), int(bounds[i + 1])) for i, o in enumerate(order)}
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the labels index into."""
+        return len(self.classes)
+
+    def count(self, split: str) -> int:
+        """Number of samples in `split`."""
+        return self.table(split).num_rows
+
+    def table(self, split: str) -> pa.Table:
+        """The rows of `split`, in global-index order."""
+        if split not in self.tables:
+            raise ReplayKDError(f"manifest {self.path} has no split '{split}' (has: {', '.join(self.tables)})")
+        return self.tables[split]
+
+    def shards(self, split: str) -> list[str]:
+        """Shard file names of `split`, in order."""
+        self.table(split)
+        return list(self._ranges[split])
+
+    def shard_range(self, split: str, shard: str) -> tuple[int, int]:
+        """Global index range [start, stop) held by `shard`."""
+        return self._ranges[split][shard]
+
+    def shard_rows(self, split: str, shard: str) -> pa.Table:
+        """The manifest rows of one shard, in position order."""
+        start, stop = self.shard_range(split, shard)
+        return self.table(split).slice(start, stop - start)
+
+    def shard_path(self, shard: str) -> Path:
+        """Where a shard file is on disk."""
+        return self.shard_root / shard
+
+    def header(self) -> dict:
+        """The JSON header: identity, classes, counts and shard lists."""
+        try:
+            root = os.path.relpath(self.shard_root, self.path)
+        except ValueError:  # another drive on Windows
+            root = str(self.shard_root)
+        return {
+            "format": FORMAT,
+            "hash": self.hash,
+            "classes": self.classes,
+            "shard_root": root,
+            "splits": {
+                split: {
+                    "count": t.num_rows,
+                    "shards": [{"name": s, "count": b - a} for s, (a, b) in self._ranges[split].items()],
+                }
+                for split, t in self.tables.items()
+            },
+            "info": self.info,
+        }
+
+    def write(self) -> None:
+        """Write the parquet tables, then the header (the header's presence marks a complete manifest)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        for split, t in self.tables.items():
+            with atomic_path(self.path / f"{split}.parquet") as tmp:
+                pq.write_table(t, tmp)
+        write_json_atomic(self.path / HEADER, self.header())
+
+    @classmethod
+    def load(cls, path: Path, shard_root: Path | None = None) -> "Manifest":
+        """Read a manifest directory; `shard_root` overrides where the shards are looked for."""
+        path = Path(path)
+        if path.name == HEADER:
+            path = path.parent
+        header_file = path / HEADER
+        if not header_file.exists():
+            raise ReplayKDError(f"no manifest at {path} (missing {HEADER}); run 'replaykd shards' or 'replaykd manifest'")
+        header = json.loads(header_file.read_text())
+        if header.get("format") != FORMAT:
+            raise ReplayKDError(f"{header_file} is not a {FORMAT} manifest")
+        tables = {}
+        for split in header["splits"]:
+            table = pq.read_table(path / f"{split}.parquet").cast(SCHEMA)
+            tables[split] = table
+        root = Path(shard_root) if shard_root is not None else (path / header["shard_root"]).resolve()
+        m = cls(path, header["classes"], tables, root, info=header.get("info", {}))
+        if m.hash != header["hash"]:
+            raise ReplayKDError(f"manifest {path} was changed after it was written: hash {m.hash[:12]} != {header['hash'][:12]}")
+        return m

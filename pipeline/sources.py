@@ -1,0 +1,150 @@
+"""Where images come from before they become shards: an ImageFolder tree or the built-in digits."""
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import ReplayKDError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One image to be sharded: its key, label, extension and where its bytes are."""
+
+    key: str
+    label: int
+    ext: str
+    path: Path | None = None
+    data: bytes | None = None
+
+    def read(self) -> bytes:
+        """The encoded image bytes, exactly as found."""
+        return self.data if self.data is not None else self.path.read_bytes()
+
+    @property
+    def origin(self) -> str:
+        """What to name in an error message."""
+        return str(self.path) if self.path is not None else self.key
+
+
+@dataclass
+class Source:
+    """Class names, items per split, and the non-image files passed over."""
+
+    name: str
+    classes: list[str]
+    splits: dict[str, list[SourceItem]]
+    non_images: list[Path] = field(default_factory=list)
+
+
+def check_image(data: bytes, origin: str) -> None:
+    """Decode `data` fully; a corrupt or truncated image raises an error naming `origin`."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as exn:  # PIL raises many types for bad files
+        raise ReplayKDError(f"cannot decode image {origin}: {exn}") from exn
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the items that go to val: `fraction` of each class, chosen by `seed`."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    is_val = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n_val = int(round(len(idx) * fraction))
+        is_val[rng.permutation(idx)[:n_val]] = True
+    return is_val
+
+
+def _split_by_fraction(items: list[SourceItem], fraction: float, seed: int) -> dict[str, list[SourceItem]]:
+    if fraction <= 0:
+        return {"train": items}
+    is_val = stratified_split(np.array([it.label for it in items]), fraction, seed)
+    return {
+        "train": [it for it, v in zip(items, is_val) if not v],
+        "val": [it for it, v in zip(items, is_val) if v],
+    }
+
+
+def digits_source(val_fraction: float, seed: int, size: int = 32) -> Source:
+    """scikit-learn's handwritten digits (offline), as `size` px RGB PNGs, split train/val by `seed`."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    items = []
+    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+        gray = np.round(img * (255.0 / 16.0)).astype(np.uint8)
+        im = Image.fromarray(gray, mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        items.append(SourceItem(key=f"digits_{i:04d}", label=int(label), ext="png", data=buf.getvalue()))
+    classes = [str(c) for c in digits.target_names]
+    return Source("digits", classes, _split_by_fraction(items, val_fraction, seed))
+
+
+def _key_for(class_name: str, rel: Path) -> str:
+    # WebDataset splits a member name at the first dot of its basename, so keys must hold none.
+    return re.sub(r"[.\s]", "_", f"{class_name}/{rel.with_suffix('').as_posix()}")
+
+
+def _scan_class_dirs(root: Path, classes: list[str], non_images: list[Path]) -> list[SourceItem]:
+    items, seen = [], set()
+    for label, name in enumerate(classes):
+        class_dir = root / name
+        if not class_dir.is_dir():
+            continue
+        for f in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+            ext = f.suffix.lower().lstrip(".")
+            if ext not in IMAGE_EXTS:
+                non_images.append(f)
+                continue
+            key = base = _key_for(name, f.relative_to(class_dir))
+            n = 1
+            while key in seen:
+                key, n = f"{base}_{n}", n + 1
+            seen.add(key)
+            items.append(SourceItem(key=key, label=label, ext=ext, path=f))
+    return items
+
+
+def folder_source(root: Path, val_fraction: float, seed: int) -> Source:
+    """An ImageFolder tree (`root/<class>/<image>`, or `root/train/...` and `root/val/...`)."""
+    root = Path(root)
+    if not root.exists():
+        raise ReplayKDError(f"source folder does not exist: {root}")
+    if not root.is_dir():
+        raise ReplayKDError(f"source is not a folder (nor 'digits'): {root}")
+    has_splits = (root / "train").is_dir()
+    train_root = root / "train" if has_splits else root
+    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ReplayKDError(f"no class folders in {train_root} (expected {train_root}/<class>/<image>)")
+    non_images: list[Path] = []
+    train = _scan_class_dirs(train_root, classes, non_images)
+    if not train:
+        raise ReplayKDError(f"no images found under {train_root} (looked for {', '.join(IMAGE_EXTS)})")
+    if has_splits and (root / "val").is_dir():
+        extra = sorted(p.name for p in (root / "val").iterdir() if p.is_dir() and p.name not in classes)
+        if extra:
+            raise ReplayKDError(f"{root / 'val'} has classes not in {train_root}: {', '.join(extra[:5])}")
+        splits = {"train": train, "val": _scan_class_dirs(root / "val", classes, non_images)}
+    else:
+        splits = _split_by_fraction(train, val_fraction, seed)
+    return Source(root.name, classes, splits, non_images)
+
+
+def open_source(source: str, val_fraction: float, seed: int, digits_size: int = 32) -> Source:
+    """`digits` for the built-in demo data, otherwise an ImageFolder path."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ReplayKDError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if source == "digits":
+        return digits_source(val_fraction, seed, digits_size)
+    return folder_source(Path(source), val_fraction, seed)

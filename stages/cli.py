@@ -1,0 +1,28 @@
+"""The `replaykd` command: each stage module contributes its commands."""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from pipeline.errors import ReplayKDError
+from stages import prepare
+
+app = typer.Typer(
+    help="replaykd: offline knowledge distillation. Stage one caches a teacher's top-k targets for replayed "
+    "augmented views; stage two trains DeiT students on the identical views from that cache.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("shards")(prepare.shards)
+app.command("manifest")(prepare.manifest)
+
+
+def main() -> None:
+    """Console entry point: user errors become one clear line and exit code 2."""
+    try:
+        app()
+    except ReplayKDError as exn:
+        typer.secho(f"error: {exn}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

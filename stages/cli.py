@@ -6,7 +6,7 @@ import sys
 import typer
 
 from pipeline.errors import ReplayKDError
-from stages import prepare
+from stages import bench, inspect, prepare
 
 app = typer.Typer(
     help="replaykd: offline knowledge distillation. Stage one caches a teacher's top-k targets for replayed "
@@ -17,6 +17,8 @@ app = typer.Typer(
 )
 app.command("shards")(prepare.shards)
 app.command("manifest")(prepare.manifest)
+app.command("views")(inspect.views)
+app.command("bench")(bench.bench)
 
 
 def main() -> None:

@@ -117,3 +117,22 @@ class ViewCollate:
         other = torch.full((len(items), self.num_classes), off).scatter_(1, batch["partner_label"].view(-1, 1), on)
         batch["target"] = lam * own + (1.0 - lam) * other
         return batch
+
+
+class EvalViews(IterableDataset):
+    """Evaluation views of a split (timm's eval transform: resize, centre crop), shards split like ReplayViews."""
+
+    def __init__(self, manifest: Manifest, recipe: Recipe, split: str = "val", rank: int | None = None,
+                 world_size: int | None = None):
+        super().__init__()
+        self.manifest, self.split = manifest, split
+        self.transform = recipe.eval_transform()
+        info = pytorch_worker_info()
+        self.rank = info[0] if rank is None else rank
+        self.world_size = info[1] if world_size is None else world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        _, _, worker, num_workers = pytorch_worker_info()
+        for shard in split_units(self.manifest.shards(self.split), self.rank, self.world_size, worker, num_workers):
+            for r in read_shard(self.manifest, self.split, shard):
+                yield {"image": self.transform(decode_image(r.data, f"{shard}:{r.key}")), "label": r.label, "index": r.index}

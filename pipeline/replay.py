@@ -166,6 +166,22 @@ class Replayer:
         with seeded_globals() as reseed:
             return self._mix_params(reseed, keys, epoch, height, width)
 
+    def view_at(self, records: Sequence, position: int, epoch: int, shard: str) -> dict:
+        """The mixed view of one sample (`records[position]`, each with .key and .data): decodes its pair only."""
+        pairs = pair_positions(len(records), self.run_seed, epoch, shard, self.recipe.mixes)
+        members = next(p for p in pairs if position in p)
+        members = members[:1] if members[0] == members[1] else members
+        images = [decode_image(records[p].data, records[p].key) for p in members]
+        views, seeds, params = self.pair(images, [records[p].key for p in members], epoch)
+        i = members.index(position)
+        return {"image": views[i], "seed": seeds[i], "partner": records[members[1 - i if len(members) == 2 else 0]].index,
+                "lam": params.lam, "fingerprint": fingerprint(views[i])}
+
+    def pair(self, images: Sequence[Image.Image], keys: Sequence[str], epoch: int):
+        """The mixed views of a pair (one image: unmixed), their own seeds and the mix parameters."""
+        with seeded_globals() as reseed:
+            return self._pair(reseed, images, keys, epoch)
+
     def shard_views(self, images: Sequence[Image.Image], keys: Sequence[str], labels: Sequence[int],
                     indices: Sequence[int], epoch: int, shard: str) -> Iterator[dict]:
         """Every mixed view of one shard for `epoch`, pair by pair, as dicts ready for collation."""

@@ -1,0 +1,179 @@
+"""Stage one on digits with a real (tiny) RegNetY teacher: round trip, resume, torchrun, identity checks."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.cache import TeacherCache
+from pipeline.errors import ReplayKDError
+from pipeline.manifest import Manifest
+from pipeline.models import create_classifier, load_teacher
+from pipeline.reader import read_shard
+from pipeline.recipe import Recipe
+from pipeline.replay import Replayer
+from stages.teacher_cache import TeacherCacheOptions, run
+from tests.conftest import CLI, run_cli
+
+ARRAYS = ("probs", "classes", "seed", "fingerprint", "partner", "lam")
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory, digits_dir):
+    """A regnety_002 trained for one epoch by `replaykd train-teacher` (real training, tiny budget)."""
+    out = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    run_cli("train-teacher", "--data", digits_dir, "--epochs", "1", "--workers", "0", "--device", "cpu", "--out", out)
+    return out
+
+
+def options(digits_dir, ckpt, out, **kw) -> TeacherCacheOptions:
+    base = dict(manifest=digits_dir, checkpoint=ckpt, out=out, recipe="digits", teacher="regnety_002", epochs=2,
+                topk=5, seed=0, batch_size=64, workers=0, device="cpu", epochs_per_file=2)
+    return TeacherCacheOptions(**{**base, **kw})
+
+
+def arrays(path) -> dict:
+    cache = TeacherCache.open(path)
+    return {n: a[:] for n, a in cache.arrays.items()}
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, digits_dir, teacher_ckpt):
+    out = tmp_path_factory.mktemp("cache") / "store"
+    summary = run(options(digits_dir, teacher_ckpt, out))
+    assert summary["units_missing"] == 0 and summary["views_written"] == 2 * Manifest.load(digits_dir).count("train")
+    return out
+
+
+def test_stored_targets_equal_a_fresh_teacher_forward(store, digits_dir, teacher_ckpt):
+    cache = TeacherCache.open(store)
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    teacher = load_teacher("regnety_002", teacher_ckpt, 10, cache.config.teacher_input_size)
+    replayer = Replayer(recipe, 0)
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        epoch, shard_no = int(rng.integers(2)), int(rng.integers(len(cache.shards)))
+        records = read_shard(m, "train", cache.shards[shard_no])
+        unit = cache.read_unit(epoch, shard_no)
+        for pos in rng.integers(len(records), size=4):
+            view = replayer.view_at(records, int(pos), epoch, cache.shards[shard_no])
+            assert view["fingerprint"] == unit["fingerprint"][pos] and view["partner"] == unit["partner"][pos]
+            with torch.inference_mode():
+                probs = teacher(view["image"][None]).softmax(-1)[0]
+            top = probs.topk(5)
+            assert np.array_equal(top.indices.numpy(), unit["classes"][pos])
+            assert np.allclose(top.values.numpy(), unit["probs"][pos].astype(np.float32), atol=1e-3)
+            assert np.all(np.diff(unit["probs"][pos].astype(np.float32)) <= 0)  # sorted
+
+
+def test_cache_info_and_verify(store, tmp_path):
+    info = run_cli("cache", "info", store, "--json")
+    assert '"units_missing": 0' in info.stdout and '"topk": 5' in info.stdout
+    ok = run_cli("cache", "verify", store, "--samples", "24", "--device", "cpu")
+    assert "fingerprints OK" in ok.stdout
+    # alter one stored fingerprint and one probability row of a completed unit
+    bad = tmp_path / "bad"
+    subprocess.run(["cp", "-r", str(store), str(bad)], check=True)
+    cache = TeacherCache.open(bad, mode="a")
+    fp = cache.arrays["fingerprint"]
+    fp[:, :, :] = fp[:] ^ 1
+    proc = run_cli("cache", "verify", bad, "--samples", "8", "--device", "cpu", check=False)
+    assert proc.returncode == 1 and "fingerprint" in proc.stderr
+
+
+def test_other_recipe_seed_or_manifest_is_refused(store, digits_dir, teacher_ckpt, tmp_path):
+    with pytest.raises(ReplayKDError, match="recipe_hash"):
+        run(options(digits_dir, teacher_ckpt, store, recipe="deit"))
+    with pytest.raises(ReplayKDError, match="run_seed"):
+        run(options(digits_dir, teacher_ckpt, store, seed=1))
+    with pytest.raises(ReplayKDError, match="topk"):
+        run(options(digits_dir, teacher_ckpt, store, topk=3))
+    from pipeline.shards import write_shards
+    from pipeline.sources import digits_source
+    other = tmp_path / "other"
+    write_shards(digits_source(0.2, seed=5, size=16), other, 200, 5, False)
+    with pytest.raises(ReplayKDError, match="manifest_hash"):
+        run(options(other, teacher_ckpt, store))
+
+
+def test_bad_inputs(digits_dir, teacher_ckpt, tmp_path):
+    with pytest.raises(ReplayKDError, match="--topk"):
+        run(options(digits_dir, teacher_ckpt, tmp_path / "a", topk=11))
+    with pytest.raises(ReplayKDError, match="not found"):
+        run(options(digits_dir, tmp_path / "missing.safetensors", tmp_path / "b"))
+    five = tmp_path / "five.safetensors"
+    save_file(create_classifier("regnety_002", 5).state_dict(), str(five))
+    with pytest.raises(ReplayKDError, match="has 5 classes, the dataset has 10"):
+        run(options(digits_dir, five, tmp_path / "c"))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"model": create_classifier("regnety_004", 10).state_dict()}, wrong)
+    with pytest.raises(ReplayKDError, match="missing keys|wrong shapes"):
+        run(options(digits_dir, wrong, tmp_path / "d"))
+
+
+def test_growing_appends_epochs(store, digits_dir, teacher_ckpt, tmp_path):
+    grown = tmp_path / "grown"
+    subprocess.run(["cp", "-r", str(store), str(grown)], check=True)
+    before = arrays(grown)
+    summary = run(options(digits_dir, teacher_ckpt, grown, epochs=3))
+    assert summary["views_written"] == Manifest.load(digits_dir).count("train")  # only the new epoch
+    after = arrays(grown)
+    for n in ARRAYS:
+        assert np.array_equal(after[n][:2], before[n])
+    fresh = tmp_path / "fresh"
+    run(options(digits_dir, teacher_ckpt, fresh, epochs=3))
+    for n in ARRAYS:
+        assert np.array_equal(arrays(fresh)[n], after[n])
+
+
+def test_kill_and_resume_gives_identical_arrays(store, digits_dir, teacher_ckpt, tmp_path):
+    out = tmp_path / "killed"
+    args = ["teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--out", out, "--recipe", "digits",
+            "--teacher", "regnety_002", "--epochs", "2", "--topk", "5", "--workers", "0", "--batch-size", "16",
+            "--device", "cpu", "--epochs-per-file", "2"]
+    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any((out / "units").glob("*.json")):
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.0))
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert TeacherCache.open(out).missing(), "the kill came after every unit was written"
+    run_cli(*args)
+    assert not TeacherCache.open(out).missing()
+    assert_same_arrays(arrays(out), arrays(store))
+
+
+def test_torchrun_two_processes_match_one(store, digits_dir, teacher_ckpt, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 500),
+           "-m", "stages", "teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--out", out,
+           "--recipe", "digits", "--teacher", "regnety_002", "--epochs", "2", "--topk", "5", "--workers", "0",
+           "--device", "cpu", "--epochs-per-file", "2"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_arrays(arrays(out), arrays(store))
+
+
+def assert_same_arrays(got: dict, expected: dict) -> None:
+    """Views, seeds, pairs and lambdas exactly; teacher outputs up to float noise of other batch shapes."""
+    for n in ("seed", "fingerprint", "partner", "lam"):
+        assert np.array_equal(got[n], expected[n]), n
+    gp, ep = got["probs"].astype(np.float32), expected["probs"].astype(np.float32)
+    assert np.allclose(gp, ep, atol=1e-3)
+    # class order may only differ where two sorted probabilities are (nearly) tied
+    differ = got["classes"] != expected["classes"]
+    near_tie = np.zeros_like(differ)
+    near_tie[..., 1:] |= np.abs(np.diff(ep, axis=-1)) < 2e-3
+    near_tie[..., :-1] |= np.abs(np.diff(ep, axis=-1)) < 2e-3
+    assert not (differ & ~near_tie).any()

@@ -54,7 +54,7 @@ class ReplayViews(IterableDataset):
     def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, epochs: Sequence[int],
                  split: str = "train", units: Sequence[Unit] | None = None, rank: int | None = None,
                  world_size: int | None = None, shuffle_buffer: int = 0, shuffle_seed: int = 0,
-                 annotate: Callable[[Unit, int, list[dict]], None] | None = None):
+                 annotate: Callable[[Unit, int, list[dict]], None] | None = None, fingerprint_every: int = 1):
         super().__init__()
         self.manifest, self.recipe, self.run_seed, self.split = manifest, recipe, run_seed, split
         shards = manifest.shards(split)
@@ -63,6 +63,7 @@ class ReplayViews(IterableDataset):
         self.rank = info[0] if rank is None else rank
         self.world_size = info[1] if world_size is None else world_size
         self.shuffle_buffer, self.shuffle_seed, self.annotate = shuffle_buffer, shuffle_seed, annotate
+        self.fingerprint_every = fingerprint_every
         self._replayer = None
 
     def rank_units(self) -> list[Unit]:
@@ -84,7 +85,8 @@ class ReplayViews(IterableDataset):
             images = [decode_image(r.data, f"{unit.shard}:{r.key}") for r in records]
             keys, labels, indices = [r.key for r in records], [r.label for r in records], [r.index for r in records]
             for epoch in unit.epochs:
-                items = list(self._replayer.shard_views(images, keys, labels, indices, epoch, unit.shard))
+                items = list(self._replayer.shard_views(images, keys, labels, indices, epoch, unit.shard,
+                                                                self.fingerprint_every))
                 for item in items:
                     item["shard_no"] = unit.shard_no
                 if self.annotate is not None:

@@ -86,3 +86,28 @@ def load_teacher(name: str, checkpoint: Path, num_classes: int, input_size: int 
         raise ReplayKDError(f"teacher checkpoint {checkpoint} has {n} classes, the dataset has {num_classes}")
     load_weights(model, checkpoint)
     return Teacher(model, input_size).eval()
+
+
+def create_student(name: str, num_classes: int, img_size: int, patch_size: int | None = None,
+                   drop_path: float = 0.1, **overrides) -> nn.Module:
+    """A distilled DeiT from timm (cls + dist tokens) at the recipe's size, returning (cls, dist) when training."""
+    kwargs = {"img_size": img_size, "drop_path_rate": drop_path, **{k: v for k, v in overrides.items() if v}}
+    if patch_size:
+        kwargs["patch_size"] = patch_size
+    model = create_classifier(name, num_classes, **kwargs)
+    if not hasattr(model, "set_distilled_training"):
+        raise ReplayKDError(f"{name} has no distillation token; use a distilled DeiT such as deit_tiny_distilled_patch16_224")
+    model.set_distilled_training(True)
+    return model
+
+
+class StudentHeads(nn.Module):
+    """Both heads of a distilled DeiT in any mode, stacked: (2, batch, classes) = (cls, dist)."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.student.forward_features(x)
+        return torch.stack([self.student.head(feats[:, 0]), self.student.head_dist(feats[:, 1])])

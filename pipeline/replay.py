@@ -183,8 +183,11 @@ class Replayer:
             return self._pair(reseed, images, keys, epoch)
 
     def shard_views(self, images: Sequence[Image.Image], keys: Sequence[str], labels: Sequence[int],
-                    indices: Sequence[int], epoch: int, shard: str) -> Iterator[dict]:
-        """Every mixed view of one shard for `epoch`, pair by pair, as dicts ready for collation."""
+                    indices: Sequence[int], epoch: int, shard: str, fingerprint_every: int = 1) -> Iterator[dict]:
+        """Every mixed view of one shard for `epoch`, pair by pair, as dicts ready for collation.
+
+        Fingerprints are computed for positions divisible by `fingerprint_every` (0: none); others get -1.
+        """
         pairs = pair_positions(len(images), self.run_seed, epoch, shard, self.recipe.mixes)
         for start in range(0, len(pairs), PAIRS_PER_CONTEXT):
             made = []
@@ -197,5 +200,6 @@ class Replayer:
                     yield {
                         "image": view, "key": keys[own], "index": indices[own], "position": own, "label": labels[own],
                         "partner": indices[partner], "partner_label": labels[partner], "lam": params.lam,
-                        "seed": seed, "fingerprint": fingerprint(view), "epoch": epoch,
+                        "seed": seed, "epoch": epoch,
+                        "fingerprint": fingerprint(view) if fingerprint_every and own % fingerprint_every == 0 else -1,
                     }

@@ -1,0 +1,62 @@
+"""DeiT's distillation loss, fed by sparse top-k teacher targets (from the cache or an online teacher)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def teacher_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the cache stores for a batch of teacher logits: top-k probabilities (float16, sorted) and classes."""
+    probs, classes = logits.float().softmax(-1).topk(k, dim=-1)
+    return probs.half(), classes
+
+
+def dense_target(probs: torch.Tensor, classes: torch.Tensor, num_classes: int, tau: float = 1.0) -> torch.Tensor:
+    """Sparse top-k -> dense: the k probabilities, the remaining mass spread evenly over the other classes
+    (TinyViT). For tau != 1 the dense target is tempered, q ∝ p^(1/tau), as softmax(logits / tau) would be."""
+    probs = probs.float()
+    k = probs.shape[-1]
+    rest = (1.0 - probs.sum(-1, keepdim=True)).clamp_min(0.0)
+    fill = rest / max(1, num_classes - k)
+    dense = fill.expand(-1, num_classes).clone().scatter_(1, classes.long(), probs)
+    if tau != 1.0:
+        dense = dense.clamp_min(1e-12).pow(1.0 / tau)
+        dense = dense / dense.sum(-1, keepdim=True)
+    return dense
+
+
+def soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against dense (mixed, smoothed) targets, as timm's SoftTargetCrossEntropy."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+class DistillationLoss(nn.Module):
+    """(1 - alpha) * CE(cls, mixed labels) + alpha * KD(dist, teacher), as DeiT's losses.py.
+
+    hard: CE(dist, teacher's top-1 class). soft: KL(dense teacher at tau || softmax(dist / tau)) * tau^2,
+    reduced as 'batchmean' (sum over classes, mean over the batch) like timm's token distillation; DeiT's
+    original divides by batch * classes instead, a constant factor C smaller. none: both heads learn the labels.
+    """
+
+    def __init__(self, mode: str = "hard", alpha: float = 0.5, tau: float = 1.0, num_classes: int = 1000):
+        super().__init__()
+        if mode not in ("hard", "soft", "none"):
+            raise ValueError(f"distillation must be hard, soft or none, got {mode!r}")
+        self.mode, self.alpha, self.tau, self.num_classes = mode, alpha, tau, num_classes
+
+    def forward(self, outputs, target: torch.Tensor, t_probs: torch.Tensor | None = None,
+                t_classes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss parts for (cls, dist) logits; returns {'base', 'distill', 'loss'}."""
+        cls_logits, dist_logits = outputs
+        base = soft_target_ce(cls_logits, target)
+        if self.mode == "none":
+            distill = soft_target_ce(dist_logits, target)
+            return {"base": base, "distill": distill, "loss": 0.5 * (base + distill)}
+        if self.mode == "hard":
+            distill = F.cross_entropy(dist_logits.float(), t_classes[:, 0].long())
+        else:
+            q = dense_target(t_probs, t_classes, self.num_classes, self.tau)
+            log_p = F.log_softmax(dist_logits.float() / self.tau, dim=-1)
+            distill = F.kl_div(log_p, q, reduction="batchmean") * (self.tau ** 2)
+        return {"base": base, "distill": distill, "loss": (1 - self.alpha) * base + self.alpha * distill}

@@ -1,0 +1,33 @@
+"""Training curves as a PNG (matplotlib, headless)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.io import atomic_path
+
+
+def plot_curves(log: Path, out: Path) -> None:
+    """Loss and top-1 of each head per epoch, from a run's log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("loss", "loss_base", "loss_distill"):
+        ax1.plot(epochs, [r[key] for r in rows], label=key)
+    ax1.set_xlabel("epoch")
+    ax1.set_title("training loss")
+    ax1.legend()
+    for head in ("cls", "dist", "avg"):
+        ax2.plot(epochs, [r[f"{head}_top1"] for r in rows], label=f"{head} top-1")
+    ax2.set_xlabel("epoch")
+    ax2.set_title("val top-1 (%)")
+    ax2.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -10,8 +10,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pipeline.cache import TeacherCache  # noqa: E402
+from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402
 from pipeline.sources import digits_source  # noqa: E402
+from stages.teacher_cache import TeacherCacheOptions, run  # noqa: E402
 
 CLI = [sys.executable, "-c", "from stages.cli import main; main()"]
 
@@ -30,4 +33,31 @@ def digits_dir(tmp_path_factory) -> Path:
     """Digits shards (16 px PNGs, 200 per shard) with their manifest."""
     out = tmp_path_factory.mktemp("digits")
     write_shards(digits_source(0.2, seed=0, size=16), out, shard_size=200, seed=0, skip_bad=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory, digits_dir):
+    """A regnety_002 trained for one epoch by `replaykd train-teacher` (real training, tiny budget)."""
+    out = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    run_cli("train-teacher", "--data", digits_dir, "--epochs", "1", "--workers", "0", "--device", "cpu", "--out", out)
+    return out
+
+
+def options(digits_dir, ckpt, out, **kw) -> TeacherCacheOptions:
+    base = dict(manifest=digits_dir, checkpoint=ckpt, out=out, recipe="digits", teacher="regnety_002", epochs=2,
+                topk=5, seed=0, batch_size=64, workers=0, device="cpu", epochs_per_file=2)
+    return TeacherCacheOptions(**{**base, **kw})
+
+
+def arrays(path) -> dict:
+    cache = TeacherCache.open(path)
+    return {n: a[:] for n, a in cache.arrays.items()}
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, digits_dir, teacher_ckpt):
+    out = tmp_path_factory.mktemp("cache") / "store"
+    summary = run(options(digits_dir, teacher_ckpt, out))
+    assert summary["units_missing"] == 0 and summary["views_written"] == 2 * Manifest.load(digits_dir).count("train")
     return out

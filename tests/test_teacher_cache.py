@@ -20,37 +20,10 @@ from pipeline.models import create_classifier, load_teacher
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
 from pipeline.replay import Replayer
-from stages.teacher_cache import TeacherCacheOptions, run
-from tests.conftest import CLI, run_cli
+from stages.teacher_cache import run
+from tests.conftest import CLI, arrays, options, run_cli
 
 ARRAYS = ("probs", "classes", "seed", "fingerprint", "partner", "lam")
-
-
-@pytest.fixture(scope="session")
-def teacher_ckpt(tmp_path_factory, digits_dir):
-    """A regnety_002 trained for one epoch by `replaykd train-teacher` (real training, tiny budget)."""
-    out = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    run_cli("train-teacher", "--data", digits_dir, "--epochs", "1", "--workers", "0", "--device", "cpu", "--out", out)
-    return out
-
-
-def options(digits_dir, ckpt, out, **kw) -> TeacherCacheOptions:
-    base = dict(manifest=digits_dir, checkpoint=ckpt, out=out, recipe="digits", teacher="regnety_002", epochs=2,
-                topk=5, seed=0, batch_size=64, workers=0, device="cpu", epochs_per_file=2)
-    return TeacherCacheOptions(**{**base, **kw})
-
-
-def arrays(path) -> dict:
-    cache = TeacherCache.open(path)
-    return {n: a[:] for n, a in cache.arrays.items()}
-
-
-@pytest.fixture(scope="session")
-def store(tmp_path_factory, digits_dir, teacher_ckpt):
-    out = tmp_path_factory.mktemp("cache") / "store"
-    summary = run(options(digits_dir, teacher_ckpt, out))
-    assert summary["units_missing"] == 0 and summary["views_written"] == 2 * Manifest.load(digits_dir).count("train")
-    return out
 
 
 def test_stored_targets_equal_a_fresh_teacher_forward(store, digits_dir, teacher_ckpt):

@@ -1,0 +1,120 @@
+"""Stage two on digits: training from the cache, cache == online teacher, refusals, resume, torchrun."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.cache import TeacherCache
+from pipeline.errors import ReplayKDError, ShardMismatch
+from pipeline.loader import ReplayViews, ViewCollate
+from pipeline.losses import DistillationLoss, teacher_targets
+from pipeline.manifest import Manifest
+from pipeline.models import load_teacher
+from pipeline.recipe import Recipe
+from pipeline.targets import CachedTargets
+from stages.train_student import StudentOptions, run
+
+TINY = dict(recipe="digits", student="deit_tiny_distilled_patch16_224", patch_size=4, depth=2, embed_dim=48,
+            num_heads=2, batch_size=64, lr=8e-3, warmup_epochs=1, workers=0, device="cpu", shuffle_buffer=256)
+
+
+def opts(digits_dir, out, **kw) -> StudentOptions:
+    return StudentOptions(out=out, manifest=digits_dir, **{**TINY, **kw})
+
+
+def test_short_run_from_the_cache_learns(digits_dir, teacher_ckpt, tmp_path):
+    # DeiT's full recipe needs tens of epochs on digits; the teacher's milder recipe shows learning in three
+    from stages.teacher_cache import run as build_cache
+    from tests.conftest import options
+
+    store = tmp_path / "mild"
+    build_cache(options(digits_dir, teacher_ckpt, store, recipe="digits-teacher", epochs=3))
+    s = run(opts(digits_dir, tmp_path / "run", cache=store, recipe="digits-teacher", epochs=3, lr=1e-2))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(np.isfinite(r["loss"]) for r in log)
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert s["source"] == "cache" and max(s["cls_top1"], s["dist_top1"], s["avg_top1"]) > 14.0  # chance: 10.3%
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+def test_cached_targets_equal_the_online_teacher(digits_dir, store, teacher_ckpt):
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    cache = TeacherCache.open(store)
+    ds = ReplayViews(m, recipe, 0, [1], rank=0, world_size=1, annotate=CachedTargets(store))
+    items = [it for _, it in zip(range(96), ds)]
+    batch = ViewCollate(10, recipe.smoothing)(items)
+    teacher = load_teacher("regnety_002", teacher_ckpt, 10, cache.config.teacher_input_size)
+    with torch.no_grad():
+        probs, classes = teacher_targets(teacher(batch["image"]), cache.config.topk)
+    assert torch.equal(classes, batch["t_classes"])
+    assert torch.allclose(probs.float(), batch["t_probs"], atol=1e-3)
+    outputs = (torch.randn(96, 10), torch.randn(96, 10))
+    for mode in ("hard", "soft"):
+        loss = DistillationLoss(mode, 0.5, 2.0, 10)
+        cached = loss(outputs, batch["target"], batch["t_probs"], batch["t_classes"])["loss"]
+        online = loss(outputs, batch["target"], probs, classes)["loss"]
+        assert torch.allclose(cached, online, atol=1e-3)
+
+
+def test_mismatched_stores_are_refused(digits_dir, store, tmp_path):
+    with pytest.raises(ReplayKDError, match="recipe hash"):
+        run(opts(digits_dir, tmp_path / "a", cache=store, epochs=1, recipe="deit"))
+    with pytest.raises(ReplayKDError, match="run seed"):
+        run(opts(digits_dir, tmp_path / "b", cache=store, epochs=1, seed=3))
+    with pytest.raises(ReplayKDError, match="--reuse-epochs"):
+        run(opts(digits_dir, tmp_path / "c", cache=store, epochs=5))
+    with pytest.raises(ReplayKDError, match="exactly one"):
+        run(opts(digits_dir, tmp_path / "d", epochs=1))
+
+
+def test_tampered_views_fail_the_fingerprint_check(digits_dir, store, tmp_path):
+    m = Manifest.load(digits_dir)
+    # the augmentation changed under the cache (as a new library version would): named by key
+    changed = dataclasses.replace(Recipe.load("digits"), mean=(0.5, 0.5, 0.5))
+    ds = ReplayViews(m, changed, 0, [0], rank=0, world_size=1, annotate=CachedTargets(store))
+    with pytest.raises(ReplayKDError, match=r"view of key '.+' \(epoch 0, shard train-000000.tar\).*fingerprint"):
+        next(iter(ds))
+    # a changed shard: named by shard and key before any view is made
+    shard_dir = tmp_path / "shards"
+    shutil.copytree(digits_dir, shard_dir)
+    path = shard_dir / m.shards("train")[0]
+    data = bytearray(path.read_bytes())
+    data[data.index(b"IDAT") + 8] ^= 0xFF  # inside the first image's compressed pixels
+    path.write_bytes(bytes(data))
+    moved = Manifest.load(digits_dir, shard_root=shard_dir)
+    with pytest.raises(ShardMismatch, match="train-000000.tar"):
+        next(iter(ReplayViews(moved, Recipe.load("digits"), 0, [0], rank=0, world_size=1, annotate=CachedTargets(store))))
+
+
+def test_resume_gives_the_uninterrupted_result(digits_dir, store, tmp_path):
+    run(opts(digits_dir, tmp_path / "full", cache=store, epochs=2))
+    stopped = run(opts(digits_dir, tmp_path / "part", cache=store, epochs=2, stop_after=1))
+    assert stopped == {"stopped_after": 1}
+    with pytest.raises(ReplayKDError, match="different plan"):
+        run(opts(digits_dir, tmp_path / "part", cache=store, epochs=2, lr=1e-3, resume=True))
+    run(opts(digits_dir, tmp_path / "part", cache=store, epochs=2, resume=True))
+    a = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "part" / "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_torchrun_two_processes(digits_dir, store, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29000 + os.getpid() % 500), "-m", "stages", "train-student", "--out", out, "--manifest", digits_dir,
+           "--cache", store, "--epochs", "1", "--recipe", "digits", "--patch-size", "4", "--depth", "2",
+           "--embed-dim", "48", "--num-heads", "2", "--batch-size", "64", "--workers", "0", "--device", "cpu"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert log["images"] == Manifest.load(digits_dir).count("train")  # both ranks' views, each once

@@ -24,9 +24,16 @@ WORKERS        ?= 2
 BATCH          ?= 256
 DEVICE         ?= auto
 NPROC          ?= 1
+STUDENT        ?= deit_tiny_distilled_patch16_224
+# The demo student: DeiT-Ti's design at 16 px, patch 4, 6 blocks of width 96 (0.7 M parameters).
+STUDENT_ARGS   ?= --patch-size 4 --depth 6 --embed-dim 96 --num-heads 3
+STUDENT_BATCH  ?= 64
+LR             ?= 4e-3
+DISTILLATION   ?= hard
+STUDENT_RUN    ?= $(RUN)/student-$(DISTILLATION)
 LAUNCH         := $(if $(filter 1,$(NPROC)),$(RKD),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) -m stages)
 
-.PHONY: venv test shards train-teacher teacher-cache demo bench clean
+.PHONY: venv test shards train-teacher teacher-cache train-student demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,7 +62,25 @@ teacher-cache: $(DATA)/manifest.json $(TEACHER_CKPT)
 		--epochs $(EPOCHS) --topk $(TOPK) --seed $(SEED) --batch-size $(BATCH) --workers $(WORKERS) \
 		--device $(DEVICE) --out $(STORE)
 
+train-student: teacher-cache
+	test -f $(STUDENT_RUN)/summary.json || $(LAUNCH) train-student --manifest $(DATA) --cache $(STORE) --recipe $(RECIPE) --seed $(SEED) --epochs $(EPOCHS) \
+		--student $(STUDENT) $(STUDENT_ARGS) --distillation $(DISTILLATION) --batch-size $(STUDENT_BATCH) --lr $(LR) \
+		--workers $(WORKERS) --device $(DEVICE) --out $(STUDENT_RUN) $(if $(wildcard $(STUDENT_RUN)/train_state.pt),--resume,)
+
+ONLINE_RUN := $(RUN)/student-online
+NONE_RUN   := $(RUN)/student-none
+STUDENT_COMMON = --manifest $(DATA) --recipe $(RECIPE) --seed $(SEED) --epochs $(EPOCHS) --student $(STUDENT) \
+	$(STUDENT_ARGS) --batch-size $(STUDENT_BATCH) --lr $(LR) --workers $(WORKERS) --device $(DEVICE)
+
+# The whole pipeline on digits: shards -> teacher -> cache -> three students on the same views -> report.
 demo: teacher-cache
+	$(MAKE) train-student DISTILLATION=hard
+	test -f $(ONLINE_RUN)/summary.json || $(RKD) train-student $(STUDENT_COMMON) --online-teacher $(TEACHER) \
+		--teacher-checkpoint $(TEACHER_CKPT) --out $(ONLINE_RUN) $(if $(wildcard $(ONLINE_RUN)/train_state.pt),--resume,)
+	test -f $(NONE_RUN)/summary.json || $(RKD) train-student $(STUDENT_COMMON) --distillation none \
+		--out $(NONE_RUN) $(if $(wildcard $(NONE_RUN)/train_state.pt),--resume,)
+	$(RKD) views $(DATA) --recipe $(RECIPE) --epochs 0-5 --out $(RUN)/views.png
+	$(RKD) report $(RUN)
 
 bench: $(STAMP)
 	$(RKD) bench --out runs/bench

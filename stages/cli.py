@@ -6,7 +6,7 @@ import sys
 import typer
 
 from pipeline.errors import ReplayKDError
-from stages import bench, cache_tools, inspect, prepare, teacher_cache, train_student, train_teacher
+from stages import bench, cache_tools, inspect, prepare, report, teacher_cache, train_student, train_teacher
 
 app = typer.Typer(
     help="replaykd: offline knowledge distillation. Stage one caches a teacher's top-k targets for replayed "
@@ -22,6 +22,7 @@ app.command("train-teacher")(train_teacher.train_teacher)
 app.command("teacher-cache")(teacher_cache.teacher_cache)
 app.add_typer(cache_tools.app, name="cache")
 app.command("train-student")(train_student.train_student)
+app.command("report")(report.report)
 app.command("bench")(bench.bench)
 
 

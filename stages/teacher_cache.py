@@ -157,8 +157,11 @@ def run(o: TeacherCacheOptions) -> dict:
         torch.distributed.all_reduce(stats)
     barrier()
     elapsed = time.perf_counter() - t0
-    return summarize(cache, {"views_written": int(stats[1]), "teacher_top1_vs_majority": 100 * stats[0].item() / max(1, stats[1].item()),
-                             "seconds": elapsed, "views_per_s": stats[1].item() / elapsed})
+    run_stats = {"views_written": int(stats[1]), "teacher_top1_vs_majority": 100 * stats[0].item() / max(1, stats[1].item()),
+                 "seconds": elapsed, "views_per_s": stats[1].item() / elapsed, "device": str(dev), "processes": world}
+    if rank == 0:
+        cache.group.attrs["last_run"] = run_stats
+    return summarize(cache, run_stats)
 
 
 def summarize(cache: TeacherCache, run_stats: dict | None = None) -> dict:

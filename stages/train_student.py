@@ -118,6 +118,7 @@ def run(o: StudentOptions) -> dict:
                             "or --distillation none")
     if o.check_fingerprints not in CHECK_EVERY:
         raise ReplayKDError(f"--check-fingerprints must be all, sample or off, got {o.check_fingerprints!r}")
+    t_start = time.perf_counter()
     dev = pick_device(o.device)
     rank, world = init_distributed(dev)
     manifest, recipe = Manifest.load(o.manifest), Recipe.load(o.recipe)
@@ -246,7 +247,8 @@ def run(o: StudentOptions) -> dict:
         if o.stop_after is not None and epoch + 1 >= o.stop_after and epoch + 1 < o.epochs:
             return {"stopped_after": epoch + 1}
     summary = {"run": str(run_dir), "distillation": o.distillation, "source": "cache" if annotate else
-               ("online" if teacher is not None else "labels"), "student": o.student, "epochs": o.epochs, **last}
+               ("online" if teacher is not None else "labels"), "student": o.student, "epochs": o.epochs,
+               "device": str(dev), "processes": world, "wall_seconds": time.perf_counter() - t_start, **last}
     if rank == 0:
         write_json_atomic(run_dir / "summary.json", summary)
         from pipeline.plots import plot_curves

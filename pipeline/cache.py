@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, TransposeCodec
+from zarr.codecs import BloscCodec
 
 from pipeline.errors import ReplayKDError
 from pipeline.io import write_json_atomic
@@ -56,11 +56,13 @@ def index_dtype(num_classes: int) -> str:
     return "int16" if num_classes <= np.iinfo(np.int16).max + 1 else "int32"
 
 
-def _codecs(dtype: str, ndim: int, transpose: bool):
-    # Sorted top-k rows: putting the k axis first groups values of one rank (top-1s near 1, tails near 0),
-    # and bit-shuffling float16/int16 exposes their shared high bits to zstd.
-    filters = [TransposeCodec(order=(ndim - 1, *range(ndim - 1)))] if transpose else []
-    return filters, [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dtype).itemsize)]
+def _compressors(dtype: str):
+    # Bit-shuffling exposes the shared high bits of float16 probabilities and small class indices to zstd.
+    # Measured on 8192 top-10 rows (digits teacher; synthetic 1000 classes): probabilities 20 -> 15.2 / 15.6
+    # bytes per view, indices 20 -> 4.3 / 12.5; plain zstd gave 16.8 / 17.0 and 4.1 / 14.9; moving the k
+    # axis first (TransposeCodec) gained nothing. Quantising sorted probabilities to uint16 deltas reached
+    # 13.3 / 12.7 but is lossy, so the stored values stay exact float16.
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dtype).itemsize)]
 
 
 def array_specs(topk: int, num_classes: int) -> dict[str, tuple[str, bool]]:
@@ -119,10 +121,9 @@ class TeacherCache:
         codec_chain = {}
         for name, (dtype, has_k) in array_specs(config.topk, config.num_classes).items():
             tail = (config.topk,) if has_k else ()
-            filters, compressors = _codecs(dtype, 3 + has_k, transpose=has_k)
             arr = group.create_array(name, shape=(config.epochs, len(shards), width, *tail), dtype=dtype,
                                      chunks=(1, 1, width, *tail), shards=(block, 1, width, *tail),
-                                     filters=filters, compressors=compressors, fill_value=0,
+                                     compressors=_compressors(dtype), fill_value=0,
                                      dimension_names=("epoch", "shard", "position", "k")[: 3 + has_k])
             codec_chain[name] = arr.metadata.to_dict()["codecs"]
         (path / UNITS).mkdir()

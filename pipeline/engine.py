@@ -25,6 +25,15 @@ def pick_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def device_name(device: torch.device | None = None) -> str:
+    """The GPU's name, or the CPU's model and core count, for reports."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "CPU") if os.path.exists("/proc/cpuinfo") else "CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def autocast(device: torch.device):
     """bf16 autocast on GPU; float32 (no autocast) on the CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

@@ -31,3 +31,23 @@ def plot_curves(log: Path, out: Path) -> None:
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def plot_comparison(logs: dict, out: Path) -> None:
+    """Val top-1 (average head) per epoch of several runs on one plot; `logs` maps a label to a log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (label, log), style in zip(logs.items(), ("-", "--", ":", "-.") * 4):
+        rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+        ax.plot([r["epoch"] for r in rows], [r["avg_top1"] for r in rows], style, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1 (%), average of cls and dist heads")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

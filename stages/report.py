@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,7 +9,9 @@ from pathlib import Path
 import typer
 
 from pipeline.cache import TeacherCache
+from pipeline.engine import device_name
 from pipeline.io import atomic_path, write_json_atomic
+from pipeline.plots import plot_comparison
 
 STUDENTS = {"student-hard": "hard KD, targets from the cache", "student-online": "hard KD, online teacher",
             "student-none": "no KD (labels only)"}
@@ -31,7 +32,7 @@ def collect(run: Path) -> dict:
             cfg = json.loads((run / name / "config.json").read_text())["options"]
             students[name] = {"what": what, **{k: s[k] for k in ("cls_top1", "dist_top1", "avg_top1", "epochs", "wall_seconds", "images_per_s")},
                               "model": f"{cfg['student']} img {cfg['img_size'] or cache.config.recipe['input_size']} patch {cfg['patch_size']} depth {cfg['depth']} dim {cfg['embed_dim']}"}
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": platform.processor() or platform.machine(),
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(),
             "teacher": {"model": teacher["model"], "input_size": teacher["input_size"], "val_top1": teacher["val_top1"],
                         "epochs": teacher["epochs"], "seconds": teacher["seconds"]},
             "cache": {"epochs": cache.config.epochs, "topk": cache.config.topk, "views": views, "bytes": size,
@@ -45,32 +46,37 @@ def to_markdown(r: dict) -> str:
     lines = [f"# replaykd demo report ({r['date']}, {r['device']}, `make demo`)", "",
              f"- Teacher: `{t['model']}` at {t['input_size']} px, {t['epochs']} epochs: val top-1 **{t['val_top1']:.2f}%** ({t['seconds']:.0f} s)",
              f"- Cache: {c['epochs']} epochs x top-{c['topk']}: {c['views']} views, {c['bytes'] / 1e6:.2f} MB, "
-             f"**{c['bytes_per_view']:.1f} bytes/view**; built at {c.get('views_per_s', 0):.0f} views/s in {c.get('seconds', 0):.0f} s, "
-             f"teacher top-1 on the mixed views vs their majority label {c.get('teacher_top1_vs_majority', 0):.1f}%", "",
+             f"**{c['bytes_per_view']:.1f} bytes/view**" + (
+                 f"; last built at {c['views_per_s']:.0f} views/s in {c['seconds']:.0f} s, teacher top-1 on the mixed views vs "
+                 f"their majority label {c['teacher_top1_vs_majority']:.1f}%" if "views_per_s" in c else ""), "",
              "| student run | cls top-1 | dist top-1 | avg top-1 | epochs | images/s | time |", "|---|---|---|---|---|---|---|"]
     for s in r["students"].values():
         lines.append(f"| {s['what']} | {s['cls_top1']:.2f} | {s['dist_top1']:.2f} | {s['avg_top1']:.2f} | {s['epochs']} | "
                      f"{s['images_per_s']:.0f} | {s['wall_seconds']:.0f} s |")
     if r["students"]:
-        lines += ["", f"Student: {next(iter(r['students'].values()))['model']}. Curves: `*/curves.png`; views: `views.png`."]
+        lines += ["", f"Student: {next(iter(r['students'].values()))['model']}. Curves: `curves.png` (and each run's "
+                  "`curves.png`); replayed views: `views.png`."]
     return "\n".join(lines) + "\n"
 
 
 def report(
     run: Path = typer.Argument(Path("runs/demo"), help="Demo run folder (teacher/, cache.zarr, student-*/)."),
-    readme: Path = typer.Option(Path("README.md"), help="README whose results section is rewritten ('' to skip)."),
+    readme: str = typer.Option("README.md", help="README whose results section is rewritten ('' to skip)."),
 ) -> None:
     """Write RUN/report.md and RUN/report.json from the runs' own files, and refresh the README's results."""
     r = collect(run)
     md = to_markdown(r)
+    logs = {s["what"]: run / name / "log.jsonl" for name, s in r["students"].items()}
+    if logs:
+        plot_comparison(logs, run / "curves.png")
     write_json_atomic(run / "report.json", r)
     with atomic_path(run / "report.md") as tmp:
         tmp.write_text(md)
-    if str(readme) and readme.exists() and MARK[0] in readme.read_text():
-        text = readme.read_text()
+    if readme and Path(readme).exists() and MARK[0] in Path(readme).read_text():
+        text = Path(readme).read_text()
         body = "\n".join(md.splitlines()[2:])
         new = re.sub(re.escape(MARK[0]) + ".*?" + re.escape(MARK[1]),
                      lambda _: f"{MARK[0]}\nFrom `{run}/report.md` ({r['date']}, {r['device']}, `make demo`):\n\n{body}\n{MARK[1]}",
                      text, flags=re.S)
-        readme.write_text(new)
+        Path(readme).write_text(new)
     typer.echo(md)

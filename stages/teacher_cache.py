@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -159,7 +159,7 @@ def run(o: TeacherCacheOptions) -> dict:
     elapsed = time.perf_counter() - t0
     run_stats = {"views_written": int(stats[1]), "teacher_top1_vs_majority": 100 * stats[0].item() / max(1, stats[1].item()),
                  "seconds": elapsed, "views_per_s": stats[1].item() / elapsed, "device": str(dev), "processes": world}
-    if rank == 0:
+    if rank == 0 and run_stats["views_written"]:  # a rerun with nothing left to do keeps the real build's figures
         cache.group.attrs["last_run"] = run_stats
     return summarize(cache, run_stats)
 
@@ -201,7 +201,7 @@ def teacher_cache(
                                       recipe=recipe, teacher=teacher, teacher_input_size=teacher_input_size,
                                       epochs=epochs, topk=topk, seed=seed, batch_size=batch_size, workers=workers,
                                       device=device, epochs_per_file=epochs_per_file))
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(json.dumps(summary, indent=2) if json_out else format_summary(summary))
 
 

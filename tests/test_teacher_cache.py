@@ -150,3 +150,20 @@ def assert_same_arrays(got: dict, expected: dict) -> None:
     near_tie[..., 1:] |= np.abs(np.diff(ep, axis=-1)) < 2e-3
     near_tie[..., :-1] |= np.abs(np.diff(ep, axis=-1)) < 2e-3
     assert not (differ & ~near_tie).any()
+
+
+def test_full_disk_is_a_clear_error_and_the_store_resumes(store, digits_dir, teacher_ckpt, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs permission to mount a small tmpfs")
+    try:
+        with pytest.raises(ReplayKDError, match="disk is full.*rerun"):
+            run(options(digits_dir, teacher_ckpt, mnt / "store"))
+        partial = TeacherCache.open(mnt / "store")
+        assert partial.missing()
+        subprocess.run(["mount", "-o", "remount,size=4m", str(mnt)], check=True)
+        run(options(digits_dir, teacher_ckpt, mnt / "store"))
+        assert_same_arrays(arrays(mnt / "store"), arrays(store))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

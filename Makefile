@@ -83,7 +83,7 @@ demo: teacher-cache
 	$(RKD) report $(RUN)
 
 bench: $(STAMP)
-	$(RKD) bench --out runs/bench
+	$(RKD) bench --out runs/bench --device $(DEVICE) --workers $(WORKERS)
 
 clean:
 	rm -rf data runs

@@ -15,7 +15,19 @@ from pipeline.plots import plot_comparison
 
 STUDENTS = {"student-hard": "hard KD, targets from the cache", "student-online": "hard KD, online teacher",
             "student-none": "no KD (labels only)"}
-MARK = ("<!-- results:start -->", "<!-- results:end -->")
+
+
+def update_readme(readme: str, section: str, body: str) -> bool:
+    """Replace the text between `<!-- {section}:start -->` and `<!-- {section}:end -->` in README; False if absent."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    path = Path(readme) if readme else None
+    if path is None or not path.exists() or start not in path.read_text():
+        return False
+    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{body.rstrip()}\n{end}",
+                  path.read_text(), flags=re.S)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return True
 
 
 def collect(run: Path) -> dict:
@@ -72,11 +84,6 @@ def report(
     write_json_atomic(run / "report.json", r)
     with atomic_path(run / "report.md") as tmp:
         tmp.write_text(md)
-    if readme and Path(readme).exists() and MARK[0] in Path(readme).read_text():
-        text = Path(readme).read_text()
-        body = "\n".join(md.splitlines()[2:])
-        new = re.sub(re.escape(MARK[0]) + ".*?" + re.escape(MARK[1]),
-                     lambda _: f"{MARK[0]}\nFrom `{run}/report.md` ({r['date']}, {r['device']}, `make demo`):\n\n{body}\n{MARK[1]}",
-                     text, flags=re.S)
-        Path(readme).write_text(new)
+    body = "\n".join(md.splitlines()[2:])
+    update_readme(readme, "demo", f"From `{run}/report.md` ({r['date']}, {r['device']}, `make demo`):\n\n{body}")
     typer.echo(md)

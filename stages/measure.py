@@ -1,0 +1,240 @@
+"""The measurements behind `replaykd bench`, each side by side with its baseline (interleaved, medians)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import pipeline.loader as loader_mod
+from pipeline.cache import CacheConfig, TeacherCache
+from pipeline.engine import autocast, pick_device
+from pipeline.loader import ReplayViews
+from pipeline.manifest import Manifest
+from pipeline.models import create_student, load_teacher
+from pipeline.recipe import Recipe
+from pipeline.replay import Replayer
+from stages.teacher_cache import TeacherCacheOptions
+from stages.teacher_cache import run as build_cache
+from stages.train_student import StudentOptions
+from stages.train_student import run as train
+
+
+def interleaved(fns: dict, repeats: int, warmup: bool = False) -> dict:
+    """Run each timed function once per round, `repeats` rounds (after an untimed round if `warmup`); medians."""
+    for fn in fns.values() if warmup else ():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def synthetic_jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
+    """A JPEG with structure (gradients + noise), so decoding and augmentation do real work."""
+    h, w = size
+    base = np.linspace(0, 255, w)[None, :, None] * rng.random(3) + np.linspace(0, 255, h)[:, None, None] * rng.random(3)
+    arr = np.clip(base / 2 + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def synthetic_images(n: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:
+    """Decoded synthetic JPEGs."""
+    rng = np.random.default_rng(seed)
+    return [Image.open(io.BytesIO(synthetic_jpeg(rng, size))).convert("RGB") for _ in range(n)]
+
+
+def replay_vs_timm(recipe: Recipe, images: list[Image.Image], repeats: int) -> dict:
+    """Views/s on one core, timm's ordinary pipeline vs the replay, both ending in a stacked batch.
+
+    'transform': create_transform per image vs the seeded, fingerprinted replay with mixing off;
+    'mixed': the same plus timm's Mixup (pair mode, on the batch) vs the replay's per-pair mixing.
+    """
+    from timm.data import Mixup
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    transform = recipe.train_transform()
+    mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mix_prob,
+                  switch_prob=recipe.switch_prob, mode="pair", label_smoothing=recipe.smoothing, num_classes=10)
+    labels = torch.arange(len(images)) % 10
+    keys = [f"img{i:05d}" for i in range(len(images))]
+    replay_mixed = Replayer(recipe, run_seed=0)
+    replay_plain = Replayer(dataclasses.replace(recipe, mix_prob=0.0), run_seed=0)
+
+    def replay(replayer):
+        views = replayer.shard_views(images, keys, labels.tolist(), list(range(len(images))), 0, "shard")
+        torch.stack([v["image"] for v in views])
+
+    fns = {
+        "timm_transform": lambda: torch.stack([transform(im) for im in images]),
+        "replay_transform": lambda: replay(replay_plain),
+        "timm_mixed": lambda: mixup(torch.stack([transform(im) for im in images]), labels),
+        "replay_mixed": lambda: replay(replay_mixed),
+    }
+    try:
+        rates = {k: len(images) / v for k, v in interleaved(fns, repeats, warmup=True).items()}
+    finally:
+        torch.set_num_threads(threads)
+    return {"recipe": recipe.name, "views": len(images), "input_size": recipe.input_size,
+            "image_size": list(images[0].size), **{f"{k}_views_per_s": v for k, v in rates.items()},
+            "overhead_transform": rates["timm_transform"] / rates["replay_transform"] - 1.0,
+            "overhead_mixed": rates["timm_mixed"] / rates["replay_mixed"] - 1.0}
+
+
+def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: str, repeats: int, work: Path) -> dict:
+    """Views/s of `teacher-cache` (views by workers, writes on a thread) vs the bare teacher forward on the same batches."""
+    manifest, rec = Manifest.load(data), Recipe.load(preset.recipe)
+    dev = pick_device(device)
+    net = load_teacher(preset.teacher, ckpt, manifest.num_classes, preset.teacher_input).to(dev)
+    if dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    views = torch.stack([v["image"] for v in ReplayViews(manifest, rec, 0, [0], rank=0, world_size=1)])
+    batches = [views[i : i + preset.teacher_batch] for i in range(0, len(views), preset.teacher_batch)]
+
+    def bare():
+        with torch.inference_mode(), autocast(dev):
+            for b in batches:
+                x = b.to(dev, non_blocking=True)
+                net(x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    rates = []
+
+    def cache():
+        out = work / "stage-one-store"
+        shutil.rmtree(out, ignore_errors=True)
+        s = build_cache(TeacherCacheOptions(manifest=data, checkpoint=ckpt, out=out, recipe=preset.recipe,
+                                            teacher=preset.teacher, teacher_input_size=preset.teacher_input,
+                                            epochs=preset.epochs, topk=10, batch_size=preset.teacher_batch,
+                                            workers=workers, device=device))
+        rates.append(s["views_per_s"])
+
+    med = interleaved({"bare": bare, "cache": cache}, repeats)
+    bare_rate, cache_rate = len(views) / med["bare"], statistics.median(rates)
+    return {"teacher": preset.teacher, "recipe": preset.recipe, "epochs": preset.epochs, "batch_size": preset.teacher_batch,
+            "workers": workers, "device": str(dev), "bare_teacher_views_per_s": bare_rate,
+            "teacher_cache_views_per_s": cache_rate, "ratio": cache_rate / bare_rate,
+            "decodes_per_view": decodes_per_view(manifest, rec, preset.epochs)}
+
+
+def decodes_per_view(manifest: Manifest, recipe: Recipe, epochs: int) -> float:
+    """Image decodes per view made by the stage-one loader (decode once: 1 / epochs), counted in-process."""
+    count = [0]
+    real = loader_mod.decode_image
+
+    def counting(*args):
+        count[0] += 1
+        return real(*args)
+
+    loader_mod.decode_image = counting
+    try:
+        n = sum(1 for _ in ReplayViews(manifest, recipe, 0, list(range(epochs)), rank=0, world_size=1))
+    finally:
+        loader_mod.decode_image = real
+    return count[0] / n
+
+
+def flops(fn) -> int:
+    """FLOPs counted by torch.utils.flop_counter for one call of `fn`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int, device: str, repeats: int,
+                     work: Path) -> dict:
+    """Student images/s with no KD, KD from the cache and KD from the online teacher; and the FLOP bound."""
+    store = work / "stage-two-store"
+    if not (store / "zarr.json").exists():
+        build_cache(TeacherCacheOptions(manifest=data, checkpoint=ckpt, out=store, recipe=preset.recipe,
+                                        teacher=preset.teacher, teacher_input_size=preset.teacher_input,
+                                        epochs=preset.epochs, topk=10, batch_size=preset.teacher_batch,
+                                        workers=workers, device=device))
+    common = dict(manifest=data, recipe=preset.recipe, epochs=preset.epochs, batch_size=preset.batch, workers=workers,
+                  device=device, **student)
+    variants = {"no_kd": dict(distillation="none"), "cache_kd": dict(cache=store),
+                "online_kd": dict(online_teacher=preset.teacher, teacher_checkpoint=ckpt, teacher_input_size=preset.teacher_input)}
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+
+    def one(name):
+        out = work / f"student-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        train(StudentOptions(out=out, **common, **variants[name]))
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        rates[name].append(sum(r["images"] for r in log) / sum(r["train_seconds"] for r in log))
+
+    interleaved({k: (lambda k=k: one(k)) for k in variants}, repeats)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    m, rec = Manifest.load(data), Recipe.load(preset.recipe)
+    dev = pick_device(device)
+    net = create_student(num_classes=m.num_classes, img_size=rec.input_size, **student_model_args(student)).to(dev)
+    teacher = load_teacher(preset.teacher, ckpt, m.num_classes, preset.teacher_input).to(dev)
+    x = torch.randn(2, 3, rec.input_size, rec.input_size, device=dev)  # FLOPs are linear in the batch
+    s_fb = flops(lambda: net(x)[0].sum().backward()) // 2
+    with torch.no_grad():
+        t_f = flops(lambda: teacher(x)) // 2
+    return {"student": describe(student), "teacher": preset.teacher, "batch_size": preset.batch, "device": str(dev),
+            **{f"{k}_images_per_s": v for k, v in med.items()},
+            "cached_over_no_kd": med["cache_kd"] / med["no_kd"], "cached_over_online": med["cache_kd"] / med["online_kd"],
+            "student_fwd_bwd_flops_per_image": s_fb, "teacher_fwd_flops_per_image": t_f, "flop_bound_online_cost": (s_fb + t_f) / s_fb}
+
+
+def student_model_args(student: dict) -> dict:
+    """create_student's arguments from a preset's student entry."""
+    return {"name": student["student"], "patch_size": student.get("patch_size"),
+            **{k: student[k] for k in ("depth", "embed_dim", "num_heads") if student.get(k)}}
+
+
+def describe(student: dict) -> str:
+    """A student entry in words."""
+    extra = ", ".join(f"{k} {v}" for k, v in student.items() if k != "student" and v)
+    return student["student"] + (f" ({extra})" if extra else "")
+
+
+def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
+    """Bytes per view for k = 5, 10, 100 over 1000 classes (raw vs the stored codec chain) and read rate."""
+    rng = np.random.default_rng(0)
+    out, per_shard = [], 1024
+    shards = [f"train-{i:06d}.tar" for i in range(max(1, views // per_shard))]
+    views = per_shard * len(shards)
+    for k in (5, 10, 100):
+        store = work / f"size-k{k}"
+        shutil.rmtree(store, ignore_errors=True)
+        config = CacheConfig(manifest_hash="synthetic", split="train", recipe={}, recipe_hash="synthetic", run_seed=0,
+                             epochs=1, topk=k, num_classes=1000, teacher="synthetic", teacher_sha256="synthetic")
+        cache = TeacherCache.create_or_grow(store, config, shards, [per_shard] * len(shards), 1, {})
+        for s in range(len(shards)):
+            # a confident teacher: one class ~6 logits above N(0, 1.5) noise over 1000 classes
+            logits = torch.from_numpy(rng.normal(0, 1.5, (per_shard, 1000)).astype(np.float32))
+            logits[torch.arange(per_shard), torch.from_numpy(rng.integers(1000, size=per_shard))] += 6.0
+            p, c = logits.softmax(-1).topk(k)
+            cache.write_unit(0, s, {"probs": p.half().numpy(), "classes": c.to(torch.int16).numpy(),
+                                    "seed": rng.integers(2**32, size=per_shard, dtype=np.uint32),
+                                    "fingerprint": rng.integers(2**32, size=per_shard, dtype=np.uint32),
+                                    "partner": rng.integers(per_shard, size=per_shard).astype(np.int32),
+                                    "lam": rng.random(per_shard).astype(np.float32)})
+        data_bytes = sum(f.stat().st_size for name in cache.arrays for f in (store / name).rglob("*") if f.is_file())
+        t0 = time.perf_counter()
+        for s in range(len(shards)):
+            cache.read_unit(0, s)
+        read_s = time.perf_counter() - t0
+        out.append({"k": k, "raw_bytes_per_view": 4 * k + 16, "stored_bytes_per_view": data_bytes / views,
+                    "read_records_per_s": views / read_s,
+                    "distribution": "synthetic: 1000 classes, one ~6 logits above N(0, 1.5)"})
+    return out

@@ -47,14 +47,15 @@ class ReplayViews(IterableDataset):
     """Mixed training views of a split for some epochs, each shard decoded once for all its epochs.
 
     `units` picks (shard, epochs) work (default: every shard, every epoch); ranks take every
-    world_size-th unit and DataLoader workers every num_workers-th of those. `annotate(unit, epoch, items)`,
-    if given, runs in the worker on each shard-epoch's views (stage two attaches cached targets there).
+    world_size-th unit and DataLoader workers every num_workers-th of those. `annotate(unit, epoch)`, if given,
+    runs in the worker once per shard-epoch and returns a function applied to each of its views (stage two
+    attaches the cached targets there). Views stream: at most a few dozen are held at a time.
     """
 
     def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, epochs: Sequence[int],
                  split: str = "train", units: Sequence[Unit] | None = None, rank: int | None = None,
                  world_size: int | None = None, shuffle_buffer: int = 0, shuffle_seed: int = 0,
-                 annotate: Callable[[Unit, int, list[dict]], None] | None = None, fingerprint_every: int = 1):
+                 annotate: Callable[[Unit, int], Callable[[dict], None]] | None = None, fingerprint_every: int = 1):
         super().__init__()
         self.manifest, self.recipe, self.run_seed, self.split = manifest, recipe, run_seed, split
         shards = manifest.shards(split)
@@ -85,33 +86,41 @@ class ReplayViews(IterableDataset):
             images = [decode_image(r.data, f"{unit.shard}:{r.key}") for r in records]
             keys, labels, indices = [r.key for r in records], [r.label for r in records], [r.index for r in records]
             for epoch in unit.epochs:
-                items = list(self._replayer.shard_views(images, keys, labels, indices, epoch, unit.shard,
-                                                                self.fingerprint_every))
-                for item in items:
+                attach = self.annotate(unit, epoch) if self.annotate is not None else None
+                for item in self._replayer.shard_views(images, keys, labels, indices, epoch, unit.shard,
+                                                       self.fingerprint_every):
                     item["shard_no"] = unit.shard_no
-                if self.annotate is not None:
-                    self.annotate(unit, epoch, items)
-                yield from items
+                    if attach is not None:
+                        attach(item)
+                    yield item
 
     def __iter__(self) -> Iterator[dict]:
         _, _, worker, num_workers = pytorch_worker_info()
         units = split_units(self.units, self.rank, self.world_size, worker, num_workers)
         views = self._views(units)
         if self.shuffle_buffer > 1:
-            epochs = min(e for u in self.units for e in u.epochs) if self.units else 0
-            rng = np.random.default_rng([self.shuffle_seed, epochs, self.rank, worker])
+            first_epoch = min(e for u in self.units for e in u.epochs) if self.units else 0
+            rng = np.random.default_rng([self.shuffle_seed, first_epoch, self.rank, worker])
             views = buffer_shuffle(views, self.shuffle_buffer, rng)
         return views
 
 
 class ViewCollate:
-    """Stack views and build the mixed, label-smoothed targets: lam * y(own) + (1 - lam) * y(partner)."""
+    """Stack views and build the mixed, label-smoothed targets: lam * y(own) + (1 - lam) * y(partner).
+
+    Cached teacher rows (float16 probabilities, int16/32 classes) are stacked once per batch as float32/int64.
+    """
 
     def __init__(self, num_classes: int, smoothing: float):
         self.num_classes, self.smoothing = num_classes, smoothing
 
     def __call__(self, items: list[dict]) -> dict:
+        teacher = {}
+        if "t_probs" in items[0]:
+            teacher["t_probs"] = torch.from_numpy(np.stack([it.pop("t_probs") for it in items]).astype(np.float32))
+            teacher["t_classes"] = torch.from_numpy(np.stack([it.pop("t_classes") for it in items]).astype(np.int64))
         batch = default_collate(items)
+        batch.update(teacher)
         off = self.smoothing / self.num_classes
         on = 1.0 - self.smoothing + off
         lam = batch["lam"].to(torch.float32).unsqueeze(1)

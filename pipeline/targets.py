@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import Callable
 
 from pipeline.cache import TeacherCache
 from pipeline.errors import ReplayKDError
@@ -14,17 +12,18 @@ CHECK_EVERY = {"all": 1, "sample": 16, "off": 0}
 
 
 class CachedTargets:
-    """Runs in the loader worker on each (shard, epoch): reads the unit once, checks views, adds targets."""
+    """Runs in the loader worker on each (shard, epoch): reads the unit once, then checks views and adds targets."""
 
     def __init__(self, store: Path):
         self.store = Path(store)
         self._cache: TeacherCache | None = None
 
-    def __call__(self, unit: Unit, epoch: int, items: list[dict]) -> None:
+    def __call__(self, unit: Unit, epoch: int) -> Callable[[dict], None]:
         if self._cache is None:  # opened in the worker process
             self._cache = TeacherCache.open(self.store)
         data = self._cache.read_unit(epoch, unit.shard_no)
-        for it in items:
+
+        def attach(it: dict) -> None:
             p = it["position"]
             if it["fingerprint"] >= 0 and it["fingerprint"] != data["fingerprint"][p]:
                 raise ReplayKDError(
@@ -34,5 +33,6 @@ class CachedTargets:
             if it["partner"] != data["partner"][p] or it["seed"] != data["seed"][p]:
                 raise ReplayKDError(f"view of key '{it['key']}' (epoch {epoch}, shard {unit.shard}): seed or mix partner "
                                     f"differs from {self.store}")
-            it["t_probs"] = torch.from_numpy(data["probs"][p].astype(np.float32))
-            it["t_classes"] = torch.from_numpy(data["classes"][p].astype(np.int64))
+            it["t_probs"], it["t_classes"] = data["probs"][p], data["classes"][p]  # rows; ViewCollate stacks them
+
+        return attach

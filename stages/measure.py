@@ -119,16 +119,16 @@ def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: 
         shutil.rmtree(out, ignore_errors=True)
         s = build_cache(TeacherCacheOptions(manifest=data, checkpoint=ckpt, out=out, recipe=preset.recipe,
                                             teacher=preset.teacher, teacher_input_size=preset.teacher_input,
-                                            epochs=preset.epochs, topk=10, batch_size=preset.teacher_batch,
+                                            epochs=preset.cache_epochs, topk=10, batch_size=preset.teacher_batch,
                                             workers=workers, device=device))
-        rates.append(s["views_per_s"])
+        rates.append(s["loop_views_per_s"])
 
     med = interleaved({"bare": bare, "cache": cache}, repeats)
     bare_rate, cache_rate = len(views) / med["bare"], statistics.median(rates)
-    return {"teacher": preset.teacher, "recipe": preset.recipe, "epochs": preset.epochs, "batch_size": preset.teacher_batch,
-            "workers": workers, "device": str(dev), "bare_teacher_views_per_s": bare_rate,
+    return {"teacher": preset.teacher, "recipe": preset.recipe, "epochs": preset.cache_epochs,
+            "batch_size": preset.teacher_batch, "workers": workers, "device": str(dev), "bare_teacher_views_per_s": bare_rate,
             "teacher_cache_views_per_s": cache_rate, "ratio": cache_rate / bare_rate,
-            "decodes_per_view": decodes_per_view(manifest, rec, preset.epochs)}
+            "decodes_per_view": decodes_per_view(manifest, rec, preset.cache_epochs)}
 
 
 def decodes_per_view(manifest: Manifest, recipe: Recipe, epochs: int) -> float:
@@ -161,11 +161,10 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
                      work: Path) -> dict:
     """Student images/s with no KD, KD from the cache and KD from the online teacher; and the FLOP bound."""
     store = work / "stage-two-store"
-    if not (store / "zarr.json").exists():
-        build_cache(TeacherCacheOptions(manifest=data, checkpoint=ckpt, out=store, recipe=preset.recipe,
-                                        teacher=preset.teacher, teacher_input_size=preset.teacher_input,
-                                        epochs=preset.epochs, topk=10, batch_size=preset.teacher_batch,
-                                        workers=workers, device=device))
+    build_cache(TeacherCacheOptions(manifest=data, checkpoint=ckpt, out=store, recipe=preset.recipe,
+                                    teacher=preset.teacher, teacher_input_size=preset.teacher_input,
+                                    epochs=preset.epochs, topk=10, batch_size=preset.teacher_batch,
+                                    workers=workers, device=device))  # creates, grows or finds it complete
     common = dict(manifest=data, recipe=preset.recipe, epochs=preset.epochs, batch_size=preset.batch, workers=workers,
                   device=device, **student)
     variants = {"no_kd": dict(distillation="none"), "cache_kd": dict(cache=store),

@@ -65,6 +65,12 @@ def to_markdown(r: dict) -> str:
     for s in r["students"].values():
         lines.append(f"| {s['what']} | {s['cls_top1']:.2f} | {s['dist_top1']:.2f} | {s['avg_top1']:.2f} | {s['epochs']} | "
                      f"{s['images_per_s']:.0f} | {s['wall_seconds']:.0f} s |")
+    hard, online = r["students"].get("student-hard"), r["students"].get("student-online")
+    if hard and online:
+        same = all(hard[k] == online[k] for k in ("cls_top1", "dist_top1", "avg_top1"))
+        lines += ["", "Cached and online hard KD reached " + ("identical accuracies: the cached targets are the online "
+                  "teacher's, view for view." if same else "different accuracies (expected only across machines or GPUs).")
+                  + f" Cached KD trained at {hard['images_per_s'] / online['images_per_s']:.2f}x the online run's images/s."]
     if r["students"]:
         lines += ["", f"Student: {next(iter(r['students'].values()))['model']}. Curves: `curves.png` (and each run's "
                   "`curves.png`); replayed views: `views.png`."]

@@ -128,6 +128,7 @@ def run(o: TeacherCacheOptions) -> dict:
     correct = seen = 0
     bar = tqdm(total=total_views, desc=f"teacher-cache rank {rank}" if world > 1 else "teacher-cache", unit="view",
                unit_scale=True, disable=total_views == 0)
+    t_loop = time.perf_counter()
     try:
         with torch.inference_mode():
             for batch in loader:
@@ -152,13 +153,16 @@ def run(o: TeacherCacheOptions) -> dict:
     finally:
         bar.close()
         writer.close()
+    loop_seconds = time.perf_counter() - t_loop
     stats = torch.tensor([correct, seen], dtype=torch.float64)
     if world > 1:
         torch.distributed.all_reduce(stats)
     barrier()
     elapsed = time.perf_counter() - t0
     run_stats = {"views_written": int(stats[1]), "teacher_top1_vs_majority": 100 * stats[0].item() / max(1, stats[1].item()),
-                 "seconds": elapsed, "views_per_s": stats[1].item() / elapsed, "device": str(dev), "processes": world}
+                 "seconds": elapsed, "views_per_s": stats[1].item() / elapsed, "device": str(dev), "processes": world,
+                 # views/s of the view-making + teacher + writing loop, without start-up (model load, hashing)
+                 "loop_views_per_s": stats[1].item() / loop_seconds}
     if rank == 0 and run_stats["views_written"]:  # a rerun with nothing left to do keeps the real build's figures
         cache.group.attrs["last_run"] = run_stats
     return summarize(cache, run_stats)
@@ -211,7 +215,9 @@ def format_summary(s: dict) -> str:
              f"recipe {s['recipe']} ({s['recipe_hash']}), seed {s['run_seed']}, {s['epochs']} epochs x {s['shards']} shards, top-{s['topk']} of {s['num_classes']}",
              f"views cached {s['views_cached']}, units missing {s['units_missing']}, {s['bytes_on_disk'] / 1e6:.2f} MB on disk"
              + (f", {s['bytes_per_view']:.1f} bytes/view" if s["bytes_per_view"] else "")]
-    if "views_written" in s:
+    if s.get("views_written") == 0:
+        lines.append("this run: nothing to do, every unit was already complete")
+    elif "views_written" in s:
         lines.append(f"this run: {s['views_written']} views in {s['seconds']:.1f} s ({s['views_per_s']:.0f} views/s), "
                      f"teacher top-1 vs majority label {s['teacher_top1_vs_majority']:.2f}%")
     return "\n".join(lines)

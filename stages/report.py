@@ -44,7 +44,9 @@ def collect(run: Path) -> dict:
             cfg = json.loads((run / name / "config.json").read_text())["options"]
             students[name] = {"what": what, **{k: s[k] for k in ("cls_top1", "dist_top1", "avg_top1", "epochs", "wall_seconds", "images_per_s")},
                               "model": f"{cfg['student']} img {cfg['img_size'] or cache.config.recipe['input_size']} patch {cfg['patch_size']} depth {cfg['depth']} dim {cfg['embed_dim']}"}
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(),
+    finished = max((run / name / "summary.json").stat().st_mtime for name in students) if students else None
+    return {"date": datetime.fromtimestamp(finished, timezone.utc).isoformat(timespec="seconds") if finished else None,
+            "reported": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(),
             "teacher": {"model": teacher["model"], "input_size": teacher["input_size"], "val_top1": teacher["val_top1"],
                         "epochs": teacher["epochs"], "seconds": teacher["seconds"]},
             "cache": {"epochs": cache.config.epochs, "topk": cache.config.topk, "views": views, "bytes": size,
@@ -55,7 +57,7 @@ def collect(run: Path) -> dict:
 def to_markdown(r: dict) -> str:
     """The report as a markdown table."""
     t, c = r["teacher"], r["cache"]
-    lines = [f"# replaykd demo report ({r['date']}, {r['device']}, `make demo`)", "",
+    lines = [f"# replaykd demo report (runs finished {r['date']}, {r['device']}, `make demo`)", "",
              f"- Teacher: `{t['model']}` at {t['input_size']} px, {t['epochs']} epochs: val top-1 **{t['val_top1']:.2f}%** ({t['seconds']:.0f} s)",
              f"- Cache: {c['epochs']} epochs x top-{c['topk']}: {c['views']} views, {c['bytes'] / 1e6:.2f} MB, "
              f"**{c['bytes_per_view']:.1f} bytes/view**" + (

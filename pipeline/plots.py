@@ -1,4 +1,4 @@
-"""Training curves as a PNG (matplotlib, headless)."""
+"""Training curves as PNGs (matplotlib, headless)."""
 from __future__ import annotations
 
 import json
@@ -7,14 +7,29 @@ from pathlib import Path
 from pipeline.io import atomic_path
 
 
-def plot_curves(log: Path, out: Path) -> None:
-    """Loss and top-1 of each head per epoch, from a run's log.jsonl."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+    return plt
+
+
+def _rows(log: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+
+
+def _save(plt, fig, out: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(log: Path, out: Path) -> None:
+    """Loss and top-1 of each head per epoch, from a run's log.jsonl."""
+    plt, rows = _pyplot(), _rows(log)
     epochs = [r["epoch"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for key in ("loss", "loss_base", "loss_distill"):
@@ -27,27 +42,17 @@ def plot_curves(log: Path, out: Path) -> None:
     ax2.set_xlabel("epoch")
     ax2.set_title("val top-1 (%)")
     ax2.legend()
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)
 
 
 def plot_comparison(logs: dict, out: Path) -> None:
     """Val top-1 (average head) per epoch of several runs on one plot; `logs` maps a label to a log.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for (label, log), style in zip(logs.items(), ("-", "--", ":", "-.") * 4):
-        rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+        rows = _rows(log)
         ax.plot([r["epoch"] for r in rows], [r["avg_top1"] for r in rows], style, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%), average of cls and dist heads")
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)

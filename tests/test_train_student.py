@@ -118,3 +118,17 @@ def test_torchrun_two_processes(digits_dir, store, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert log["images"] == Manifest.load(digits_dir).count("train")  # both ranks' views, each once
+
+
+def test_incomplete_store_lists_missing_units(digits_dir, store, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(store, partial)
+    (partial / "units" / "000003.json").unlink()
+    with pytest.raises(ReplayKDError, match=r"incomplete: 2 units not done, e.g. \(epoch 0, train-000003.tar\)"):
+        run(opts(digits_dir, tmp_path / "run", cache=partial, epochs=1))
+
+
+def test_reuse_epochs_cycles_the_cached_epochs(digits_dir, store, tmp_path):
+    run(opts(digits_dir, tmp_path / "run", cache=store, epochs=3, reuse_epochs=True, depth=1, embed_dim=32))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["view_epoch"] for r in log] == [0, 1, 0]

@@ -120,15 +120,18 @@ def draw_mix(recipe: Recipe, height: int, width: int) -> MixParams:
 
 def mix_pair(a: torch.Tensor, b: torch.Tensor, p: MixParams) -> tuple[torch.Tensor, torch.Tensor]:
     """The two mixed views of a pair: each keeps weight `lam` of itself and takes 1 - lam of the other."""
-    if p.box is not None:
-        y0, y1, x0, x1 = p.box
-        ma, mb = a.clone(), b.clone()
-        ma[:, y0:y1, x0:x1] = b[:, y0:y1, x0:x1]
-        mb[:, y0:y1, x0:x1] = a[:, y0:y1, x0:x1]
-        return ma, mb
-    if p.lam == 1.0:
+    if p.box is None and p.lam == 1.0:
         return a, b
-    return a * p.lam + b * (1.0 - p.lam), b * p.lam + a * (1.0 - p.lam)
+    # numpy, not torch: each small torch op costs ~5-10 us, more than the arithmetic on a 16 px view
+    an, bn = a.numpy(), b.numpy()
+    if p.box is not None:
+        ma, mb = an.copy(), bn.copy()
+        y0, y1, x0, x1 = p.box
+        ma[:, y0:y1, x0:x1] = bn[:, y0:y1, x0:x1]
+        mb[:, y0:y1, x0:x1] = an[:, y0:y1, x0:x1]
+    else:
+        ma, mb = an * p.lam + bn * (1.0 - p.lam), bn * p.lam + an * (1.0 - p.lam)  # float32 (NEP 50)
+    return torch.from_numpy(ma), torch.from_numpy(mb)
 
 
 class Replayer:

@@ -74,8 +74,11 @@ def replay_vs_timm(recipe: Recipe, images: list[Image.Image], repeats: int) -> d
     replay_mixed = Replayer(recipe, run_seed=0)
     replay_plain = Replayer(dataclasses.replace(recipe, mix_prob=0.0), run_seed=0)
 
+    epochs = iter(range(1_000_000))
+
     def replay(replayer):
-        views = replayer.shard_views(images, keys, labels.tolist(), list(range(len(images))), 0, "shard")
+        # a new epoch each call: fresh draws, as the ordinary pipeline gets (a fixed op mix would bias the timing)
+        views = replayer.shard_views(images, keys, labels.tolist(), list(range(len(images))), next(epochs), "shard")
         torch.stack([v["image"] for v in views])
 
     fns = {

@@ -67,12 +67,14 @@ def verify(
         raise ReplayKDError(f"{store} has no completed units to verify")
     rng = np.random.default_rng(seed)
     picks = sorted({(e, s, int(rng.integers(cache.counts[s]))) for e, s in (done[i] for i in rng.integers(len(done), size=samples))})
-    replayer, records, problems, views, stored = Replayer(recipe, c.run_seed), {}, [], [], []
+    replayer, records, units, problems, views, stored = Replayer(recipe, c.run_seed), {}, {}, [], [], []
     for epoch, shard_no, pos in picks:
         shard = cache.shards[shard_no]
         if shard not in records:
             records[shard] = read_shard(manifest, c.split, shard)
-        unit = cache.read_unit(epoch, shard_no)
+        if (epoch, shard_no) not in units:
+            units[(epoch, shard_no)] = cache.read_unit(epoch, shard_no)
+        unit = units[(epoch, shard_no)]
         v = replayer.view_at(records[shard], pos, epoch, shard)
         key = records[shard][pos].key
         for name in ("fingerprint", "seed", "partner", "lam"):

@@ -62,29 +62,37 @@ def teacher_sidecar(checkpoint: Path) -> dict:
 
 
 class UnitBuffers:
-    """Collects a unit's per-view results in position order; hands back the unit when every view is in."""
+    """Collects units' per-view results in position order; hands back each unit when every view is in."""
 
     def __init__(self, counts: list[int], topk: int, num_classes: int):
         self.counts, self.topk, self.idx_dtype = counts, topk, index_dtype(num_classes)
         self.open: dict[tuple[int, int], tuple[dict, list]] = {}
 
-    def add(self, epoch: int, shard_no: int, position: int, values: dict) -> dict | None:
-        """Store one view's values; returns the unit's arrays once it is complete."""
-        key = (epoch, shard_no)
+    def _unit(self, key: tuple[int, int]) -> tuple[dict, list]:
         if key not in self.open:
-            n = self.counts[shard_no]
+            n = self.counts[key[1]]
             arrays = {"probs": np.zeros((n, self.topk), np.float16), "classes": np.zeros((n, self.topk), self.idx_dtype),
                       "seed": np.zeros(n, np.uint32), "fingerprint": np.zeros(n, np.uint32),
                       "partner": np.zeros(n, np.int32), "lam": np.zeros(n, np.float32)}
             self.open[key] = (arrays, [0])
-        arrays, filled = self.open[key]
-        for name, v in values.items():
-            arrays[name][position] = v
-        filled[0] += 1
-        if filled[0] == self.counts[shard_no]:
-            del self.open[key]
-            return arrays
-        return None
+        return self.open[key]
+
+    def add(self, cols: dict[str, np.ndarray]) -> list[tuple[int, int, dict]]:
+        """Store a batch's columns (per-view values plus epoch, shard_no, position), unit by unit, vectorised;
+        returns the (epoch, shard_no, arrays) of units that became complete."""
+        done = []
+        units = np.stack([cols["epoch"], cols["shard_no"]], axis=1)
+        for epoch, shard_no in np.unique(units, axis=0).tolist():
+            sel = (units[:, 0] == epoch) & (units[:, 1] == shard_no)
+            arrays, filled = self._unit((epoch, shard_no))
+            positions = cols["position"][sel]
+            for name, arr in arrays.items():
+                arr[positions] = cols[name][sel]
+            filled[0] += int(sel.sum())
+            if filled[0] == self.counts[shard_no]:
+                del self.open[(epoch, shard_no)]
+                done.append((epoch, shard_no, arrays))
+        return done
 
 
 def run(o: TeacherCacheOptions) -> dict:
@@ -143,12 +151,8 @@ def run(o: TeacherCacheOptions) -> dict:
                 correct += int((classes[:, 0] == majority).sum())
                 seen += len(majority)
                 cols = {n: batch[n].numpy() for n in ("epoch", "shard_no", "position", "seed", "fingerprint", "partner", "lam")}
-                for j in range(len(majority)):
-                    done = buffers.add(int(cols["epoch"][j]), int(cols["shard_no"][j]), int(cols["position"][j]), {
-                        "probs": probs[j], "classes": classes[j], "seed": cols["seed"][j],
-                        "fingerprint": cols["fingerprint"][j], "partner": cols["partner"][j], "lam": cols["lam"][j]})
-                    if done is not None:
-                        writer.put(int(cols["epoch"][j]), int(cols["shard_no"][j]), done)
+                for epoch, shard_no, arrays in buffers.add({**cols, "probs": probs, "classes": classes}):
+                    writer.put(epoch, shard_no, arrays)
                 bar.update(len(majority))
     finally:
         bar.close()

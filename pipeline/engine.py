@@ -39,6 +39,12 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of views on `device` (channels_last on GPU, where convolutions and bf16 run fastest that way)."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU); (rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

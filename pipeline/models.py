@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import timm
@@ -21,15 +22,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_weights(model: nn.Module, checkpoint: Path) -> None:
-    """Load a .pth/.safetensors file (plain, or wrapped in 'model'/'state_dict') strictly, with a clear error."""
+def read_checkpoint(checkpoint: Path) -> dict:
+    """The state dict of a .pth/.safetensors file (plain, or wrapped in 'model'/'state_dict'), from local disk."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise ReplayKDError(f"checkpoint not found: {checkpoint}")
     try:
-        state = timm.models.load_state_dict(str(checkpoint), use_ema=False)
+        return timm.models.load_state_dict(str(checkpoint), use_ema=False)
     except Exception as exn:
         raise ReplayKDError(f"cannot read checkpoint {checkpoint}: {exn}") from exn
+
+
+def load_weights(model: nn.Module, state: dict, checkpoint: Path) -> None:
+    """Load `state` (read from `checkpoint`) strictly; a misfit is an error listing the keys."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -68,24 +73,29 @@ class Teacher(nn.Module):
         return self.model(x)
 
 
-def checkpoint_classes(model: nn.Module, checkpoint: Path) -> int | None:
-    """How many classes the checkpoint's classifier head has (None when it has no such head)."""
-    head = model.pretrained_cfg.get("classifier")
-    state = timm.models.load_state_dict(str(checkpoint), use_ema=False)
-    weight = state.get(f"{head}.weight") if head else None
-    return int(weight.shape[0]) if weight is not None else None
+def checkpoint_input_size(checkpoint: Path) -> int | None:
+    """The input size in the JSON that `train-teacher` writes beside a checkpoint, if there is one."""
+    side = Path(checkpoint).with_suffix(".json")
+    return json.loads(side.read_text()).get("input_size") if side.exists() else None
 
 
-def load_teacher(name: str, checkpoint: Path, num_classes: int, input_size: int | None = None) -> Teacher:
-    """The teacher `name` with weights from the local `checkpoint`, in eval mode."""
+def load_teacher(name: str, checkpoint: Path, num_classes: int, input_size: int | None = None,
+                 device: torch.device | None = None) -> Teacher:
+    """The teacher `name` with weights from the local `checkpoint`, in eval mode (channels_last on GPU).
+
+    `input_size` None: the size recorded beside the checkpoint, else the views' own size.
+    """
     model = create_classifier(name, num_classes)
-    if not Path(checkpoint).exists():
-        raise ReplayKDError(f"teacher checkpoint not found: {checkpoint}")
-    n = checkpoint_classes(model, checkpoint)
-    if n is not None and n != num_classes:
-        raise ReplayKDError(f"teacher checkpoint {checkpoint} has {n} classes, the dataset has {num_classes}")
-    load_weights(model, checkpoint)
-    return Teacher(model, input_size).eval()
+    state = read_checkpoint(checkpoint)
+    head = model.pretrained_cfg.get("classifier")
+    weight = state.get(f"{head}.weight") if head else None
+    if weight is not None and weight.shape[0] != num_classes:
+        raise ReplayKDError(f"teacher checkpoint {checkpoint} has {weight.shape[0]} classes, the dataset has {num_classes}")
+    load_weights(model, state, checkpoint)
+    teacher = Teacher(model, input_size if input_size is not None else checkpoint_input_size(checkpoint)).eval()
+    if device is not None:
+        teacher = teacher.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    return teacher
 
 
 def create_student(name: str, num_classes: int, img_size: int, patch_size: int | None = None,

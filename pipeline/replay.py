@@ -177,7 +177,7 @@ class Replayer:
         images = [decode_image(records[p].data, records[p].key) for p in members]
         views, seeds, params = self.pair(images, [records[p].key for p in members], epoch)
         i = members.index(position)
-        return {"image": views[i], "seed": seeds[i], "partner": records[members[1 - i if len(members) == 2 else 0]].index,
+        return {"image": views[i], "seed": seeds[i], "partner": records[members[-1 - i]].index,
                 "lam": params.lam, "fingerprint": fingerprint(views[i])}
 
     def pair(self, images: Sequence[Image.Image], keys: Sequence[str], epoch: int):

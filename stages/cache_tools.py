@@ -9,7 +9,7 @@ import torch
 import typer
 
 from pipeline.cache import TeacherCache
-from pipeline.engine import autocast, pick_device
+from pipeline.engine import autocast, pick_device, to_input
 from pipeline.errors import ReplayKDError
 from pipeline.manifest import Manifest
 from pipeline.models import file_sha256, load_teacher
@@ -83,9 +83,9 @@ def verify(
         views.append(v["image"])
         stored.append((unit["probs"][pos].astype(np.float32), unit["classes"][pos].astype(np.int64)))
     dev = pick_device(device)
-    teacher = load_teacher(c.teacher, ckpt, c.num_classes, c.teacher_input_size).to(dev)
+    teacher = load_teacher(c.teacher, ckpt, c.num_classes, c.teacher_input_size, dev)
     with torch.inference_mode(), autocast(dev):
-        probs = teacher(torch.stack(views).to(dev)).float().softmax(-1).cpu().numpy()
+        probs = teacher(to_input(torch.stack(views), dev)).float().softmax(-1).cpu().numpy()
     s_probs = np.stack([p for p, _ in stored])
     s_classes = np.stack([k for _, k in stored])
     agree = float((probs.argmax(1) == s_classes[:, 0]).mean())

@@ -15,7 +15,7 @@ from PIL import Image
 
 import pipeline.loader as loader_mod
 from pipeline.cache import CacheConfig, TeacherCache
-from pipeline.engine import autocast, pick_device
+from pipeline.engine import autocast, pick_device, to_input
 from pipeline.loader import ReplayViews
 from pipeline.manifest import Manifest
 from pipeline.models import create_student, load_teacher
@@ -101,17 +101,14 @@ def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: 
     """Views/s of `teacher-cache` (views by workers, writes on a thread) vs the bare teacher forward on the same batches."""
     manifest, rec = Manifest.load(data), Recipe.load(preset.recipe)
     dev = pick_device(device)
-    net = load_teacher(preset.teacher, ckpt, manifest.num_classes, preset.teacher_input).to(dev)
-    if dev.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    net = load_teacher(preset.teacher, ckpt, manifest.num_classes, preset.teacher_input, dev)
     views = torch.stack([v["image"] for v in ReplayViews(manifest, rec, 0, [0], rank=0, world_size=1)])
     batches = [views[i : i + preset.teacher_batch] for i in range(0, len(views), preset.teacher_batch)]
 
     def bare():
         with torch.inference_mode(), autocast(dev):
             for b in batches:
-                x = b.to(dev, non_blocking=True)
-                net(x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x)
+                net(to_input(b, dev))
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
@@ -186,7 +183,7 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
     m, rec = Manifest.load(data), Recipe.load(preset.recipe)
     dev = pick_device(device)
     net = create_student(num_classes=m.num_classes, img_size=rec.input_size, **student_model_args(student)).to(dev)
-    teacher = load_teacher(preset.teacher, ckpt, m.num_classes, preset.teacher_input).to(dev)
+    teacher = load_teacher(preset.teacher, ckpt, m.num_classes, preset.teacher_input, dev)
     x = torch.randn(2, 3, rec.input_size, rec.input_size, device=dev)  # FLOPs are linear in the batch
     s_fb = flops(lambda: net(x)[0].sum().backward()) // 2
     with torch.no_grad():

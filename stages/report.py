@@ -12,6 +12,7 @@ from pipeline.cache import TeacherCache
 from pipeline.engine import device_name
 from pipeline.io import atomic_path, write_json_atomic
 from pipeline.plots import plot_comparison
+from stages.teacher_cache import summarize
 
 STUDENTS = {"student-hard": "hard KD, targets from the cache", "student-online": "hard KD, online teacher",
             "student-none": "no KD (labels only)"}
@@ -34,8 +35,7 @@ def collect(run: Path) -> dict:
     """Everything the report states, read from the run's files (nothing typed by hand)."""
     teacher = json.loads((run / "teacher" / "teacher.json").read_text())
     cache = TeacherCache.open(run / "cache.zarr")
-    views = sum(cache.counts[s] * len(cache.completed(s)) for s in range(len(cache.shards)))
-    size = cache.bytes_on_disk()
+    c = summarize(cache)
     students = {}
     for name, what in STUDENTS.items():
         f = run / name / "summary.json"
@@ -49,8 +49,8 @@ def collect(run: Path) -> dict:
             "reported": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(),
             "teacher": {"model": teacher["model"], "input_size": teacher["input_size"], "val_top1": teacher["val_top1"],
                         "epochs": teacher["epochs"], "seconds": teacher["seconds"]},
-            "cache": {"epochs": cache.config.epochs, "topk": cache.config.topk, "views": views, "bytes": size,
-                      "bytes_per_view": size / max(1, views), **cache.attrs.get("last_run", {})},
+            "cache": {"epochs": c["epochs"], "topk": c["topk"], "views": c["views_cached"], "bytes": c["bytes_on_disk"],
+                      "bytes_per_view": c["bytes_per_view"], **cache.attrs.get("last_run", {})},
             "students": students}
 
 

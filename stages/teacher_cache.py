@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.cache import CacheConfig, TeacherCache, UnitWriter, index_dtype
-from pipeline.engine import autocast, barrier, init_distributed, pick_device
+from pipeline.engine import autocast, barrier, init_distributed, pick_device, to_input
 from pipeline.errors import ReplayKDError
 from pipeline.loader import ReplayViews, Unit, ViewCollate
+from pipeline.losses import teacher_targets
 from pipeline.manifest import Manifest
 from pipeline.models import file_sha256, load_teacher
 from pipeline.recipe import Recipe
@@ -53,12 +54,6 @@ def library_versions() -> dict:
 
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
             "pillow": PIL.__version__, "numpy": np.__version__, "zarr": zarr.__version__}
-
-
-def teacher_sidecar(checkpoint: Path) -> dict:
-    """The JSON written beside a checkpoint by `train-teacher` (model name, input size), if any."""
-    side = Path(checkpoint).with_suffix(".json")
-    return json.loads(side.read_text()) if side.exists() else {}
 
 
 class UnitBuffers:
@@ -105,15 +100,12 @@ def run(o: TeacherCacheOptions) -> dict:
         raise ReplayKDError(f"--topk must be between 1 and the number of classes ({manifest.num_classes}), got {o.topk}")
     if o.epochs < 1:
         raise ReplayKDError(f"--epochs must be at least 1, got {o.epochs}")
-    input_size = o.teacher_input_size if o.teacher_input_size is not None else teacher_sidecar(o.checkpoint).get("input_size")
-    teacher = load_teacher(o.teacher, o.checkpoint, manifest.num_classes, input_size).to(dev)
-    if dev.type == "cuda":
-        teacher = teacher.to(memory_format=torch.channels_last)
+    teacher = load_teacher(o.teacher, o.checkpoint, manifest.num_classes, o.teacher_input_size, dev)
     shards = manifest.shards(o.split)
     counts = [b - a for a, b in (manifest.shard_range(o.split, s) for s in shards)]
     config = CacheConfig(manifest_hash=manifest.hash, split=o.split, recipe=recipe.as_dict(), recipe_hash=recipe.hash,
                          run_seed=o.seed, epochs=o.epochs, topk=o.topk, num_classes=manifest.num_classes,
-                         teacher=o.teacher, teacher_sha256=file_sha256(o.checkpoint), teacher_input_size=input_size)
+                         teacher=o.teacher, teacher_sha256=file_sha256(o.checkpoint), teacher_input_size=teacher.input_size)
     if rank == 0:
         hints = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": library_versions(),
                  "recipe_name": recipe.name, "data_path": str(Path(o.manifest).resolve()),
@@ -140,13 +132,9 @@ def run(o: TeacherCacheOptions) -> dict:
     try:
         with torch.inference_mode():
             for batch in loader:
-                x = batch["image"].to(dev, non_blocking=True)
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(dev):
-                    logits = teacher(x)
-                probs, classes = logits.float().softmax(-1).topk(o.topk, dim=-1)
-                probs, classes = probs.half().cpu().numpy(), classes.cpu().numpy()
+                    probs, classes = teacher_targets(teacher(to_input(batch["image"], dev)), o.topk)
+                probs, classes = probs.cpu().numpy(), classes.cpu().numpy()
                 majority = torch.where(batch["lam"] >= 0.5, batch["label"], batch["partner_label"]).numpy()
                 correct += int((classes[:, 0] == majority).sum())
                 seen += len(majority)
@@ -175,14 +163,14 @@ def run(o: TeacherCacheOptions) -> dict:
 def summarize(cache: TeacherCache, run_stats: dict | None = None) -> dict:
     """Identity, completeness and size of a store (plus this run's figures)."""
     c = cache.config
-    missing = cache.missing()
-    views = sum(cache.counts[s] for s in range(len(cache.shards)) for _ in cache.completed(s))
+    done = [len(set(cache.completed(s)) & set(range(c.epochs))) for s in range(len(cache.shards))]
+    views = sum(n * count for n, count in zip(done, cache.counts))
     size = cache.bytes_on_disk()
     return {"store": str(cache.path), "teacher": c.teacher, "teacher_sha256": c.teacher_sha256[:16],
             "teacher_input_size": c.teacher_input_size, "manifest_hash": c.manifest_hash[:16], "split": c.split,
             "recipe": cache.attrs.get("recipe_name"), "recipe_hash": c.recipe_hash[:16], "run_seed": c.run_seed,
             "epochs": c.epochs, "topk": c.topk, "num_classes": c.num_classes, "shards": len(cache.shards),
-            "units_missing": len(missing), "views_cached": views, "bytes_on_disk": size,
+            "units_missing": c.epochs * len(cache.shards) - sum(done), "views_cached": views, "bytes_on_disk": size,
             "bytes_per_view": size / views if views else None, **(run_stats or {})}
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.cache import TeacherCache
-from pipeline.engine import autocast, barrier, cosine_lr, evaluate, init_distributed, pick_device
+from pipeline.engine import autocast, barrier, cosine_lr, evaluate, init_distributed, pick_device, to_input
 from pipeline.errors import ReplayKDError
 from pipeline.io import atomic_path, write_json_atomic
 from pipeline.loader import EvalViews, ReplayViews, ViewCollate
@@ -131,11 +131,7 @@ def run(o: StudentOptions) -> dict:
     elif o.online_teacher is not None and o.distillation != "none":
         if o.teacher_checkpoint is None:
             raise ReplayKDError("--online-teacher needs --teacher-checkpoint")
-        from stages.teacher_cache import teacher_sidecar
-        size = o.teacher_input_size or teacher_sidecar(o.teacher_checkpoint).get("input_size")
-        teacher = load_teacher(o.online_teacher, o.teacher_checkpoint, manifest.num_classes, size).to(dev)
-        if dev.type == "cuda":
-            teacher = teacher.to(memory_format=torch.channels_last)
+        teacher = load_teacher(o.online_teacher, o.teacher_checkpoint, manifest.num_classes, o.teacher_input_size, dev)
     torch.manual_seed(o.init_seed)
     student = create_student(o.student, manifest.num_classes, o.img_size or recipe.input_size, o.patch_size,
                              o.drop_path, depth=o.depth, embed_dim=o.embed_dim, num_heads=o.num_heads).to(dev)
@@ -194,9 +190,7 @@ def run(o: StudentOptions) -> dict:
                 cur_lr = cosine_lr(step, total_steps, o.warmup_epochs * steps_per_epoch, lr, o.min_lr)
                 for g in optimizer.param_groups:
                     g["lr"] = cur_lr
-                x = batch["image"].to(dev, non_blocking=True)
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = to_input(batch["image"], dev)
                 target = batch["target"].to(dev, non_blocking=True)
                 t_probs = t_classes = None
                 if teacher is not None:

@@ -33,7 +33,7 @@ DISTILLATION   ?= hard
 STUDENT_RUN    ?= $(RUN)/student-$(DISTILLATION)
 LAUNCH         := $(if $(filter 1,$(NPROC)),$(RKD),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) -m stages)
 
-.PHONY: venv test shards train-teacher teacher-cache train-student demo bench clean
+.PHONY: venv test test-fast shards train-teacher teacher-cache train-student demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 $(DATA)/manifest.json: | $(STAMP)
 	$(RKD) shards $(SOURCE) $(DATA) --shard-size $(SHARD_SIZE) --overwrite

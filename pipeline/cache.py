@@ -1,10 +1,11 @@
 """The teacher cache: top-k targets per (epoch, sample) in a Zarr v3 store, written in whole units.
 
-Layout: arrays shaped (epochs, shards, max shard size[, k]). A unit of work is one (epoch, shard): one inner
-chunk per array, and all epochs of a data shard live in Zarr shard files that only that data shard's writer
-touches (ranks own whole data shards), so no two writers ever share a file. Zarr's local store writes each
-file atomically, and a unit's completion is recorded (in `units/<shard>.json`) only after its data, so a run
-killed at any point resumes to arrays identical to an uninterrupted run's. Readers trust completed units only.
+Layout: arrays shaped (epochs, shards, max shard size[, k]), declared once by `UnitArrays`. A unit of work is one
+(epoch, shard): one inner chunk per array, and all epochs of a data shard live in Zarr shard files that only that
+data shard's writer touches (ranks own whole data shards), so no two writers ever share a file. Zarr's local
+store writes each file atomically, and a unit's completion is recorded (in `units/<shard>.json`) only after its
+data, so a run killed at any point resumes to arrays identical to an uninterrupted run's. Readers trust
+completed units only.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import dataclasses
 import json
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,53 @@ from pipeline.io import write_json_atomic
 
 FORMAT = "replaykd.teacher-cache/1"
 UNITS = "units"
-# What a store's identity is made of: a store built with any other value is refused, naming the field.
-IDENTITY = ("manifest_hash", "split", "recipe_hash", "run_seed", "topk", "num_classes", "teacher", "teacher_sha256",
-            "teacher_input_size")
+
+
+def index_dtype(num_classes: int) -> str:
+    """int16 class indices while the classes fit, else int32."""
+    return "int16" if num_classes <= np.iinfo(np.int16).max + 1 else "int32"
+
+
+def _stored(dtype: str, per_class: bool):
+    # dtype "index": int16 or int32, by the number of classes; per_class: the array has a trailing k axis
+    return field(metadata={"dtype": dtype, "per_class": per_class})
+
+
+@dataclass
+class UnitArrays:
+    """The stored arrays of one unit (or of any rows), one row per view: this declaration is the store's layout."""
+
+    probs: np.ndarray = _stored("float16", True)  # the teacher's top-k probabilities, sorted, of the mixed view
+    classes: np.ndarray = _stored("index", True)  # their class indices
+    seed: np.ndarray = _stored("uint32", False)  # the view's augmentation seed
+    fingerprint: np.ndarray = _stored("uint32", False)  # CRC-32C of the view
+    partner: np.ndarray = _stored("int32", False)  # global index of the mix partner (own index: unmixed)
+    lam: np.ndarray = _stored("float32", False)  # weight of the view's own image in the mix
+
+    @staticmethod
+    def specs(num_classes: int) -> dict[str, tuple[str, bool]]:
+        """name -> (dtype, has a k axis) of every per-view array."""
+        return {f.name: (index_dtype(num_classes) if f.metadata["dtype"] == "index" else f.metadata["dtype"],
+                         f.metadata["per_class"]) for f in fields(UnitArrays)}
+
+    @classmethod
+    def zeros(cls, n: int, topk: int, num_classes: int) -> "UnitArrays":
+        """Zero-filled arrays for `n` views."""
+        return cls(**{name: np.zeros((n, topk) if per_class else (n,), dtype)
+                      for name, (dtype, per_class) in cls.specs(num_classes).items()})
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """name -> array, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def select(self, rows) -> "UnitArrays":
+        """The given rows (an index or a mask)."""
+        return UnitArrays(**{name: arr[rows] for name, arr in self.arrays().items()})
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """What a cache was built from; stage two checks it against its own data, recipe and seed."""
+    """What a cache was built from (stored in the store; stage two checks it against its own run)."""
 
     manifest_hash: str
     split: str
@@ -45,15 +85,74 @@ class CacheConfig:
     teacher_sha256: str
     teacher_input_size: int | None = None
 
-    def differences(self, other: "CacheConfig") -> list[str]:
-        """The identity fields that differ, as 'field: store value != requested value'."""
-        return [f"{f}: {getattr(other, f)!r} in the store, {getattr(self, f)!r} requested"
-                for f in IDENTITY if getattr(self, f) != getattr(other, f)]
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    """Which teacher made a store's targets, and how many it kept per view."""
+
+    teacher: str
+    teacher_sha256: str
+    teacher_input_size: int | None
+    topk: int
 
 
-def index_dtype(num_classes: int) -> str:
-    """int16 class indices while the classes fit, else int32."""
-    return "int16" if num_classes <= np.iinfo(np.int16).max + 1 else "int32"
+@dataclass(frozen=True)
+class CacheRequest:
+    """What a caller needs a store to be: its data, recipe and seed, and (to build or verify) its teacher."""
+
+    manifest_hash: str
+    split: str
+    recipe: dict
+    recipe_hash: str
+    recipe_name: str
+    run_seed: int
+    num_classes: int
+    teacher: TeacherIdentity | None = None
+
+
+@dataclass
+class CacheSummary:
+    """Identity, completeness and size of a store, plus the figures of the run that built it (if any)."""
+
+    store: str
+    teacher: str
+    teacher_sha256: str
+    teacher_input_size: int | None
+    manifest_hash: str
+    split: str
+    recipe: str | None
+    recipe_hash: str
+    run_seed: int
+    epochs: int
+    topk: int
+    num_classes: int
+    shards: int
+    units_missing: int
+    views_cached: int
+    bytes_on_disk: int
+    bytes_per_view: float | None
+    run: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Plain JSON values (this run's figures flattened in)."""
+        d = dataclasses.asdict(self)
+        return {**{k: v for k, v in d.items() if k != "run"}, **d["run"]}
+
+    def text(self) -> str:
+        """Human-readable lines."""
+        lines = [f"store {self.store}: {self.teacher} (sha256 {self.teacher_sha256}), manifest {self.manifest_hash}, "
+                 f"recipe {self.recipe} ({self.recipe_hash}), seed {self.run_seed}, {self.epochs} epochs x {self.shards} "
+                 f"shards, top-{self.topk} of {self.num_classes}",
+                 f"views cached {self.views_cached}, units missing {self.units_missing}, "
+                 f"{self.bytes_on_disk / 1e6:.2f} MB on disk"
+                 + (f", {self.bytes_per_view:.1f} bytes/view" if self.bytes_per_view else "")]
+        r = self.run
+        if r.get("views_written") == 0:
+            lines.append("this run: nothing to do, every unit was already complete")
+        elif r:
+            lines.append(f"this run: {r['views_written']} views in {r['seconds']:.1f} s ({r['views_per_s']:.0f} views/s), "
+                         f"teacher top-1 vs majority label {r['teacher_top1_vs_majority']:.2f}%")
+        return "\n".join(lines)
 
 
 def _compressors(dtype: str):
@@ -65,10 +164,9 @@ def _compressors(dtype: str):
     return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dtype).itemsize)]
 
 
-def array_specs(topk: int, num_classes: int) -> dict[str, tuple[str, bool]]:
-    """name -> (dtype, has a k axis) of every per-view array."""
-    return {"probs": ("float16", True), "classes": (index_dtype(num_classes), True), "seed": ("uint32", False),
-            "fingerprint": ("uint32", False), "partner": ("int32", False), "lam": ("float32", False)}
+def _recipe_differences(stored: dict, wanted: dict) -> str:
+    fields_ = sorted(set(stored) | set(wanted))
+    return ", ".join(f"{f} {stored.get(f)!r} vs {wanted.get(f)!r}" for f in fields_ if stored.get(f) != wanted.get(f))
 
 
 class TeacherCache:
@@ -83,7 +181,7 @@ class TeacherCache:
         self.config = CacheConfig(**attrs["config"])
         self.shards: list[str] = attrs["layout"]["shards"]
         self.counts: list[int] = attrs["layout"]["counts"]
-        self.arrays = {name: group[name] for name in array_specs(self.config.topk, self.config.num_classes)}
+        self.arrays = {name: group[name] for name in UnitArrays.specs(self.config.num_classes)}
 
     # --- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -95,16 +193,13 @@ class TeacherCache:
         return cls(path, zarr.open_group(str(path), mode=mode))
 
     @classmethod
-    def create_or_grow(cls, path: Path, config: CacheConfig, shards: list[str], counts: list[int],
-                       epochs_per_file: int, extra_attrs: dict) -> "TeacherCache":
-        """Create the store, or open one with the same identity and grow it to `config.epochs` epochs."""
+    def create_or_grow(cls, path: Path, config: CacheConfig, request: CacheRequest, shards: list[str],
+                       counts: list[int], epochs_per_file: int, extra_attrs: dict) -> "TeacherCache":
+        """Create the store, or open one that fits `request` and grow it to `config.epochs` epochs."""
         path = Path(path)
         if (path / "zarr.json").exists():
             cache = cls.open(path, mode="a")
-            diffs = config.differences(cache.config)
-            if diffs:
-                raise ReplayKDError(f"{path} was built for something else; refusing to mix: " + "; ".join(diffs)
-                                    + ". Use another --out, or delete the store to rebuild it.")
+            cache.require(request)
             if cache.shards != shards or cache.counts != counts:
                 raise ReplayKDError(f"{path}: shard layout differs from the manifest's")
             if config.epochs > cache.config.epochs:
@@ -119,18 +214,52 @@ class TeacherCache:
         width = max(counts)
         block = max(1, min(epochs_per_file, config.epochs))
         codec_chain = {}
-        for name, (dtype, has_k) in array_specs(config.topk, config.num_classes).items():
-            tail = (config.topk,) if has_k else ()
+        for name, (dtype, per_class) in UnitArrays.specs(config.num_classes).items():
+            tail = (config.topk,) if per_class else ()
             arr = group.create_array(name, shape=(config.epochs, len(shards), width, *tail), dtype=dtype,
                                      chunks=(1, 1, width, *tail), shards=(block, 1, width, *tail),
                                      compressors=_compressors(dtype), fill_value=0,
-                                     dimension_names=("epoch", "shard", "position", "k")[: 3 + has_k])
+                                     dimension_names=("epoch", "shard", "position", "k")[: 3 + per_class])
             codec_chain[name] = arr.metadata.to_dict()["codecs"]
         (path / UNITS).mkdir()
         group.attrs.update({"format": FORMAT, "config": dataclasses.asdict(config),
                             "layout": {"shards": shards, "counts": counts, "epochs_per_file": block},
                             "codecs": json.loads(json.dumps(codec_chain, default=list)), **extra_attrs})
         return cls.open(path, mode="a")
+
+    # --- does it fit ---------------------------------------------------------------------------------
+    def differences(self, request: CacheRequest) -> list[str]:
+        """What differs between this store and `request`, one phrase per field, naming both values."""
+        c, out = self.config, []
+        if c.manifest_hash != request.manifest_hash:
+            out.append(f"manifest: the store was built from {c.manifest_hash[:16]} ({self.attrs.get('data_path')}), "
+                       f"this run's is {request.manifest_hash[:16]}")
+        if c.recipe_hash != request.recipe_hash:
+            out.append(f"recipe: the store's '{self.attrs.get('recipe_name')}' and this run's '{request.recipe_name}' "
+                       f"differ in {_recipe_differences(c.recipe, request.recipe)} (recipe_hash {c.recipe_hash[:16]} "
+                       f"vs {request.recipe_hash[:16]})")
+        checks = [("run_seed", "run seed", request), ("split", "split", request), ("num_classes", "classes", request)]
+        if request.teacher is not None:
+            checks += [("teacher", "teacher", request.teacher), ("teacher_sha256", "teacher checkpoint", request.teacher),
+                       ("teacher_input_size", "teacher input size", request.teacher), ("topk", "topk", request.teacher)]
+        for name, what, wanted in checks:
+            have, want = getattr(c, name), getattr(wanted, name)
+            if have != want:
+                out.append(f"{what} ({name}): {have!r} in the store, {want!r} in this run")
+        return out
+
+    def require(self, request: CacheRequest, epochs: int | None = None, complete: bool = False) -> None:
+        """Refuse a store that does not fit `request`, naming what differs; with `complete`, also one whose first
+        `epochs` epochs (default: all) are not all complete, listing the missing units."""
+        diffs = self.differences(request)
+        if diffs:
+            raise ReplayKDError(f"{self.path} was built for something else; refusing to mix: " + "; ".join(diffs)
+                                + ". Use the data, recipe, seed and teacher it was built with, or another store.")
+        missing = self.missing(epochs) if complete else []
+        if missing:
+            shown = ", ".join(f"(epoch {e}, {self.shards[s]})" for e, s in missing[:10])
+            raise ReplayKDError(f"cache {self.path} is incomplete: {len(missing)} units not done, e.g. {shown}; "
+                                "rerun the same teacher-cache command to finish it")
 
     # --- units -------------------------------------------------------------------------------------
     def _marker(self, shard_no: int) -> Path:
@@ -143,31 +272,70 @@ class TeacherCache:
 
     def missing(self, epochs: int | None = None) -> list[tuple[int, int]]:
         """(epoch, shard_no) units not yet complete among the first `epochs` epochs."""
-        epochs = self.config.epochs if epochs is None else epochs
+        epochs = self.config.epochs if epochs is None else min(epochs, self.config.epochs)
         out = []
         for s in range(len(self.shards)):
             done = set(self.completed(s))
             out.extend((e, s) for e in range(epochs) if e not in done)
         return sorted(out)
 
-    def write_unit(self, epoch: int, shard_no: int, data: dict[str, np.ndarray]) -> None:
+    def write_unit(self, epoch: int, shard_no: int, data: UnitArrays) -> None:
         """Write one unit's arrays, then record it complete (the caller owns this data shard)."""
         n = self.counts[shard_no]
-        for name, arr in self.arrays.items():
-            arr[epoch, shard_no, :n] = data[name]
+        for name, values in data.arrays().items():
+            self.arrays[name][epoch, shard_no, :n] = values
         done = sorted(set(self.completed(shard_no)) | {epoch})
         write_json_atomic(self._marker(shard_no), {"shard": self.shards[shard_no], "epochs": done})
 
-    def read_unit(self, epoch: int, shard_no: int) -> dict[str, np.ndarray]:
+    def read_unit(self, epoch: int, shard_no: int) -> UnitArrays:
         """One completed unit's arrays, trimmed to the shard's sample count."""
         if epoch not in self.completed(shard_no):
             raise ReplayKDError(f"{self.path}: unit (epoch {epoch}, shard {self.shards[shard_no]}) is not complete")
         n = self.counts[shard_no]
-        return {name: arr[epoch, shard_no, :n] for name, arr in self.arrays.items()}
+        return UnitArrays(**{name: arr[epoch, shard_no, :n] for name, arr in self.arrays.items()})
 
     def bytes_on_disk(self) -> int:
         """Total size of the store's files."""
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def summarize(self, run: dict | None = None) -> CacheSummary:
+        """Identity, completeness and size (plus a run's figures)."""
+        c = self.config
+        done = [len(set(self.completed(s)) & set(range(c.epochs))) for s in range(len(self.shards))]
+        views = sum(n * count for n, count in zip(done, self.counts))
+        size = self.bytes_on_disk()
+        return CacheSummary(str(self.path), c.teacher, c.teacher_sha256[:16], c.teacher_input_size,
+                            c.manifest_hash[:16], c.split, self.attrs.get("recipe_name"), c.recipe_hash[:16],
+                            c.run_seed, c.epochs, c.topk, c.num_classes, len(self.shards),
+                            c.epochs * len(self.shards) - sum(done), views, size, size / views if views else None,
+                            dict(run or {}))
+
+
+class UnitBuffers:
+    """Stage one's unit assembly: collects rows of views in position order; hands back each unit once full."""
+
+    def __init__(self, counts: list[int], topk: int, num_classes: int):
+        self.counts, self.topk, self.num_classes = counts, topk, num_classes
+        self.open: dict[tuple[int, int], tuple[UnitArrays, list]] = {}
+
+    def add(self, epochs: np.ndarray, shard_nos: np.ndarray, positions: np.ndarray,
+            rows: UnitArrays) -> list[tuple[int, int, UnitArrays]]:
+        """Store a batch's rows (views at (epoch, shard_no, position)), unit by unit, vectorised; returns the
+        (epoch, shard_no, arrays) of the units that became complete."""
+        done = []
+        units = np.stack([epochs, shard_nos], axis=1)
+        for epoch, shard_no in np.unique(units, axis=0).tolist():
+            sel = (units[:, 0] == epoch) & (units[:, 1] == shard_no)
+            if (epoch, shard_no) not in self.open:
+                self.open[(epoch, shard_no)] = (UnitArrays.zeros(self.counts[shard_no], self.topk, self.num_classes), [0])
+            arrays, filled = self.open[(epoch, shard_no)]
+            for name, values in rows.select(sel).arrays().items():
+                getattr(arrays, name)[positions[sel]] = values
+            filled[0] += int(sel.sum())
+            if filled[0] == self.counts[shard_no]:
+                del self.open[(epoch, shard_no)]
+                done.append((epoch, shard_no, arrays))
+        return done
 
 
 class UnitWriter:
@@ -195,7 +363,7 @@ class UnitWriter:
             raise ReplayKDError(f"{what} while writing {self.cache.path}; completed units are kept: free space "
                                 f"and rerun the same command to resume") from exn
 
-    def put(self, epoch: int, shard_no: int, data: dict[str, np.ndarray]) -> None:
+    def put(self, epoch: int, shard_no: int, data: UnitArrays) -> None:
         """Queue one complete unit for writing (blocks when the queue is full)."""
         self._check()
         self.queue.put((epoch, shard_no, data))

@@ -1,74 +1,94 @@
-"""Training plumbing shared by the stages: devices, schedules, evaluation, distributed set-up."""
+"""The training loop of both training stages, as DeiT's engine.py: one epoch of optimiser steps, and evaluation."""
 from __future__ import annotations
 
 import math
-import os
+import time
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from pipeline.device import autocast, to_input
+from pipeline.distributed import sum_across_ranks
 from pipeline.errors import ReplayKDError
+from pipeline.targets import TargetSource
+
+# Steps between progress-bar loss updates (each reads the loss back from the device).
+REPORT_EVERY = 10
 
 
-def pick_device(spec: str) -> torch.device:
-    """'auto' -> this rank's GPU when there is one, else the CPU; 'cuda' without a GPU is an error."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ReplayKDError("--device cuda asked for, but no GPU is visible")
-        if spec == "cuda":
-            spec = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return torch.device(spec)
+@dataclass
+class EpochStats:
+    """What one epoch of training did, summed over ranks (seconds are this rank's)."""
+
+    loss: float
+    loss_base: float
+    loss_distill: float
+    lr: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        """Images per second of all ranks together."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def device_name(device: torch.device | None = None) -> str:
-    """The GPU's name, or the CPU's model and core count, for reports."""
-    if device is not None and device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "CPU") if os.path.exists("/proc/cpuinfo") else "CPU"
-    return f"{model}, {os.cpu_count()} cores"
+def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, targets: TargetSource, lr_at: Callable[[int], float],
+                    step: int, clip_grad: float | None = None, ema=None, total: int | None = None,
+                    show_progress: bool = True) -> tuple[EpochStats, int]:
+    """One pass over `loader`'s ViewBatches: the teacher's targets from `targets`, the loss from `criterion`.
+
+    `lr_at(step)` sets the learning rate before each optimiser step; returns the epoch's stats and the next step.
+    """
+    model.train()
+    plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    images, lr, t0 = 0, float("nan"), time.perf_counter()
+    bar = tqdm(total=total, desc=f"epoch {epoch}", unit="img", unit_scale=True, leave=False, disable=not show_progress)
+    # Join lets ranks with fewer batches finish the epoch without stalling the others' all-reduces.
+    join = torch.distributed.algorithms.Join([model]) if plain is not model else nullcontext()
+    with join:
+        for batch in loader:
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = to_input(batch.images, device)
+            label_targets = batch.targets.to(device, non_blocking=True)
+            teacher = targets(batch, x)
+            with autocast(device):
+                parts = criterion(model(x), label_targets, teacher)
+            optimizer.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(plain.parameters(), clip_grad)
+            optimizer.step()
+            if ema is not None:
+                ema.update(plain, step=step)
+            n = len(batch)
+            sums += torch.stack([parts.loss.detach(), parts.base.detach(), parts.distill.detach()]).double() * n
+            images += n
+            bar.update(n)
+            if step % REPORT_EVERY == 0:
+                _check_finite(parts.loss.item(), epoch, step)
+                bar.set_postfix(loss=f"{parts.loss.item():.3f}", lr=f"{lr:.2e}")
+            step += 1
+    bar.close()
+    seconds = time.perf_counter() - t0
+    totals = sum_across_ranks(torch.cat([sums.cpu(), torch.tensor([images], dtype=torch.float64)]), device)
+    count = max(1.0, totals[3].item())
+    _check_finite(totals[0].item(), epoch, step)
+    return EpochStats(totals[0].item() / count, totals[1].item() / count, totals[2].item() / count, lr,
+                      int(totals[3].item()), seconds), step
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; float32 (no autocast) on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch of views on `device` (channels_last on GPU, where convolutions and bf16 run fastest that way)."""
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU); (rank, world)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def cosine_lr(step: int, total: int, warmup: int, base: float, min_lr: float = 1e-6) -> float:
-    """Linear warm-up for `warmup` steps, then cosine decay from `base` to `min_lr` at `total`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+def _check_finite(loss: float, epoch: int, step: int) -> None:
+    if not math.isfinite(loss):
+        raise ReplayKDError(f"loss is {loss} at epoch {epoch}, step {step}; lower --lr or set --clip-grad")
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -79,24 +99,21 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 
 
 @torch.inference_mode()
-def evaluate(heads: dict, loader: DataLoader, device: torch.device, model: nn.Module) -> dict:
-    """Top-1/top-5 (percent) of each head: `heads` maps a name to a function of the model's output."""
+def evaluate(heads: dict[str, Callable], loader: Iterable, device: torch.device, model: nn.Module) -> dict:
+    """Top-1/top-5 (percent) of each head over (images, labels) batches; `heads` maps a name to a function of
+    the model's output."""
     model.eval()
     counts = torch.zeros(len(heads), 2, dtype=torch.float64)
     n = 0
-    for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
-        y = batch["label"].to(device)
+    for images, labels in loader:
+        x = images.to(device, non_blocking=True)
+        y = labels.to(device)
         with autocast(device):
             out = model(x)
         for i, fn in enumerate(heads.values()):
             counts[i] += torch.tensor(topk_correct(fn(out).float(), y), dtype=torch.float64)
         n += len(y)
-    totals = torch.cat([counts.flatten(), torch.tensor([float(n)], dtype=torch.float64)])
-    if dist.is_initialized():
-        totals = totals.to(device)
-        dist.all_reduce(totals)
-        totals = totals.cpu()
+    totals = sum_across_ranks(torch.cat([counts.flatten(), torch.tensor([float(n)], dtype=torch.float64)]), device)
     counts, n = totals[:-1].view(len(heads), 2), totals[-1].item()
     if n == 0:
         raise ReplayKDError("the evaluation split is empty")

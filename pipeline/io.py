@@ -24,3 +24,19 @@ def write_json_atomic(path: Path, obj) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def replace_section(path: Path, section: str, body: str) -> bool:
+    """Replace the text between `<!-- {section}:start -->` and `<!-- {section}:end -->` in a file (atomically);
+    False if the file or its markers are absent."""
+    import re
+
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    path = Path(path)
+    if not path.exists() or start not in path.read_text():
+        return False
+    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{body.rstrip()}\n{end}",
+                  path.read_text(), flags=re.S)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return True

@@ -1,15 +1,22 @@
-"""DeiT's distillation loss, fed by sparse top-k teacher targets (from the cache or an online teacher)."""
+"""DeiT's distillation loss fed by sparse top-k teacher targets, and the soft-target loss of plain training."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.targets import TeacherTargets
 
-def teacher_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the cache stores for a batch of teacher logits: top-k probabilities (float16, sorted) and classes."""
-    probs, classes = logits.float().softmax(-1).topk(k, dim=-1)
-    return probs.half(), classes
+
+@dataclass
+class LossParts:
+    """The loss to minimise and its two terms (for the log)."""
+
+    loss: torch.Tensor
+    base: torch.Tensor
+    distill: torch.Tensor
 
 
 def dense_target(probs: torch.Tensor, classes: torch.Tensor, num_classes: int, tau: float = 1.0) -> torch.Tensor:
@@ -31,6 +38,14 @@ def soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+class LabelLoss(nn.Module):
+    """Plain training of a one-head classifier (the demo teacher): soft-target CE to the mixed, smoothed labels."""
+
+    def forward(self, outputs: torch.Tensor, target: torch.Tensor, teacher: TeacherTargets | None = None) -> LossParts:
+        loss = soft_target_ce(outputs, target)
+        return LossParts(loss, loss, torch.zeros((), device=loss.device))
+
+
 class DistillationLoss(nn.Module):
     """(1 - alpha) * CE(cls, mixed labels) + alpha * KD(dist, teacher), as DeiT's losses.py.
 
@@ -41,22 +56,22 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, mode: str = "hard", alpha: float = 0.5, tau: float = 1.0, num_classes: int = 1000):
         super().__init__()
+        mode = getattr(mode, "value", mode)
         if mode not in ("hard", "soft", "none"):
             raise ValueError(f"distillation must be hard, soft or none, got {mode!r}")
         self.mode, self.alpha, self.tau, self.num_classes = mode, alpha, tau, num_classes
 
-    def forward(self, outputs, target: torch.Tensor, t_probs: torch.Tensor | None = None,
-                t_classes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Loss parts for (cls, dist) logits; returns {'base', 'distill', 'loss'}."""
+    def forward(self, outputs, target: torch.Tensor, teacher: TeacherTargets | None = None) -> LossParts:
+        """Loss parts for the student's (cls, dist) logits."""
         cls_logits, dist_logits = outputs
         base = soft_target_ce(cls_logits, target)
         if self.mode == "none":
             distill = soft_target_ce(dist_logits, target)
-            return {"base": base, "distill": distill, "loss": 0.5 * (base + distill)}
+            return LossParts(0.5 * (base + distill), base, distill)
         if self.mode == "hard":
-            distill = F.cross_entropy(dist_logits.float(), t_classes[:, 0].long())
+            distill = F.cross_entropy(dist_logits.float(), teacher.classes[:, 0].long())
         else:
-            q = dense_target(t_probs, t_classes, self.num_classes, self.tau)
+            q = dense_target(teacher.probs, teacher.classes, self.num_classes, self.tau)
             log_p = F.log_softmax(dist_logits.float() / self.tau, dim=-1)
             distill = F.kl_div(log_p, q, reduction="batchmean") * (self.tau ** 2)
-        return {"base": base, "distill": distill, "loss": (1 - self.alpha) * base + self.alpha * distill}
+        return LossParts((1 - self.alpha) * base + self.alpha * distill, base, distill)

@@ -13,7 +13,7 @@ import random
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from timm.data.mixup import cutmix_bbox_and_lam
 from pipeline.errors import ReplayKDError
 from pipeline.reader import crc32c
 from pipeline.recipe import Recipe
+
+if TYPE_CHECKING:
+    from pipeline.targets import TeacherTargets
 
 # Domain tags keep the seed streams of views, pairs and shard permutations apart.
 TAG_VIEW, TAG_PAIR, TAG_PERM = 1, 2, 3
@@ -134,6 +137,30 @@ def mix_pair(a: torch.Tensor, b: torch.Tensor, p: MixParams) -> tuple[torch.Tens
     return torch.from_numpy(ma), torch.from_numpy(mb)
 
 
+@dataclass
+class View:
+    """One replayed training view: the image, the sample it shows and everything that decides its targets.
+
+    `partner` is the global index of the sample it is mixed with (its own index: unmixed) and `lam` the weight of
+    its own image; `fingerprint` (CRC-32C of the view) is None where the loader did not compute it. `teacher`
+    holds the view's cached teacher targets once the loader has attached them.
+    """
+
+    image: torch.Tensor
+    key: str
+    index: int
+    position: int
+    shard_no: int
+    epoch: int
+    seed: int
+    label: int
+    partner: int
+    partner_label: int
+    lam: float
+    fingerprint: int | None = None
+    teacher: "TeacherTargets | None" = None
+
+
 class Replayer:
     """Makes the views of a recipe for a run seed: single views, and the mixed views of a whole shard."""
 
@@ -169,16 +196,17 @@ class Replayer:
         with seeded_globals() as reseed:
             return self._mix_params(reseed, keys, epoch, height, width)
 
-    def view_at(self, records: Sequence, position: int, epoch: int, shard: str) -> dict:
-        """The mixed view of one sample (`records[position]`, each with .key and .data): decodes its pair only."""
+    def view_at(self, records: Sequence, position: int, epoch: int, shard: str, shard_no: int = 0) -> View:
+        """The mixed view of one sample (`records[position]`, manifest records): decodes its pair only."""
         pairs = pair_positions(len(records), self.run_seed, epoch, shard, self.recipe.mixes)
         members = next(p for p in pairs if position in p)
         members = members[:1] if members[0] == members[1] else members
         images = [decode_image(records[p].data, records[p].key) for p in members]
         views, seeds, params = self.pair(images, [records[p].key for p in members], epoch)
         i = members.index(position)
-        return {"image": views[i], "seed": seeds[i], "partner": records[members[-1 - i]].index,
-                "lam": params.lam, "fingerprint": fingerprint(views[i])}
+        own, partner = records[position], records[members[-1 - i]]
+        return View(views[i], own.key, own.index, position, shard_no, epoch, seeds[i], own.label, partner.index,
+                    partner.label, params.lam, fingerprint(views[i]))
 
     def pair(self, images: Sequence[Image.Image], keys: Sequence[str], epoch: int):
         """The mixed views of a pair (one image: unmixed), their own seeds and the mix parameters."""
@@ -186,10 +214,11 @@ class Replayer:
             return self._pair(reseed, images, keys, epoch)
 
     def shard_views(self, images: Sequence[Image.Image], keys: Sequence[str], labels: Sequence[int],
-                    indices: Sequence[int], epoch: int, shard: str, fingerprint_every: int = 1) -> Iterator[dict]:
-        """Every mixed view of one shard for `epoch`, pair by pair, as dicts ready for collation.
+                    indices: Sequence[int], epoch: int, shard: str, shard_no: int = 0,
+                    fingerprint_every: int = 1) -> Iterator[View]:
+        """Every mixed view of one shard for `epoch`, pair by pair.
 
-        Fingerprints are computed for positions divisible by `fingerprint_every` (0: none); others get -1.
+        Fingerprints are computed for positions divisible by `fingerprint_every` (0: none); others get None.
         """
         pairs = pair_positions(len(images), self.run_seed, epoch, shard, self.recipe.mixes)
         for start in range(0, len(pairs), PAIRS_PER_CONTEXT):
@@ -200,9 +229,6 @@ class Replayer:
                     made.append((members, *self._pair(reseed, [images[p] for p in members], [keys[p] for p in members], epoch)))
             for members, views, seeds, params in made:
                 for own, partner, view, seed in zip(members, members[::-1], views, seeds):
-                    yield {
-                        "image": view, "key": keys[own], "index": indices[own], "position": own, "label": labels[own],
-                        "partner": indices[partner], "partner_label": labels[partner], "lam": params.lam,
-                        "seed": seed, "epoch": epoch,
-                        "fingerprint": fingerprint(view) if fingerprint_every and own % fingerprint_every == 0 else -1,
-                    }
+                    checked = fingerprint_every and own % fingerprint_every == 0
+                    yield View(view, keys[own], indices[own], own, shard_no, epoch, seed, labels[own], indices[partner],
+                               labels[partner], params.lam, fingerprint(view) if checked else None)

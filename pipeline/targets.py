@@ -1,38 +1,143 @@
-"""Stage two's link to the cache: attach each view's cached teacher targets, proving the replay on the way."""
+"""Where a batch's teacher targets come from: the cache (read in the loader workers), an online teacher, or none.
+
+Each source is one small class with the same two hooks: `annotator()` runs in the loader workers (only the cache
+uses it: it reads each unit once and attaches the rows to the views), and `__call__(batch, images)` runs in the
+training loop and returns the batch's `TeacherTargets` on the images' device (or None: labels only).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from pipeline.cache import TeacherCache
+import torch
+
+from pipeline.device import autocast
 from pipeline.errors import ReplayKDError
-from pipeline.loader import Unit
 
+if TYPE_CHECKING:
+    from pipeline.loader import ViewBatch
+    from pipeline.replay import View
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's top-k targets of one view or a batch: sorted probabilities (float16) and their classes."""
+
+    probs: torch.Tensor
+    classes: torch.Tensor
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int) -> "TeacherTargets":
+        """What the cache stores for teacher logits: softmax in float32, top-k, probabilities as float16."""
+        probs, classes = logits.float().softmax(-1).topk(k, dim=-1)
+        return cls(probs.half(), classes)
+
+    @classmethod
+    def stack(cls, rows: Sequence["TeacherTargets"]) -> "TeacherTargets":
+        """One batch from per-view rows."""
+        return cls(torch.stack([r.probs for r in rows]), torch.stack([r.classes for r in rows]))
+
+    def to(self, device: torch.device) -> "TeacherTargets":
+        """The same targets on `device`."""
+        return TeacherTargets(self.probs.to(device, non_blocking=True), self.classes.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "TeacherTargets":
+        """Page-locked copies, for asynchronous copies to the GPU."""
+        return TeacherTargets(self.probs.pin_memory(), self.classes.pin_memory())
+
+
+class TargetSource:
+    """Where a batch's teacher targets come from (the interface of the three sources below)."""
+
+    kind = ""
+
+    def annotator(self) -> Callable | None:
+        """A picklable `(unit, epoch) -> attach(view)` the loader workers run per unit, or None."""
+        return None
+
+    def fingerprint_every(self) -> int:
+        """Fingerprint every n-th view in the loader (0: none), for the annotator to check."""
+        return 0
+
+    def __call__(self, batch: "ViewBatch", images: torch.Tensor) -> TeacherTargets | None:
+        """The batch's teacher targets on the images' device."""
+        raise NotImplementedError
+
+
+class NoTargets(TargetSource):
+    """No teacher: the student learns from the (mixed, smoothed) labels alone."""
+
+    kind = "labels"
+
+    def __call__(self, batch: "ViewBatch", images: torch.Tensor) -> None:
+        return None
+
+
+class OnlineTargets(TargetSource):
+    """DeiT's way: the teacher runs on each batch of (mixed) views in the training loop."""
+
+    kind = "online"
+
+    def __init__(self, teacher: torch.nn.Module, topk: int):
+        self.teacher, self.topk = teacher, topk
+
+    def __call__(self, batch: "ViewBatch", images: torch.Tensor) -> TeacherTargets:
+        with torch.no_grad(), autocast(images.device):
+            return TeacherTargets.from_logits(self.teacher(images), self.topk)
+
+
+# Fingerprint checks: every view, one in 16, or none.
 CHECK_EVERY = {"all": 1, "sample": 16, "off": 0}
 
 
-class CachedTargets:
-    """Runs in the loader worker on each (shard, epoch): reads the unit once, then checks views and adds targets."""
+class CachedTargets(TargetSource):
+    """Stage two: each view's targets come from the teacher cache, read in the loader workers.
+
+    A worker reads a unit (epoch, shard) once, then for each of its views compares the replayed fingerprint, seed
+    and mix partner with the stored ones (a mismatch names the key) and attaches the view's stored rows.
+    """
+
+    kind = "cache"
+
+    def __init__(self, store: Path, check: str = "all"):
+        self.store, self.every = Path(store), CHECK_EVERY[getattr(check, "value", check)]
+
+    def annotator(self) -> "CacheReader":
+        return CacheReader(self.store)
+
+    def fingerprint_every(self) -> int:
+        return self.every
+
+    def __call__(self, batch: "ViewBatch", images: torch.Tensor) -> TeacherTargets:
+        return batch.teacher.to(images.device)
+
+
+class CacheReader:
+    """The worker side of `CachedTargets`: opens the store in the worker, reads each unit once."""
 
     def __init__(self, store: Path):
         self.store = Path(store)
-        self._cache: TeacherCache | None = None
+        self._cache = None
 
-    def __call__(self, unit: Unit, epoch: int) -> Callable[[dict], None]:
-        if self._cache is None:  # opened in the worker process
+    def __call__(self, unit, epoch: int) -> Callable[["View"], None]:
+        from pipeline.cache import TeacherCache
+
+        if self._cache is None:
             self._cache = TeacherCache.open(self.store)
         data = self._cache.read_unit(epoch, unit.shard_no)
+        probs, classes = torch.from_numpy(data.probs), torch.from_numpy(data.classes)
 
-        def attach(it: dict) -> None:
-            p = it["position"]
-            if it["fingerprint"] >= 0 and it["fingerprint"] != data["fingerprint"][p]:
+        def attach(view: "View") -> None:
+            p = view.position
+            if view.fingerprint is not None and view.fingerprint != data.fingerprint[p]:
                 raise ReplayKDError(
-                    f"view of key '{it['key']}' (epoch {epoch}, shard {unit.shard}) does not match the cache: "
-                    f"fingerprint {it['fingerprint']:08x} replayed, {int(data['fingerprint'][p]):08x} stored. The shard, "
+                    f"view of key '{view.key}' (epoch {epoch}, shard {unit.shard}) does not match the cache: "
+                    f"fingerprint {view.fingerprint:08x} replayed, {int(data.fingerprint[p]):08x} stored. The shard, "
                     f"the recipe or the augmentation libraries changed since {self.store} was built")
-            if it["partner"] != data["partner"][p] or it["seed"] != data["seed"][p]:
-                raise ReplayKDError(f"view of key '{it['key']}' (epoch {epoch}, shard {unit.shard}): seed or mix partner "
+            if view.partner != data.partner[p] or view.seed != data.seed[p]:
+                raise ReplayKDError(f"view of key '{view.key}' (epoch {epoch}, shard {unit.shard}): seed or mix partner "
                                     f"differs from {self.store}")
-            it["t_probs"], it["t_classes"] = data["probs"][p], data["classes"][p]  # rows; ViewCollate stacks them
+            view.teacher = TeacherTargets(probs[p], classes[p])
 
         return attach

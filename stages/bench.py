@@ -10,14 +10,14 @@ import torch
 import typer
 from safetensors.torch import save_file
 
-from pipeline.engine import device_name, pick_device
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.device import device_name, pick_device
+from pipeline.io import atomic_path, replace_section, write_json_atomic
 from pipeline.models import create_classifier
 from pipeline.recipe import Recipe
 from pipeline.shards import write_shards
 from pipeline.sources import Source, SourceItem, digits_source
 from stages import measure
-from stages.report import update_readme
+from stages.options import BenchOptions
 
 TINY_DEIT = {"student": "deit_tiny_distilled_patch16_224", "patch_size": 4, "depth": 6, "embed_dim": 96, "num_heads": 3}
 
@@ -94,34 +94,26 @@ def bench_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench(
-    out: Path = typer.Option(Path("runs/bench"), help="Folder for bench.json, bench.md and the bench's own data."),
-    preset: str = typer.Option(None, help="'small' (digits sizes; the default on CPU) or 'imagenet' (DeiT-Ti/S/B at 224 with regnety_160; the default on GPU)."),
-    repeats: int = typer.Option(3, min=1, help="Interleaved repetitions of each measurement (the median is reported)."),
-    views: int = typer.Option(512, min=8, help="Images per replay measurement, and synthetic images for the imagenet preset."),
-    workers: int = typer.Option(2, min=0, help="DataLoader workers for the stage measurements."),
-    device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
-    readme: str = typer.Option("README.md", help="README whose bench section is rewritten ('' to skip)."),
-) -> None:
+def bench(o: BenchOptions) -> None:
     """Measure replay vs timm, stage one vs the bare teacher, stage two with/without KD, and cache size."""
-    dev = pick_device(device)
-    name = preset or ("imagenet" if dev.type == "cuda" else "small")
-    if name not in PRESETS:
-        raise typer.BadParameter(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    p, work = PRESETS[name], out / "work"
+    dev = pick_device(o.device)
+    name = o.preset or ("imagenet" if dev.type == "cuda" else "small")
+    p, work = PRESETS[name], o.out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    r = {"device": device_name(dev), "torch": torch.__version__, "preset": name, "repeats": repeats,
+    device = o.device.value
+    r = {"device": device_name(dev), "torch": torch.__version__, "preset": name, "repeats": o.repeats,
          "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-         "command": f"replaykd bench --preset {name} --device {dev.type} --repeats {repeats} --views {views}"}
-    r["replay"] = [measure.replay_vs_timm(Recipe.load(rec), measure.synthetic_images(n, size), repeats)
-                   for rec, size, n in (("digits", (32, 32), views), ("deit", (375, 500), max(8, views // 8)))]
-    data, ckpt = bench_data(work, p, views * 10)
-    r["stage_one"] = measure.teacher_cache_vs_bare(data, ckpt, p, workers, device, repeats, work)
-    r["stage_two"] = [measure.student_kd_modes(data, ckpt, p, s, workers, device, repeats, work) for s in p.students]
+         "command": f"replaykd bench --preset {name} --device {dev.type} --repeats {o.repeats} --views {o.views}"}
+    r["replay"] = [measure.replay_vs_timm(Recipe.load(rec), measure.synthetic_images(n, size), o.repeats)
+                   for rec, size, n in (("digits", (32, 32), o.views), ("deit", (375, 500), max(8, o.views // 8)))]
+    data, ckpt = bench_data(work, p, o.views * 10)
+    r["stage_one"] = measure.teacher_cache_vs_bare(data, ckpt, p, o.workers, device, o.repeats, work)
+    r["stage_two"] = [measure.student_kd_modes(data, ckpt, p, s, o.workers, device, o.repeats, work) for s in p.students]
     r["cache_size"] = measure.cache_size_and_reads(work)
     md = bench_markdown(r)
-    write_json_atomic(out / "bench.json", r)
-    with atomic_path(out / "bench.md") as tmp:
+    write_json_atomic(o.out / "bench.json", r)
+    with atomic_path(o.out / "bench.md") as tmp:
         tmp.write_text(md)
-    update_readme(readme, "bench", f"From `{out}/bench.json`:\n\n{md}")
+    if o.readme is not None:
+        replace_section(o.readme, "bench", f"From `{o.out}/bench.json`:\n\n{md}")
     typer.echo(md)

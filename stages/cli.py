@@ -1,12 +1,20 @@
-"""The `replaykd` command: each stage module contributes its commands."""
+"""The `replaykd` command. Each command's options are derived from its dataclass in `stages/options.py`; the
+stage module that does the work is imported only when the command runs, so `--help` is instant."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
+import os
 import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 from pipeline.errors import ReplayKDError
-from stages import bench, cache_tools, inspect, prepare, report, teacher_cache, train_student, train_teacher
+from stages import options as O
 
 app = typer.Typer(
     help="replaykd: offline knowledge distillation. Stage one caches a teacher's top-k targets for replayed "
@@ -14,22 +22,99 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-app.command("shards")(prepare.shards)
-app.command("manifest")(prepare.manifest)
-app.command("views")(inspect.views)
-app.command("train-teacher")(train_teacher.train_teacher)
-app.command("teacher-cache")(teacher_cache.teacher_cache)
-app.add_typer(cache_tools.app, name="cache")
-app.command("train-student")(train_student.train_student)
-app.command("report")(report.report)
-app.command("bench")(bench.bench)
+cache_app = typer.Typer(help="Inspect and verify teacher caches.", no_args_is_help=True, add_completion=False,
+                        rich_markup_mode=None)
+app.add_typer(cache_app, name="cache")
+
+CONFIG_HELP = "YAML file of options (keys are the option names, e.g. 'batch_size: 128'); flags given on the " \
+              "command line override it."
+
+
+def load_config(path: Path) -> dict:
+    """The options in a --config YAML file."""
+    import yaml
+
+    if not path.exists():
+        raise ReplayKDError(f"--config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exn:
+        raise ReplayKDError(f"--config {path} is not valid YAML: {exn}") from exn
+    if not isinstance(data, dict):
+        raise ReplayKDError(f"--config {path} must be a mapping of option names to values")
+    return data
+
+
+def _parameter(f: dataclasses.Field, hint) -> inspect.Parameter:
+    base, _ = O._base(hint)
+    required = f.default is dataclasses.MISSING
+    meta = f.metadata
+    if meta["argument"]:
+        info = typer.Argument(... if required else f.default, help=meta["help"], show_default=not required,
+                              metavar=f.name.upper())
+    else:
+        # Required options are checked after --config is read, so the command line may leave them to the file.
+        text = meta["help"] + (" [required]" if required else "")
+        default = None if required else f.default
+        decls = meta["flags"] or ()
+        if base is bool and not decls:
+            flag = f.name.replace("_", "-")
+            decls = (f"--{flag}/--no-{flag}",) if default else (f"--{flag}",)
+        info = typer.Option(default, *decls, help=text, show_default=not required and default is not None)
+        hint = Optional[base]
+    if base is bool:
+        hint = bool
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint)
+
+
+def command(cls: type[O.Options], target: str, *, config_file: bool = False):
+    """A typer command whose options are `cls`'s fields; it resolves them (defaults, then --config, then the
+    command line), checks them, and calls `target` ('module:function') with the options object."""
+    hints = cls.hints()
+    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
+    params += [_parameter(f, hints[f.name]) for f in dataclasses.fields(cls)]
+    if config_file:
+        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                        default=typer.Option(None, "--config", help=CONFIG_HELP)))
+
+    def run(ctx: typer.Context, **kwargs) -> None:
+        given = {k: v for k, v in kwargs.items() if k != "config"
+                 and getattr(ctx.get_parameter_source(k), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
+        values = load_config(kwargs["config"]) if kwargs.get("config") else {}
+        where = f"--config {kwargs['config']}" if values else "the command line"
+        values = {**{k.replace("-", "_"): v for k, v in values.items()}, **given}
+        # Arguments always come from the command line.
+        values.update({f.name: kwargs[f.name] for f in dataclasses.fields(cls) if f.metadata["argument"]})
+        opts = cls.from_mapping({k: v.value if isinstance(v, Enum) else v for k, v in values.items()}, where)
+        module, function = target.split(":")
+        getattr(importlib.import_module(module), function)(opts)
+
+    run.__signature__ = inspect.Signature(params)
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    run.__doc__ = cls.__doc__
+    return run
+
+
+app.command("shards")(command(O.ShardsOptions, "stages.prepare:shards"))
+app.command("manifest")(command(O.ManifestOptions, "stages.prepare:manifest"))
+app.command("views")(command(O.ViewsOptions, "stages.inspect:views"))
+app.command("train-teacher")(command(O.TrainTeacherOptions, "stages.train_teacher:main", config_file=True))
+app.command("teacher-cache")(command(O.TeacherCacheOptions, "stages.teacher_cache:main", config_file=True))
+cache_app.command("info")(command(O.CacheInfoOptions, "stages.cache_tools:info"))
+cache_app.command("verify")(command(O.CacheVerifyOptions, "stages.cache_tools:verify"))
+app.command("train-student")(command(O.StudentOptions, "stages.train_student:main", config_file=True))
+app.command("report")(command(O.ReportOptions, "stages.report:report"))
+app.command("bench")(command(O.BenchOptions, "stages.bench:bench"))
 
 
 def main() -> None:
-    """Console entry point: user errors become one clear line and exit code 2."""
+    """Console entry point: user errors become one clear line and exit code 2 (REPLAYKD_DEBUG=1: the traceback)."""
     try:
         app()
     except ReplayKDError as exn:
+        if os.environ.get("REPLAYKD_DEBUG"):
+            raise
         typer.secho(f"error: {exn}", fg=typer.colors.RED, err=True)
         sys.exit(2)

@@ -1,7 +1,6 @@
 """`replaykd views`: a PNG grid of replayed views across epochs, to check a recipe by eye."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import typer
 
@@ -11,6 +10,7 @@ from pipeline.io import atomic_path
 from pipeline.loader import ReplayViews
 from pipeline.manifest import Manifest
 from pipeline.recipe import Recipe
+from stages.options import ViewsOptions
 
 
 def parse_epochs(spec: str) -> list[int]:
@@ -27,27 +27,18 @@ def parse_epochs(spec: str) -> list[int]:
     return out
 
 
-def views(
-    data: Path = typer.Argument(..., help="Dataset folder holding manifest.json (as written by 'replaykd shards')."),
-    recipe: str = typer.Option("deit", help="Recipe name under manifests/recipes/ or a YAML file."),
-    epochs: str = typer.Option("0-3", help="Epochs to show, one column each: '0-3' or '0,2,5'."),
-    samples: int = typer.Option(8, min=1, help="Samples to show, one row each (from the first shard)."),
-    seed: int = typer.Option(0, min=0, help="Run seed of the views."),
-    split: str = typer.Option("train", help="Split to take samples from."),
-    out: Path = typer.Option(Path("views.png"), help="PNG file to write."),
-    cell: int = typer.Option(96, min=8, help="Side of each cell in pixels."),
-) -> None:
+def views(o: ViewsOptions) -> None:
     """Write a PNG grid of replayed (mixed) views of a few samples across epochs."""
-    manifest, rec = Manifest.load(data), Recipe.load(recipe)
-    epoch_list = parse_epochs(epochs)
-    ds = ReplayViews(manifest, rec, seed, epoch_list, split=split, rank=0, world_size=1)
+    manifest, rec = Manifest.load(o.data), Recipe.load(o.recipe)
+    epoch_list = parse_epochs(o.epochs)
+    ds = ReplayViews(manifest, rec, o.seed, epoch_list, split=o.split, rank=0, world_size=1)
     ds.units = ds.units[:1]
     by_key: dict[str, dict[int, object]] = {}
-    for item in ds:
-        by_key.setdefault(item["key"], {})[item["epoch"]] = item["image"]
-    keys = manifest.shard_rows(split, ds.units[0].shard).column("key").to_pylist()[:samples]
-    grid = view_grid([[by_key[k][e] for e in epoch_list] for k in keys], rec.mean, rec.std, cell)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
+    for view in ds:
+        by_key.setdefault(view.key, {})[view.epoch] = view.image
+    keys = manifest.shard_rows(o.split, ds.units[0].shard).column("key").to_pylist()[: o.samples]
+    grid = view_grid([[by_key[k][e] for e in epoch_list] for k in keys], rec.mean, rec.std, o.cell)
+    o.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(o.out) as tmp:
         grid.save(tmp, format="PNG")
-    typer.echo(f"wrote {out}: {len(keys)} samples x epochs {epoch_list} (recipe {rec.name}, seed {seed})")
+    typer.echo(f"wrote {o.out}: {len(keys)} samples x epochs {epoch_list} (recipe {rec.name}, seed {o.seed})")

@@ -6,6 +6,8 @@ import io
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,17 +16,22 @@ import torch
 from PIL import Image
 
 import pipeline.loader as loader_mod
-from pipeline.cache import CacheConfig, TeacherCache
-from pipeline.engine import autocast, pick_device, to_input
+from pipeline.cache import CacheConfig, CacheRequest, TeacherCache, UnitArrays
+from pipeline.device import autocast, pick_device, to_input
+from pipeline.errors import ReplayKDError
 from pipeline.loader import ReplayViews
 from pipeline.manifest import Manifest
 from pipeline.models import create_student, load_teacher
 from pipeline.recipe import Recipe
 from pipeline.replay import Replayer
-from stages.teacher_cache import TeacherCacheOptions
-from stages.teacher_cache import run as build_cache
-from stages.train_student import StudentOptions
-from stages.train_student import run as train
+
+
+def replaykd(*args) -> str:
+    """Run a replaykd command in a fresh process, as a user would; its stdout (a failure is an error)."""
+    proc = subprocess.run([sys.executable, "-m", "stages", *map(str, args)], capture_output=True, text=True)
+    if proc.returncode:
+        raise ReplayKDError(f"replaykd {args[0]} failed during the bench:\n{proc.stderr[-3000:]}")
+    return proc.stdout
 
 
 def interleaved(fns: dict, repeats: int, warmup: bool = False) -> dict:
@@ -79,7 +86,7 @@ def replay_vs_timm(recipe: Recipe, images: list[Image.Image], repeats: int) -> d
     def replay(replayer):
         # a new epoch each call: fresh draws, as the ordinary pipeline gets (a fixed op mix would bias the timing)
         views = replayer.shard_views(images, keys, labels.tolist(), list(range(len(images))), next(epochs), "shard")
-        torch.stack([v["image"] for v in views])
+        torch.stack([v.image for v in views])
 
     fns = {
         "timm_transform": lambda: torch.stack([transform(im) for im in images]),
@@ -102,7 +109,7 @@ def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: 
     manifest, rec = Manifest.load(data), Recipe.load(preset.recipe)
     dev = pick_device(device)
     net = load_teacher(preset.teacher, ckpt, manifest.num_classes, preset.teacher_input, dev)
-    views = torch.stack([v["image"] for v in ReplayViews(manifest, rec, 0, [0], rank=0, world_size=1)])
+    views = torch.stack([v.image for v in ReplayViews(manifest, rec, 0, [0], rank=0, world_size=1)])
     batches = [views[i : i + preset.teacher_batch] for i in range(0, len(views), preset.teacher_batch)]
 
     def bare():
@@ -117,10 +124,8 @@ def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: 
     def cache():
         out = work / "stage-one-store"
         shutil.rmtree(out, ignore_errors=True)
-        s = build_cache(TeacherCacheOptions(manifest=data, checkpoint=ckpt, out=out, recipe=preset.recipe,
-                                            teacher=preset.teacher, teacher_input_size=preset.teacher_input,
-                                            epochs=preset.cache_epochs, topk=10, batch_size=preset.teacher_batch,
-                                            workers=workers, device=device))
+        s = json.loads(replaykd("teacher-cache", *cache_args(data, ckpt, preset, out, preset.cache_epochs, workers,
+                                                             device), "--json"))
         rates.append(s["loop_views_per_s"])
 
     med = interleaved({"bare": bare, "cache": cache}, repeats)
@@ -129,6 +134,14 @@ def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: 
             "batch_size": preset.teacher_batch, "workers": workers, "device": str(dev), "bare_teacher_views_per_s": bare_rate,
             "teacher_cache_views_per_s": cache_rate, "ratio": cache_rate / bare_rate,
             "decodes_per_view": decodes_per_view(manifest, rec, preset.cache_epochs)}
+
+
+def cache_args(data: Path, ckpt: Path, preset, out: Path, epochs: int, workers: int, device: str) -> list:
+    """teacher-cache's arguments for a preset."""
+    size = ["--teacher-input-size", preset.teacher_input] if preset.teacher_input else []
+    return ["--manifest", data, "--checkpoint", ckpt, "--out", out, "--recipe", preset.recipe, "--teacher",
+            preset.teacher, *size, "--epochs", epochs, "--topk", 10, "--batch-size", preset.teacher_batch,
+            "--workers", workers, "--device", device]
 
 
 def decodes_per_view(manifest: Manifest, recipe: Recipe, epochs: int) -> float:
@@ -161,20 +174,20 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
                      work: Path) -> dict:
     """Student images/s with no KD, KD from the cache and KD from the online teacher; and the FLOP bound."""
     store = work / "stage-two-store"
-    build_cache(TeacherCacheOptions(manifest=data, checkpoint=ckpt, out=store, recipe=preset.recipe,
-                                    teacher=preset.teacher, teacher_input_size=preset.teacher_input,
-                                    epochs=preset.epochs, topk=10, batch_size=preset.teacher_batch,
-                                    workers=workers, device=device))  # creates, grows or finds it complete
-    common = dict(manifest=data, recipe=preset.recipe, epochs=preset.epochs, batch_size=preset.batch, workers=workers,
-                  device=device, **student)
-    variants = {"no_kd": dict(distillation="none"), "cache_kd": dict(cache=store),
-                "online_kd": dict(online_teacher=preset.teacher, teacher_checkpoint=ckpt, teacher_input_size=preset.teacher_input)}
+    replaykd("teacher-cache", *cache_args(data, ckpt, preset, store, preset.epochs, workers, device))  # creates or finds it
+    common = ["--manifest", data, "--recipe", preset.recipe, "--epochs", preset.epochs, "--batch-size", preset.batch,
+              "--workers", workers, "--device", device, "--student", student["student"],
+              *[a for k in ("patch_size", "depth", "embed_dim", "num_heads") if student.get(k)
+                for a in (f"--{k.replace('_', '-')}", student[k])]]
+    size = ["--teacher-input-size", preset.teacher_input] if preset.teacher_input else []
+    variants = {"no_kd": ["--distillation", "none"], "cache_kd": ["--cache", store],
+                "online_kd": ["--online-teacher", preset.teacher, "--teacher-checkpoint", ckpt, *size]}
     rates: dict[str, list[float]] = {k: [] for k in variants}
 
     def one(name):
         out = work / f"student-{name}"
         shutil.rmtree(out, ignore_errors=True)
-        train(StudentOptions(out=out, **common, **variants[name]))
+        replaykd("train-student", "--out", out, *common, *variants[name])
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         rates[name].append(sum(r["images"] for r in log) / sum(r["train_seconds"] for r in log))
 
@@ -217,23 +230,28 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
         shutil.rmtree(store, ignore_errors=True)
         config = CacheConfig(manifest_hash="synthetic", split="train", recipe={}, recipe_hash="synthetic", run_seed=0,
                              epochs=1, topk=k, num_classes=1000, teacher="synthetic", teacher_sha256="synthetic")
-        cache = TeacherCache.create_or_grow(store, config, shards, [per_shard] * len(shards), 1, {})
+        request = CacheRequest("synthetic", "train", {}, "synthetic", "synthetic", 0, 1000)
+        cache = TeacherCache.create_or_grow(store, config, request, shards, [per_shard] * len(shards), 1, {})
         for s in range(len(shards)):
             # a confident teacher: one class ~6 logits above N(0, 1.5) noise over 1000 classes
             logits = torch.from_numpy(rng.normal(0, 1.5, (per_shard, 1000)).astype(np.float32))
             logits[torch.arange(per_shard), torch.from_numpy(rng.integers(1000, size=per_shard))] += 6.0
             p, c = logits.softmax(-1).topk(k)
-            cache.write_unit(0, s, {"probs": p.half().numpy(), "classes": c.to(torch.int16).numpy(),
-                                    "seed": rng.integers(2**32, size=per_shard, dtype=np.uint32),
-                                    "fingerprint": rng.integers(2**32, size=per_shard, dtype=np.uint32),
-                                    "partner": rng.integers(per_shard, size=per_shard).astype(np.int32),
-                                    "lam": rng.random(per_shard).astype(np.float32)})
+            unit = UnitArrays.zeros(per_shard, k, 1000)
+            unit.probs[:], unit.classes[:] = p.half().numpy(), c.numpy()
+            unit.seed[:] = rng.integers(2**32, size=per_shard, dtype=np.uint32)
+            unit.fingerprint[:] = rng.integers(2**32, size=per_shard, dtype=np.uint32)
+            unit.partner[:] = rng.integers(per_shard, size=per_shard)
+            unit.lam[:] = rng.random(per_shard)
+            cache.write_unit(0, s, unit)
         data_bytes = sum(f.stat().st_size for name in cache.arrays for f in (store / name).rglob("*") if f.is_file())
         t0 = time.perf_counter()
         for s in range(len(shards)):
             cache.read_unit(0, s)
         read_s = time.perf_counter() - t0
-        out.append({"k": k, "raw_bytes_per_view": 4 * k + 16, "stored_bytes_per_view": data_bytes / views,
+        raw = sum(getattr(unit, name).itemsize * (k if per_class else 1)
+                  for name, (_, per_class) in UnitArrays.specs(1000).items())
+        out.append({"k": k, "raw_bytes_per_view": raw, "stored_bytes_per_view": data_bytes / views,
                     "read_records_per_s": views / read_s,
                     "distribution": "synthetic: 1000 classes, one ~6 logits above N(0, 1.5)"})
     return out

@@ -2,46 +2,33 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
+import yaml
 
 from pipeline.cache import TeacherCache
-from pipeline.engine import device_name
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.device import device_name
+from pipeline.io import atomic_path, replace_section, write_json_atomic
 from pipeline.plots import plot_comparison
-from stages.teacher_cache import summarize
+from stages.options import ReportOptions
 
 STUDENTS = {"student-hard": "hard KD, targets from the cache", "student-online": "hard KD, online teacher",
             "student-none": "no KD (labels only)"}
-
-
-def update_readme(readme: str, section: str, body: str) -> bool:
-    """Replace the text between `<!-- {section}:start -->` and `<!-- {section}:end -->` in README; False if absent."""
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    path = Path(readme) if readme else None
-    if path is None or not path.exists() or start not in path.read_text():
-        return False
-    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{body.rstrip()}\n{end}",
-                  path.read_text(), flags=re.S)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return True
 
 
 def collect(run: Path) -> dict:
     """Everything the report states, read from the run's files (nothing typed by hand)."""
     teacher = json.loads((run / "teacher" / "teacher.json").read_text())
     cache = TeacherCache.open(run / "cache.zarr")
-    c = summarize(cache)
+    c = cache.summarize()
     students = {}
     for name, what in STUDENTS.items():
         f = run / name / "summary.json"
         if f.exists():
             s = json.loads(f.read_text())
-            cfg = json.loads((run / name / "config.json").read_text())["options"]
+            cfg = yaml.safe_load((run / name / "config.yaml").read_text())
             students[name] = {"what": what, **{k: s[k] for k in ("cls_top1", "dist_top1", "avg_top1", "epochs", "wall_seconds", "images_per_s")},
                               "model": f"{cfg['student']} img {cfg['img_size'] or cache.config.recipe['input_size']} patch {cfg['patch_size']} depth {cfg['depth']} dim {cfg['embed_dim']}"}
     finished = max((run / name / "summary.json").stat().st_mtime for name in students) if students else None
@@ -49,8 +36,8 @@ def collect(run: Path) -> dict:
             "reported": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(),
             "teacher": {"model": teacher["model"], "input_size": teacher["input_size"], "val_top1": teacher["val_top1"],
                         "epochs": teacher["epochs"], "seconds": teacher["seconds"]},
-            "cache": {"epochs": c["epochs"], "topk": c["topk"], "views": c["views_cached"], "bytes": c["bytes_on_disk"],
-                      "bytes_per_view": c["bytes_per_view"], **cache.attrs.get("last_run", {})},
+            "cache": {"epochs": c.epochs, "topk": c.topk, "views": c.views_cached, "bytes": c.bytes_on_disk,
+                      "bytes_per_view": c.bytes_per_view, **cache.attrs.get("last_run", {})},
             "students": students}
 
 
@@ -79,11 +66,9 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(
-    run: Path = typer.Argument(Path("runs/demo"), help="Demo run folder (teacher/, cache.zarr, student-*/)."),
-    readme: str = typer.Option("README.md", help="README whose results section is rewritten ('' to skip)."),
-) -> None:
-    """Write RUN/report.md and RUN/report.json from the runs' own files, and refresh the README's results."""
+def report(o: ReportOptions) -> None:
+    """Write RUN/report.md and RUN/report.json from the runs' own files (and the README's demo section if asked)."""
+    run = o.run
     r = collect(run)
     md = to_markdown(r)
     logs = {s["what"]: run / name / "log.jsonl" for name, s in r["students"].items()}
@@ -92,6 +77,7 @@ def report(
     write_json_atomic(run / "report.json", r)
     with atomic_path(run / "report.md") as tmp:
         tmp.write_text(md)
-    body = "\n".join(md.splitlines()[2:])
-    update_readme(readme, "demo", f"From `{run}/report.md` ({r['date']}, {r['device']}, `make demo`):\n\n{body}")
+    if o.readme is not None:
+        body = "\n".join(md.splitlines()[2:])
+        replace_section(o.readme, "demo", f"From `{run}/report.md` ({r['date']}, {r['device']}, `make demo`):\n\n{body}")
     typer.echo(md)

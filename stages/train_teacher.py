@@ -1,72 +1,63 @@
-"""`replaykd train-teacher`: train the demo's teacher (a small RegNetY) with cross-entropy, offline."""
+"""`replaykd train-teacher`: train the demo's teacher (a small RegNetY) on the recipe's mixed, smoothed targets."""
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import typer
+import yaml
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from pipeline.engine import autocast, cosine_lr, evaluate, pick_device
+from pipeline.device import pick_device
+from pipeline.engine import evaluate, train_one_epoch
 from pipeline.io import atomic_path, write_json_atomic
 from pipeline.loader import EvalViews, ReplayViews, ViewCollate
+from pipeline.losses import LabelLoss
 from pipeline.manifest import Manifest
 from pipeline.models import Teacher, create_classifier
 from pipeline.recipe import Recipe
+from pipeline.schedule import cosine_lr
+from pipeline.targets import NoTargets
+from stages.options import TrainTeacherOptions
 
 
-def train_teacher(
-    data: Path = typer.Option(Path("data/digits"), help="Dataset folder with manifest.json."),
-    model: str = typer.Option("regnety_002", help="timm model name of the teacher."),
-    recipe: str = typer.Option("digits-teacher", help="Training augmentation (recipe name or YAML file)."),
-    input_size: int = typer.Option(32, min=0, help="Side the teacher sees: views are resized to it (0: as made). RegNet's stride 32 needs >= 32."),
-    epochs: int = typer.Option(30, min=1, help="Training epochs."),
-    batch_size: int = typer.Option(64, min=1, help="Batch size."),
-    lr: float = typer.Option(2e-3, min=0.0, help="Peak AdamW learning rate."),
-    weight_decay: float = typer.Option(0.05, min=0.0, help="AdamW weight decay."),
-    warmup_epochs: int = typer.Option(2, min=0, help="Linear warm-up epochs before the cosine decay."),
-    seed: int = typer.Option(0, min=0, help="Seed of the initialisation and of the views."),
-    workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
-    device: str = typer.Option("auto", help="'auto', 'cpu' or 'cuda'."),
-    out: Path = typer.Option(Path("runs/teacher/teacher.safetensors"), help="Where to write the weights (safetensors); a .json beside it records name, input size and accuracy."),
-) -> None:
-    """Train a small timm classifier on a dataset's shards with plain cross-entropy and save it as the teacher."""
-    dev = pick_device(device)
-    torch.manual_seed(seed)
-    manifest, rec = Manifest.load(data), Recipe.load(recipe)
-    net = Teacher(create_classifier(model, manifest.num_classes), input_size or None).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    eval_loader = DataLoader(EvalViews(manifest, rec, "val"), batch_size=256, num_workers=min(workers, 1))
-    steps_per_epoch = math.ceil(manifest.count("train") / batch_size)
-    total, step, t0 = epochs * steps_per_epoch, 0, time.perf_counter()
-    for epoch in range(epochs):
-        net.train()
-        ds = ReplayViews(manifest, rec, seed, [epoch], shuffle_buffer=512, shuffle_seed=seed)
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=ViewCollate(manifest.num_classes, 0.0))
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"teacher epoch {epoch}", unit="batch", leave=False)
-        for batch in bar:
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, total, warmup_epochs * steps_per_epoch, lr)
-            with autocast(dev):
-                loss = F.cross_entropy(net(batch["image"].to(dev)), batch["label"].to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        acc = evaluate({"teacher": lambda o: o}, eval_loader, dev, net)
-        typer.echo(f"epoch {epoch}: loss {loss.item():.4f}, val top-1 {acc['teacher_top1']:.2f}%")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
+def epoch_loader(manifest: Manifest, recipe: Recipe, o: TrainTeacherOptions, epoch: int) -> DataLoader:
+    """One epoch's views, batched with the recipe's mixed, label-smoothed targets (what the teacher learns)."""
+    ds = ReplayViews(manifest, recipe, o.seed, [epoch], shuffle_buffer=512, shuffle_seed=o.seed)
+    return DataLoader(ds, batch_size=o.batch_size, num_workers=o.workers,
+                      collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing))
+
+
+def main(o: TrainTeacherOptions) -> None:
+    """Train, evaluate each epoch, and write the weights with a .json (name, input size, accuracy) and a .yaml."""
+    dev = pick_device(o.device)
+    torch.manual_seed(o.seed)
+    manifest, recipe = Manifest.load(o.data), Recipe.load(o.recipe)
+    net = Teacher(create_classifier(o.model, manifest.num_classes), o.input_size or None).to(dev)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    eval_loader = DataLoader(EvalViews(manifest, recipe, "val"), batch_size=256, num_workers=min(o.workers, 1))
+    steps_per_epoch = math.ceil(manifest.count("train") / o.batch_size)
+    total, step, t0 = o.epochs * steps_per_epoch, 0, time.perf_counter()
+
+    def lr_at(s: int) -> float:
+        return cosine_lr(s, total, o.warmup_epochs * steps_per_epoch, o.lr)
+
+    for epoch in range(o.epochs):
+        loader = epoch_loader(manifest, recipe, o, epoch)
+        stats, step = train_one_epoch(net, LabelLoss(), loader, optimizer, dev, epoch, NoTargets(), lr_at, step,
+                                      total=len(loader.dataset))
+        acc = evaluate({"teacher": lambda out: out}, eval_loader, dev, net)
+        typer.echo(f"epoch {epoch}: loss {stats.loss:.4f}, val top-1 {acc['teacher_top1']:.2f}%, "
+                   f"{stats.images_per_s:.0f} img/s")
+    o.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(o.out) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in net.model.state_dict().items()}, str(tmp))
-    info = {"model": model, "input_size": input_size or None, "num_classes": manifest.num_classes,
-            "manifest_hash": manifest.hash, "epochs": epochs, "val_top1": acc["teacher_top1"],
+    info = {"model": o.model, "input_size": o.input_size or None, "num_classes": manifest.num_classes,
+            "manifest_hash": manifest.hash, "recipe": recipe.name, "epochs": o.epochs, "val_top1": acc["teacher_top1"],
             "val_top5": acc["teacher_top5"], "seconds": round(time.perf_counter() - t0, 1)}
-    write_json_atomic(out.with_suffix(".json"), info)
-    typer.echo(f"wrote {out}: {model}, val top-1 {acc['teacher_top1']:.2f}% ({json.dumps(info['seconds'])} s)")
+    write_json_atomic(o.out.with_suffix(".json"), info)
+    with atomic_path(o.out.with_suffix(".yaml")) as tmp:
+        tmp.write_text(yaml.safe_dump(o.to_config(), sort_keys=False))
+    typer.echo(f"wrote {o.out}: {o.model}, val top-1 {acc['teacher_top1']:.2f}% ({info['seconds']} s)")

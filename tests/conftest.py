@@ -14,7 +14,8 @@ from pipeline.cache import TeacherCache  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402
 from pipeline.sources import digits_source  # noqa: E402
-from stages.teacher_cache import TeacherCacheOptions, run  # noqa: E402
+from stages.options import TeacherCacheOptions  # noqa: E402
+from stages.teacher_cache import run  # noqa: E402
 
 CLI = [sys.executable, "-c", "from stages.cli import main; main()"]
 
@@ -45,9 +46,10 @@ def teacher_ckpt(tmp_path_factory, digits_dir):
 
 
 def options(digits_dir, ckpt, out, **kw) -> TeacherCacheOptions:
+    """teacher-cache options for the digits tests, checked as the command line's are."""
     base = dict(manifest=digits_dir, checkpoint=ckpt, out=out, recipe="digits", teacher="regnety_002", epochs=2,
                 topk=5, seed=0, batch_size=64, workers=0, device="cpu", epochs_per_file=2)
-    return TeacherCacheOptions(**{**base, **kw})
+    return TeacherCacheOptions.from_mapping({**base, **kw})
 
 
 def arrays(path) -> dict:
@@ -59,5 +61,5 @@ def arrays(path) -> dict:
 def store(tmp_path_factory, digits_dir, teacher_ckpt):
     out = tmp_path_factory.mktemp("cache") / "store"
     summary = run(options(digits_dir, teacher_ckpt, out))
-    assert summary["units_missing"] == 0 and summary["views_written"] == 2 * Manifest.load(digits_dir).count("train")
+    assert summary.units_missing == 0 and summary.run["views_written"] == 2 * Manifest.load(digits_dir).count("train")
     return out

@@ -4,8 +4,13 @@ from __future__ import annotations
 import json
 import shutil
 
-from stages.train_student import StudentOptions, run
+import pytest
+
+from stages.options import StudentOptions
+from stages.train_student import run
 from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
 
 README = "# x\n<!-- demo:start -->\nold\n<!-- demo:end -->\n<!-- bench:start -->\nold\n<!-- bench:end -->\n"
 
@@ -31,8 +36,9 @@ def test_report_states_what_the_runs_measured(tmp_path, digits_dir, store, teach
     (demo / "teacher").mkdir(parents=True)
     shutil.copy(teacher_ckpt.with_suffix(".json"), demo / "teacher" / "teacher.json")
     shutil.copytree(store, demo / "cache.zarr")
-    s = run(StudentOptions(out=demo / "student-hard", manifest=digits_dir, cache=store, recipe="digits", epochs=1,
-                           patch_size=4, depth=2, embed_dim=32, num_heads=2, batch_size=128, workers=0, device="cpu"))
+    s = run(StudentOptions.from_mapping(dict(out=demo / "student-hard", manifest=digits_dir, cache=store,
+                                             recipe="digits", epochs=1, patch_size=4, depth=2, embed_dim=32,
+                                             num_heads=2, batch_size=128, workers=0, device="cpu")))
     readme = tmp_path / "README.md"
     readme.write_text(README)
     run_cli("report", demo, "--readme", readme)

@@ -23,18 +23,18 @@ EPOCHS = [0, 1]
 def views_of(ds) -> dict:
     """(key, epoch) -> (fingerprint, partner, lam) over a whole dataset; a sample seen twice fails."""
     out = {}
-    for item in ds:
-        k = (item["key"], int(item["epoch"]))
+    for view in ds:
+        k = (view.key, view.epoch)
         assert k not in out, f"{k} made twice"
-        out[k] = (int(item["fingerprint"]), int(item["partner"]), float(item["lam"]))
+        out[k] = (view.fingerprint, view.partner, view.lam)
     return out
 
 
 def loader_views(ds, workers: int) -> dict:
     out = {}
     for batch in DataLoader(ds, batch_size=37, num_workers=workers, collate_fn=ViewCollate(10, 0.1)):
-        for key, epoch, fp, partner, lam in zip(batch["key"], batch["epoch"].tolist(), batch["fingerprint"].tolist(),
-                                                batch["partner"].tolist(), batch["lam"].tolist()):
+        for key, epoch, fp, partner, lam in zip(batch.keys, batch.epochs.tolist(), batch.fingerprints.tolist(),
+                                                batch.partners.tolist(), batch.lams.tolist()):
             assert (key, epoch) not in out
             out[(key, epoch)] = (fp, partner, lam)
     return out
@@ -55,6 +55,7 @@ def test_every_sample_once_per_epoch(digits_dir, reference):
     assert set(reference) == {(k, e) for k in keys for e in EPOCHS}
 
 
+@pytest.mark.slow
 def test_same_in_process_and_spawned_process(digits_dir, reference):
     again = views_of(ReplayViews(Manifest.load(digits_dir), Recipe.load("digits"), 7, EPOCHS, rank=0, world_size=1))
     assert again == reference
@@ -134,7 +135,7 @@ def test_mixed_views_and_targets(digits_dir):
     keys = [r.key for r in records]
     rep = Replayer(recipe, run_seed=5)
     items = list(rep.shard_views(images, keys, [r.label for r in records], [r.index for r in records], 0, shard))
-    by_position = {it["position"]: it for it in items}
+    by_position = {it.position: it for it in items}
     kinds = Counter()
     for p, q in pair_positions(len(records), 5, 0, shard):
         assert p != q or len(records) % 2  # only an odd one out is left unmixed
@@ -142,25 +143,25 @@ def test_mixed_views_and_targets(digits_dir):
         b, _ = rep.view(images[q], keys[q], 0)
         params = rep.mix_params((keys[p], keys[q]), 0, *a.shape[-2:])
         va, vb = by_position[p], by_position[q]
-        assert va["partner"] == vb["index"] and vb["partner"] == va["index"] and va["lam"] == vb["lam"] == params.lam
+        assert va.partner == vb.index and vb.partner == va.index and va.lam == vb.lam == params.lam
         if params.box is None:
             kinds["mixup"] += 1
-            assert torch.allclose(va["image"], a * params.lam + b * (1 - params.lam), atol=1e-6)
-            assert torch.allclose(vb["image"], b * params.lam + a * (1 - params.lam), atol=1e-6)
+            assert torch.allclose(va.image, a * params.lam + b * (1 - params.lam), atol=1e-6)
+            assert torch.allclose(vb.image, b * params.lam + a * (1 - params.lam), atol=1e-6)
         else:
             kinds["cutmix"] += 1
             y0, y1, x0, x1 = params.box
             inside = torch.zeros_like(a, dtype=torch.bool)
             inside[:, y0:y1, x0:x1] = True
-            assert torch.equal(va["image"][inside], b[inside]) and torch.equal(va["image"][~inside], a[~inside])
-            assert torch.equal(vb["image"][inside], a[inside]) and torch.equal(vb["image"][~inside], b[~inside])
+            assert torch.equal(va.image[inside], b[inside]) and torch.equal(va.image[~inside], a[~inside])
+            assert torch.equal(vb.image[inside], a[inside]) and torch.equal(vb.image[~inside], b[~inside])
             assert params.lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (a.shape[-1] * a.shape[-2]))
     assert kinds["mixup"] > 20 and kinds["cutmix"] > 20
     batch = ViewCollate(10, recipe.smoothing)(items)
-    assert torch.allclose(batch["target"].sum(1), torch.ones(len(items)))
-    lam = batch["lam"].float()
-    own = batch["target"].gather(1, batch["label"].view(-1, 1)).squeeze(1)
-    same = batch["label"] == batch["partner_label"]
+    assert torch.allclose(batch.targets.sum(1), torch.ones(len(items)))
+    lam = batch.lams.float()
+    own = batch.targets.gather(1, batch.labels.view(-1, 1)).squeeze(1)
+    same = batch.labels == batch.partner_labels
     expected = torch.where(same, torch.tensor(0.9 + 0.01), lam * 0.9 + 0.01)
     assert torch.allclose(own, expected, atol=1e-6)
 

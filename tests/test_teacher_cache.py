@@ -23,6 +23,8 @@ from pipeline.replay import Replayer
 from stages.teacher_cache import run
 from tests.conftest import CLI, arrays, options, run_cli
 
+pytestmark = pytest.mark.slow
+
 ARRAYS = ("probs", "classes", "seed", "fingerprint", "partner", "lam")
 
 
@@ -38,13 +40,13 @@ def test_stored_targets_equal_a_fresh_teacher_forward(store, digits_dir, teacher
         unit = cache.read_unit(epoch, shard_no)
         for pos in rng.integers(len(records), size=4):
             view = replayer.view_at(records, int(pos), epoch, cache.shards[shard_no])
-            assert view["fingerprint"] == unit["fingerprint"][pos] and view["partner"] == unit["partner"][pos]
+            assert view.fingerprint == unit.fingerprint[pos] and view.partner == unit.partner[pos]
             with torch.inference_mode():
-                probs = teacher(view["image"][None]).softmax(-1)[0]
+                probs = teacher(view.image[None]).softmax(-1)[0]
             top = probs.topk(5)
-            assert np.array_equal(top.indices.numpy(), unit["classes"][pos])
-            assert np.allclose(top.values.numpy(), unit["probs"][pos].astype(np.float32), atol=1e-3)
-            assert np.all(np.diff(unit["probs"][pos].astype(np.float32)) <= 0)  # sorted
+            assert np.array_equal(top.indices.numpy(), unit.classes[pos])
+            assert np.allclose(top.values.numpy(), unit.probs[pos].astype(np.float32), atol=1e-3)
+            assert np.all(np.diff(unit.probs[pos].astype(np.float32)) <= 0)  # sorted
 
 
 def test_cache_info_and_verify(store, tmp_path):
@@ -73,13 +75,15 @@ def test_other_recipe_seed_or_manifest_is_refused(store, digits_dir, teacher_ckp
     from pipeline.sources import digits_source
     other = tmp_path / "other"
     write_shards(digits_source(0.2, seed=5, size=16), other, 200, 5, False)
-    with pytest.raises(ReplayKDError, match="manifest_hash"):
+    with pytest.raises(ReplayKDError, match="manifest: the store was built from"):
         run(options(other, teacher_ckpt, store))
 
 
 def test_bad_inputs(digits_dir, teacher_ckpt, tmp_path):
     with pytest.raises(ReplayKDError, match="--topk"):
         run(options(digits_dir, teacher_ckpt, tmp_path / "a", topk=11))
+    with pytest.raises(ReplayKDError, match="--topk must be at least 1"):
+        options(digits_dir, teacher_ckpt, tmp_path / "a", topk=0)
     with pytest.raises(ReplayKDError, match="not found"):
         run(options(digits_dir, tmp_path / "missing.safetensors", tmp_path / "b"))
     five = tmp_path / "five.safetensors"
@@ -97,7 +101,7 @@ def test_growing_appends_epochs(store, digits_dir, teacher_ckpt, tmp_path):
     subprocess.run(["cp", "-r", str(store), str(grown)], check=True)
     before = arrays(grown)
     summary = run(options(digits_dir, teacher_ckpt, grown, epochs=3))
-    assert summary["views_written"] == Manifest.load(digits_dir).count("train")  # only the new epoch
+    assert summary.run["views_written"] == Manifest.load(digits_dir).count("train")  # only the new epoch
     after = arrays(grown)
     for n in ARRAYS:
         assert np.array_equal(after[n][:2], before[n])

@@ -16,19 +16,23 @@ from safetensors.torch import load_file
 from pipeline.cache import TeacherCache
 from pipeline.errors import ReplayKDError, ShardMismatch
 from pipeline.loader import ReplayViews, ViewCollate
-from pipeline.losses import DistillationLoss, teacher_targets
+from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
 from pipeline.models import load_teacher
 from pipeline.recipe import Recipe
-from pipeline.targets import CachedTargets
-from stages.train_student import StudentOptions, run
+from pipeline.targets import CachedTargets, TeacherTargets
+from stages.options import StudentOptions
+from stages.train_student import run
+
+pytestmark = pytest.mark.slow
 
 TINY = dict(recipe="digits", student="deit_tiny_distilled_patch16_224", patch_size=4, depth=2, embed_dim=48,
             num_heads=2, batch_size=64, lr=8e-3, warmup_epochs=1, workers=0, device="cpu", shuffle_buffer=256)
 
 
 def opts(digits_dir, out, **kw) -> StudentOptions:
-    return StudentOptions(out=out, manifest=digits_dir, **{**TINY, **kw})
+    """train-student options for the digits tests, checked as the command line's are."""
+    return StudentOptions.from_mapping(dict(out=out, manifest=digits_dir, **{**TINY, **kw}))
 
 
 def test_short_run_from_the_cache_learns(digits_dir, teacher_ckpt, tmp_path):
@@ -43,44 +47,46 @@ def test_short_run_from_the_cache_learns(digits_dir, teacher_ckpt, tmp_path):
     assert len(log) == 3 and all(np.isfinite(r["loss"]) for r in log)
     assert log[-1]["loss"] < log[0]["loss"]
     assert s["source"] == "cache" and max(s["cls_top1"], s["dist_top1"], s["avg_top1"]) > 14.0  # chance: 10.3%
+    assert (tmp_path / "run" / "config.yaml").exists()
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
 
 
 def test_cached_targets_equal_the_online_teacher(digits_dir, store, teacher_ckpt):
     m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
     cache = TeacherCache.open(store)
-    ds = ReplayViews(m, recipe, 0, [1], rank=0, world_size=1, annotate=CachedTargets(store))
+    source = CachedTargets(store)
+    ds = ReplayViews(m, recipe, 0, [1], rank=0, world_size=1, annotate=source.annotator())
     items = [it for _, it in zip(range(96), ds)]
     batch = ViewCollate(10, recipe.smoothing)(items)
+    cached = source(batch, batch.images)
     teacher = load_teacher("regnety_002", teacher_ckpt, 10, cache.config.teacher_input_size)
     with torch.no_grad():
-        probs, classes = teacher_targets(teacher(batch["image"]), cache.config.topk)
-    assert torch.equal(classes, batch["t_classes"])
-    assert torch.allclose(probs.float(), batch["t_probs"], atol=1e-3)
+        online = TeacherTargets.from_logits(teacher(batch.images), cache.config.topk)
+    assert torch.equal(online.classes, cached.classes.long())
+    assert torch.allclose(online.probs.float(), cached.probs.float(), atol=1e-3)
     outputs = (torch.randn(96, 10), torch.randn(96, 10))
     for mode in ("hard", "soft"):
         loss = DistillationLoss(mode, 0.5, 2.0, 10)
-        cached = loss(outputs, batch["target"], batch["t_probs"], batch["t_classes"])["loss"]
-        online = loss(outputs, batch["target"], probs, classes)["loss"]
-        assert torch.allclose(cached, online, atol=1e-3)
+        assert torch.allclose(loss(outputs, batch.targets, cached).loss, loss(outputs, batch.targets, online).loss, atol=1e-3)
 
 
 def test_mismatched_stores_are_refused(digits_dir, store, tmp_path):
-    with pytest.raises(ReplayKDError, match="recipe hash"):
+    with pytest.raises(ReplayKDError, match=r"recipe: the store's 'digits' and this run's 'deit' differ in .*input_size 16 vs 224"):
         run(opts(digits_dir, tmp_path / "a", cache=store, epochs=1, recipe="deit"))
     with pytest.raises(ReplayKDError, match="run seed"):
         run(opts(digits_dir, tmp_path / "b", cache=store, epochs=1, seed=3))
     with pytest.raises(ReplayKDError, match="--reuse-epochs"):
         run(opts(digits_dir, tmp_path / "c", cache=store, epochs=5))
     with pytest.raises(ReplayKDError, match="exactly one"):
-        run(opts(digits_dir, tmp_path / "d", epochs=1))
+        opts(digits_dir, tmp_path / "d", epochs=1)
+    assert not any((tmp_path / d).exists() for d in "abcd")  # refused before anything is written
 
 
 def test_tampered_views_fail_the_fingerprint_check(digits_dir, store, tmp_path):
     m = Manifest.load(digits_dir)
     # the augmentation changed under the cache (as a new library version would): named by key
     changed = dataclasses.replace(Recipe.load("digits"), mean=(0.5, 0.5, 0.5))
-    ds = ReplayViews(m, changed, 0, [0], rank=0, world_size=1, annotate=CachedTargets(store))
+    ds = ReplayViews(m, changed, 0, [0], rank=0, world_size=1, annotate=CachedTargets(store).annotator())
     with pytest.raises(ReplayKDError, match=r"view of key '.+' \(epoch 0, shard train-000000.tar\).*fingerprint"):
         next(iter(ds))
     # a changed shard: named by shard and key before any view is made
@@ -92,7 +98,8 @@ def test_tampered_views_fail_the_fingerprint_check(digits_dir, store, tmp_path):
     path.write_bytes(bytes(data))
     moved = Manifest.load(digits_dir, shard_root=shard_dir)
     with pytest.raises(ShardMismatch, match="train-000000.tar"):
-        next(iter(ReplayViews(moved, Recipe.load("digits"), 0, [0], rank=0, world_size=1, annotate=CachedTargets(store))))
+        next(iter(ReplayViews(moved, Recipe.load("digits"), 0, [0], rank=0, world_size=1,
+                              annotate=CachedTargets(store).annotator())))
 
 
 def test_resume_gives_the_uninterrupted_result(digits_dir, store, tmp_path):
@@ -125,7 +132,7 @@ def test_incomplete_store_lists_missing_units(digits_dir, store, tmp_path):
     shutil.copytree(store, partial)
     (partial / "units" / "000003.json").unlink()
     with pytest.raises(ReplayKDError, match=r"incomplete: 2 units not done, e.g. \(epoch 0, train-000003.tar\)"):
-        run(opts(digits_dir, tmp_path / "run", cache=partial, epochs=1))
+        run(opts(digits_dir, tmp_path / "run", cache=partial, epochs=2))
 
 
 def test_reuse_epochs_cycles_the_cached_epochs(digits_dir, store, tmp_path):

@@ -1,0 +1,42 @@
+"""Where tensors run: the device, its mixed precision and memory layout, and the machine's name for reports."""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+from pipeline.errors import ReplayKDError
+
+
+def pick_device(spec: str) -> torch.device:
+    """'auto' -> this rank's GPU when there is one, else the CPU; 'cuda' without a GPU is an error."""
+    spec = getattr(spec, "value", spec)
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ReplayKDError("--device cuda asked for, but no GPU is visible")
+        if spec == "cuda":
+            spec = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return torch.device(spec)
+
+
+def device_name(device: torch.device | None = None) -> str:
+    """The GPU's name, or the CPU's model and core count, for reports."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "CPU") if os.path.exists("/proc/cpuinfo") else "CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; float32 (no autocast) on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of views on `device` (channels_last on GPU, where convolutions and bf16 run fastest that way)."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x

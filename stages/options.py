@@ -1,0 +1,362 @@
+"""Every command's options: one dataclass per command, the single source of its flags, defaults, help and bounds.
+
+`stages/cli.py` derives each command's command line from these classes; `--config FILE.yaml` fills the same
+fields (flags given on the command line win), and `Options.from_mapping` checks every value, whatever its origin,
+before a command starts. This module imports nothing heavy, so `replaykd --help` stays fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pipeline.errors import ReplayKDError
+
+
+class Device(str, Enum):
+    """Where a command computes."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Distillation(str, Enum):
+    """DeiT's distillation modes."""
+
+    hard = "hard"
+    soft = "soft"
+    none = "none"
+
+
+class FingerprintCheck(str, Enum):
+    """How many replayed views stage two checks against the cache's fingerprints."""
+
+    all = "all"
+    sample = "sample"
+    off = "off"
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None, max: float | None = None,
+        flags: tuple[str, ...] = (), argument: bool = False):
+    """A field with its command-line help, bounds (checked for every value, from a flag or a config file), extra
+    flag names, and whether it is a positional argument."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max, "flags": flags,
+                                            "argument": argument})
+
+
+def _base(hint) -> tuple[Any, bool]:
+    """(the type inside Optional[...], whether None is allowed)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _convert(name: str, hint, value, where: str):
+    base, optional = _base(hint)
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+        if optional:
+            return None
+        raise ReplayKDError(f"{flag} needs a value ({where})")
+    if isinstance(base, type) and issubclass(base, Enum):
+        try:
+            return base(getattr(value, "value", value))
+        except ValueError:
+            raise ReplayKDError(f"{flag} must be one of {', '.join(m.value for m in base)}, got {value!r} ({where})") from None
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ReplayKDError(f"{flag} must be true or false, got {value!r} ({where})")
+        return value
+    try:
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is Path:
+            return Path(value)
+        return base(value)
+    except (TypeError, ValueError):
+        raise ReplayKDError(f"{flag} must be {getattr(base, '__name__', base)}, got {value!r} ({where})") from None
+
+
+@dataclass
+class Options:
+    """Base of the per-command options."""
+
+    # Fields that fix a training run's plan: a resumed run must have the same values.
+    PLAN: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def hints(cls) -> dict:
+        """Field name -> type, resolved."""
+        return typing.get_type_hints(cls)
+
+    @classmethod
+    def from_mapping(cls, values: dict, where: str = "the command line"):
+        """Options from a mapping of field names (a config file's or the command line's); every value is checked."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ReplayKDError(f"unknown options {', '.join(unknown)} ({where}); known: {', '.join(known)}")
+        hints, out = cls.hints(), {}
+        for name, f in known.items():
+            if name in values:
+                out[name] = _convert(name, hints[name], values[name], where)
+            elif f.default is dataclasses.MISSING:
+                raise ReplayKDError(f"missing option --{name.replace('_', '-')} (on the command line or in --config)")
+        opts = cls(**out)
+        opts.check_bounds()
+        opts.validate()
+        return opts
+
+    def check_bounds(self) -> None:
+        """Every numeric option within its field's bounds."""
+        for f in dataclasses.fields(self):
+            value, lo, hi = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("max")
+            if value is None or isinstance(value, (bool, Enum)) or not isinstance(value, (int, float)):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if lo is not None and value < lo:
+                raise ReplayKDError(f"{flag} must be at least {lo}, got {value}")
+            if hi is not None and value > hi:
+                raise ReplayKDError(f"{flag} must be at most {hi}, got {value}")
+
+    def validate(self) -> None:
+        """Checks across options (a combination that cannot apply is an error that says why)."""
+
+    def to_config(self) -> dict:
+        """Every option as plain YAML values (what `--config` reads back)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
+        return out
+
+    def plan(self) -> dict:
+        """The values of the options in PLAN."""
+        config = self.to_config()
+        return {k: config[k] for k in self.PLAN}
+
+
+@dataclass
+class ShardsOptions(Options):
+    """Write SOURCE as shuffled WebDataset shards with a parquet manifest (images copied byte for byte)."""
+
+    source: str = opt(help="'digits' (built-in handwritten digits, offline) or an ImageFolder root: "
+                           "ROOT/<class>/<image>, or ROOT/train/... and ROOT/val/...", argument=True)
+    out: Path = opt(help="Folder for the shards ({split}-{index:06d}.tar) and the manifest.", argument=True)
+    shard_size: int = opt(1000, "Samples per shard.", min=1)
+    seed: int = opt(0, "Seed of the train/val split and of the shuffle across shards.", min=0)
+    val_fraction: float = opt(0.2, "Fraction of each class held out as 'val' when the source has no val/ folder; "
+                                   "0 for none.", min=0.0, max=0.99)
+    skip_bad: bool = opt(False, "Skip (and count) images that fail to decode instead of stopping.")
+    overwrite: bool = opt(False, "Replace shards and manifest already in OUT (only files this tool writes).")
+    digits_size: int = opt(32, "Side in pixels of the PNGs written for the digits source.", min=8)
+
+
+@dataclass
+class ManifestOptions(Options):
+    """Build the manifest of shards that already exist, without rewriting them."""
+
+    shard_glob: str = opt(help="Glob of existing WebDataset shards, quoted, e.g. 'data/in1k/train-*.tar'. Each "
+                               "sample needs an image field and an integer 'cls'.", argument=True)
+    out: Path = opt(help="Folder for the manifest (parquet per split + manifest.json).", argument=True)
+    classes: Path | None = opt(None, "Text file with one class name per line (default: classes.txt beside the "
+                                     "shards, else the label numbers).")
+    overwrite: bool = opt(False, "Replace a manifest already in OUT.")
+
+
+@dataclass
+class ViewsOptions(Options):
+    """Write a PNG grid of replayed (mixed) views of a few samples across epochs."""
+
+    data: Path = opt(help="Dataset folder holding manifest.json (as written by 'replaykd shards').", argument=True)
+    recipe: str = opt("deit", "Recipe name under manifests/recipes/ or a YAML file.")
+    epochs: str = opt("0-3", "Epochs to show, one column each: '0-3' or '0,2,5'.")
+    samples: int = opt(8, "Samples to show, one row each (from the first shard).", min=1)
+    seed: int = opt(0, "Run seed of the views.", min=0)
+    split: str = opt("train", "Split to take samples from.")
+    out: Path = opt(Path("views.png"), "PNG file to write.")
+    cell: int = opt(96, "Side of each cell in pixels.", min=8)
+
+
+@dataclass
+class TrainTeacherOptions(Options):
+    """Train a small timm classifier on a dataset's shards (soft-target cross-entropy to the recipe's mixed,
+    smoothed labels) and save it as the teacher."""
+
+    data: Path = opt(Path("data/digits"), "Dataset folder with manifest.json.")
+    model: str = opt("regnety_002", "timm model name of the teacher.")
+    recipe: str = opt("digits-teacher", "Training augmentation (recipe name or YAML file); a mixing recipe trains "
+                                        "on the mixed views' mixed labels.")
+    input_size: int = opt(32, "Side the teacher sees: views are resized to it (0: as made). RegNet's stride 32 "
+                              "needs >= 32.", min=0)
+    epochs: int = opt(30, "Training epochs.", min=1)
+    batch_size: int = opt(64, "Batch size.", min=1)
+    lr: float = opt(2e-3, "Peak AdamW learning rate.", min=0.0)
+    weight_decay: float = opt(0.05, "AdamW weight decay.", min=0.0)
+    warmup_epochs: int = opt(2, "Linear warm-up epochs before the cosine decay.", min=0)
+    seed: int = opt(0, "Seed of the initialisation and of the views.", min=0)
+    workers: int = opt(2, "DataLoader worker processes.", min=0)
+    device: Device = opt(Device.auto, "Where to train: auto (a GPU when there is one), cpu or cuda.")
+    out: Path = opt(Path("runs/teacher/teacher.safetensors"), "Where to write the weights (safetensors); a .json "
+                    "beside it records name, input size and accuracy, a .yaml these options.")
+
+
+@dataclass
+class TeacherCacheOptions(Options):
+    """Stage one: cache the teacher's top-k targets for every view of every epoch. Resumable; torchrun-parallel."""
+
+    checkpoint: Path = opt(help="Teacher weights, a local .pth or .safetensors file (plain, or wrapped in "
+                                "'model'/'state_dict').")
+    out: Path = opt(help="Zarr store to create, resume or grow.")
+    manifest: Path = opt(Path("data/digits"), "Dataset folder with manifest.json (from 'replaykd shards' or "
+                                              "'replaykd manifest').")
+    shards: Path | None = opt(None, "Folder of the shards, when not where the manifest says.")
+    split: str = opt("train", "Split to cache.")
+    recipe: str = opt("deit", "Augmentation recipe: a name under manifests/recipes/ or a YAML file.")
+    teacher: str = opt("regnety_160", "timm model name of the teacher (DeiT's is regnety_160).")
+    teacher_input_size: int | None = opt(None, "Resize views to this side for the teacher (default: from the "
+                                               "checkpoint's .json, else the view size).", min=1)
+    epochs: int = opt(300, "Epochs of views to cache (students can train this many epochs). A larger value grows "
+                           "an existing store.", min=1)
+    topk: int = opt(10, "Teacher probabilities kept per view (sorted, float16) with their class indices.", min=1)
+    seed: int = opt(0, "Run seed: views depend on (seed, epoch, sample key) only.", min=0)
+    batch_size: int = opt(256, "Views per teacher forward.", min=1)
+    workers: int = opt(4, "DataLoader worker processes making views (each decodes a shard once for all epochs).",
+                       min=0)
+    device: Device = opt(Device.auto, "Where the teacher runs: auto, cpu or cuda (bf16 autocast and channels_last "
+                                      "on GPU).")
+    epochs_per_file: int = opt(8, "Epochs of one data shard stored per Zarr shard file (fewer, larger files).", min=1)
+    json_out: bool = opt(False, "Print the summary as JSON.", flags=("--json",))
+
+
+@dataclass
+class CacheInfoOptions(Options):
+    """Identity (teacher, manifest, recipe, seed), completeness and size of a store."""
+
+    store: Path = opt(help="Teacher cache (Zarr store).", argument=True)
+    json_out: bool = opt(False, "Print JSON instead of text.", flags=("--json",))
+
+
+@dataclass
+class CacheVerifyOptions(Options):
+    """Remake random views, check their fingerprints, re-run the teacher and compare targets; exit 1 on a
+    mismatch."""
+
+    store: Path = opt(help="Teacher cache (Zarr store).", argument=True)
+    samples: int = opt(64, "Random cached views to remake and re-run through the teacher.", min=1)
+    data: Path | None = opt(None, "Dataset folder (default: the one recorded in the store).")
+    checkpoint: Path | None = opt(None, "Teacher weights (default: the file recorded in the store; its sha256 must "
+                                        "match).")
+    atol: float = opt(5e-3, "Largest |stored - recomputed| probability accepted.", min=0.0)
+    seed: int = opt(0, "Seed of the choice of views.", min=0)
+    device: Device = opt(Device.auto, "Where the teacher runs: auto, cpu or cuda.")
+
+
+@dataclass
+class StudentOptions(Options):
+    """Stage two: train a distilled DeiT on the replayed views, with the teacher's targets from the cache."""
+
+    PLAN: ClassVar[tuple[str, ...]] = (
+        "manifest", "split", "recipe", "seed", "init_seed", "epochs", "student", "img_size", "patch_size", "depth",
+        "embed_dim", "num_heads", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr", "drop_path",
+        "distillation", "alpha", "tau", "cache", "online_teacher", "reuse_epochs", "clip_grad", "model_ema")
+
+    out: Path = opt(help="Run folder: config.yaml, log.jsonl, checkpoints, curves.png, summary.json.")
+    manifest: Path = opt(Path("data/digits"), "Dataset folder with manifest.json.")
+    cache: Path | None = opt(None, "Teacher cache from stage one (its manifest, recipe, seed and split must match).")
+    online_teacher: str | None = opt(None, "Run this timm teacher in the loop instead of reading a cache (DeiT's "
+                                           "way; the baseline).")
+    teacher_checkpoint: Path | None = opt(None, "Weights of --online-teacher (a local file).")
+    teacher_input_size: int | None = opt(None, "Side the online teacher sees (default: from the checkpoint's .json).",
+                                         min=1)
+    topk: int | None = opt(None, "Top-k of the online teacher's targets, as a cache would store them (default 10; "
+                                 "only with --online-teacher: a cache fixes its own k).", min=1)
+    split: str = opt("train", "Training split.")
+    recipe: str = opt("deit", "Augmentation recipe (must be the cache's).")
+    seed: int = opt(0, "Run seed of the views (must be the cache's).", min=0)
+    init_seed: int = opt(0, "Seed of the student's initialisation, drop path and batch order.", min=0)
+    epochs: int = opt(300, "Training epochs (DeiT: 300).", min=1)
+    reuse_epochs: bool = opt(False, "Allow more epochs than cached by cycling the cached epochs.")
+    student: str = opt("deit_tiny_distilled_patch16_224", "timm distilled DeiT (deit_tiny/small/base_distilled_"
+                                                          "patch16_224).")
+    img_size: int | None = opt(None, "Student input size (default: the recipe's).", min=1)
+    patch_size: int | None = opt(None, "Patch size (default: the model's, 16).", min=1)
+    depth: int | None = opt(None, "Override the number of blocks (small demo students).", min=1)
+    embed_dim: int | None = opt(None, "Override the embedding width.", min=1)
+    num_heads: int | None = opt(None, "Override the attention heads.", min=1)
+    distillation: Distillation = opt(Distillation.hard, "hard (DeiT's: CE to the teacher's top-1), soft (KL at "
+                                                        "--tau to the densified top-k) or none (labels only).")
+    alpha: float = opt(0.5, "Weight of the distillation term.", min=0.0, max=1.0)
+    tau: float = opt(1.0, "Temperature of soft distillation.", min=1e-3)
+    batch_size: int = opt(256, "Batch size per process.", min=1)
+    lr: float = opt(5e-4, "Base learning rate, scaled by batch_size * processes / 512 (DeiT).", min=0.0)
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on norms, biases, tokens).", min=0.0)
+    warmup_epochs: int = opt(5, "Linear warm-up epochs.", min=0)
+    min_lr: float = opt(1e-5, "Learning rate at the end of the cosine schedule.", min=0.0)
+    drop_path: float = opt(0.1, "Stochastic depth rate.", min=0.0, max=1.0)
+    clip_grad: float | None = opt(None, "Clip the gradient norm to this value (off by default).", min=0.0)
+    model_ema: float | None = opt(None, "Keep an EMA of the weights with this decay (e.g. 0.99996) and evaluate it "
+                                        "too.", min=0.0, max=1.0)
+    check_fingerprints: FingerprintCheck = opt(FingerprintCheck.all, "Compare replayed views' fingerprints with the "
+                                               "cache: all, sample (1 in 16) or off.")
+    shuffle_buffer: int = opt(1024, "Views shuffled through a buffer of this size.", min=0)
+    workers: int = opt(4, "DataLoader worker processes per process.", min=0)
+    device: Device = opt(Device.auto, "Where to train: auto, cpu or cuda (bf16 autocast and channels_last on GPU).")
+    resume: bool = opt(False, "Continue the run in OUT from its last finished epoch.")
+    stop_after: int | None = opt(None, "Stop after this many finished epochs (continue later with --resume).", min=1)
+
+    def validate(self) -> None:
+        none = self.distillation is Distillation.none
+        if none and (self.cache is not None or self.online_teacher is not None):
+            given = "--cache" if self.cache is not None else "--online-teacher"
+            raise ReplayKDError(f"--distillation none trains on labels only, so {given} would not be used; drop it "
+                                "(or choose --distillation hard/soft)")
+        if not none and (self.cache is None) == (self.online_teacher is None):
+            raise ReplayKDError("give exactly one of --cache (stage two) and --online-teacher (teacher in the loop), "
+                                "or --distillation none")
+        if self.online_teacher is not None and self.teacher_checkpoint is None:
+            raise ReplayKDError("--online-teacher needs --teacher-checkpoint (weights are read from local files only)")
+        if self.online_teacher is None:
+            for name in ("teacher_checkpoint", "teacher_input_size", "topk"):
+                if getattr(self, name) is not None:
+                    why = "the cache fixes the teacher and its k" if self.cache is not None else "there is no teacher"
+                    raise ReplayKDError(f"--{name.replace('_', '-')} applies to --online-teacher only ({why})")
+
+
+@dataclass
+class ReportOptions(Options):
+    """Write RUN/report.md and RUN/report.json from the runs' own files (and a README section, if asked)."""
+
+    run: Path = opt(Path("runs/demo"), "Demo run folder (teacher/, cache.zarr, student-*/).", argument=True)
+    readme: Path | None = opt(None, "Also rewrite this README's demo section (between its demo:start/end markers).")
+
+
+@dataclass
+class BenchOptions(Options):
+    """Measure replay vs timm, stage one vs the bare teacher, stage two with/without KD, and cache size."""
+
+    out: Path = opt(Path("runs/bench"), "Folder for bench.json, bench.md and the bench's own data.")
+    preset: str | None = opt(None, "'small' (digits sizes; the default on CPU) or 'imagenet' (DeiT-Ti/S/B at 224 "
+                                   "with regnety_160; the default on GPU).")
+    repeats: int = opt(3, "Interleaved repetitions of each measurement (the median is reported).", min=1)
+    views: int = opt(512, "Images per replay measurement, and synthetic images for the imagenet preset.", min=8)
+    workers: int = opt(2, "DataLoader workers for the stage measurements.", min=0)
+    device: Device = opt(Device.auto, "Where to measure: auto, cpu or cuda.")
+    readme: Path | None = opt(None, "Also rewrite this README's bench section (between its bench:start/end markers).")
+
+    def validate(self) -> None:
+        if self.preset is not None and self.preset not in ("small", "imagenet"):
+            raise ReplayKDError(f"--preset must be small or imagenet, got {self.preset!r}")

@@ -1,0 +1,106 @@
+"""Fast unit tests of the formulas: DeiT's distillation loss, the sparse-to-dense target, the schedule, unit buffers."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.cache import UnitArrays, UnitBuffers
+from pipeline.losses import DistillationLoss, LabelLoss, dense_target, soft_target_ce
+from pipeline.schedule import cosine_lr
+from pipeline.targets import TeacherTargets
+
+C = 12
+
+
+@pytest.fixture()
+def batch():
+    g = torch.Generator().manual_seed(0)
+    cls, dist, teacher = (torch.randn(8, C, generator=g) * 3 for _ in range(3))
+    labels = torch.randint(C, (8,), generator=g)
+    target = F.one_hot(labels, C).float() * 0.9 + 0.1 / C
+    return cls, dist, teacher, target
+
+
+def test_hard_distillation_is_deits(batch):
+    cls, dist, teacher, target = batch
+    got = DistillationLoss("hard", alpha=0.3, num_classes=C)((cls, dist), target, TeacherTargets.from_logits(teacher, 5))
+    # facebookresearch/deit losses.py, distillation_type == 'hard'
+    base = torch.sum(-target * F.log_softmax(cls, dim=-1), dim=-1).mean()
+    kd = F.cross_entropy(dist, teacher.argmax(dim=1))
+    assert torch.allclose(got.loss, 0.7 * base + 0.3 * kd) and torch.allclose(got.distill, kd)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_soft_distillation_is_deits_times_the_class_count(batch, tau):
+    cls, dist, teacher, target = batch
+    # with k = C the sparse target holds the whole (float16-rounded) softmax, so only the reduction differs
+    got = DistillationLoss("soft", alpha=1.0, tau=tau, num_classes=C)((cls, dist), target,
+                                                                     TeacherTargets.from_logits(teacher, C))
+    deit = F.kl_div(F.log_softmax(dist / tau, dim=1), F.log_softmax(teacher / tau, dim=1), reduction="sum",
+                    log_target=True) * (tau * tau) / dist.numel()
+    assert got.loss.item() == pytest.approx(deit.item() * C, rel=2e-3)
+
+
+def test_none_trains_both_heads_on_labels(batch):
+    cls, dist, _, target = batch
+    got = DistillationLoss("none", num_classes=C)((cls, dist), target)
+    assert torch.allclose(got.loss, 0.5 * (soft_target_ce(cls, target) + soft_target_ce(dist, target)))
+
+
+def test_soft_target_ce_of_one_hot_is_cross_entropy(batch):
+    cls, _, _, _ = batch
+    labels = torch.arange(8) % C
+    assert torch.allclose(soft_target_ce(cls, F.one_hot(labels, C).float()), F.cross_entropy(cls, labels))
+    assert torch.allclose(LabelLoss()(cls, F.one_hot(labels, C).float()).loss, F.cross_entropy(cls, labels))
+
+
+def test_dense_target_spreads_the_rest_evenly():
+    probs = torch.tensor([[0.5, 0.2, 0.1], [0.9, 0.05, 0.01]])
+    classes = torch.tensor([[3, 0, 7], [1, 2, 3]])
+    dense = dense_target(probs, classes, 10)
+    assert torch.allclose(dense.sum(1), torch.ones(2))
+    assert torch.allclose(dense.gather(1, classes), probs)
+    others = torch.ones_like(dense, dtype=torch.bool).scatter_(1, classes, False)
+    assert torch.allclose(dense[0][others[0]], torch.full((7,), 0.2 / 7))
+    assert torch.allclose(dense[1][others[1]], torch.full((7,), 0.04 / 7))
+    # tempering: q ∝ p^(1/tau), i.e. softmax(log p / tau)
+    assert torch.allclose(dense_target(probs, classes, 10, tau=2.0), torch.softmax(dense.log() / 2.0, dim=1))
+
+
+def test_cosine_lr_warms_up_then_decays():
+    base, low, warm, total = 1e-3, 1e-5, 10, 110
+    lrs = [cosine_lr(s, total, warm, base, low) for s in range(total + 5)]
+    assert lrs[0] == pytest.approx(base / warm) and lrs[warm - 1] == pytest.approx(base)
+    assert all(a < b for a, b in zip(lrs[:warm - 1], lrs[1:warm]))
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    assert lrs[warm] == pytest.approx(base) and lrs[warm + 50] == pytest.approx((base + low) / 2)
+    assert lrs[total] == pytest.approx(low) and lrs[-1] == pytest.approx(low)
+    assert cosine_lr(0, 100, 0, base, low) == pytest.approx(base)
+    assert not math.isnan(cosine_lr(5, 5, 5, base, low))
+
+
+def test_unit_buffers_hand_back_each_unit_once_in_position_order():
+    counts, k = [5, 3], 2
+    rng = np.random.default_rng(0)
+    views = [(e, s, p) for e in (0, 1) for s in (0, 1) for p in range(counts[s])]
+    order = rng.permutation(len(views))
+    expected = {v: rng.random(k).astype(np.float16) for v in views}
+    buffers, done = UnitBuffers(counts, k, num_classes=10), {}
+    for chunk in np.array_split(order, 4):  # batches that cut across units
+        rows = UnitArrays.zeros(len(chunk), k, 10)
+        for i, j in enumerate(chunk):
+            rows.probs[i] = expected[views[j]]
+            rows.seed[i] = views[j][2] + 100
+        e, s, p = (np.array([views[j][n] for j in chunk]) for n in range(3))
+        for epoch, shard, arrays in buffers.add(e, s, p, rows):
+            assert (epoch, shard) not in done
+            done[(epoch, shard)] = arrays
+    assert sorted(done) == [(0, 0), (0, 1), (1, 0), (1, 1)] and not buffers.open
+    for (epoch, shard), arrays in done.items():
+        assert arrays.classes.dtype == np.int16 and arrays.probs.dtype == np.float16
+        assert np.array_equal(arrays.seed, np.arange(counts[shard]) + 100)
+        assert np.array_equal(arrays.probs, np.stack([expected[(epoch, shard, p)] for p in range(counts[shard])]))

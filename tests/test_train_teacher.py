@@ -1,0 +1,45 @@
+"""train-teacher learns the recipe's mixed, label-smoothed targets (soft-target CE), not the raw labels."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.engine import train_one_epoch
+from pipeline.losses import LabelLoss
+from pipeline.manifest import Manifest
+from pipeline.models import Teacher, create_classifier
+from pipeline.recipe import Recipe
+from pipeline.targets import NoTargets
+from stages.options import TrainTeacherOptions
+from stages.train_teacher import epoch_loader
+
+pytestmark = pytest.mark.slow
+
+
+def test_one_epoch_with_a_mixing_recipe_trains_on_the_mixed_targets(digits_dir):
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    assert recipe.mixes and recipe.smoothing > 0
+    o = TrainTeacherOptions.from_mapping({"data": digits_dir, "recipe": "digits", "batch_size": 128, "workers": 0})
+    batches = list(epoch_loader(m, recipe, o, epoch=0))
+    used = []
+
+    class Recording(LabelLoss):
+        def forward(self, outputs, target, teacher=None):
+            used.append(target.clone())
+            return super().forward(outputs, target, teacher)
+
+    torch.manual_seed(0)
+    net = Teacher(create_classifier("regnety_002", m.num_classes), 32)
+    stats, steps = train_one_epoch(net, Recording(), batches, torch.optim.AdamW(net.parameters()), torch.device("cpu"),
+                                   0, NoTargets(), lambda s: 1e-3, 0, show_progress=False)
+    assert steps == len(batches) and stats.images == m.count("train")
+    mixed = 0
+    for batch, target in zip(batches, used):
+        smooth = recipe.smoothing
+        own = F.one_hot(batch.labels, 10).float() * (1 - smooth) + smooth / 10
+        other = F.one_hot(batch.partner_labels, 10).float() * (1 - smooth) + smooth / 10
+        lam = batch.lams.float().unsqueeze(1)
+        assert torch.allclose(target, lam * own + (1 - lam) * other, atol=1e-6)
+        mixed += int(((batch.lams < 1) & (batch.labels != batch.partner_labels)).sum())
+    assert mixed > 0.5 * m.count("train")  # most views carry two labels

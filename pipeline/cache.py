@@ -1,11 +1,14 @@
-"""The teacher cache: top-k targets per (epoch, sample) in a Zarr v3 store, written in whole units.
+"""The teacher cache: top-k targets per view in a Zarr v3 store, written in whole units.
 
-Layout: arrays shaped (epochs, shards, max shard size[, k]), declared once by `UnitArrays`. A unit of work is one
-(epoch, shard): one inner chunk per array, and all epochs of a data shard live in Zarr shard files that only that
-data shard's writer touches (ranks own whole data shards), so no two writers ever share a file. Zarr's local
-store writes each file atomically, and a unit's completion is recorded (in `units/<shard>.json`) only after its
-data, so a run killed at any point resumes to arrays identical to an uninterrupted run's. Readers trust
-completed units only.
+Layout: arrays shaped (epochs, shards, slots[, k]), declared once by `UnitArrays`: a unit of work is one (epoch,
+shard), its views are the unit's slots in the epoch plan's order (`pipeline/plan.py`), and only what cannot be
+recomputed is stored: the teacher's top-k probabilities and classes, and the view's fingerprint (seeds, partners
+and mix weights are derived from (run seed, epoch, key) again by every reader, and the fingerprint proves it). A
+unit is one inner chunk per array, and all epochs of a data shard live in Zarr shard files that only that data
+shard's writer touches (ranks own whole data shards), so no two writers ever share a file. Zarr's local store
+writes each file atomically, and a unit's completion is recorded (in the `complete` array, one file per data
+shard) only after its data, so a run killed at any point resumes to arrays identical to an uninterrupted run's.
+Readers trust completed units only.
 """
 from __future__ import annotations
 
@@ -15,16 +18,21 @@ import queue
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, TransposeCodec
 
 from pipeline.errors import ReplayKDError
-from pipeline.io import write_json_atomic
+from pipeline.plan import max_unit_size, unit_size
 
-FORMAT = "replaykd.teacher-cache/1"
-UNITS = "units"
+FORMAT_NAME = "replaykd.teacher-cache"
+FORMAT_VERSION = 2
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+COMPLETE = "complete"
+# Epochs per file of the completion array: one small file per data shard for any realistic run.
+COMPLETE_EPOCHS = 1024
 
 
 def index_dtype(num_classes: int) -> str:
@@ -37,16 +45,37 @@ def _stored(dtype: str, per_class: bool):
     return field(metadata={"dtype": dtype, "per_class": per_class})
 
 
+def encode_sorted_float16(values: np.ndarray) -> np.ndarray:
+    """float16 rows -> uint16: each value's bit pattern as its difference from the previous one along the row.
+
+    Exact for any input (modular arithmetic); for rows sorted in decreasing order (top-k probabilities) the
+    differences are small non-negative numbers, which compress better than the values themselves.
+    """
+    bits = np.ascontiguousarray(values, dtype=np.float16).view(np.uint16)
+    out = bits.copy()
+    out[..., 1:] = bits[..., :-1] - bits[..., 1:]
+    return out
+
+
+def decode_sorted_float16(stored: np.ndarray) -> np.ndarray:
+    """The inverse of `encode_sorted_float16`."""
+    stored = np.asarray(stored, dtype=np.uint16)
+    bits = stored.copy()
+    bits[..., 1:] = stored[..., :1] - np.cumsum(stored[..., 1:], axis=-1, dtype=np.uint16)
+    return bits.view(np.float16)
+
+
+# How an array is held on disk when not as it is in memory: name -> (stored dtype, encode, decode).
+ENCODED = {"probs": ("uint16", encode_sorted_float16, decode_sorted_float16)}
+
+
 @dataclass
 class UnitArrays:
     """The stored arrays of one unit (or of any rows), one row per view: this declaration is the store's layout."""
 
     probs: np.ndarray = _stored("float16", True)  # the teacher's top-k probabilities, sorted, of the mixed view
     classes: np.ndarray = _stored("index", True)  # their class indices
-    seed: np.ndarray = _stored("uint32", False)  # the view's augmentation seed
-    fingerprint: np.ndarray = _stored("uint32", False)  # CRC-32C of the view
-    partner: np.ndarray = _stored("int32", False)  # global index of the mix partner (own index: unmixed)
-    lam: np.ndarray = _stored("float32", False)  # weight of the view's own image in the mix
+    fingerprint: np.ndarray = _stored("uint32", False)  # CRC-32C of the view (proves the replay)
 
     @staticmethod
     def specs(num_classes: int) -> dict[str, tuple[str, bool]]:
@@ -156,11 +185,11 @@ class CacheSummary:
 
 
 def _compressors(dtype: str):
-    # Bit-shuffling exposes the shared high bits of float16 probabilities and small class indices to zstd.
-    # Measured on 8192 top-10 rows (digits teacher; synthetic 1000 classes): probabilities 20 -> 15.2 / 15.6
-    # bytes per view, indices 20 -> 4.3 / 12.5; plain zstd gave 16.8 / 17.0 and 4.1 / 14.9; moving the k
-    # axis first (TransposeCodec) gained nothing. Quantising sorted probabilities to uint16 deltas reached
-    # 13.3 / 12.7 but is lossy, so the stored values stay exact float16.
+    # Bit-shuffling exposes the shared high bits of small numbers (probability deltas, class indices) to zstd.
+    # Measured on 8192 top-10 rows of a synthetic 1000-class teacher, bytes per view: float16 probabilities
+    # 16.0 as they are, 14.0 as deltas of their bit patterns along k, 13.0 as deltas with k outermost in the chunk
+    # (each k's values side by side); class indices 12.6 (close to their entropy); fingerprints 4.0. zstd level 9
+    # instead of 5 saved 0.4 more on probabilities only. Quantising probabilities further would be lossy.
     return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dtype).itemsize)]
 
 
@@ -175,13 +204,25 @@ class TeacherCache:
     def __init__(self, path: Path, group: zarr.Group):
         self.path, self.group = Path(path), group
         attrs = dict(group.attrs)
-        if attrs.get("format") != FORMAT:
+        found = str(attrs.get("format", ""))
+        if not found.startswith(FORMAT_NAME + "/"):
             raise ReplayKDError(f"{path} is not a replaykd teacher cache")
+        if found != FORMAT:
+            raise ReplayKDError(f"{path} is a teacher cache of format {found.rsplit('/', 1)[-1]}, written by an older "
+                                f"replaykd; this one reads format {FORMAT_VERSION} only. Rebuild it: delete it and "
+                                "rerun the teacher-cache command that made it")
         self.attrs = attrs
         self.config = CacheConfig(**attrs["config"])
-        self.shards: list[str] = attrs["layout"]["shards"]
-        self.counts: list[int] = attrs["layout"]["counts"]
+        layout = attrs["layout"]
+        self.shards: list[str] = layout["shards"]
+        self.counts: list[int] = layout["counts"]
+        self.repeats, self.paired = layout["repeats"], layout["paired"]
         self.arrays = {name: group[name] for name in UnitArrays.specs(self.config.num_classes)}
+        self.complete = group[COMPLETE]
+
+    def unit_size(self, epoch: int, shard_no: int) -> int:
+        """How many views (slots) the unit (epoch, shard) holds."""
+        return unit_size(self.counts[shard_no], self.repeats, epoch, self.paired)
 
     # --- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -194,7 +235,8 @@ class TeacherCache:
 
     @classmethod
     def create_or_grow(cls, path: Path, config: CacheConfig, request: CacheRequest, shards: list[str],
-                       counts: list[int], epochs_per_file: int, extra_attrs: dict) -> "TeacherCache":
+                       counts: list[int], repeats: int, paired: bool, epochs_per_file: int,
+                       extra_attrs: dict) -> "TeacherCache":
         """Create the store, or open one that fits `request` and grow it to `config.epochs` epochs."""
         path = Path(path)
         if (path / "zarr.json").exists():
@@ -203,7 +245,7 @@ class TeacherCache:
             if cache.shards != shards or cache.counts != counts:
                 raise ReplayKDError(f"{path}: shard layout differs from the manifest's")
             if config.epochs > cache.config.epochs:
-                for arr in cache.arrays.values():
+                for arr in (*cache.arrays.values(), cache.complete):
                     arr.resize((config.epochs, *arr.shape[1:]))
                 cache.group.attrs["config"] = {**cache.attrs["config"], "epochs": config.epochs}
                 cache.config = dataclasses.replace(cache.config, epochs=config.epochs)
@@ -211,19 +253,23 @@ class TeacherCache:
         if path.exists() and any(path.iterdir()):
             raise ReplayKDError(f"{path} exists and is not a teacher cache; choose another --out")
         group = zarr.open_group(str(path), mode="w")
-        width = max(counts)
+        width = max(max_unit_size(n, repeats, paired) for n in counts)
         block = max(1, min(epochs_per_file, config.epochs))
         codec_chain = {}
         for name, (dtype, per_class) in UnitArrays.specs(config.num_classes).items():
             tail = (config.topk,) if per_class else ()
+            dtype = ENCODED[name][0] if name in ENCODED else dtype
             arr = group.create_array(name, shape=(config.epochs, len(shards), width, *tail), dtype=dtype,
                                      chunks=(1, 1, width, *tail), shards=(block, 1, width, *tail),
+                                     filters=[TransposeCodec(order=(0, 1, 3, 2))] if per_class else None,
                                      compressors=_compressors(dtype), fill_value=0,
-                                     dimension_names=("epoch", "shard", "position", "k")[: 3 + per_class])
+                                     dimension_names=("epoch", "shard", "slot", "k")[: 3 + per_class])
             codec_chain[name] = arr.metadata.to_dict()["codecs"]
-        (path / UNITS).mkdir()
+        group.create_array(COMPLETE, shape=(config.epochs, len(shards)), dtype="uint8", chunks=(COMPLETE_EPOCHS, 1),
+                           fill_value=0, dimension_names=("epoch", "shard"))
         group.attrs.update({"format": FORMAT, "config": dataclasses.asdict(config),
-                            "layout": {"shards": shards, "counts": counts, "epochs_per_file": block},
+                            "layout": {"shards": shards, "counts": counts, "repeats": repeats, "paired": paired,
+                                       "slots": width, "epochs_per_file": block},
                             "codecs": json.loads(json.dumps(codec_chain, default=list)), **extra_attrs})
         return cls.open(path, mode="a")
 
@@ -262,37 +308,29 @@ class TeacherCache:
                                 "rerun the same teacher-cache command to finish it")
 
     # --- units -------------------------------------------------------------------------------------
-    def _marker(self, shard_no: int) -> Path:
-        return self.path / UNITS / f"{shard_no:06d}.json"
-
     def completed(self, shard_no: int) -> list[int]:
         """Epochs of `shard_no` whose data is complete."""
-        marker = self._marker(shard_no)
-        return json.loads(marker.read_text())["epochs"] if marker.exists() else []
+        return np.flatnonzero(self.complete[:, shard_no]).tolist()
 
     def missing(self, epochs: int | None = None) -> list[tuple[int, int]]:
         """(epoch, shard_no) units not yet complete among the first `epochs` epochs."""
         epochs = self.config.epochs if epochs is None else min(epochs, self.config.epochs)
-        out = []
-        for s in range(len(self.shards)):
-            done = set(self.completed(s))
-            out.extend((e, s) for e in range(epochs) if e not in done)
-        return sorted(out)
+        return [(int(e), int(s)) for e, s in np.argwhere(self.complete[:epochs, :] == 0)]
 
     def write_unit(self, epoch: int, shard_no: int, data: UnitArrays) -> None:
         """Write one unit's arrays, then record it complete (the caller owns this data shard)."""
-        n = self.counts[shard_no]
+        n = self.unit_size(epoch, shard_no)
         for name, values in data.arrays().items():
-            self.arrays[name][epoch, shard_no, :n] = values
-        done = sorted(set(self.completed(shard_no)) | {epoch})
-        write_json_atomic(self._marker(shard_no), {"shard": self.shards[shard_no], "epochs": done})
+            self.arrays[name][epoch, shard_no, :n] = ENCODED[name][1](values) if name in ENCODED else values
+        self.complete[epoch, shard_no] = 1
 
     def read_unit(self, epoch: int, shard_no: int) -> UnitArrays:
-        """One completed unit's arrays, trimmed to the shard's sample count."""
-        if epoch not in self.completed(shard_no):
+        """One completed unit's arrays, one row per slot."""
+        if not self.complete[epoch, shard_no]:
             raise ReplayKDError(f"{self.path}: unit (epoch {epoch}, shard {self.shards[shard_no]}) is not complete")
-        n = self.counts[shard_no]
-        return UnitArrays(**{name: arr[epoch, shard_no, :n] for name, arr in self.arrays.items()})
+        n = self.unit_size(epoch, shard_no)
+        stored = {name: arr[epoch, shard_no, :n] for name, arr in self.arrays.items()}
+        return UnitArrays(**{name: ENCODED[name][2](v) if name in ENCODED else v for name, v in stored.items()})
 
     def bytes_on_disk(self) -> int:
         """Total size of the store's files."""
@@ -301,38 +339,38 @@ class TeacherCache:
     def summarize(self, run: dict | None = None) -> CacheSummary:
         """Identity, completeness and size (plus a run's figures)."""
         c = self.config
-        done = [len(set(self.completed(s)) & set(range(c.epochs))) for s in range(len(self.shards))]
-        views = sum(n * count for n, count in zip(done, self.counts))
+        done = self.complete[:] != 0
+        views = sum(self.unit_size(int(e), int(s)) for e, s in np.argwhere(done))
         size = self.bytes_on_disk()
         return CacheSummary(str(self.path), c.teacher, c.teacher_sha256[:16], c.teacher_input_size,
                             c.manifest_hash[:16], c.split, self.attrs.get("recipe_name"), c.recipe_hash[:16],
-                            c.run_seed, c.epochs, c.topk, c.num_classes, len(self.shards),
-                            c.epochs * len(self.shards) - sum(done), views, size, size / views if views else None,
-                            dict(run or {}))
+                            c.run_seed, c.epochs, c.topk, c.num_classes, len(self.shards), int((~done).sum()), views,
+                            size, size / views if views else None, dict(run or {}))
 
 
 class UnitBuffers:
-    """Stage one's unit assembly: collects rows of views in position order; hands back each unit once full."""
+    """Stage one's unit assembly: collects rows of views in slot order; hands back each unit once full."""
 
-    def __init__(self, counts: list[int], topk: int, num_classes: int):
-        self.counts, self.topk, self.num_classes = counts, topk, num_classes
+    def __init__(self, size: Callable[[int, int], int], topk: int, num_classes: int):
+        self.size, self.topk, self.num_classes = size, topk, num_classes  # size(epoch, shard_no): views of a unit
         self.open: dict[tuple[int, int], tuple[UnitArrays, list]] = {}
 
-    def add(self, epochs: np.ndarray, shard_nos: np.ndarray, positions: np.ndarray,
+    def add(self, epochs: np.ndarray, shard_nos: np.ndarray, slots: np.ndarray,
             rows: UnitArrays) -> list[tuple[int, int, UnitArrays]]:
-        """Store a batch's rows (views at (epoch, shard_no, position)), unit by unit, vectorised; returns the
+        """Store a batch's rows (views at (epoch, shard_no, slot)), unit by unit, vectorised; returns the
         (epoch, shard_no, arrays) of the units that became complete."""
         done = []
         units = np.stack([epochs, shard_nos], axis=1)
         for epoch, shard_no in np.unique(units, axis=0).tolist():
             sel = (units[:, 0] == epoch) & (units[:, 1] == shard_no)
+            size = self.size(epoch, shard_no)
             if (epoch, shard_no) not in self.open:
-                self.open[(epoch, shard_no)] = (UnitArrays.zeros(self.counts[shard_no], self.topk, self.num_classes), [0])
+                self.open[(epoch, shard_no)] = (UnitArrays.zeros(size, self.topk, self.num_classes), [0])
             arrays, filled = self.open[(epoch, shard_no)]
             for name, values in rows.select(sel).arrays().items():
-                getattr(arrays, name)[positions[sel]] = values
+                getattr(arrays, name)[slots[sel]] = values
             filled[0] += int(sel.sum())
-            if filled[0] == self.counts[shard_no]:
+            if filled[0] == size:
                 del self.open[(epoch, shard_no)]
                 done.append((epoch, shard_no, arrays))
         return done

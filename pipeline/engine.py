@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -29,6 +28,7 @@ class EpochStats:
     loss_distill: float
     lr: float
     images: int
+    steps: int
     seconds: float
 
     @property
@@ -48,42 +48,39 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
     model.train()
     plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    images, lr, t0 = 0, float("nan"), time.perf_counter()
+    images, lr, first, t0 = 0, float("nan"), step, time.perf_counter()
     bar = tqdm(total=total, desc=f"epoch {epoch}", unit="img", unit_scale=True, leave=False, disable=not show_progress)
-    # Join lets ranks with fewer batches finish the epoch without stalling the others' all-reduces.
-    join = torch.distributed.algorithms.Join([model]) if plain is not model else nullcontext()
-    with join:
-        for batch in loader:
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = to_input(batch.images, device)
-            label_targets = batch.targets.to(device, non_blocking=True)
-            teacher = targets(batch, x)
-            with autocast(device):
-                parts = criterion(model(x), label_targets, teacher)
-            optimizer.zero_grad(set_to_none=True)
-            parts.loss.backward()
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(plain.parameters(), clip_grad)
-            optimizer.step()
-            if ema is not None:
-                ema.update(plain, step=step)
-            n = len(batch)
-            sums += torch.stack([parts.loss.detach(), parts.base.detach(), parts.distill.detach()]).double() * n
-            images += n
-            bar.update(n)
-            if step % REPORT_EVERY == 0:
-                _check_finite(parts.loss.item(), epoch, step)
-                bar.set_postfix(loss=f"{parts.loss.item():.3f}", lr=f"{lr:.2e}")
-            step += 1
+    for batch in loader:
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = to_input(batch.images, device)
+        label_targets = batch.targets.to(device, non_blocking=True)
+        teacher = targets(batch, x)
+        with autocast(device):
+            parts = criterion(model(x), label_targets, teacher)
+        optimizer.zero_grad(set_to_none=True)
+        parts.loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), clip_grad)
+        optimizer.step()
+        if ema is not None:
+            ema.update(plain, step=step)
+        n = len(batch)
+        sums += torch.stack([parts.loss.detach(), parts.base.detach(), parts.distill.detach()]).double() * n
+        images += n
+        bar.update(n)
+        if step % REPORT_EVERY == 0:
+            _check_finite(parts.loss.item(), epoch, step)
+            bar.set_postfix(loss=f"{parts.loss.item():.3f}", lr=f"{lr:.2e}")
+        step += 1
     bar.close()
     seconds = time.perf_counter() - t0
     totals = sum_across_ranks(torch.cat([sums.cpu(), torch.tensor([images], dtype=torch.float64)]), device)
     count = max(1.0, totals[3].item())
     _check_finite(totals[0].item(), epoch, step)
     return EpochStats(totals[0].item() / count, totals[1].item() / count, totals[2].item() / count, lr,
-                      int(totals[3].item()), seconds), step
+                      int(totals[3].item()), step - first, seconds), step
 
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:

@@ -1,4 +1,9 @@
-"""The view loader of both stages: shards split across ranks and workers, replayed views, collated batches."""
+"""The view loaders: one epoch's training views for a rank (stage two, train-teacher), whole units for stage one
+(each shard decoded once for all its epochs), evaluation views; and the collation into typed batches.
+
+Items are tuples of views: a mixed pair (kept together, so a batch holds whole pairs) or one view when the recipe
+does not mix. Batch sizes count views.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -9,20 +14,22 @@ import torch
 from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
+from pipeline.errors import ReplayKDError
 from pipeline.manifest import Manifest
+from pipeline.plan import EpochPlan, Segment, UnitPlan, unit_size
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
 from pipeline.replay import Replayer, View, decode_image
 from pipeline.targets import TeacherTargets
 
-
-def split_units(units: Sequence, rank: int, world_size: int, worker: int, num_workers: int) -> list:
-    """This (rank, worker)'s share: rank-strided, then worker-strided (webdataset's split_by_node/worker)."""
-    return list(units[rank::world_size][worker::num_workers])
+Item = tuple[View, ...]
+# Runs in the loader worker once per unit: returns a function applied to each of its views (stage two attaches
+# the cached targets with it).
+Annotator = Callable[[UnitPlan], Callable[[View], None]]
 
 
 def buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Shuffle a stream through a buffer of `size` items (a view's content does not depend on its order)."""
+    """Shuffle a stream through a buffer of `size` items (an item's content does not depend on its order)."""
     buf = []
     for item in items:
         if len(buf) < size:
@@ -35,74 +42,115 @@ def buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iter
     yield from buf
 
 
-@dataclass(frozen=True)
-class Unit:
-    """A unit of work: one shard of a split, and the epochs to make its views for."""
+def items_per_batch(batch_size: int, recipe: Recipe) -> int:
+    """Items per batch of `batch_size` views; a mixing recipe needs an even batch (pairs stay together)."""
+    if recipe.mixes and batch_size % 2:
+        raise ReplayKDError(f"--batch-size must be even with recipe {recipe.name}, which mixes views in pairs; "
+                            f"got {batch_size}")
+    return batch_size // (2 if recipe.mixes else 1)
 
-    shard_no: int
-    shard: str
-    epochs: tuple[int, ...]
 
+class _Views(IterableDataset):
+    """What both training-view datasets share: the split's shards, and unit items made from a shard's records."""
 
-class ReplayViews(IterableDataset):
-    """Mixed training views of a split for some epochs, each shard decoded once for all its epochs.
-
-    `units` picks (shard, epochs) work (default: every shard, every epoch); ranks take every
-    world_size-th unit and DataLoader workers every num_workers-th of those. `annotate(unit, epoch)`, if given,
-    runs in the worker once per shard-epoch and returns a function applied to each of its views (stage two
-    attaches the cached targets there). Views stream: at most a few dozen are held at a time.
-    """
-
-    def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, epochs: Sequence[int],
-                 split: str = "train", units: Sequence[Unit] | None = None, rank: int | None = None,
-                 world_size: int | None = None, shuffle_buffer: int = 0, shuffle_seed: int = 0,
-                 annotate: Callable[[Unit, int], Callable[[View], None]] | None = None, fingerprint_every: int = 1):
+    def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, split: str):
         super().__init__()
         self.manifest, self.recipe, self.run_seed, self.split = manifest, recipe, run_seed, split
-        shards = manifest.shards(split)
-        self.units = list(units) if units is not None else [Unit(i, s, tuple(epochs)) for i, s in enumerate(shards)]
+        self.shards = manifest.shards(split)
+        self.counts = [b - a for a, b in (manifest.shard_range(split, s) for s in self.shards)]
+        self._replayer = None
+
+    @property
+    def replayer(self) -> Replayer:
+        """The replayer, built in the worker process (the transform need not be pickled)."""
+        if self._replayer is None:
+            self._replayer = Replayer(self.recipe, self.run_seed)
+        return self._replayer
+
+    def _unit(self, records, epoch: int, shard_no: int) -> UnitPlan:
+        return self.replayer.plan(len(records), epoch, self.shards[shard_no], shard_no)
+
+    def _decode(self, records, positions, shard_no: int) -> dict:
+        return {p: decode_image(records[p].data, f"{self.shards[shard_no]}:{records[p].key}") for p in positions}
+
+
+class ReplayViews(_Views):
+    """One epoch's training views for one rank: items of `EpochPlan`'s equal share, decoding only the images the
+    share's items show (a decoded image serves all its repeats).
+
+    `epoch` picks the views (a cached epoch), `order_epoch` the order of the shards (the training epoch; default
+    `epoch`). `annotate`, if given, runs in the worker once per unit (stage two attaches cached targets there).
+    """
+
+    def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, epoch: int, split: str = "train",
+                 rank: int | None = None, world_size: int | None = None, order_epoch: int | None = None,
+                 shuffle_buffer: int = 0, shuffle_seed: int = 0, annotate: Annotator | None = None,
+                 fingerprint_every: int = 1):
+        super().__init__(manifest, recipe, run_seed, split)
         info = pytorch_worker_info()
         self.rank = info[0] if rank is None else rank
         self.world_size = info[1] if world_size is None else world_size
+        self.plan = EpochPlan(self.counts, recipe.repeats, recipe.mixes, run_seed, epoch, order_epoch)
         self.shuffle_buffer, self.shuffle_seed, self.annotate = shuffle_buffer, shuffle_seed, annotate
         self.fingerprint_every = fingerprint_every
-        self._replayer = None
-
-    def rank_units(self) -> list[Unit]:
-        """The units this rank makes, over all its workers."""
-        return split_units(self.units, self.rank, self.world_size, 0, 1)
 
     def __len__(self) -> int:
-        return sum(len(u.epochs) * self._count(u) for u in self.rank_units())
+        """Views this rank makes in the epoch (the same on every rank)."""
+        return self.plan.rank_items(self.world_size) * self.plan.group
 
-    def _count(self, unit: Unit) -> int:
-        start, stop = self.manifest.shard_range(self.split, unit.shard)
-        return stop - start
+    def batches(self, batch_size: int, workers: int) -> int:
+        """Batches of `batch_size` views this rank takes with `workers` loader workers."""
+        return self.plan.batches(self.world_size, workers, items_per_batch(batch_size, self.recipe))
 
-    def _views(self, units: list[Unit]) -> Iterator[View]:
-        if self._replayer is None:  # built in the worker: the transform need not be pickled
-            self._replayer = Replayer(self.recipe, self.run_seed)
-        for unit in units:
-            records = read_shard(self.manifest, self.split, unit.shard)
-            images = [decode_image(r.data, f"{unit.shard}:{r.key}") for r in records]
-            keys, labels, indices = [r.key for r in records], [r.label for r in records], [r.index for r in records]
-            for epoch in unit.epochs:
-                attach = self.annotate(unit, epoch) if self.annotate is not None else None
-                for view in self._replayer.shard_views(images, keys, labels, indices, epoch, unit.shard,
-                                                       unit.shard_no, self.fingerprint_every):
-                    if attach is not None:
+    def _items(self, segments: list[Segment]) -> Iterator[Item]:
+        for seg in segments:
+            records = read_shard(self.manifest, self.split, self.shards[seg.shard_no])
+            unit = self._unit(records, seg.epoch, seg.shard_no)
+            images = self._decode(records, unit.positions(seg.start, seg.stop), seg.shard_no)
+            attach = self.annotate(unit) if self.annotate is not None else None
+            for item in self.replayer.items(unit, records, images, seg.start, seg.stop, self.fingerprint_every):
+                if attach is not None:
+                    for view in item:
                         attach(view)
-                    yield view
+                yield item
 
-    def __iter__(self) -> Iterator[View]:
-        _, _, worker, num_workers = pytorch_worker_info()
-        units = split_units(self.units, self.rank, self.world_size, worker, num_workers)
-        views = self._views(units)
+    def __iter__(self) -> Iterator[Item]:
+        _, _, worker, workers = pytorch_worker_info()
+        items = self._items(self.plan.segments(self.rank, self.world_size, worker, workers))
         if self.shuffle_buffer > 1:
-            first_epoch = min(e for u in self.units for e in u.epochs) if self.units else 0
-            rng = np.random.default_rng([self.shuffle_seed, first_epoch, self.rank, worker])
-            views = buffer_shuffle(views, self.shuffle_buffer, rng)
-        return views
+            rng = np.random.default_rng([self.shuffle_seed, self.plan.epoch, self.rank, worker])
+            items = buffer_shuffle(items, max(2, self.shuffle_buffer // self.plan.group), rng)
+        return items
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """Stage one's work on one shard: the epochs whose units it still needs."""
+
+    shard_no: int
+    epochs: tuple[int, ...]
+
+
+class CacheViews(_Views):
+    """Stage one's views: whole units of the given shards, each shard decoded once for all its epochs. Loader
+    workers take every num_workers-th shard; the caller gives each rank its own shards."""
+
+    def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, work: Sequence[ShardWork],
+                 split: str = "train"):
+        super().__init__(manifest, recipe, run_seed, split)
+        self.work = list(work)
+
+    def __len__(self) -> int:
+        return sum(unit_size(self.counts[w.shard_no], self.recipe.repeats, e, self.recipe.mixes)
+                   for w in self.work for e in w.epochs)
+
+    def __iter__(self) -> Iterator[Item]:
+        _, _, worker, workers = pytorch_worker_info()
+        for w in self.work[worker::workers]:
+            records = read_shard(self.manifest, self.split, self.shards[w.shard_no])
+            images = self._decode(records, range(len(records)), w.shard_no)
+            for epoch in w.epochs:
+                yield from self.replayer.items(self._unit(records, epoch, w.shard_no), records, images)
 
 
 @dataclass
@@ -119,6 +167,8 @@ class ViewBatch:
     keys: list[str]
     indices: torch.Tensor
     positions: torch.Tensor
+    repeats: torch.Tensor
+    slots: torch.Tensor
     shard_nos: torch.Tensor
     epochs: torch.Tensor
     seeds: torch.Tensor
@@ -135,18 +185,21 @@ class ViewBatch:
         """A copy with page-locked tensors (the DataLoader calls this when pin_memory is on)."""
         pinned = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in pinned.items():
-            if isinstance(value, (torch.Tensor, TeacherTargets)):
+            if isinstance(value, torch.Tensor) or isinstance(value, TeacherTargets):
                 pinned[name] = value.pin_memory()
         return ViewBatch(**pinned)
 
 
 class ViewCollate:
-    """Stack views into a `ViewBatch` and build the mixed, label-smoothed targets."""
+    """Stack items' views (a pair's two views stay adjacent) into a `ViewBatch` with the mixed, label-smoothed
+    targets."""
 
     def __init__(self, num_classes: int, smoothing: float):
         self.num_classes, self.smoothing = num_classes, smoothing
 
-    def __call__(self, views: list[View]) -> ViewBatch:
+    def __call__(self, items: Sequence[Item]) -> ViewBatch:
+        views = [v for item in items for v in item]
+
         def column(name: str, dtype=torch.int64) -> torch.Tensor:
             return torch.tensor([getattr(v, name) for v in views], dtype=dtype)
 
@@ -159,13 +212,14 @@ class ViewCollate:
         fingerprints = None if any(v.fingerprint is None for v in views) else column("fingerprint")
         teacher = None if views[0].teacher is None else TeacherTargets.stack([v.teacher for v in views])
         return ViewBatch(torch.stack([v.image for v in views]), labels, lam * own + (1.0 - lam) * other,
-                         [v.key for v in views], column("index"), column("position"), column("shard_no"),
-                         column("epoch"), column("seed"), column("partner"), partner_labels, lams, fingerprints,
-                         teacher)
+                         [v.key for v in views], column("index"), column("position"), column("repeat"),
+                         column("slot"), column("shard_no"), column("epoch"), column("seed"), column("partner"),
+                         partner_labels, lams, fingerprints, teacher)
 
 
 class EvalViews(IterableDataset):
-    """Evaluation views of a split (timm's eval transform: resize, centre crop), shards split like ReplayViews."""
+    """Evaluation views of a split (timm's eval transform: resize, centre crop); ranks, then workers, take every
+    n-th shard."""
 
     def __init__(self, manifest: Manifest, recipe: Recipe, split: str = "val", rank: int | None = None,
                  world_size: int | None = None):
@@ -179,6 +233,6 @@ class EvalViews(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         """(image, label) pairs; the default collate stacks them into (images, labels)."""
         _, _, worker, num_workers = pytorch_worker_info()
-        for shard in split_units(self.manifest.shards(self.split), self.rank, self.world_size, worker, num_workers):
+        for shard in self.manifest.shards(self.split)[self.rank::self.world_size][worker::num_workers]:
             for r in read_shard(self.manifest, self.split, shard):
                 yield self.transform(decode_image(r.data, f"{shard}:{r.key}")), r.label

@@ -35,6 +35,7 @@ class Recipe:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     smoothing: float = 0.1
+    repeats: int = 3
     eval_crop_pct: float = 0.875
     name: str = "deit"
 
@@ -46,6 +47,8 @@ class Recipe:
         for f in ("hflip", "re_prob", "mix_prob", "switch_prob", "smoothing"):
             if not 0.0 <= getattr(self, f) <= 1.0:
                 raise ReplayKDError(f"recipe {self.name}: {f} must be in [0, 1], got {getattr(self, f)}")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ReplayKDError(f"recipe {self.name}: repeats must be an integer >= 1, got {self.repeats!r}")
         if self.mixup < 0 or self.cutmix < 0:
             raise ReplayKDError(f"recipe {self.name}: mixup and cutmix alphas must be >= 0")
 

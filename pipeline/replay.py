@@ -1,19 +1,18 @@
-"""Deterministic views: each training view is a pure function of (run seed, epoch, sample key, recipe).
+"""Deterministic views: each training view is a pure function of (run seed, epoch, sample key, repeat, recipe).
 
 timm's augmentations draw from Python's `random`, numpy's global generator and torch's CPU generator.
 Every view is made inside `seeded_globals`, which seeds all three from the view's own seed and restores
 their previous states afterwards, so nothing outside sees a changed generator and no view depends on
-what ran before it (worker, rank, batch or order).
+what ran before it (worker, rank, batch or order). Which views a unit holds and how they pair is the
+epoch plan's (`pipeline/plan.py`).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import random
-import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,31 +20,21 @@ from PIL import Image
 from timm.data.mixup import cutmix_bbox_and_lam
 
 from pipeline.errors import ReplayKDError
+from pipeline.plan import TAG_PAIR, TAG_VIEW, Slot, UnitPlan, derive_seed, plan_unit
 from pipeline.reader import crc32c
 from pipeline.recipe import Recipe
 
 if TYPE_CHECKING:
+    from pipeline.reader import Record
     from pipeline.targets import TeacherTargets
 
-# Domain tags keep the seed streams of views, pairs and shard permutations apart.
-TAG_VIEW, TAG_PAIR, TAG_PERM = 1, 2, 3
+# Items made inside one save/restore of the global generators (saving numpy's state costs ~30 us).
+ITEMS_PER_CONTEXT = 32
 
 
-# Views made inside one save/restore of the global generators (saving numpy's state costs ~30 us).
-PAIRS_PER_CONTEXT = 32
-
-
-def derive_seed(run_seed: int, epoch: int, tag: int, *names: str) -> int:
-    """A 32-bit seed: BLAKE2b of (run seed, epoch, tag, names), a counter-based derivation (no state)."""
-    if run_seed < 0 or epoch < 0:
-        raise ReplayKDError(f"seed and epoch must be >= 0, got seed {run_seed}, epoch {epoch}")
-    msg = struct.pack("<QQI", run_seed, epoch, tag) + b"\0".join(n.encode() for n in names)
-    return int.from_bytes(hashlib.blake2b(msg, digest_size=4).digest(), "little")
-
-
-def view_seed(run_seed: int, epoch: int, key: str) -> int:
-    """The seed of sample `key`'s own augmentation in `epoch`."""
-    return derive_seed(run_seed, epoch, TAG_VIEW, key)
+def view_seed(run_seed: int, epoch: int, key: str, repeat: int = 0) -> int:
+    """The seed of sample `key`'s own augmentation in `epoch`, for its `repeat`-th view."""
+    return derive_seed(run_seed, epoch, TAG_VIEW, key, str(repeat))
 
 
 @contextmanager
@@ -81,20 +70,6 @@ def decode_image(data: bytes, origin: str) -> Image.Image:
             return im.convert("RGB")
     except Exception as exn:
         raise ReplayKDError(f"cannot decode image {origin}: {exn}") from exn
-
-
-def pair_positions(n: int, run_seed: int, epoch: int, shard: str, mixes: bool = True) -> list[tuple[int, int]]:
-    """Mix partners inside one shard: (perm[2i], perm[2i+1]) of a per-(epoch, shard) permutation.
-
-    An odd sample left over (or every sample, when the recipe does not mix) is its own partner: unmixed.
-    """
-    if not mixes:
-        return [(p, p) for p in range(n)]
-    perm = np.random.default_rng(derive_seed(run_seed, epoch, TAG_PERM, shard)).permutation(n).tolist()
-    pairs = [(perm[i], perm[i + 1]) for i in range(0, n - 1, 2)]
-    if n % 2:
-        pairs.append((perm[-1], perm[-1]))
-    return pairs
 
 
 @dataclass(frozen=True)
@@ -141,15 +116,18 @@ def mix_pair(a: torch.Tensor, b: torch.Tensor, p: MixParams) -> tuple[torch.Tens
 class View:
     """One replayed training view: the image, the sample it shows and everything that decides its targets.
 
-    `partner` is the global index of the sample it is mixed with (its own index: unmixed) and `lam` the weight of
-    its own image; `fingerprint` (CRC-32C of the view) is None where the loader did not compute it. `teacher`
-    holds the view's cached teacher targets once the loader has attached them.
+    `slot` is its place among its unit's views (the cache's row); `partner` is the global index of the sample it is
+    mixed with (its own index: unmixed) and `lam` the weight of its own image; `fingerprint` (CRC-32C of the view)
+    is None where the loader did not compute it. `teacher` holds the view's cached teacher targets once the loader
+    has attached them.
     """
 
     image: torch.Tensor
     key: str
     index: int
     position: int
+    repeat: int
+    slot: int
     shard_no: int
     epoch: int
     seed: int
@@ -162,73 +140,73 @@ class View:
 
 
 class Replayer:
-    """Makes the views of a recipe for a run seed: single views, and the mixed views of a whole shard."""
+    """Makes the views of a recipe for a run seed: a unit's items (mixed pairs, or single views), or one view."""
 
     def __init__(self, recipe: Recipe, run_seed: int):
         self.recipe = recipe
         self.run_seed = run_seed
         self.transform = recipe.train_transform()
 
+    def plan(self, n: int, epoch: int, shard: str, shard_no: int = 0) -> UnitPlan:
+        """The views of the unit (epoch, shard of `n` samples) under this recipe."""
+        return plan_unit(n, self.recipe.repeats, self.recipe.mixes, self.run_seed, epoch, shard, shard_no)
+
     def _view(self, reseed, image: Image.Image, seed: int) -> torch.Tensor:
         reseed(seed)
         return self.transform(image)
 
-    def view(self, image: Image.Image, key: str, epoch: int) -> tuple[torch.Tensor, int]:
-        """The unmixed augmented view of one sample in `epoch`, and its seed."""
-        seed = view_seed(self.run_seed, epoch, key)
+    def view(self, image: Image.Image, key: str, epoch: int, repeat: int = 0) -> tuple[torch.Tensor, int]:
+        """The unmixed augmented view of one sample in `epoch` (its `repeat`-th), and its seed."""
+        seed = view_seed(self.run_seed, epoch, key, repeat)
         with seeded_globals() as reseed:
             return self._view(reseed, image, seed), seed
 
-    def _pair(self, reseed, images: Sequence[Image.Image], keys: Sequence[str], epoch: int):
-        seeds = [view_seed(self.run_seed, epoch, k) for k in keys]
-        views = [self._view(reseed, im, s) for im, s in zip(images, seeds)]
-        if len(views) == 1:
-            return views, seeds, MixParams()
-        params = self._mix_params(reseed, keys, epoch, *views[0].shape[-2:])
-        return list(mix_pair(views[0], views[1], params)), seeds, params
-
-    def _mix_params(self, reseed, keys: Sequence[str], epoch: int, height: int, width: int) -> MixParams:
-        reseed(derive_seed(self.run_seed, epoch, TAG_PAIR, *keys))
+    def _mix_params(self, reseed, members: Sequence[tuple[str, int]], epoch: int, height: int, width: int) -> MixParams:
+        reseed(derive_seed(self.run_seed, epoch, TAG_PAIR, *(f"{k}\0{r}" for k, r in members)))
         return draw_mix(self.recipe, height, width)
 
-    def mix_params(self, keys: Sequence[str], epoch: int, height: int, width: int) -> MixParams:
-        """The Mixup/CutMix parameters of the pair (keys[0], keys[1]) in `epoch`."""
+    def mix_params(self, members: Sequence[tuple[str, int]], epoch: int, height: int, width: int) -> MixParams:
+        """The Mixup/CutMix parameters of the pair of (key, repeat) views `members` in `epoch`."""
         with seeded_globals() as reseed:
-            return self._mix_params(reseed, keys, epoch, height, width)
+            return self._mix_params(reseed, members, epoch, height, width)
 
-    def view_at(self, records: Sequence, position: int, epoch: int, shard: str, shard_no: int = 0) -> View:
-        """The mixed view of one sample (`records[position]`, manifest records): decodes its pair only."""
-        pairs = pair_positions(len(records), self.run_seed, epoch, shard, self.recipe.mixes)
-        members = next(p for p in pairs if position in p)
-        members = members[:1] if members[0] == members[1] else members
-        images = [decode_image(records[p].data, records[p].key) for p in members]
-        views, seeds, params = self.pair(images, [records[p].key for p in members], epoch)
-        i = members.index(position)
-        own, partner = records[position], records[members[-1 - i]]
-        return View(views[i], own.key, own.index, position, shard_no, epoch, seeds[i], own.label, partner.index,
-                    partner.label, params.lam, fingerprint(views[i]))
+    def _item(self, reseed, slots: Sequence[Slot], records: Sequence["Record"], images: Mapping[int, Image.Image],
+              epoch: int):
+        members = [(records[s.position].key, s.repeat) for s in slots]
+        seeds = [view_seed(self.run_seed, epoch, k, r) for k, r in members]
+        views = [self._view(reseed, images[s.position], seed) for s, seed in zip(slots, seeds)]
+        if len(views) == 1:
+            return views, seeds, MixParams()
+        params = self._mix_params(reseed, members, epoch, *views[0].shape[-2:])
+        return list(mix_pair(views[0], views[1], params)), seeds, params
 
-    def pair(self, images: Sequence[Image.Image], keys: Sequence[str], epoch: int):
-        """The mixed views of a pair (one image: unmixed), their own seeds and the mix parameters."""
-        with seeded_globals() as reseed:
-            return self._pair(reseed, images, keys, epoch)
+    def items(self, plan: UnitPlan, records: Sequence["Record"], images: Mapping[int, Image.Image], start: int = 0,
+              stop: int | None = None, fingerprint_every: int = 1) -> Iterator[tuple[View, ...]]:
+        """Items [start, stop) of a unit: each a tuple of its views (a mixed pair, or one view).
 
-    def shard_views(self, images: Sequence[Image.Image], keys: Sequence[str], labels: Sequence[int],
-                    indices: Sequence[int], epoch: int, shard: str, shard_no: int = 0,
-                    fingerprint_every: int = 1) -> Iterator[View]:
-        """Every mixed view of one shard for `epoch`, pair by pair.
-
-        Fingerprints are computed for positions divisible by `fingerprint_every` (0: none); others get None.
+        `records` are the shard's manifest records by position, `images` the decoded images of the positions the
+        items show. Fingerprints are computed for slots divisible by `fingerprint_every` (0: none).
         """
-        pairs = pair_positions(len(images), self.run_seed, epoch, shard, self.recipe.mixes)
-        for start in range(0, len(pairs), PAIRS_PER_CONTEXT):
+        stop = plan.items if stop is None else stop
+        for first in range(start, stop, ITEMS_PER_CONTEXT):
             made = []
             with seeded_globals() as reseed:  # never held across a yield: the caller may use the generators
-                for a, b in pairs[start : start + PAIRS_PER_CONTEXT]:
-                    members = (a,) if a == b else (a, b)
-                    made.append((members, *self._pair(reseed, [images[p] for p in members], [keys[p] for p in members], epoch)))
-            for members, views, seeds, params in made:
-                for own, partner, view, seed in zip(members, members[::-1], views, seeds):
-                    checked = fingerprint_every and own % fingerprint_every == 0
-                    yield View(view, keys[own], indices[own], own, shard_no, epoch, seed, labels[own], indices[partner],
-                               labels[partner], params.lam, fingerprint(view) if checked else None)
+                for item in range(first, min(stop, first + ITEMS_PER_CONTEXT)):
+                    slots = [plan.slots[s] for s in plan.item_slots(item)]
+                    made.append((item, slots, *self._item(reseed, slots, records, images, plan.epoch)))
+            for item, slots, tensors, seeds, params in made:
+                out = []
+                for i, (slot, tensor, seed) in enumerate(zip(slots, tensors, seeds)):
+                    own, partner = records[slot.position], records[slots[-1 - i].position]
+                    number = item * plan.group + i
+                    checked = fingerprint_every and number % fingerprint_every == 0
+                    out.append(View(tensor, own.key, own.index, own.position, slot.repeat, number, plan.shard_no,
+                                    plan.epoch, seed, own.label, partner.index, partner.label, params.lam,
+                                    fingerprint(tensor) if checked else None))
+                yield tuple(out)
+
+    def view_at(self, plan: UnitPlan, records: Sequence["Record"], slot: int) -> View:
+        """The view in `slot` of a unit, decoding only its item's images."""
+        item = slot // plan.group
+        images = {p: decode_image(records[p].data, records[p].key) for p in plan.positions(item, item + 1)}
+        return next(self.items(plan, records, images, item, item + 1))[slot % plan.group]

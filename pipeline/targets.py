@@ -17,6 +17,7 @@ from pipeline.errors import ReplayKDError
 
 if TYPE_CHECKING:
     from pipeline.loader import ViewBatch
+    from pipeline.plan import UnitPlan
     from pipeline.replay import View
 
 
@@ -94,8 +95,8 @@ CHECK_EVERY = {"all": 1, "sample": 16, "off": 0}
 class CachedTargets(TargetSource):
     """Stage two: each view's targets come from the teacher cache, read in the loader workers.
 
-    A worker reads a unit (epoch, shard) once, then for each of its views compares the replayed fingerprint, seed
-    and mix partner with the stored ones (a mismatch names the key) and attaches the view's stored rows.
+    A worker reads a unit (epoch, shard) once, then for each of its views compares the replayed fingerprint with the
+    stored one (a mismatch names the key) and attaches the view's stored rows.
     """
 
     kind = "cache"
@@ -120,24 +121,21 @@ class CacheReader:
         self.store = Path(store)
         self._cache = None
 
-    def __call__(self, unit, epoch: int) -> Callable[["View"], None]:
+    def __call__(self, unit: "UnitPlan") -> Callable[["View"], None]:
         from pipeline.cache import TeacherCache
 
         if self._cache is None:
             self._cache = TeacherCache.open(self.store)
-        data = self._cache.read_unit(epoch, unit.shard_no)
+        data = self._cache.read_unit(unit.epoch, unit.shard_no)
         probs, classes = torch.from_numpy(data.probs), torch.from_numpy(data.classes)
 
         def attach(view: "View") -> None:
-            p = view.position
-            if view.fingerprint is not None and view.fingerprint != data.fingerprint[p]:
+            s = view.slot
+            if view.fingerprint is not None and view.fingerprint != data.fingerprint[s]:
                 raise ReplayKDError(
-                    f"view of key '{view.key}' (epoch {epoch}, shard {unit.shard}) does not match the cache: "
-                    f"fingerprint {view.fingerprint:08x} replayed, {int(data.fingerprint[p]):08x} stored. The shard, "
-                    f"the recipe or the augmentation libraries changed since {self.store} was built")
-            if view.partner != data.partner[p] or view.seed != data.seed[p]:
-                raise ReplayKDError(f"view of key '{view.key}' (epoch {epoch}, shard {unit.shard}): seed or mix partner "
-                                    f"differs from {self.store}")
-            view.teacher = TeacherTargets(probs[p], classes[p])
+                    f"view of key '{view.key}' (epoch {unit.epoch}, shard {unit.shard}, repeat {view.repeat}) does not "
+                    f"match the cache: fingerprint {view.fingerprint:08x} replayed, {int(data.fingerprint[s]):08x} "
+                    f"stored. The shard, the recipe or the augmentation libraries changed since {self.store} was built")
+            view.teacher = TeacherTargets(probs[s], classes[s])
 
         return attach

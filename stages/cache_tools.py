@@ -53,21 +53,22 @@ def verify(o: CacheVerifyOptions) -> None:
     if not done:
         raise ReplayKDError(f"{o.store} has no completed units to verify")
     rng = np.random.default_rng(o.seed)
-    picks = sorted({(e, s, int(rng.integers(cache.counts[s]))) for e, s in (done[i] for i in rng.integers(len(done), size=o.samples))})
+    units_picked = [done[i] for i in rng.integers(len(done), size=o.samples)]
+    picks = sorted({(e, s, int(rng.integers(cache.unit_size(e, s)))) for e, s in units_picked})
     replayer, records, units, problems, views, stored = Replayer(recipe, c.run_seed), {}, {}, [], [], []
-    for epoch, shard_no, pos in picks:
+    for epoch, shard_no, slot in picks:
         shard = cache.shards[shard_no]
         if shard not in records:
             records[shard] = read_shard(manifest, c.split, shard)
         if (epoch, shard_no) not in units:
             units[(epoch, shard_no)] = cache.read_unit(epoch, shard_no)
         unit = units[(epoch, shard_no)]
-        v = replayer.view_at(records[shard], pos, epoch, shard, shard_no)
-        for name, replayed in (("fingerprint", v.fingerprint), ("seed", v.seed), ("partner", v.partner), ("lam", v.lam)):
-            if replayed != getattr(unit, name)[pos]:
-                problems.append(f"epoch {epoch} key '{v.key}': {name} {getattr(unit, name)[pos]} stored, {replayed} replayed")
+        v = replayer.view_at(replayer.plan(len(records[shard]), epoch, shard, shard_no), records[shard], slot)
+        if v.fingerprint != unit.fingerprint[slot]:
+            problems.append(f"epoch {epoch} key '{v.key}' repeat {v.repeat}: fingerprint {unit.fingerprint[slot]:08x} "
+                            f"stored, {v.fingerprint:08x} replayed")
         views.append(v.image)
-        stored.append((unit.probs[pos].astype(np.float32), unit.classes[pos].astype(np.int64)))
+        stored.append((unit.probs[slot].astype(np.float32), unit.classes[slot].astype(np.int64)))
     dev = pick_device(o.device)
     teacher = load_teacher(c.teacher, ckpt, c.num_classes, c.teacher_input_size, dev)
     with torch.inference_mode(), autocast(dev):

@@ -7,9 +7,10 @@ import typer
 from pipeline.errors import ReplayKDError
 from pipeline.grid import view_grid
 from pipeline.io import atomic_path
-from pipeline.loader import ReplayViews
 from pipeline.manifest import Manifest
+from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
+from pipeline.replay import Replayer
 from stages.options import ViewsOptions
 
 
@@ -31,14 +32,20 @@ def views(o: ViewsOptions) -> None:
     """Write a PNG grid of replayed (mixed) views of a few samples across epochs."""
     manifest, rec = Manifest.load(o.data), Recipe.load(o.recipe)
     epoch_list = parse_epochs(o.epochs)
-    ds = ReplayViews(manifest, rec, o.seed, epoch_list, split=o.split, rank=0, world_size=1)
-    ds.units = ds.units[:1]
-    by_key: dict[str, dict[int, object]] = {}
-    for view in ds:
-        by_key.setdefault(view.key, {})[view.epoch] = view.image
-    keys = manifest.shard_rows(o.split, ds.units[0].shard).column("key").to_pylist()[: o.samples]
-    grid = view_grid([[by_key[k][e] for e in epoch_list] for k in keys], rec.mean, rec.std, o.cell)
+    shard = manifest.shards(o.split)[0]
+    records = read_shard(manifest, o.split, shard)
+    replayer = Replayer(rec, o.seed)
+    shown = range(min(o.samples, len(records)))
+    rows: list[list] = [[] for _ in shown]
+    for epoch in epoch_list:
+        plan = replayer.plan(len(records), epoch, shard)
+        first = {}
+        for slot, s in enumerate(plan.slots):
+            first.setdefault(s.position, slot)
+        for row, p in zip(rows, shown):
+            row.append(replayer.view_at(plan, records, first[p]).image if p in first else None)
+    grid = view_grid(rows, rec.mean, rec.std, o.cell)
     o.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(o.out) as tmp:
         grid.save(tmp, format="PNG")
-    typer.echo(f"wrote {o.out}: {len(keys)} samples x epochs {epoch_list} (recipe {rec.name}, seed {o.seed})")
+    typer.echo(f"wrote {o.out}: {len(rows)} samples x epochs {epoch_list} (recipe {rec.name}, seed {o.seed})")

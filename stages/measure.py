@@ -19,9 +19,11 @@ import pipeline.loader as loader_mod
 from pipeline.cache import CacheConfig, CacheRequest, TeacherCache, UnitArrays
 from pipeline.device import autocast, pick_device, to_input
 from pipeline.errors import ReplayKDError
-from pipeline.loader import ReplayViews
+from pipeline.loader import CacheViews, ReplayViews, ShardWork
 from pipeline.manifest import Manifest
 from pipeline.models import create_student, load_teacher
+from pipeline.plan import chosen_positions
+from pipeline.reader import Record
 from pipeline.recipe import Recipe
 from pipeline.replay import Replayer
 
@@ -83,10 +85,13 @@ def replay_vs_timm(recipe: Recipe, images: list[Image.Image], repeats: int) -> d
 
     epochs = iter(range(1_000_000))
 
+    records = [Record(i, k, int(y), i, b"") for i, (k, y) in enumerate(zip(keys, labels.tolist()))]
+    by_position = dict(enumerate(images))
+
     def replay(replayer):
         # a new epoch each call: fresh draws, as the ordinary pipeline gets (a fixed op mix would bias the timing)
-        views = replayer.shard_views(images, keys, labels.tolist(), list(range(len(images))), next(epochs), "shard")
-        torch.stack([v.image for v in views])
+        plan = replayer.plan(len(images), next(epochs), "shard")
+        torch.stack([v.image for item in replayer.items(plan, records, by_position) for v in item])
 
     fns = {
         "timm_transform": lambda: torch.stack([transform(im) for im in images]),
@@ -109,7 +114,7 @@ def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: 
     manifest, rec = Manifest.load(data), Recipe.load(preset.recipe)
     dev = pick_device(device)
     net = load_teacher(preset.teacher, ckpt, manifest.num_classes, preset.teacher_input, dev)
-    views = torch.stack([v.image for v in ReplayViews(manifest, rec, 0, [0], rank=0, world_size=1)])
+    views = torch.stack([v.image for item in ReplayViews(manifest, rec, 0, 0, rank=0, world_size=1) for v in item])
     batches = [views[i : i + preset.teacher_batch] for i in range(0, len(views), preset.teacher_batch)]
 
     def bare():
@@ -144,8 +149,9 @@ def cache_args(data: Path, ckpt: Path, preset, out: Path, epochs: int, workers: 
             "--workers", workers, "--device", device]
 
 
-def decodes_per_view(manifest: Manifest, recipe: Recipe, epochs: int) -> float:
-    """Image decodes per view made by the stage-one loader (decode once: 1 / epochs), counted in-process."""
+def decodes_per_view(manifest: Manifest, recipe: Recipe, epochs: int) -> dict:
+    """Image decodes per view made by stage one's loader (each shard decoded once: 1 / epochs) and by stage two's
+    (only the images of an epoch's chosen samples: 1 / repeats), counted in-process."""
     count = [0]
     real = loader_mod.decode_image
 
@@ -155,10 +161,37 @@ def decodes_per_view(manifest: Manifest, recipe: Recipe, epochs: int) -> float:
 
     loader_mod.decode_image = counting
     try:
-        n = sum(1 for _ in ReplayViews(manifest, recipe, 0, list(range(epochs)), rank=0, world_size=1))
+        work = [ShardWork(s, tuple(range(epochs))) for s in range(len(manifest.shards("train")))]
+        views = sum(len(item) for item in CacheViews(manifest, recipe, 0, work))
+        stage_one, count[0] = count[0] / views, 0
+        views = sum(len(item) for item in ReplayViews(manifest, recipe, 0, 0, rank=0, world_size=1))
+        return {"stage_one": stage_one, "stage_two": count[0] / views}
     finally:
         loader_mod.decode_image = real
-    return count[0] / n
+
+
+def coverage(n: int, shard_size: int, repeats: int, epochs=(1, 3, 10), ranks: int = 8) -> dict:
+    """Fraction of n samples seen within the first 1, 3, 10 epochs: our balanced rule (the plan's own code, over
+    shards of `shard_size`), and DeiT's RASampler (its index arithmetic, with `ranks` processes)."""
+    shards = [(f"s{i}", min(shard_size, n - a)) for i, a in enumerate(range(0, n, shard_size))]
+    ours, deit = np.zeros(n, bool), np.zeros(n, bool)
+    out = {"samples": n, "repeats": repeats, "balanced": {}, f"deit_rasampler_{ranks}_ranks": {}}
+    per_rank = int(np.ceil(n * repeats / ranks))
+    selected = n // 256 * 256 // ranks
+    for epoch in range(max(epochs)):
+        start = 0
+        for name, size in shards:
+            ours[start + np.array(chosen_positions(size, repeats, 0, epoch, name), dtype=np.int64)] = True
+            start += size
+        perm = np.random.default_rng(epoch).permutation(n)
+        copies = np.repeat(perm, repeats)
+        copies = np.concatenate([copies, copies[: per_rank * ranks - len(copies)]])
+        for rank in range(ranks):
+            deit[copies[rank::ranks][:selected]] = True
+        if epoch + 1 in epochs:
+            out["balanced"][epoch + 1] = float(ours.mean())
+            out[f"deit_rasampler_{ranks}_ranks"][epoch + 1] = float(deit.mean())
+    return out
 
 
 def flops(fn) -> int:
@@ -219,6 +252,15 @@ def describe(student: dict) -> str:
     return student["student"] + (f" ({extra})" if extra else "")
 
 
+def stored_bytes_per_view(store: Path) -> dict:
+    """Bytes per cached view of a real store (its data arrays, completion records excluded)."""
+    cache = TeacherCache.open(store)
+    s = cache.summarize()
+    data = sum(f.stat().st_size for name in cache.arrays for f in (Path(store) / name).rglob("*") if f.is_file())
+    return {"store": str(store), "topk": s.topk, "num_classes": s.num_classes, "views": s.views_cached,
+            "stored_bytes_per_view": data / max(1, s.views_cached), "teacher": s.teacher}
+
+
 def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
     """Bytes per view for k = 5, 10, 100 over 1000 classes (raw vs the stored codec chain) and read rate."""
     rng = np.random.default_rng(0)
@@ -231,7 +273,7 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
         config = CacheConfig(manifest_hash="synthetic", split="train", recipe={}, recipe_hash="synthetic", run_seed=0,
                              epochs=1, topk=k, num_classes=1000, teacher="synthetic", teacher_sha256="synthetic")
         request = CacheRequest("synthetic", "train", {}, "synthetic", "synthetic", 0, 1000)
-        cache = TeacherCache.create_or_grow(store, config, request, shards, [per_shard] * len(shards), 1, {})
+        cache = TeacherCache.create_or_grow(store, config, request, shards, [per_shard] * len(shards), 1, False, 1, {})
         for s in range(len(shards)):
             # a confident teacher: one class ~6 logits above N(0, 1.5) noise over 1000 classes
             logits = torch.from_numpy(rng.normal(0, 1.5, (per_shard, 1000)).astype(np.float32))
@@ -239,10 +281,7 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
             p, c = logits.softmax(-1).topk(k)
             unit = UnitArrays.zeros(per_shard, k, 1000)
             unit.probs[:], unit.classes[:] = p.half().numpy(), c.numpy()
-            unit.seed[:] = rng.integers(2**32, size=per_shard, dtype=np.uint32)
             unit.fingerprint[:] = rng.integers(2**32, size=per_shard, dtype=np.uint32)
-            unit.partner[:] = rng.integers(per_shard, size=per_shard)
-            unit.lam[:] = rng.random(per_shard)
             cache.write_unit(0, s, unit)
         data_bytes = sum(f.stat().st_size for name in cache.arrays for f in (store / name).rglob("*") if f.is_file())
         t0 = time.perf_counter()

@@ -355,6 +355,8 @@ class BenchOptions(Options):
     views: int = opt(512, "Images per replay measurement, and synthetic images for the imagenet preset.", min=8)
     workers: int = opt(2, "DataLoader workers for the stage measurements.", min=0)
     device: Device = opt(Device.auto, "Where to measure: auto, cpu or cuda.")
+    real_cache: Path | None = opt(Path("runs/demo/cache.zarr"), "A cache of real teacher outputs whose stored bytes "
+                                                               "per view to report (the demo's; skipped if absent).")
     readme: Path | None = opt(None, "Also rewrite this README's bench section (between its bench:start/end markers).")
 
     def validate(self) -> None:

@@ -17,7 +17,7 @@ from pipeline.cache import (CacheConfig, CacheRequest, CacheSummary, TeacherCach
 from pipeline.device import autocast, pick_device, to_input
 from pipeline.distributed import barrier, init_distributed, is_main_process, sum_across_ranks
 from pipeline.errors import ReplayKDError
-from pipeline.loader import ReplayViews, Unit, ViewCollate
+from pipeline.loader import CacheViews, ShardWork, ViewCollate, items_per_batch
 from pipeline.manifest import Manifest
 from pipeline.models import file_sha256, load_teacher
 from pipeline.recipe import Recipe
@@ -51,6 +51,7 @@ def run(o: TeacherCacheOptions) -> CacheSummary:
     manifest, recipe = Manifest.load(o.manifest, shard_root=o.shards), Recipe.load(o.recipe)
     if o.topk > manifest.num_classes:
         raise ReplayKDError(f"--topk must be between 1 and the number of classes ({manifest.num_classes}), got {o.topk}")
+    items_per_batch(o.batch_size, recipe)  # an odd batch cannot hold a mixing recipe's pairs
     teacher = load_teacher(o.teacher, o.checkpoint, manifest.num_classes, o.teacher_input_size, dev)
     shards = manifest.shards(o.split)
     counts = [b - a for a, b in (manifest.shard_range(o.split, s) for s in shards)]
@@ -65,21 +66,23 @@ def run(o: TeacherCacheOptions) -> CacheSummary:
         hints = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": library_versions(),
                  "recipe_name": recipe.name, "data_path": str(Path(o.manifest).resolve()),
                  "checkpoint_path": str(Path(o.checkpoint).resolve()), "options": o.to_config()}
-        TeacherCache.create_or_grow(o.out, config, request, shards, counts, o.epochs_per_file, hints)
+        TeacherCache.create_or_grow(o.out, config, request, shards, counts, recipe.repeats, recipe.mixes,
+                                    o.epochs_per_file, hints)
     barrier()
     cache = TeacherCache.open(o.out, mode="a")
     # A data shard's units all go to one rank, so each Zarr shard file has one writer.
-    units = []
+    work = []
     for s in range(rank, len(shards), world):
         done = set(cache.completed(s))
         todo = tuple(e for e in range(o.epochs) if e not in done)
         if todo:
-            units.append(Unit(s, shards[s], todo))
-    ds = ReplayViews(manifest, recipe, o.seed, [], o.split, units=units, rank=0, world_size=1)
+            work.append(ShardWork(s, todo))
+    ds = CacheViews(manifest, recipe, o.seed, work, o.split)
     total_views = len(ds)
-    loader = DataLoader(ds, batch_size=o.batch_size, num_workers=o.workers, pin_memory=dev.type == "cuda",
+    loader = DataLoader(ds, batch_size=items_per_batch(o.batch_size, recipe), num_workers=o.workers,
+                        pin_memory=dev.type == "cuda",
                         collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing))
-    writer, buffers = UnitWriter(cache), UnitBuffers(counts, o.topk, manifest.num_classes)
+    writer, buffers = UnitWriter(cache), UnitBuffers(cache.unit_size, o.topk, manifest.num_classes)
     correct = seen = 0
     bar = tqdm(total=total_views, desc=f"teacher-cache rank {rank}" if world > 1 else "teacher-cache", unit="view",
                unit_scale=True, disable=total_views == 0)
@@ -93,11 +96,9 @@ def run(o: TeacherCacheOptions) -> CacheSummary:
                 majority = torch.where(batch.lams >= 0.5, batch.labels, batch.partner_labels).numpy()
                 correct += int((classes[:, 0] == majority).sum())
                 seen += len(majority)
-                rows = UnitArrays(probs=probs, classes=classes, seed=batch.seeds.numpy(),
-                                  fingerprint=batch.fingerprints.numpy(), partner=batch.partners.numpy(),
-                                  lam=batch.lams.numpy())
+                rows = UnitArrays(probs=probs, classes=classes, fingerprint=batch.fingerprints.numpy())
                 for epoch, shard_no, arrays in buffers.add(batch.epochs.numpy(), batch.shard_nos.numpy(),
-                                                           batch.positions.numpy(), rows):
+                                                           batch.slots.numpy(), rows):
                     writer.put(epoch, shard_no, arrays)
                 bar.update(len(majority))
     finally:

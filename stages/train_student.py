@@ -1,7 +1,6 @@
 """`replaykd train-student`: stage two. Train a distilled DeiT on the replayed views with cached targets."""
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -13,7 +12,7 @@ from pipeline.device import pick_device
 from pipeline.distributed import barrier, init_distributed, is_main_process
 from pipeline.engine import evaluate, train_one_epoch
 from pipeline.errors import ReplayKDError
-from pipeline.loader import EvalViews, ReplayViews, ViewCollate
+from pipeline.loader import EvalViews, ReplayViews, ViewCollate, items_per_batch
 from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
 from pipeline.models import StudentHeads, create_student, load_teacher
@@ -107,8 +106,15 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, source: Target
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
     criterion = DistillationLoss(o.distillation, o.alpha, o.tau, manifest.num_classes)
     collate = ViewCollate(manifest.num_classes, recipe.smoothing)
-    steps_per_epoch = math.ceil(manifest.count(o.split) / (o.batch_size * world))
-    total_steps, warmup = o.epochs * steps_per_epoch, o.warmup_epochs * steps_per_epoch
+
+    def epoch_views(epoch: int) -> ReplayViews:
+        return ReplayViews(manifest, recipe, o.seed, epoch % view_epochs, o.split, rank=rank, world_size=world,
+                           order_epoch=epoch, shuffle_buffer=o.shuffle_buffer, shuffle_seed=o.init_seed + epoch,
+                           annotate=source.annotator(), fingerprint_every=source.fingerprint_every())
+
+    # Every rank takes the same number of steps per epoch (EpochPlan), so the schedule is known exactly.
+    steps = [epoch_views(e).batches(o.batch_size, o.workers) for e in range(o.epochs)]
+    total_steps, warmup = sum(steps), sum(steps[: o.warmup_epochs])
 
     def lr_at(s: int) -> float:
         return cosine_lr(s, total_steps, warmup, lr, o.min_lr)
@@ -118,18 +124,15 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, source: Target
         typer.echo(f"--reuse-epochs: the cache holds {view_epochs} epochs; student epoch e uses cached epoch "
                    f"e % {view_epochs}")
     for epoch in range(start_epoch, o.epochs):
-        view_epoch = epoch % view_epochs
-        ds = ReplayViews(manifest, recipe, o.seed, [view_epoch], o.split, rank=rank, world_size=world,
-                         shuffle_buffer=o.shuffle_buffer, shuffle_seed=o.init_seed + epoch,
-                         annotate=source.annotator(), fingerprint_every=source.fingerprint_every())
-        loader = DataLoader(ds, batch_size=o.batch_size, num_workers=o.workers, collate_fn=collate,
-                            pin_memory=dev.type == "cuda")
+        ds = epoch_views(epoch)
+        loader = DataLoader(ds, batch_size=items_per_batch(o.batch_size, recipe), num_workers=o.workers,
+                            collate_fn=collate, pin_memory=dev.type == "cuda")
         stats, step = train_one_epoch(model, criterion, loader, optimizer, dev, epoch, source, lr_at, step,
                                       o.clip_grad, ema, total=len(ds), show_progress=rank == 0)
         acc = evaluate(HEADS, eval_loader, dev, StudentHeads(student))
         if ema is not None:
             acc.update({f"ema_{k}": v for k, v in evaluate(HEADS, eval_loader, dev, StudentHeads(ema.module)).items()})
-        row = {"epoch": epoch, "view_epoch": view_epoch, "loss": stats.loss, "loss_base": stats.loss_base,
+        row = {"epoch": epoch, "view_epoch": ds.plan.epoch, "steps": stats.steps, "loss": stats.loss, "loss_base": stats.loss_base,
                "loss_distill": stats.loss_distill, "lr": stats.lr, "images": stats.images,
                "train_seconds": stats.seconds, "images_per_s": stats.images_per_s, **acc}
         if rank == 0:

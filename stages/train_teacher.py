@@ -1,7 +1,6 @@
 """`replaykd train-teacher`: train the demo's teacher (a small RegNetY) on the recipe's mixed, smoothed targets."""
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader
 from pipeline.device import pick_device
 from pipeline.engine import evaluate, train_one_epoch
 from pipeline.io import atomic_path, write_json_atomic
-from pipeline.loader import EvalViews, ReplayViews, ViewCollate
+from pipeline.loader import EvalViews, ReplayViews, ViewCollate, items_per_batch
 from pipeline.losses import LabelLoss
 from pipeline.manifest import Manifest
 from pipeline.models import Teacher, create_classifier
@@ -25,8 +24,8 @@ from stages.options import TrainTeacherOptions
 
 def epoch_loader(manifest: Manifest, recipe: Recipe, o: TrainTeacherOptions, epoch: int) -> DataLoader:
     """One epoch's views, batched with the recipe's mixed, label-smoothed targets (what the teacher learns)."""
-    ds = ReplayViews(manifest, recipe, o.seed, [epoch], shuffle_buffer=512, shuffle_seed=o.seed)
-    return DataLoader(ds, batch_size=o.batch_size, num_workers=o.workers,
+    ds = ReplayViews(manifest, recipe, o.seed, epoch, rank=0, world_size=1, shuffle_buffer=512, shuffle_seed=o.seed)
+    return DataLoader(ds, batch_size=items_per_batch(o.batch_size, recipe), num_workers=o.workers,
                       collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing))
 
 
@@ -38,14 +37,14 @@ def main(o: TrainTeacherOptions) -> None:
     net = Teacher(create_classifier(o.model, manifest.num_classes), o.input_size or None).to(dev)
     optimizer = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     eval_loader = DataLoader(EvalViews(manifest, recipe, "val"), batch_size=256, num_workers=min(o.workers, 1))
-    steps_per_epoch = math.ceil(manifest.count("train") / o.batch_size)
-    total, step, t0 = o.epochs * steps_per_epoch, 0, time.perf_counter()
+    loaders = [epoch_loader(manifest, recipe, o, epoch) for epoch in range(o.epochs)]
+    steps = [loader.dataset.batches(o.batch_size, o.workers) for loader in loaders]
+    total, warmup, step, t0 = sum(steps), sum(steps[: o.warmup_epochs]), 0, time.perf_counter()
 
     def lr_at(s: int) -> float:
-        return cosine_lr(s, total, o.warmup_epochs * steps_per_epoch, o.lr)
+        return cosine_lr(s, total, warmup, o.lr)
 
-    for epoch in range(o.epochs):
-        loader = epoch_loader(manifest, recipe, o, epoch)
+    for epoch, loader in enumerate(loaders):
         stats, step = train_one_epoch(net, LabelLoss(), loader, optimizer, dev, epoch, NoTargets(), lr_at, step,
                                       total=len(loader.dataset))
         acc = evaluate({"teacher": lambda out: out}, eval_loader, dev, net)

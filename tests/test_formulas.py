@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import UnitArrays, UnitBuffers
+from pipeline.cache import UnitArrays, UnitBuffers, decode_sorted_float16, encode_sorted_float16
 from pipeline.losses import DistillationLoss, LabelLoss, dense_target, soft_target_ce
 from pipeline.schedule import cosine_lr
 from pipeline.targets import TeacherTargets
@@ -83,24 +83,36 @@ def test_cosine_lr_warms_up_then_decays():
     assert not math.isnan(cosine_lr(5, 5, 5, base, low))
 
 
-def test_unit_buffers_hand_back_each_unit_once_in_position_order():
-    counts, k = [5, 3], 2
+def test_unit_buffers_hand_back_each_unit_once_in_slot_order():
+    sizes, k = {(0, 0): 5, (0, 1): 3, (1, 0): 4, (1, 1): 3}, 2
     rng = np.random.default_rng(0)
-    views = [(e, s, p) for e in (0, 1) for s in (0, 1) for p in range(counts[s])]
+    views = [(e, s, p) for (e, s), n in sizes.items() for p in range(n)]
     order = rng.permutation(len(views))
     expected = {v: rng.random(k).astype(np.float16) for v in views}
-    buffers, done = UnitBuffers(counts, k, num_classes=10), {}
+    buffers, done = UnitBuffers(lambda e, s: sizes[(e, s)], k, num_classes=10), {}
     for chunk in np.array_split(order, 4):  # batches that cut across units
         rows = UnitArrays.zeros(len(chunk), k, 10)
         for i, j in enumerate(chunk):
             rows.probs[i] = expected[views[j]]
-            rows.seed[i] = views[j][2] + 100
+            rows.fingerprint[i] = views[j][2] + 100
         e, s, p = (np.array([views[j][n] for j in chunk]) for n in range(3))
         for epoch, shard, arrays in buffers.add(e, s, p, rows):
             assert (epoch, shard) not in done
             done[(epoch, shard)] = arrays
     assert sorted(done) == [(0, 0), (0, 1), (1, 0), (1, 1)] and not buffers.open
     for (epoch, shard), arrays in done.items():
+        n = sizes[(epoch, shard)]
         assert arrays.classes.dtype == np.int16 and arrays.probs.dtype == np.float16
-        assert np.array_equal(arrays.seed, np.arange(counts[shard]) + 100)
-        assert np.array_equal(arrays.probs, np.stack([expected[(epoch, shard, p)] for p in range(counts[shard])]))
+        assert np.array_equal(arrays.fingerprint, np.arange(n) + 100)
+        assert np.array_equal(arrays.probs, np.stack([expected[(epoch, shard, p)] for p in range(n)]))
+
+
+def test_probability_encoding_is_exact_and_small_for_sorted_rows():
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.dirichlet(np.ones(50), size=64)[:, :10], axis=1)[:, ::-1].astype(np.float16)
+    stored = encode_sorted_float16(rows)
+    assert stored.dtype == np.uint16 and np.array_equal(decode_sorted_float16(stored).view(np.uint16), rows.view(np.uint16))
+    assert (stored[:, 1:] < 2048).mean() > 0.9  # differences of neighbouring bit patterns are small numbers
+    wild = rng.normal(0, 100, (32, 7)).astype(np.float16)
+    wild[0, 0], wild[1, 3] = np.nan, np.inf
+    assert np.array_equal(decode_sorted_float16(encode_sorted_float16(wild)).view(np.uint16), wild.view(np.uint16))

@@ -1,4 +1,4 @@
-"""Augmentation replay: views are a pure function of (seed, epoch, key, recipe), whatever runs them."""
+"""Augmentation replay: views are a pure function of (seed, epoch, key, repeat, recipe), whatever runs them."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,82 +11,126 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.loader import ReplayViews, ViewCollate
+from pipeline.loader import ReplayViews, ViewCollate, items_per_batch
 from pipeline.manifest import Manifest
+from pipeline.plan import chosen_positions
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
-from pipeline.replay import Replayer, decode_image, fingerprint, pair_positions
+from pipeline.replay import Replayer, decode_image, fingerprint
 
 EPOCHS = [0, 1]
 
 
-def views_of(ds) -> dict:
-    """(key, epoch) -> (fingerprint, partner, lam) over a whole dataset; a sample seen twice fails."""
+def views_of(items) -> dict:
+    """(key, epoch, repeat) -> (fingerprint, partner, lam, slot) over a stream of items; a view made twice fails."""
     out = {}
-    for view in ds:
-        k = (view.key, view.epoch)
-        assert k not in out, f"{k} made twice"
-        out[k] = (view.fingerprint, view.partner, view.lam)
+    for item in items:
+        for view in item:
+            k = (view.key, view.epoch, view.repeat)
+            assert k not in out, f"{k} made twice"
+            out[k] = (view.fingerprint, view.partner, view.lam, view.slot)
+    return out
+
+
+def epochs_of(digits_dir, epochs=EPOCHS, seed=7, **kw) -> dict:
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    out = {}
+    for epoch in epochs:
+        out.update(views_of(ReplayViews(m, recipe, seed, epoch, **{"rank": 0, "world_size": 1, **kw})))
     return out
 
 
 def loader_views(ds, workers: int) -> dict:
     out = {}
-    for batch in DataLoader(ds, batch_size=37, num_workers=workers, collate_fn=ViewCollate(10, 0.1)):
-        for key, epoch, fp, partner, lam in zip(batch.keys, batch.epochs.tolist(), batch.fingerprints.tolist(),
-                                                batch.partners.tolist(), batch.lams.tolist()):
-            assert (key, epoch) not in out
-            out[(key, epoch)] = (fp, partner, lam)
+    loader = DataLoader(ds, batch_size=items_per_batch(38, ds.recipe), num_workers=workers, collate_fn=ViewCollate(10, 0.1))
+    for batch in loader:
+        assert len(batch) <= 38 and len(batch) % 2 == 0
+        assert torch.equal(batch.partners[0::2], batch.indices[1::2])  # partners are adjacent in the batch
+        for key, epoch, repeat, fp, partner, lam, slot in zip(
+                batch.keys, batch.epochs.tolist(), batch.repeats.tolist(), batch.fingerprints.tolist(),
+                batch.partners.tolist(), batch.lams.tolist(), batch.slots.tolist()):
+            assert (key, epoch, repeat) not in out
+            out[(key, epoch, repeat)] = (fp, partner, lam, slot)
     return out
 
 
-def _spawned_fingerprints(data_dir: str) -> dict:
-    return views_of(ReplayViews(Manifest.load(data_dir), Recipe.load("digits"), 7, EPOCHS, rank=0, world_size=1))
+def _spawned(data_dir: str) -> dict:
+    return epochs_of(data_dir)
 
 
 @pytest.fixture(scope="module")
 def reference(digits_dir):
-    return views_of(ReplayViews(Manifest.load(digits_dir), Recipe.load("digits"), 7, EPOCHS, rank=0, world_size=1))
+    return epochs_of(digits_dir)
 
 
-def test_every_sample_once_per_epoch(digits_dir, reference):
-    m = Manifest.load(digits_dir)
-    keys = m.table("train").column("key").to_pylist()
-    assert set(reference) == {(k, e) for k in keys for e in EPOCHS}
+def test_each_epoch_holds_the_recipes_views(digits_dir, reference):
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    assert recipe.repeats == 3 and recipe.mixes
+    for epoch in EPOCHS:
+        got = Counter(key for key, e, _ in reference if e == epoch)
+        expected = Counter()
+        for shard in m.shards("train"):
+            keys = m.shard_rows("train", shard).column("key").to_pylist()
+            expected.update({keys[p]: 3 for p in chosen_positions(len(keys), 3, 7, epoch, shard)})
+        assert set(got.values()) <= {2, 3} and sum((expected - got).values()) <= len(m.shards("train"))  # odd drops
+        assert not got - expected
+    assert len(reference) >= 2 * m.count("train") - 2 * len(m.shards("train"))  # about N views per epoch
 
 
 @pytest.mark.slow
 def test_same_in_process_and_spawned_process(digits_dir, reference):
-    again = views_of(ReplayViews(Manifest.load(digits_dir), Recipe.load("digits"), 7, EPOCHS, rank=0, world_size=1))
-    assert again == reference
+    assert epochs_of(digits_dir) == reference
     with mp.get_context("spawn").Pool(1) as pool:
-        assert pool.apply(_spawned_fingerprints, (str(digits_dir),)) == reference
+        assert pool.apply(_spawned, (str(digits_dir),)) == reference
 
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
 def test_same_with_dataloader_workers(digits_dir, reference, workers):
-    ds = ReplayViews(Manifest.load(digits_dir), Recipe.load("digits"), 7, EPOCHS, rank=0, world_size=1,
-                     shuffle_buffer=64 if workers == 3 else 0)
-    assert loader_views(ds, workers) == reference
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    got = {}
+    for epoch in EPOCHS:
+        ds = ReplayViews(m, recipe, 7, epoch, rank=0, world_size=1, shuffle_buffer=64 if workers == 3 else 0)
+        got.update(loader_views(ds, workers))
+    assert got == reference
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_same_across_simulated_ranks(digits_dir, reference, world_size):
-    merged = {}
+def test_same_views_across_simulated_ranks_in_equal_shares(digits_dir, reference, world_size):
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    merged, shares = {}, []
     for rank in range(world_size):
-        part = views_of(ReplayViews(Manifest.load(digits_dir), Recipe.load("digits"), 7, EPOCHS, rank=rank,
-                                    world_size=world_size))
+        part = {}
+        for epoch in EPOCHS:
+            ds = ReplayViews(m, recipe, 7, epoch, rank=rank, world_size=world_size)
+            part.update(views_of(ds))
+            assert len(ds) == ds.plan.rank_items(world_size) * 2
         assert not set(part) & set(merged)
         merged.update(part)
-    assert merged == reference  # same views, same pairs, same lambdas
+        shares.append(len(part))
+    assert len(set(shares)) == 1  # every rank the same number of views
+    assert all(reference[k] == v for k, v in merged.items())  # same views, same pairs, same lambdas
+    assert len(reference) - len(merged) < 2 * world_size * len(EPOCHS)  # the remainder left out of each epoch
+
+
+def test_a_fresh_order_every_epoch(digits_dir):
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    firsts = []
+    for epoch in (0, 1, 2):
+        loader = DataLoader(ReplayViews(m, recipe, 7, epoch, rank=0, world_size=1), batch_size=16,
+                            collate_fn=ViewCollate(10, 0.1))
+        firsts.append(next(iter(loader)).keys)
+    assert firsts[0] != firsts[1] != firsts[2]
+    # reusing a cached epoch under another training epoch keeps its views and moves only their order
+    again = ReplayViews(m, recipe, 7, 0, rank=0, world_size=1, order_epoch=5)
+    assert views_of(again) == views_of(ReplayViews(m, recipe, 7, 0, rank=0, world_size=1))
 
 
 def test_other_seed_and_epoch_change_views(digits_dir, reference):
-    keys = {k for k, _ in reference}
-    changed = sum(reference[(k, 0)][0] != reference[(k, 1)][0] for k in keys)
-    assert changed >= 0.99 * len(keys)
-    other = views_of(ReplayViews(Manifest.load(digits_dir), Recipe.load("digits"), 8, [0], rank=0, world_size=1))
-    assert sum(other[(k, 0)][0] != reference[(k, 0)][0] for k in keys) >= 0.99 * len(keys)
+    by_epoch = {e: {(k, r): v[0] for (k, ep, r), v in reference.items() if ep == e} for e in EPOCHS}
+    assert len(set(by_epoch[0].values()) & set(by_epoch[1].values())) == 0
+    other = epochs_of(digits_dir, [0], seed=8)
+    same = set(other) & set(reference)
+    assert sum(other[k][0] != reference[k][0] for k in same) >= 0.99 * len(same)
 
 
 def test_the_recipe_really_augments(digits_dir):
@@ -102,7 +146,7 @@ def test_the_recipe_really_augments(digits_dir):
         op.aug_fn = _recording(op.name, op.aug_fn, ops)
     rec = read_shard(m, "train", m.shards("train")[0])[0]
     image = decode_image(rec.data, rec.key)
-    views = [rep.view(image, rec.key, epoch)[0] for epoch in range(100)]
+    views = [rep.view(image, rec.key, epoch % 50, epoch // 50)[0] for epoch in range(100)]
     assert len(set(boxes)) >= 90
     assert 30 <= sum(flips) <= 70
     assert len(ops) >= 10 and sum(ops.values()) >= 60  # two ops per view, each applied with p=0.5
@@ -110,7 +154,7 @@ def test_the_recipe_really_augments(digits_dir):
     # PIL ops keep pixels on the uint8 grid; pixel-mode erasing fills with normal noise, which is off it
     off_grid = [((v * std + mean) * 255 - ((v * std + mean) * 255).round()).abs().max() > 1e-3 for v in views]
     assert 10 <= sum(off_grid) <= 45  # p = 0.25
-    assert len({fingerprint(v) for v in views}) == 100
+    assert len({fingerprint(v) for v in views}) == 100  # repeats differ from each other too
 
 
 def _record_flip(flip, img, log):
@@ -131,18 +175,18 @@ def test_mixed_views_and_targets(digits_dir):
     recipe = Recipe.load("digits")
     shard = m.shards("train")[0]
     records = read_shard(m, "train", shard)
-    images = [decode_image(r.data, r.key) for r in records]
-    keys = [r.key for r in records]
+    images = {r.position: decode_image(r.data, r.key) for r in records}
     rep = Replayer(recipe, run_seed=5)
-    items = list(rep.shard_views(images, keys, [r.label for r in records], [r.index for r in records], 0, shard))
-    by_position = {it.position: it for it in items}
+    plan = rep.plan(len(records), 0, shard)
+    items = list(rep.items(plan, records, images))
+    assert len(items) == plan.items and all(len(item) == 2 for item in items)
     kinds = Counter()
-    for p, q in pair_positions(len(records), 5, 0, shard):
-        assert p != q or len(records) % 2  # only an odd one out is left unmixed
-        a, _ = rep.view(images[p], keys[p], 0)
-        b, _ = rep.view(images[q], keys[q], 0)
-        params = rep.mix_params((keys[p], keys[q]), 0, *a.shape[-2:])
-        va, vb = by_position[p], by_position[q]
+    for (va, vb), i in zip(items, range(0, len(plan.slots), 2)):
+        sa, sb = plan.slots[i], plan.slots[i + 1]
+        assert (va.position, va.repeat, va.slot, vb.position, vb.repeat, vb.slot) == (sa.position, sa.repeat, i, sb.position, sb.repeat, i + 1)
+        a, _ = rep.view(images[sa.position], va.key, 0, sa.repeat)
+        b, _ = rep.view(images[sb.position], vb.key, 0, sb.repeat)
+        params = rep.mix_params(((va.key, va.repeat), (vb.key, vb.repeat)), 0, *a.shape[-2:])
         assert va.partner == vb.index and vb.partner == va.index and va.lam == vb.lam == params.lam
         if params.box is None:
             kinds["mixup"] += 1
@@ -158,12 +202,22 @@ def test_mixed_views_and_targets(digits_dir):
             assert params.lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (a.shape[-1] * a.shape[-2]))
     assert kinds["mixup"] > 20 and kinds["cutmix"] > 20
     batch = ViewCollate(10, recipe.smoothing)(items)
-    assert torch.allclose(batch.targets.sum(1), torch.ones(len(items)))
+    assert torch.allclose(batch.targets.sum(1), torch.ones(len(batch)))
     lam = batch.lams.float()
     own = batch.targets.gather(1, batch.labels.view(-1, 1)).squeeze(1)
     same = batch.labels == batch.partner_labels
     expected = torch.where(same, torch.tensor(0.9 + 0.01), lam * 0.9 + 0.01)
     assert torch.allclose(own, expected, atol=1e-6)
+    # a view replayed alone (as verify does) equals the one made with its unit
+    assert torch.equal(rep.view_at(plan, records, 5).image, batch.images[5])
+
+
+def test_odd_batch_size_with_a_mixing_recipe_is_refused():
+    from pipeline.errors import ReplayKDError
+
+    with pytest.raises(ReplayKDError, match="--batch-size must be even"):
+        items_per_batch(63, Recipe.load("digits"))
+    assert items_per_batch(63, Recipe.load("digits-teacher")) == 63
 
 
 def test_global_generators_unchanged(digits_dir):
@@ -171,7 +225,7 @@ def test_global_generators_unchanged(digits_dir):
     np.random.seed(123)
     torch.manual_seed(123)
     before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone()
-    list(ReplayViews(Manifest.load(digits_dir), Recipe.load("digits"), 7, [0], rank=0, world_size=1))
+    list(ReplayViews(Manifest.load(digits_dir), Recipe.load("digits"), 7, 0, rank=0, world_size=1))
     assert random.getstate() == before[0]
     assert np.array_equal(np.random.get_state()[1], before[1])
     assert torch.equal(torch.get_rng_state(), before[2])

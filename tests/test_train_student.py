@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import zarr
 from safetensors.torch import load_file
 
 from pipeline.cache import TeacherCache
@@ -55,8 +56,8 @@ def test_cached_targets_equal_the_online_teacher(digits_dir, store, teacher_ckpt
     m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
     cache = TeacherCache.open(store)
     source = CachedTargets(store)
-    ds = ReplayViews(m, recipe, 0, [1], rank=0, world_size=1, annotate=source.annotator())
-    items = [it for _, it in zip(range(96), ds)]
+    ds = ReplayViews(m, recipe, 0, 1, rank=0, world_size=1, annotate=source.annotator())
+    items = [it for _, it in zip(range(48), ds)]
     batch = ViewCollate(10, recipe.smoothing)(items)
     cached = source(batch, batch.images)
     teacher = load_teacher("regnety_002", teacher_ckpt, 10, cache.config.teacher_input_size)
@@ -86,19 +87,20 @@ def test_tampered_views_fail_the_fingerprint_check(digits_dir, store, tmp_path):
     m = Manifest.load(digits_dir)
     # the augmentation changed under the cache (as a new library version would): named by key
     changed = dataclasses.replace(Recipe.load("digits"), mean=(0.5, 0.5, 0.5))
-    ds = ReplayViews(m, changed, 0, [0], rank=0, world_size=1, annotate=CachedTargets(store).annotator())
-    with pytest.raises(ReplayKDError, match=r"view of key '.+' \(epoch 0, shard train-000000.tar\).*fingerprint"):
+    ds = ReplayViews(m, changed, 0, 0, rank=0, world_size=1, annotate=CachedTargets(store).annotator())
+    with pytest.raises(ReplayKDError, match=r"view of key '.+' \(epoch 0, shard train-0000\d\d.tar, repeat \d\).*fingerprint"):
         next(iter(ds))
     # a changed shard: named by shard and key before any view is made
     shard_dir = tmp_path / "shards"
     shutil.copytree(digits_dir, shard_dir)
-    path = shard_dir / m.shards("train")[0]
+    first = m.shards("train")[ReplayViews(m, Recipe.load("digits"), 0, 0, rank=0, world_size=1).plan.order[0]]
+    path = shard_dir / first
     data = bytearray(path.read_bytes())
     data[data.index(b"IDAT") + 8] ^= 0xFF  # inside the first image's compressed pixels
     path.write_bytes(bytes(data))
     moved = Manifest.load(digits_dir, shard_root=shard_dir)
-    with pytest.raises(ShardMismatch, match="train-000000.tar"):
-        next(iter(ReplayViews(moved, Recipe.load("digits"), 0, [0], rank=0, world_size=1,
+    with pytest.raises(ShardMismatch, match=first):
+        next(iter(ReplayViews(moved, Recipe.load("digits"), 0, 0, rank=0, world_size=1,
                               annotate=CachedTargets(store).annotator())))
 
 
@@ -124,13 +126,16 @@ def test_torchrun_two_processes(digits_dir, store, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((out / "log.jsonl").read_text().splitlines()[0])
-    assert log["images"] == Manifest.load(digits_dir).count("train")  # both ranks' views, each once
+    ds = ReplayViews(Manifest.load(digits_dir), Recipe.load("digits"), 0, 0, rank=0, world_size=2)
+    assert log["images"] == 2 * len(ds)  # both ranks' equal shares, each view once
+    assert log["steps"] == ds.batches(64, 1)
 
 
 def test_incomplete_store_lists_missing_units(digits_dir, store, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(store, partial)
-    (partial / "units" / "000003.json").unlink()
+    complete = zarr.open_array(str(partial / "complete"), mode="a")
+    complete[:, 3] = 0
     with pytest.raises(ReplayKDError, match=r"incomplete: 2 units not done, e.g. \(epoch 0, train-000003.tar\)"):
         run(opts(digits_dir, tmp_path / "run", cache=partial, epochs=2))
 
@@ -139,3 +144,42 @@ def test_reuse_epochs_cycles_the_cached_epochs(digits_dir, store, tmp_path):
     run(opts(digits_dir, tmp_path / "run", cache=store, epochs=3, reuse_epochs=True, depth=1, embed_dim=32))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["view_epoch"] for r in log] == [0, 1, 0]
+
+
+def test_torchrun_five_uneven_shards_on_two_ranks_take_equal_steps(digits_dir, tmp_path):
+    from pipeline.shards import write_shards
+    from pipeline.sources import digits_source
+
+    five = tmp_path / "five"
+    m = write_shards(digits_source(0.2, seed=0, size=16), five, 300, 0, False)[0]
+    assert len(m.shards("train")) == 5 and len({m.shard_range("train", s)[1] - m.shard_range("train", s)[0]
+                                                  for s in m.shards("train")}) == 2
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(28500 + os.getpid() % 500), "-m", "stages", "train-student", "--out", out, "--manifest", five,
+           "--distillation", "none", "--epochs", "2", "--recipe", "digits", "--patch-size", "4", "--depth", "1",
+           "--embed-dim", "32", "--num-heads", "2", "--batch-size", "64", "--workers", "0", "--device", "cpu"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in (json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()):
+        ranks = [ReplayViews(m, Recipe.load("digits"), 0, row["epoch"], rank=r, world_size=2, order_epoch=row["epoch"])
+                 for r in range(2)]
+        assert len(ranks[0]) == len(ranks[1]) and ranks[0].batches(64, 1) == ranks[1].batches(64, 1) == row["steps"]
+        assert row["images"] == 2 * len(ranks[0]) >= m.count("train") - 2 * 5 - 2  # odd drops, remainder < 2 pairs
+
+
+def test_cached_and_online_kd_give_identical_logs_with_repeats(digits_dir, store, teacher_ckpt, tmp_path):
+    assert Recipe.load("digits").repeats == 3
+    run(opts(digits_dir, tmp_path / "cached", cache=store, epochs=2))
+    run(opts(digits_dir, tmp_path / "online", online_teacher="regnety_002", teacher_checkpoint=teacher_ckpt,
+             topk=5, epochs=2))
+
+    def rows(name):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("train_seconds", "images_per_s")}
+                for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+
+    assert rows("cached") == rows("online")
+    a = load_file(str(tmp_path / "cached" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "online" / "checkpoint.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

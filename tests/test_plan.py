@@ -1,0 +1,87 @@
+"""The epoch plan: balanced repeated augmentation, pairing, per-epoch order, equal ranks (pure functions, fast)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from pipeline.plan import EpochPlan, chosen_positions, max_unit_size, plan_unit, split_range, unit_order, unit_size
+
+
+@pytest.mark.parametrize("n, repeats", [(200, 3), (37, 3), (10, 4), (5, 1), (1, 3)])
+def test_every_sample_exactly_repeats_times_per_repeats_epochs(n, repeats):
+    for cycle in range(3):
+        seen = Counter()
+        for epoch in range(cycle * repeats, (cycle + 1) * repeats):
+            unit = plan_unit(n, repeats, False, 7, epoch, "train-000001.tar", 1)
+            assert len(unit.slots) == unit_size(n, repeats, epoch, False) <= max_unit_size(n, repeats, False)
+            seen.update(s.position for s in unit.slots)
+            per_sample = Counter(s.position for s in unit.slots)
+            assert set(per_sample.values()) <= {repeats}  # a chosen sample shows all its repeats in its epoch
+            assert {(s.position, s.repeat) for s in unit.slots} == {(p, r) for p in per_sample for r in range(repeats)}
+        assert seen == {p: repeats for p in range(n)}
+    # the choice changes from cycle to cycle
+    if repeats > 1 and n > 10:
+        assert chosen_positions(n, repeats, 7, 0, "s") != chosen_positions(n, repeats, 7, repeats, "s")
+
+
+@pytest.mark.parametrize("n, repeats", [(200, 3), (37, 3), (2, 3), (9, 2), (101, 1)])
+def test_pairs_never_hold_one_samples_own_repeats(n, repeats):
+    for epoch in range(12):
+        unit = plan_unit(n, repeats, True, epoch, epoch, f"shard-{epoch}", 0)
+        views = repeats * len(chosen_positions(n, repeats, epoch, epoch, f"shard-{epoch}"))
+        assert len(unit.slots) == views - views % 2 == unit_size(n, repeats, epoch, True)
+        assert len(set(unit.slots)) == len(unit.slots)
+        samples = {s.position for s in unit.slots}
+        for i in range(0, len(unit.slots), 2):
+            a, b = unit.slots[i], unit.slots[i + 1]
+            assert a.position != b.position or len(samples) == 1
+
+
+def test_pairs_are_random_not_fixed():
+    partners = set()
+    for epoch in range(6):
+        unit = plan_unit(200, 3, True, 0, epoch, "s", 0)
+        partners |= {(unit.slots[i].position, unit.slots[i + 1].position) for i in range(0, len(unit.slots), 2)}
+    assert len(partners) > 500
+
+
+def test_unit_order_is_fresh_every_epoch():
+    orders = {tuple(unit_order(20, 3, epoch)) for epoch in range(10)}
+    assert len(orders) == 10 and all(sorted(o) == list(range(20)) for o in orders)
+
+
+def test_split_range_covers_in_near_equal_parts():
+    for total, parts in ((10, 3), (3, 5), (0, 2), (100, 7)):
+        ranges = [split_range(total, parts, i) for i in range(parts)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+@pytest.mark.parametrize("world, workers", [(1, 1), (2, 1), (2, 3), (3, 2), (8, 4)])
+def test_ranks_take_equal_shares_of_an_epoch(world, workers):
+    counts = [200, 200, 200, 200, 37]  # five uneven shards
+    plan = EpochPlan(counts, 3, True, 5, 4)
+    taken = Counter()
+    per_rank = []
+    for rank in range(world):
+        items = 0
+        for worker in range(workers):
+            for seg in plan.segments(rank, world, worker, workers):
+                assert 0 <= seg.start < seg.stop <= plan.items[seg.shard_no]
+                taken.update((seg.shard_no, i) for i in range(seg.start, seg.stop))
+                items += seg.stop - seg.start
+        per_rank.append(items)
+    assert len(set(per_rank)) == 1 and per_rank[0] == plan.total // world
+    assert max(taken.values()) == 1 and plan.total - len(taken) == plan.total % world < world
+    assert len({plan.batches(world, workers, 16) for _ in range(world)}) == 1
+
+
+def test_views_do_not_depend_on_the_split():
+    # the unit's content is fixed; ranks and workers only take different pieces of it
+    a = plan_unit(200, 3, True, 9, 2, "train-000003.tar", 3)
+    b = plan_unit(200, 3, True, 9, 2, "train-000003.tar", 3)
+    assert a == b
+    assert np.array_equal(EpochPlan([200] * 4, 3, True, 9, 2).order, EpochPlan([200] * 4, 3, True, 9, 2).order)

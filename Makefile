@@ -33,7 +33,7 @@ DISTILLATION   ?= hard
 STUDENT_RUN    ?= $(RUN)/student-$(DISTILLATION)
 LAUNCH         := $(if $(filter 1,$(NPROC)),$(RKD),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) -m stages)
 
-.PHONY: venv test test-fast shards train-teacher teacher-cache train-student demo bench clean
+.PHONY: venv test test-fast shards train-teacher teacher-cache train-student demo study bench pillow-simd readme clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -85,8 +85,37 @@ demo: teacher-cache
 	$(RKD) views $(DATA) --recipe $(RECIPE) --epochs 0-5 --out $(RUN)/views.png
 	$(RKD) report $(RUN)
 
+# DeiT's claim on real data, with error bars: the demo student with cached hard KD and with no KD, SEEDS
+# initialisation seeds each, on the demo's views and cache; mean +- std into $(STUDY)/report.md. Not in CI.
+STUDY ?= runs/study
+SEEDS ?= 0 1 2
+study: teacher-cache
+	for s in $(SEEDS); do for arm in hard none; do out=$(STUDY)/$$arm-seed$$s; \
+		test -f $$out/summary.json && continue; \
+		src=$$( [ $$arm = hard ] && echo "--cache $(STORE)" || echo "--distillation none" ); \
+		res=$$( [ -f $$out/train_state.pt ] && echo --resume ); \
+		$(RKD) train-student $(STUDENT_COMMON) $$src --init-seed $$s --out $$out $$res || exit 1; \
+	done; done
+	$(RKD) study-report $(STUDY)
+
+# An accelerated Pillow build, installed beside the environment (not into it) so the bench can measure what it
+# buys; to train with it, replace Pillow in the environment (see README) and rebuild caches (it changes pixels).
+PILLOW_SIMD ?= .pillow-simd
+SIMD_CC     := cc $(if $(shell grep -m1 -o avx2 /proc/cpuinfo 2>/dev/null),-mavx2,)
+$(PILLOW_SIMD)/PIL/__init__.py: | $(STAMP)
+	CC="$(SIMD_CC)" $(PY) -m pip install -q --no-deps --target $(PILLOW_SIMD) "pillow-simd>=12,<13"
+
+pillow-simd: $(PILLOW_SIMD)/PIL/__init__.py
+
 bench: $(STAMP)
-	$(RKD) bench --out runs/bench --device $(DEVICE) --workers $(WORKERS)
+	$(MAKE) pillow-simd || echo "pillow-simd could not be built: the loader is measured with stock Pillow only"
+	$(RKD) bench --out runs/bench --device $(DEVICE) --workers $(WORKERS) --pillow-simd $(PILLOW_SIMD) \
+		--real-cache $(STORE)
+
+# The README's results sections, from the last `make demo` and `make bench` (a run never edits tracked files).
+readme: $(STAMP)
+	$(RKD) report $(RUN) --readme README.md
+	$(RKD) bench --out runs/bench --render-only --readme README.md
 
 clean:
-	rm -rf data runs
+	rm -rf data runs $(PILLOW_SIMD)

@@ -28,7 +28,7 @@ from pipeline.errors import ReplayKDError
 from pipeline.plan import max_unit_size, unit_size
 
 FORMAT_NAME = "replaykd.teacher-cache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: fingerprints of uint8 views and their parameters
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 COMPLETE = "complete"
 # Epochs per file of the completion array: one small file per data shard for any realistic run.
@@ -113,6 +113,7 @@ class CacheConfig:
     teacher: str
     teacher_sha256: str
     teacher_input_size: int | None = None
+    image_library: str = "pillow"
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class CacheRequest:
     recipe_name: str
     run_seed: int
     num_classes: int
+    image_library: str
     teacher: TeacherIdentity | None = None
 
 
@@ -284,7 +286,8 @@ class TeacherCache:
             out.append(f"recipe: the store's '{self.attrs.get('recipe_name')}' and this run's '{request.recipe_name}' "
                        f"differ in {_recipe_differences(c.recipe, request.recipe)} (recipe_hash {c.recipe_hash[:16]} "
                        f"vs {request.recipe_hash[:16]})")
-        checks = [("run_seed", "run seed", request), ("split", "split", request), ("num_classes", "classes", request)]
+        checks = [("run_seed", "run seed", request), ("split", "split", request), ("num_classes", "classes", request),
+                  ("image_library", "image library (its decoding and resampling make the views)", request)]
         if request.teacher is not None:
             checks += [("teacher", "teacher", request.teacher), ("teacher_sha256", "teacher checkpoint", request.teacher),
                        ("teacher_input_size", "teacher input size", request.teacher), ("topk", "topk", request.teacher)]

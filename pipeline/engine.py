@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.device import autocast, to_input
+from pipeline.device import autocast
 from pipeline.distributed import sum_across_ranks
 from pipeline.errors import ReplayKDError
+from pipeline.finish import Finisher
 from pipeline.targets import TargetSource
 
 # Steps between progress-bar loss updates (each reads the loss back from the device).
@@ -38,10 +39,11 @@ class EpochStats:
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    device: torch.device, epoch: int, targets: TargetSource, lr_at: Callable[[int], float],
-                    step: int, clip_grad: float | None = None, ema=None, total: int | None = None,
-                    show_progress: bool = True) -> tuple[EpochStats, int]:
-    """One pass over `loader`'s ViewBatches: the teacher's targets from `targets`, the loss from `criterion`.
+                    device: torch.device, epoch: int, finish: Finisher, targets: TargetSource,
+                    lr_at: Callable[[int], float], step: int, clip_grad: float | None = None, ema=None,
+                    total: int | None = None, show_progress: bool = True) -> tuple[EpochStats, int]:
+    """One pass over `loader`'s ViewBatches: views finished on `device` by `finish`, the teacher's targets from
+    `targets`, the loss from `criterion`.
 
     `lr_at(step)` sets the learning rate before each optimiser step; returns the epoch's stats and the next step.
     """
@@ -50,31 +52,33 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     images, lr, first, t0 = 0, float("nan"), step, time.perf_counter()
     bar = tqdm(total=total, desc=f"epoch {epoch}", unit="img", unit_scale=True, leave=False, disable=not show_progress)
-    for batch in loader:
-        lr = lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x = to_input(batch.images, device)
-        label_targets = batch.targets.to(device, non_blocking=True)
-        teacher = targets(batch, x)
-        with autocast(device):
-            parts = criterion(model(x), label_targets, teacher)
-        optimizer.zero_grad(set_to_none=True)
-        parts.loss.backward()
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(plain.parameters(), clip_grad)
-        optimizer.step()
-        if ema is not None:
-            ema.update(plain, step=step)
-        n = len(batch)
-        sums += torch.stack([parts.loss.detach(), parts.base.detach(), parts.distill.detach()]).double() * n
-        images += n
-        bar.update(n)
-        if step % REPORT_EVERY == 0:
-            _check_finite(parts.loss.item(), epoch, step)
-            bar.set_postfix(loss=f"{parts.loss.item():.3f}", lr=f"{lr:.2e}")
-        step += 1
-    bar.close()
+    try:
+        for batch in loader:
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = finish(batch, device)
+            label_targets = batch.targets.to(device, non_blocking=True)
+            teacher = targets(batch, x)
+            with autocast(device):
+                parts = criterion(model(x), label_targets, teacher)
+            optimizer.zero_grad(set_to_none=True)
+            parts.loss.backward()
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(plain.parameters(), clip_grad)
+            optimizer.step()
+            if ema is not None:
+                ema.update(plain, step=step)
+            n = len(batch)
+            sums += torch.stack([parts.loss.detach(), parts.base.detach(), parts.distill.detach()]).double() * n
+            images += n
+            bar.update(n)
+            if step % REPORT_EVERY == 0:
+                _check_finite(parts.loss.item(), epoch, step)
+                bar.set_postfix(loss=f"{parts.loss.item():.3f}", lr=f"{lr:.2e}")
+            step += 1
+    finally:
+        bar.close()  # before any error message: a left-open bar would share its line
     seconds = time.perf_counter() - t0
     totals = sum_across_ranks(torch.cat([sums.cpu(), torch.tensor([images], dtype=torch.float64)]), device)
     count = max(1.0, totals[3].item())

@@ -7,3 +7,13 @@ class ReplayKDError(Exception):
 
 class ShardMismatch(ReplayKDError):
     """A shard no longer matches its manifest (changed, reordered or truncated)."""
+
+
+def user_message(exn: ReplayKDError) -> str:
+    """The project's own message. One raised in a DataLoader worker comes back wrapped by torch in "Caught X in
+    DataLoader worker process N" and the worker's traceback; this unwraps it."""
+    text = str(exn)
+    marker = f"{type(exn).__module__}.{type(exn).__qualname__}: "
+    if text.startswith("Caught ") and "DataLoader worker" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text

@@ -7,13 +7,25 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at start-up: os.umask can only be read by setting it.
+UMASK = _umask()
+
+
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds. The file gets the
+    mode an ordinarily created file would (0666 less the umask), whatever the writer used (safetensors: 0600)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -1,11 +1,12 @@
 """The view loaders: one epoch's training views for a rank (stage two, train-teacher), whole units for stage one
 (each shard decoded once for all its epochs), evaluation views; and the collation into typed batches.
 
-Items are tuples of views: a mixed pair (kept together, so a batch holds whole pairs) or one view when the recipe
-does not mix. Batch sizes count views.
+A pair's two views are made together (they share the mix), then travel separately, each with its partner's pixels,
+so a shuffled batch holds views of about twice as many images as it has rows.
 """
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Sequence
 
@@ -14,7 +15,6 @@ import torch
 from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
-from pipeline.errors import ReplayKDError
 from pipeline.manifest import Manifest
 from pipeline.plan import EpochPlan, Segment, UnitPlan, unit_size
 from pipeline.reader import read_shard
@@ -22,32 +22,39 @@ from pipeline.recipe import Recipe
 from pipeline.replay import Replayer, View, decode_image
 from pipeline.targets import TeacherTargets
 
-Item = tuple[View, ...]
 # Runs in the loader worker once per unit: returns a function applied to each of its views (stage two attaches
 # the cached targets with it).
 Annotator = Callable[[UnitPlan], Callable[[View], None]]
 
 
-def buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Shuffle a stream through a buffer of `size` items (an item's content does not depend on its order)."""
-    buf = []
-    for item in items:
+_END = object()
+
+
+def buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator, initial: int | None = None) -> Iterator:
+    """Shuffle a stream through a buffer of up to `size` items (an item's content does not depend on its order).
+
+    Yielding starts once `initial` items are in (default: size // 8) and the buffer grows to `size` by taking two
+    items in per item out, as webdataset's shuffle does: an epoch starts without waiting for a full buffer.
+    """
+    initial = min(size, max(1, size // 8 if initial is None else initial))
+    buf: list = []
+    stream = iter(items)
+    for item in stream:
+        buf.append(item)
         if len(buf) < size:
-            buf.append(item)
-            continue
-        j = int(rng.integers(size))
-        buf[j], item = item, buf[j]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
+            extra = next(stream, _END)
+            if extra is not _END:
+                buf.append(extra)
+        if len(buf) >= initial:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
 
 
-def items_per_batch(batch_size: int, recipe: Recipe) -> int:
-    """Items per batch of `batch_size` views; a mixing recipe needs an even batch (pairs stay together)."""
-    if recipe.mixes and batch_size % 2:
-        raise ReplayKDError(f"--batch-size must be even with recipe {recipe.name}, which mixes views in pairs; "
-                            f"got {batch_size}")
-    return batch_size // (2 if recipe.mixes else 1)
+def _pick(buf: list, rng: np.random.Generator):
+    j = int(rng.integers(len(buf)))
+    buf[j], buf[-1] = buf[-1], buf[j]
+    return buf.pop()
 
 
 class _Views(IterableDataset):
@@ -75,52 +82,75 @@ class _Views(IterableDataset):
 
 
 class ReplayViews(_Views):
-    """One epoch's training views for one rank: items of `EpochPlan`'s equal share, decoding only the images the
+    """A rank's training views, epoch by epoch: items of `EpochPlan`'s equal share, decoding only the images the
     share's items show (a decoded image serves all its repeats).
 
-    `epoch` picks the views (a cached epoch), `order_epoch` the order of the shards (the training epoch; default
-    `epoch`). `annotate`, if given, runs in the worker once per unit (stage two attaches cached targets there).
+    One dataset serves a whole run: `set_epoch` chooses the epoch through shared memory, so a DataLoader with
+    persistent workers keeps its workers (and their imports and open files) from one epoch to the next. Views come
+    from epoch `e % view_epochs` (a cache's epochs, cycled), the order of the shards from `e` itself. `annotate`,
+    if given, runs in the worker once per unit (stage two attaches cached targets there).
     """
 
-    def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, epoch: int, split: str = "train",
-                 rank: int | None = None, world_size: int | None = None, order_epoch: int | None = None,
+    def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, epoch: int = 0, split: str = "train",
+                 rank: int | None = None, world_size: int | None = None, view_epochs: int | None = None,
                  shuffle_buffer: int = 0, shuffle_seed: int = 0, annotate: Annotator | None = None,
                  fingerprint_every: int = 1):
         super().__init__(manifest, recipe, run_seed, split)
         info = pytorch_worker_info()
         self.rank = info[0] if rank is None else rank
         self.world_size = info[1] if world_size is None else world_size
-        self.plan = EpochPlan(self.counts, recipe.repeats, recipe.mixes, run_seed, epoch, order_epoch)
+        self.view_epochs = view_epochs
         self.shuffle_buffer, self.shuffle_seed, self.annotate = shuffle_buffer, shuffle_seed, annotate
         self.fingerprint_every = fingerprint_every
+        self._epoch = multiprocessing.RawValue("q", epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration (in this process and in persistent workers) yield `epoch`."""
+        self._epoch.value = epoch
+
+    @property
+    def epoch(self) -> int:
+        """The training epoch the next iteration yields."""
+        return self._epoch.value
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The plan of a training epoch (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        view_epoch = epoch % self.view_epochs if self.view_epochs else epoch
+        return EpochPlan(self.counts, self.recipe.repeats, self.recipe.mixes, self.run_seed, view_epoch, epoch)
 
     def __len__(self) -> int:
-        """Views this rank makes in the epoch (the same on every rank)."""
-        return self.plan.rank_items(self.world_size) * self.plan.group
+        """Views this rank makes in the current epoch (the same on every rank)."""
+        return self.views()
 
-    def batches(self, batch_size: int, workers: int) -> int:
-        """Batches of `batch_size` views this rank takes with `workers` loader workers."""
-        return self.plan.batches(self.world_size, workers, items_per_batch(batch_size, self.recipe))
+    def views(self, epoch: int | None = None) -> int:
+        """Views this rank makes in an epoch."""
+        plan = self.plan(epoch)
+        return plan.rank_items(self.world_size) * plan.group
 
-    def _items(self, segments: list[Segment]) -> Iterator[Item]:
+    def batches(self, batch_size: int, workers: int, epoch: int | None = None) -> int:
+        """Batches of `batch_size` views this rank takes in an epoch with `workers` loader workers."""
+        return self.plan(epoch).batches(self.world_size, workers, batch_size)
+
+    def _views(self, segments: list[Segment]) -> Iterator[View]:
         for seg in segments:
             records = read_shard(self.manifest, self.split, self.shards[seg.shard_no])
             unit = self._unit(records, seg.epoch, seg.shard_no)
             images = self._decode(records, unit.positions(seg.start, seg.stop), seg.shard_no)
             attach = self.annotate(unit) if self.annotate is not None else None
             for item in self.replayer.items(unit, records, images, seg.start, seg.stop, self.fingerprint_every):
-                if attach is not None:
-                    for view in item:
+                for view in item:
+                    if attach is not None:
                         attach(view)
-                yield item
+                    yield view
 
-    def __iter__(self) -> Iterator[Item]:
+    def __iter__(self) -> Iterator[View]:
         _, _, worker, workers = pytorch_worker_info()
-        items = self._items(self.plan.segments(self.rank, self.world_size, worker, workers))
+        views = self._views(self.plan().segments(self.rank, self.world_size, worker, workers))
         if self.shuffle_buffer > 1:
-            rng = np.random.default_rng([self.shuffle_seed, self.plan.epoch, self.rank, worker])
-            items = buffer_shuffle(items, max(2, self.shuffle_buffer // self.plan.group), rng)
-        return items
+            rng = np.random.default_rng([self.shuffle_seed, self.epoch, self.rank, worker])
+            views = buffer_shuffle(views, self.shuffle_buffer, rng)
+        return views
 
 
 @dataclass(frozen=True)
@@ -144,24 +174,35 @@ class CacheViews(_Views):
         return sum(unit_size(self.counts[w.shard_no], self.recipe.repeats, e, self.recipe.mixes)
                    for w in self.work for e in w.epochs)
 
-    def __iter__(self) -> Iterator[Item]:
+    def __iter__(self) -> Iterator[View]:
         _, _, worker, workers = pytorch_worker_info()
         for w in self.work[worker::workers]:
             records = read_shard(self.manifest, self.split, self.shards[w.shard_no])
             images = self._decode(records, range(len(records)), w.shard_no)
             for epoch in w.epochs:
-                yield from self.replayer.items(self._unit(records, epoch, w.shard_no), records, images)
+                for item in self.replayer.items(self._unit(records, epoch, w.shard_no), records, images):
+                    yield from item
 
 
 @dataclass
 class ViewBatch:
-    """A collated batch of views: images, label targets, where each view came from, and optional teacher targets.
+    """A collated batch: uint8 views and what their float steps need, label targets, where each view came from,
+    and optional teacher targets.
 
-    `targets` are the mixed, label-smoothed targets lam * y(own) + (1 - lam) * y(partner). `fingerprints` is None
-    unless every view of the batch has one; `teacher` is None unless the loader attached cached targets.
+    `images` are (N, H, W, 3) uint8 and, for a mixing recipe, `partner_images` the same for each view's partner;
+    `erase_boxes` rows are (view row, 1 for the partner's image else 0, top, left, height, width) and `erase_values`
+    their values, concatenated; `mix_boxes` rows are CutMix boxes (y0, y1, x0, x1; -1: none) and `lams` each view's
+    own weight. `Finisher` turns these into float views. `targets` are the mixed, label-smoothed targets
+    lam * y(own) + (1 - lam) * y(partner). `fingerprints` is None unless every view has one; `teacher` is None unless
+    the loader attached cached targets.
     """
 
     images: torch.Tensor
+    partner_images: torch.Tensor | None
+    erase_boxes: torch.Tensor
+    erase_values: torch.Tensor
+    mix_boxes: torch.Tensor
+    lams: torch.Tensor
     labels: torch.Tensor
     targets: torch.Tensor
     keys: list[str]
@@ -174,7 +215,6 @@ class ViewBatch:
     seeds: torch.Tensor
     partners: torch.Tensor
     partner_labels: torch.Tensor
-    lams: torch.Tensor
     fingerprints: torch.Tensor | None = None
     teacher: TeacherTargets | None = None
 
@@ -185,21 +225,18 @@ class ViewBatch:
         """A copy with page-locked tensors (the DataLoader calls this when pin_memory is on)."""
         pinned = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in pinned.items():
-            if isinstance(value, torch.Tensor) or isinstance(value, TeacherTargets):
+            if isinstance(value, (torch.Tensor, TeacherTargets)):
                 pinned[name] = value.pin_memory()
         return ViewBatch(**pinned)
 
 
 class ViewCollate:
-    """Stack items' views (a pair's two views stay adjacent) into a `ViewBatch` with the mixed, label-smoothed
-    targets."""
+    """Stack views into a `ViewBatch` with the mixed, label-smoothed targets."""
 
     def __init__(self, num_classes: int, smoothing: float):
         self.num_classes, self.smoothing = num_classes, smoothing
 
-    def __call__(self, items: Sequence[Item]) -> ViewBatch:
-        views = [v for item in items for v in item]
-
+    def __call__(self, views: Sequence[View]) -> ViewBatch:
         def column(name: str, dtype=torch.int64) -> torch.Tensor:
             return torch.tensor([getattr(v, name) for v in views], dtype=dtype)
 
@@ -209,12 +246,22 @@ class ViewCollate:
         own = torch.full((len(views), self.num_classes), off).scatter_(1, labels.view(-1, 1), on)
         other = torch.full((len(views), self.num_classes), off).scatter_(1, partner_labels.view(-1, 1), on)
         lam = lams.to(torch.float32).unsqueeze(1)
+        mixed = views[0].partner_image is not None
+        if mixed and any(v.partner_image is None for v in views):
+            raise ValueError("a batch mixes views with and without partners")
+        erased = [(row, of_partner, e) for row, v in enumerate(views)
+                  for of_partner, boxes in enumerate((v.erase, v.partner_erase)) for e in boxes]
+        erase_boxes = torch.tensor([(row, of_partner, e.top, e.left, e.height, e.width) for row, of_partner, e in erased],
+                                   dtype=torch.int64).view(-1, 6)
+        erase_values = torch.cat([e.values.reshape(-1) for _, _, e in erased]) if erased else torch.zeros(0)
+        mix_boxes = torch.tensor([v.box or (-1, -1, -1, -1) for v in views], dtype=torch.int64)
         fingerprints = None if any(v.fingerprint is None for v in views) else column("fingerprint")
         teacher = None if views[0].teacher is None else TeacherTargets.stack([v.teacher for v in views])
-        return ViewBatch(torch.stack([v.image for v in views]), labels, lam * own + (1.0 - lam) * other,
-                         [v.key for v in views], column("index"), column("position"), column("repeat"),
-                         column("slot"), column("shard_no"), column("epoch"), column("seed"), column("partner"),
-                         partner_labels, lams, fingerprints, teacher)
+        return ViewBatch(torch.stack([v.image for v in views]),
+                         torch.stack([v.partner_image for v in views]) if mixed else None, erase_boxes, erase_values,
+                         mix_boxes, lams, labels, lam * own + (1.0 - lam) * other, [v.key for v in views],
+                         column("index"), column("position"), column("repeat"), column("slot"), column("shard_no"),
+                         column("epoch"), column("seed"), column("partner"), partner_labels, fingerprints, teacher)
 
 
 class EvalViews(IterableDataset):

@@ -13,7 +13,8 @@ its slots: the teacher cache stores one row per slot.
 
 The order of units is reshuffled every epoch, then the epoch's items (pairs, or single views when the recipe does not
 mix) are split into equal contiguous ranges, one per rank (the remainder, fewer than `world` items, is left out of
-that epoch), and each rank's range into contiguous ranges per loader worker. Everything here is a pure function of
+that epoch), and each rank's range into contiguous ranges per loader worker. A pair's views are made together and
+then go their own ways (each carrying its partner's pixels). Everything here is a pure function of
 (run seed, epoch, shard, its size, repeats, mixing): views and pairs never depend on ranks, workers or batch size.
 """
 from __future__ import annotations
@@ -175,8 +176,9 @@ class EpochPlan:
             offset += n
         return out
 
-    def batches(self, world: int, workers: int, batch_items: int) -> int:
-        """Batches one rank takes in this epoch (each worker batches its own range, the last batch partial)."""
+    def batches(self, world: int, workers: int, batch_size: int) -> int:
+        """Batches of `batch_size` views one rank takes in this epoch (each loader worker batches its own share,
+        its last batch partial)."""
         per_rank = self.rank_items(world)
         sizes = [b - a for a, b in (split_range(per_rank, max(1, workers), w) for w in range(max(1, workers)))]
-        return sum(-(-s // batch_items) for s in sizes)
+        return sum(-(-s * self.group // batch_size) for s in sizes)

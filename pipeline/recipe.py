@@ -68,14 +68,16 @@ class Recipe:
         """sha256 of the canonical JSON of `as_dict()`: equal recipes have equal hashes, whatever the file."""
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
 
-    def train_transform(self):
-        """timm's training transform for one image (crop, flip, RandAugment, normalise, erase)."""
+    def train_transform(self, separate: bool = False):
+        """timm's training transform for one image (crop, flip, RandAugment, normalise, erase); with `separate`,
+        its three stages: (crop, flip), (RandAugment or colour jitter), (to tensor, normalise, erase)."""
         from timm.data import create_transform
 
         return create_transform(
             self.input_size, is_training=True, scale=self.scale, ratio=self.ratio, hflip=self.hflip,
             color_jitter=self.color_jitter, auto_augment=self.auto_augment, interpolation=self.interpolation,
             mean=self.mean, std=self.std, re_prob=self.re_prob, re_mode=self.re_mode, re_count=self.re_count,
+            separate=separate,
         )
 
     def eval_transform(self):

@@ -1,15 +1,20 @@
 """Deterministic views: each training view is a pure function of (run seed, epoch, sample key, repeat, recipe).
 
-timm's augmentations draw from Python's `random`, numpy's global generator and torch's CPU generator.
-Every view is made inside `seeded_globals`, which seeds all three from the view's own seed and restores
-their previous states afterwards, so nothing outside sees a changed generator and no view depends on
-what ran before it (worker, rank, batch or order). Which views a unit holds and how they pair is the
-epoch plan's (`pipeline/plan.py`).
+timm's augmentations draw from Python's `random`, numpy's global generator and torch's CPU generator. Every view is
+made inside `seeded_globals`, which seeds all three from the view's own seed and restores their previous states
+afterwards, so nothing outside sees a changed generator and no view depends on what ran before it (worker, rank,
+batch or order). Which views a unit holds and how they pair is the epoch plan's (`pipeline/plan.py`).
+
+A view leaves the worker as uint8 pixels after timm's PIL stages (crop, flip, RandAugment), with what the float
+stages need: the random-erasing boxes and values (drawn here by timm's own RandomErasing, in its order), the pair's
+Mixup/CutMix parameters and its partner's pixels and erasing, so that every view finishes on its own and a batch
+can hold views of many pairs. `pipeline/finish.py` runs the float stages where the batch is consumed.
 """
 from __future__ import annotations
 
 import io
 import random
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
@@ -20,8 +25,9 @@ from PIL import Image
 from timm.data.mixup import cutmix_bbox_and_lam
 
 from pipeline.errors import ReplayKDError
+from pipeline.finish import normalise_table
 from pipeline.plan import TAG_PAIR, TAG_VIEW, Slot, UnitPlan, derive_seed, plan_unit
-from pipeline.reader import crc32c
+from pipeline.reader import crc32c, crc32c_extend
 from pipeline.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -58,9 +64,16 @@ def seeded_globals():
         torch.default_generator.set_state(states[2])
 
 
-def fingerprint(view: torch.Tensor) -> int:
-    """CRC-32C of the view tensor's bytes: equal fingerprints mean a bit-identical replay."""
-    return crc32c(view.contiguous().numpy())
+def image_library() -> str:
+    """Which Pillow build decodes and resamples: 'pillow-simd' or 'pillow'. Builds may round resampling
+    differently, so a cache records which one made its views."""
+    from importlib import metadata
+
+    try:
+        metadata.version("pillow-simd")
+        return "pillow-simd"
+    except metadata.PackageNotFoundError:
+        return "pillow"
 
 
 def decode_image(data: bytes, origin: str) -> Image.Image:
@@ -96,30 +109,53 @@ def draw_mix(recipe: Recipe, height: int, width: int) -> MixParams:
     return MixParams(float(lam), tuple(int(v) for v in box))
 
 
-def mix_pair(a: torch.Tensor, b: torch.Tensor, p: MixParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two mixed views of a pair: each keeps weight `lam` of itself and takes 1 - lam of the other."""
-    if p.box is None and p.lam == 1.0:
-        return a, b
-    # numpy, not torch: each small torch op costs ~5-10 us, more than the arithmetic on a 16 px view
-    an, bn = a.numpy(), b.numpy()
-    if p.box is not None:
-        ma, mb = an.copy(), bn.copy()
-        y0, y1, x0, x1 = p.box
-        ma[:, y0:y1, x0:x1] = bn[:, y0:y1, x0:x1]
-        mb[:, y0:y1, x0:x1] = an[:, y0:y1, x0:x1]
-    else:
-        ma, mb = an * p.lam + bn * (1.0 - p.lam), bn * p.lam + an * (1.0 - p.lam)  # float32 (NEP 50)
-    return torch.from_numpy(ma), torch.from_numpy(mb)
+@dataclass(frozen=True)
+class Erase:
+    """One random-erasing box of a view as timm drew it: where, and the values it writes (3 x height x width,
+    float32, in normalised units)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    values: torch.Tensor
+
+
+class _EraseRecorder:
+    """Stands in for the view tensor in timm's `RandomErasing._erase`: records each box and its values instead of
+    writing them, so every draw (Python's random for the box, torch's generator for the values) is timm's own."""
+
+    def __init__(self, channels: int):
+        self.channels, self.boxes = channels, []
+
+    def __setitem__(self, key, values: torch.Tensor) -> None:
+        _, rows, cols = key
+        h, w = rows.stop - rows.start, cols.stop - cols.start
+        self.boxes.append(Erase(rows.start, cols.start, h, w, values.expand(self.channels, h, w).contiguous()))
+
+
+def fingerprint(image: torch.Tensor, erase: Sequence[Erase], mix: MixParams, partner: int, floats: int = 0) -> int:
+    """CRC-32C of everything that makes a view: its uint8 pixels, erasing boxes and values, mix parameters and
+    partner, and `floats`, the CRC of the table that turns pixels into floats (so a change in normalisation shows
+    too). Equal fingerprints mean a bit-identical replay (no float arithmetic is involved)."""
+    crc = crc32c_extend(crc32c(image.numpy()), struct.pack("<I", floats))
+    crc = crc32c_extend(crc, struct.pack("<dq4q", mix.lam, partner, *(mix.box or (-1, -1, -1, -1))))
+    for e in erase:
+        crc = crc32c_extend(crc, struct.pack("<4q", e.top, e.left, e.height, e.width))
+        crc = crc32c_extend(crc, e.values.numpy())
+    return crc
 
 
 @dataclass
 class View:
-    """One replayed training view: the image, the sample it shows and everything that decides its targets.
+    """One replayed training view: its uint8 pixels, the sample it shows and everything that decides its targets.
 
-    `slot` is its place among its unit's views (the cache's row); `partner` is the global index of the sample it is
-    mixed with (its own index: unmixed) and `lam` the weight of its own image; `fingerprint` (CRC-32C of the view)
-    is None where the loader did not compute it. `teacher` holds the view's cached teacher targets once the loader
-    has attached them.
+    `image` is (height, width, 3) uint8 after timm's PIL stages; `erase` and (`lam`, `box`) are what the float
+    stages apply (`pipeline/finish.py`), with the partner's `partner_image` and `partner_erase` when the view is
+    mixed. `slot` is its place among its unit's views (the cache's row); `partner` is the global index of the sample
+    it is mixed with (its own index: unmixed) and `lam` the weight of its own image; `fingerprint` is None where the
+    loader did not compute it (the partner's pixels are proven by the partner's own fingerprint). `teacher` holds
+    the view's cached teacher targets once the loader has attached them.
     """
 
     image: torch.Tensor
@@ -135,31 +171,47 @@ class View:
     partner: int
     partner_label: int
     lam: float
+    box: tuple[int, int, int, int] | None = None
+    erase: tuple[Erase, ...] = ()
+    partner_image: torch.Tensor | None = None
+    partner_erase: tuple[Erase, ...] = ()
     fingerprint: int | None = None
     teacher: "TeacherTargets | None" = None
 
 
 class Replayer:
-    """Makes the views of a recipe for a run seed: a unit's items (mixed pairs, or single views), or one view."""
+    """Makes the views of a recipe for a run seed: a unit's items (pairs to mix, or single views), or one view."""
 
     def __init__(self, recipe: Recipe, run_seed: int):
         self.recipe = recipe
         self.run_seed = run_seed
-        self.transform = recipe.train_transform()
+        primary, secondary, final = recipe.train_transform(separate=True)
+        self.pil_steps = primary.transforms + secondary.transforms
+        erasing = [t for t in final.transforms if type(t).__name__ == "RandomErasing"]
+        self.erasing = erasing[0] if erasing else None
+        self.floats = crc32c(normalise_table(recipe).numpy())
 
     def plan(self, n: int, epoch: int, shard: str, shard_no: int = 0) -> UnitPlan:
         """The views of the unit (epoch, shard of `n` samples) under this recipe."""
         return plan_unit(n, self.recipe.repeats, self.recipe.mixes, self.run_seed, epoch, shard, shard_no)
 
-    def _view(self, reseed, image: Image.Image, seed: int) -> torch.Tensor:
+    def _view(self, reseed, image: Image.Image, seed: int) -> tuple[torch.Tensor, tuple[Erase, ...]]:
         reseed(seed)
-        return self.transform(image)
+        for step in self.pil_steps:
+            image = step(image)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
+        if self.erasing is None:
+            return pixels, ()
+        # the float stages (to tensor, normalise) draw nothing, so the generators are where timm's erasing finds them
+        recorder = _EraseRecorder(pixels.shape[2])
+        self.erasing._erase(recorder, pixels.shape[2], pixels.shape[0], pixels.shape[1], torch.float32)
+        return pixels, tuple(recorder.boxes)
 
-    def view(self, image: Image.Image, key: str, epoch: int, repeat: int = 0) -> tuple[torch.Tensor, int]:
-        """The unmixed augmented view of one sample in `epoch` (its `repeat`-th), and its seed."""
+    def view(self, image: Image.Image, key: str, epoch: int, repeat: int = 0) -> tuple[torch.Tensor, tuple[Erase, ...], int]:
+        """The unmixed view of one sample in `epoch` (its `repeat`-th): uint8 pixels, erasing boxes, seed."""
         seed = view_seed(self.run_seed, epoch, key, repeat)
         with seeded_globals() as reseed:
-            return self._view(reseed, image, seed), seed
+            return (*self._view(reseed, image, seed), seed)
 
     def _mix_params(self, reseed, members: Sequence[tuple[str, int]], epoch: int, height: int, width: int) -> MixParams:
         reseed(derive_seed(self.run_seed, epoch, TAG_PAIR, *(f"{k}\0{r}" for k, r in members)))
@@ -174,15 +226,14 @@ class Replayer:
               epoch: int):
         members = [(records[s.position].key, s.repeat) for s in slots]
         seeds = [view_seed(self.run_seed, epoch, k, r) for k, r in members]
-        views = [self._view(reseed, images[s.position], seed) for s, seed in zip(slots, seeds)]
-        if len(views) == 1:
-            return views, seeds, MixParams()
-        params = self._mix_params(reseed, members, epoch, *views[0].shape[-2:])
-        return list(mix_pair(views[0], views[1], params)), seeds, params
+        made = [self._view(reseed, images[s.position], seed) for s, seed in zip(slots, seeds)]
+        if len(made) == 1:
+            return made, seeds, MixParams()
+        return made, seeds, self._mix_params(reseed, members, epoch, *made[0][0].shape[:2])
 
     def items(self, plan: UnitPlan, records: Sequence["Record"], images: Mapping[int, Image.Image], start: int = 0,
               stop: int | None = None, fingerprint_every: int = 1) -> Iterator[tuple[View, ...]]:
-        """Items [start, stop) of a unit: each a tuple of its views (a mixed pair, or one view).
+        """Items [start, stop) of a unit: each a tuple of its views (a pair to mix, or one view).
 
         `records` are the shard's manifest records by position, `images` the decoded images of the positions the
         items show. Fingerprints are computed for slots divisible by `fingerprint_every` (0: none).
@@ -194,19 +245,21 @@ class Replayer:
                 for item in range(first, min(stop, first + ITEMS_PER_CONTEXT)):
                     slots = [plan.slots[s] for s in plan.item_slots(item)]
                     made.append((item, slots, *self._item(reseed, slots, records, images, plan.epoch)))
-            for item, slots, tensors, seeds, params in made:
+            for item, slots, views, seeds, mix in made:
                 out = []
-                for i, (slot, tensor, seed) in enumerate(zip(slots, tensors, seeds)):
+                for i, (slot, (pixels, erase), seed) in enumerate(zip(slots, views, seeds)):
                     own, partner = records[slot.position], records[slots[-1 - i].position]
                     number = item * plan.group + i
                     checked = fingerprint_every and number % fingerprint_every == 0
-                    out.append(View(tensor, own.key, own.index, own.position, slot.repeat, number, plan.shard_no,
-                                    plan.epoch, seed, own.label, partner.index, partner.label, params.lam,
-                                    fingerprint(tensor) if checked else None))
+                    other = views[-1 - i] if len(views) == 2 else (None, ())
+                    out.append(View(pixels, own.key, own.index, own.position, slot.repeat, number, plan.shard_no,
+                                    plan.epoch, seed, own.label, partner.index, partner.label, mix.lam, mix.box, erase,
+                                    *other, fingerprint(pixels, erase, mix, partner.index, self.floats) if checked
+                                    else None))
                 yield tuple(out)
 
     def view_at(self, plan: UnitPlan, records: Sequence["Record"], slot: int) -> View:
-        """The view in `slot` of a unit, decoding only its item's images."""
+        """The view in `slot` of a unit (with its partner's pixels), decoding only its pair's images."""
         item = slot // plan.group
         images = {p: decode_image(records[p].data, records[p].key) for p in plan.positions(item, item + 1)}
         return next(self.items(plan, records, images, item, item + 1))[slot % plan.group]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import glob as globlib
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,75 +12,110 @@ import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.errors import ReplayKDError
-from pipeline.io import atomic_path
 from pipeline.manifest import HEADER, Manifest, rows_to_table
 from pipeline.reader import crc32c, image_field, iter_tar
 from pipeline.sources import Source, check_image
 
 SHARD_RE = re.compile(r"^(?P<split>.+?)-(?P<index>\d+)\.tar$")
 CLASSES_FILE = "classes.txt"
+STAGING = ".replaykd-staging"
+
+
+def _ours(f: Path) -> bool:
+    return f.is_file() and (SHARD_RE.match(f.name) is not None or f.suffix == ".parquet" or f.name in (HEADER, CLASSES_FILE))
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty `out` unless overwriting; then remove only files this tool writes."""
+    """Check that `out` can take a data set: a folder (or nothing yet), empty unless `overwrite`. Removes only the
+    staging folders of runs that were killed; the files a finished run replaces go when the new run commits."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ReplayKDError(f"output path exists and is not a folder: {out}")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ReplayKDError(f"output folder {out} is not empty; pass --overwrite to replace its shards and manifest")
-        for f in out.iterdir():
-            if f.is_file() and (SHARD_RE.match(f.name) or f.suffix == ".parquet" or f.name in (HEADER, CLASSES_FILE)):
-                f.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"{STAGING}-*") if out.exists() else ():
+        shutil.rmtree(stale, ignore_errors=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ReplayKDError(f"output folder {out} is not empty; pass --overwrite to replace its shards and manifest")
 
 
-def write_shards(source: Source, out: Path, shard_size: int, seed: int, skip_bad: bool) -> tuple[Manifest, int]:
-    """Shuffle each split with `seed` and write it in shards of `shard_size`; returns (manifest, images skipped)."""
+def write_shards(source: Source, out: Path, shard_size: int, seed: int, skip_bad: bool,
+                 overwrite: bool = False) -> tuple[Manifest, int]:
+    """Shuffle each split with `seed` and write it in shards of `shard_size` images (the last one of a split may
+    hold fewer; images skipped with `skip_bad` change no other shard); returns (manifest, images skipped).
+
+    Shards are written to a staging folder inside `out` and moved into place only when every split is done, the
+    manifest last: a run that fails or is interrupted leaves `out` as it found it.
+    """
     if shard_size < 1:
         raise ReplayKDError(f"--shard-size must be at least 1, got {shard_size}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tables, skipped = {}, 0
-    for split_no, (split, items) in enumerate(source.splits.items()):
-        if not items:
-            continue
-        order = np.random.default_rng([seed, split_no]).permutation(len(items))
-        rows: list[dict] = []
-        bar = tqdm(total=len(items), desc=f"shards {split}", unit="img")
-        for shard_no, start in enumerate(range(0, len(items), shard_size)):
-            shard = f"{split}-{shard_no:06d}.tar"
-            position = 0
-            with atomic_path(out / shard) as tmp:
-                with wds.TarWriter(str(tmp), mtime=0.0) as sink:
-                    for i in order[start : start + shard_size]:
-                        item = items[i]
-                        data = item.read()
-                        try:
-                            check_image(data, item.origin)
-                        except ReplayKDError:
-                            if not skip_bad:
-                                raise
-                            skipped += 1
-                            bar.update()
-                            continue
-                        sink.write({"__key__": item.key, item.ext: data, "cls": str(item.label)})
-                        rows.append(dict(index=len(rows), key=item.key, shard=shard, position=position, label=item.label,
-                                         nbytes=len(data), crc32c=crc32c(data), ext=item.ext))
-                        position += 1
-                        bar.update()
-            if position == 0:
-                (out / shard).unlink()
+    prepare_out(out, overwrite)
+    created = not out.exists()
+    staging = out / f"{STAGING}-{os.getpid()}"
+    staging.mkdir(parents=True)
+    try:
+        tables, skipped = {}, 0
+        for split_no, (split, items) in enumerate(source.splits.items()):
+            if items:
+                rows, bad = _write_split(split, items, np.random.default_rng([seed, split_no]), staging, shard_size,
+                                         skip_bad)
+                skipped += bad
+                if rows:
+                    tables[split] = rows_to_table(rows)
+        if not tables:
+            raise ReplayKDError(f"no readable images in {source.name}")
+        (staging / CLASSES_FILE).write_text("\n".join(source.classes) + "\n")
+        for f in out.iterdir() if overwrite else ():
+            if _ours(f):
+                f.unlink()
+        for f in staging.iterdir():
+            os.replace(f, out / f.name)
+        manifest = Manifest(out, source.classes, tables, out, info={
+            "source": source.name, "seed": seed, "shard_size": shard_size,
+            "non_images_skipped": len(source.non_images), "bad_images_skipped": skipped})
+        manifest.write()  # its header, written last, marks a complete data set
+        return manifest, skipped
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_split(split: str, items, rng: np.random.Generator, folder: Path, shard_size: int,
+                 skip_bad: bool) -> tuple[list[dict], int]:
+    """One split's shards, filled with readable images in shuffled order; returns its manifest rows and skips."""
+    rows, skipped, sink, position = [], 0, None, 0
+    bar = tqdm(total=len(items), desc=f"shards {split}", unit="img")
+    try:
+        for i in rng.permutation(len(items)):
+            item = items[i]
+            data = item.read()
+            bar.update()
+            try:
+                check_image(data, item.origin)
+            except ReplayKDError:
+                if not skip_bad:
+                    raise
+                skipped += 1
+                continue
+            shard = f"{split}-{len(rows) // shard_size:06d}.tar"
+            if sink is None:
+                # an integer mtime: a float makes tarfile add a pax header to every member (twice the size for
+                # small images, and twice the parsing)
+                sink = wds.TarWriter(str(folder / shard), mtime=0)
+            sink.write({"__key__": item.key, item.ext: data, "cls": str(item.label)})
+            rows.append(dict(index=len(rows), key=item.key, shard=shard, position=position, label=item.label,
+                             nbytes=len(data), crc32c=crc32c(data), ext=item.ext))
+            position += 1
+            if position == shard_size:
+                sink.close()
+                sink, position = None, 0
+    finally:
+        if sink is not None:
+            sink.close()
         bar.close()
-        if rows:
-            tables[split] = rows_to_table(rows)
-    if not tables:
-        raise ReplayKDError(f"no readable images in {source.name}")
-    (out / CLASSES_FILE).write_text("\n".join(source.classes) + "\n")
-    manifest = Manifest(out, source.classes, tables, out, info={"source": source.name, "seed": seed, "shard_size": shard_size,
-                                                               "non_images_skipped": len(source.non_images), "bad_images_skipped": skipped})
-    manifest.write()
-    return manifest, skipped
+    return rows, skipped
 
 
 def scan_shards(pattern: str, out: Path, classes_file: Path | None = None) -> Manifest:
@@ -97,11 +134,11 @@ def scan_shards(pattern: str, out: Path, classes_file: Path | None = None) -> Ma
         for position, sample in enumerate(iter_tar(path)):
             ext = image_field(sample, str(path))
             try:
-                label = int(sample["cls"])
+                label = int(sample.fields["cls"])
             except (KeyError, ValueError) as exn:
-                raise ReplayKDError(f"shard {path}: sample '{sample['__key__']}' has no integer 'cls' field") from exn
-            data = sample[ext]
-            rows.append(dict(index=len(rows), key=sample["__key__"], shard=path.name, position=position, label=label,
+                raise ReplayKDError(f"shard {path}: sample '{sample.key}' has no integer 'cls' field") from exn
+            data = sample.fields[ext]
+            rows.append(dict(index=len(rows), key=sample.key, shard=path.name, position=position, label=label,
                              nbytes=len(data), crc32c=crc32c(data), ext=ext))
     root = roots.pop()
     classes_file = classes_file or (root / CLASSES_FILE)

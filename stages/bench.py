@@ -1,22 +1,25 @@
 """`replaykd bench`: what the cache buys, measured side by side (interleaved repetitions, medians) into JSON."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 import typer
 from safetensors.torch import save_file
 
 from pipeline.device import device_name, pick_device
+from pipeline.errors import ReplayKDError
 from pipeline.io import atomic_path, replace_section, write_json_atomic
 from pipeline.models import create_classifier
 from pipeline.recipe import Recipe
 from pipeline.shards import write_shards
-from pipeline.sources import Source, SourceItem, digits_source
-from stages import measure
+from pipeline.manifest import Manifest
+from pipeline.reader import read_shard
+from pipeline.sources import digits_source
+from stages import loader_bench, measure
 from stages.options import BenchOptions
 
 TINY_DEIT = {"student": "deit_tiny_distilled_patch16_224", "patch_size": 4, "depth": 6, "embed_dim": 96, "num_heads": 3}
@@ -24,9 +27,10 @@ TINY_DEIT = {"student": "deit_tiny_distilled_patch16_224", "patch_size": 4, "dep
 
 @dataclass(frozen=True)
 class Preset:
-    """Sizes of one bench: data, recipe, teacher, students, batch and epochs per measurement."""
+    """Sizes of one bench: data sets (stage one uses the first), recipe, teacher, students, batch and epochs per
+    measurement."""
 
-    source: str
+    sources: tuple[str, ...]
     recipe: str
     teacher: str
     teacher_input: int | None
@@ -39,28 +43,28 @@ class Preset:
 
 PRESETS = {
     # CPU: the digits demo's sizes (16 px views, a 0.7 M-parameter DeiT, regnety_002 at 32 px).
-    "small": Preset("digits", "digits", "regnety_002", 32, (TINY_DEIT,), 64, 256, 4, 8),
-    # GPU: DeiT's sizes on synthetic ImageNet-like JPEGs (500x375, 1000 classes), teacher regnety_160 at 224.
-    "imagenet": Preset("synthetic", "deit", "regnety_160", None,
+    # Stage two also on 64 px JPEG tiles of real photographs in 1000-image shards (JPEG decoding, bigger shards).
+    "small": Preset(("digits", "photo-tiles"), "digits", "regnety_002", 32, (TINY_DEIT,), 64, 256, 4, 8),
+    # GPU: DeiT's sizes on ImageNet-sized JPEGs cut from real photographs (500x375, 1000 classes), regnety_160 at 224.
+    "imagenet": Preset(("photographs",), "deit", "regnety_160", None,
                        tuple({"student": f"deit_{s}_distilled_patch16_224"} for s in ("tiny", "small", "base")), 256, 256, 1, 2),
 }
 
 
-def bench_data(work: Path, preset: Preset, images: int) -> tuple[Path, Path]:
-    """Shards for the preset and a teacher checkpoint (random weights: throughput does not need trained ones)."""
-    data = work / f"data-{preset.source}"
+SOURCES = {  # name -> (data set of n images, shard size, classes)
+    "digits": (lambda n: digits_source(0.2, 0, 32), 200, 10),
+    "photo-tiles": (lambda n: loader_bench.photo_source(n, (64, 64), 10), 1000, 10),
+    "photographs": (lambda n: loader_bench.photo_source(n, (500, 375), 1000), 1024, 1000),
+}
+
+
+def bench_data(work: Path, preset: Preset, source: str, images: int) -> tuple[Path, Path]:
+    """Shards of a data set and a teacher checkpoint (random weights: throughput does not need trained ones)."""
+    make, shard_size, num_classes = SOURCES[source]
+    data = work / f"data-{source}"
     if not (data / "manifest.json").exists():
-        if preset.source == "digits":
-            source = digits_source(0.2, 0, 32)
-        else:
-            rng = np.random.default_rng(0)
-            items = [SourceItem(key=f"img_{i:07d}", label=int(rng.integers(1000)), ext="jpg",
-                                data=measure.synthetic_jpeg(rng, (375, 500))) for i in range(images)]
-            source = Source("synthetic", [f"class_{c:04d}" for c in range(1000)], {"train": items[: images * 9 // 10],
-                                                                                   "val": items[images * 9 // 10 :]})
-        write_shards(source, data, 1024 if preset.source != "digits" else 200, 0, False)
-    num_classes = 10 if preset.source == "digits" else 1000
-    ckpt = work / f"{preset.teacher}.safetensors"
+        write_shards(make(images), data, shard_size, 0, False)
+    ckpt = work / f"{preset.teacher}-{num_classes}.safetensors"
     if not ckpt.exists():
         save_file(create_classifier(preset.teacher, num_classes).state_dict(), str(ckpt))
     return data, ckpt
@@ -69,24 +73,37 @@ def bench_data(work: Path, preset: Preset, images: int) -> tuple[Path, Path]:
 def bench_markdown(r: dict) -> str:
     """The bench results as markdown."""
     lines = [f"Device: {r['device']}; torch {r['torch']}; {r['date']}; command `{r['command']}`; medians of "
-             f"{r['repeats']} interleaved repetitions.", "",
-             "| replay (1 core) | timm views/s | replay views/s | overhead | timm + Mixup views/s | replay mixed views/s | overhead |",
-             "|---|---|---|---|---|---|---|"]
-    for x in r["replay"]:
-        lines.append(f"| {x['recipe']} ({x['image_size'][0]}x{x['image_size'][1]} -> {x['input_size']}) | "
-                     f"{x['timm_transform_views_per_s']:.0f} | {x['replay_transform_views_per_s']:.0f} | "
-                     f"{100 * x['overhead_transform']:+.1f}% | {x['timm_mixed_views_per_s']:.0f} | "
-                     f"{x['replay_mixed_views_per_s']:.0f} | {100 * x['overhead_mixed']:+.1f}% |")
+             f"{r['repeats']} interleaved repetitions.", ""]
+    lo = r["loader"]
+    lines += ["Loader, one core, views/s (timm's ordinary path: every view decoded, `create_transform`, `Mixup`; the "
+              "replay: one decode per sample for its repeats, uint8 views + erasing/mixing parameters + fingerprints, "
+              "float steps left to the consumer):", "",
+              "| recipe, images | Pillow | timm views/s | replay views/s | replay / timm |", "|---|---|---|---|---|"]
+    for x in lo["per_core"]:
+        lines.append(f"| {x['recipe']} ({x['input_size']} px, {x['repeats']} repeats), {x['images']} {x['what']} | "
+                     f"{x['pillow']} | {x['timm_views_per_s']:.0f} | {x['replay_views_per_s']:.0f} | "
+                     f"**{x['replay_over_timm']:.2f}** |")
+    deit = next(x for x in lo["per_core"] if x["recipe"] == "deit")
+    lines += ["", f"`loader.replay_over_timm_per_core` **{lo['replay_over_timm_per_core']:.2f}** (speed-ups: "
+              f"{', '.join(lo['speedups']) or 'none'}; the replay against stock timm); stock "
+              f"**{lo['replay_over_timm_per_core_stock']:.2f}**. Replay ms per view (DeiT, stock): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in deit["replay_ms_per_view"].items())
+              + f"; finishing on this CPU would add {deit['finish_on_cpu_ms_per_view']:.3f} (on a GPU it runs there). "
+              f"Stage-two loader with {lo['full_loader']['workers']} workers: {lo['full_loader']['views_per_s']:.0f} "
+              f"views/s (DeiT recipe, real photographs). Reduced-size JPEG decoding could serve "
+              f"{100 * lo['draft_eligible']:.1f}% of decoded images (all their repeats' crops at least twice 224 px), "
+              "so it is not implemented."]
     s1 = r["stage_one"]
     lines += ["", f"Stage one ({s1['teacher']}, {s1['device']}, batch {s1['batch_size']}, {s1['workers']} workers): "
               f"teacher-cache {s1['teacher_cache_views_per_s']:.0f} views/s (its loop, start-up excluded) vs the bare teacher forward "
-              f"{s1['bare_teacher_views_per_s']:.0f} views/s: ratio **{s1['ratio']:.2f}**. Decodes per view: "
-              f"{s1['decodes_per_view']['stage_one']:.3f} in stage one ({s1['epochs']} epochs from one decode per "
-              f"shard), {s1['decodes_per_view']['stage_two']:.3f} in stage two (one decode serves a sample's "
-              f"{r['coverage']['repeats']} repeats)."]
-    lines += ["", "| stage two student | no KD img/s | cached KD img/s | online KD img/s | cached / no KD | cached / online | FLOP bound online/cached |",
+              f"{s1['bare_teacher_views_per_s']:.0f} views/s: ratio **{s1['ratio']:.2f}**."]
+    d = lo["decodes_per_view"]
+    lines += ["", f"Decodes per view ({d['recipe']} recipe, real photographs): {d['stage_one']:.3f} in stage one "
+              f"({d['epochs']} epochs from one decode per shard), {d['stage_two']:.3f} in stage two (one decode serves "
+              f"a sample's {d['repeats']} repeats)."]
+    lines += ["", "| stage two student, data | no KD img/s | cached KD img/s | online KD img/s | cached / no KD | cached / online | FLOP bound online/cached |",
               "|---|---|---|---|---|---|---|"]
-    lines += [f"| {s['student']} | {s['no_kd_images_per_s']:.0f} | {s['cache_kd_images_per_s']:.0f} | "
+    lines += [f"| {s['student']}, {s['data']} | {s['no_kd_images_per_s']:.0f} | {s['cache_kd_images_per_s']:.0f} | "
               f"{s['online_kd_images_per_s']:.0f} | **{s['cached_over_no_kd']:.3f}** | **{s['cached_over_online']:.2f}** | "
               f"{s['flop_bound_online_cost']:.2f} |" for s in r["stage_two"]]
     lines += ["", "| cache, k of 1000 classes (synthetic teacher) | raw bytes/view | stored bytes/view | reads (records/s, 1 process) |",
@@ -106,8 +123,40 @@ def bench_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def loader_section(o: BenchOptions, work: Path) -> dict:
+    """Views/s per core of timm's ordinary path vs the replay (DeiT recipe on real photographs, and digits), with
+    the accelerated Pillow build too when one is given; the stage-two loader with workers; draft decoding's reach."""
+    deit, rounds = Recipe.load("deit"), o.repeats + 2
+    photos = loader_bench.save_jpegs(loader_bench.photographs(max(24, o.views // 4)), work / "photographs")
+    jpegs = loader_bench.load_jpegs(photos)
+    stock = {**loader_bench.per_core(deit, jpegs, rounds), "what": "real photographs (500x375 JPEG)"}
+    digits = Manifest.load(work / "data-digits")
+    records = [r for shard in digits.shards("train")[:2] for r in read_shard(digits, "train", shard)]
+    rows = [stock, {**loader_bench.per_core(Recipe.load("digits"), [(r.key, r.data) for r in records], rounds),
+                    "what": "digits (32 px PNG)"}]
+    out = {"per_core": rows, "replay_over_timm_per_core_stock": stock["replay_over_timm"], "speedups": []}
+    fast = None
+    if o.pillow_simd is not None and o.pillow_simd.exists():
+        fast = {**loader_bench.per_core_elsewhere(o.pillow_simd, "deit", photos, rounds), "what": stock["what"]}
+        rows.insert(1, fast)
+        out["speedups"] = [fast["pillow"]]
+    # the replay (with the speed-ups) against timm's ordinary, stock path
+    out["replay_over_timm_per_core"] = (fast or stock)["replay_views_per_s"] / stock["timm_views_per_s"]
+    data = work / "data-photographs"
+    if not (data / "manifest.json").exists():
+        write_shards(loader_bench.photo_source(max(64, o.views // 2), (500, 375)), data, 64, 0, False)
+    out["full_loader"] = loader_bench.full_loader(data, deit, max(1, o.workers))
+    out["decodes_per_view"] = measure.decodes_per_view(Manifest.load(data), deit, 8)
+    out["draft_eligible"] = loader_bench.draft_eligible(deit, (500, 375))
+    return out
+
+
 def bench(o: BenchOptions) -> None:
-    """Measure replay vs timm, stage one vs the bare teacher, stage two with/without KD, and cache size."""
+    """Measure the loader, stage one vs the bare teacher, stage two with/without KD, and cache size."""
+    if o.render_only:
+        if not (o.out / "bench.json").exists():
+            raise ReplayKDError(f"no {o.out / 'bench.json'} to render; run 'make bench' first")
+        return publish(o, json.loads((o.out / "bench.json").read_text()))
     dev = pick_device(o.device)
     name = o.preset or ("imagenet" if dev.type == "cuda" else "small")
     p, work = PRESETS[name], o.out / "work"
@@ -116,18 +165,24 @@ def bench(o: BenchOptions) -> None:
     r = {"device": device_name(dev), "torch": torch.__version__, "preset": name, "repeats": o.repeats,
          "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
          "command": f"replaykd bench --preset {name} --device {dev.type} --repeats {o.repeats} --views {o.views}"}
-    r["replay"] = [measure.replay_vs_timm(Recipe.load(rec), measure.synthetic_images(n, size), o.repeats)
-                   for rec, size, n in (("digits", (32, 32), o.views), ("deit", (375, 500), max(8, o.views // 8)))]
-    data, ckpt = bench_data(work, p, o.views * 10)
-    r["stage_one"] = measure.teacher_cache_vs_bare(data, ckpt, p, o.workers, device, o.repeats, work)
-    r["stage_two"] = [measure.student_kd_modes(data, ckpt, p, s, o.workers, device, o.repeats, work) for s in p.students]
+    data = {source: bench_data(work, p, source, o.views * 4) for source in p.sources}
+    r["loader"] = loader_section(o, work)
+    r["stage_one"] = measure.teacher_cache_vs_bare(*data[p.sources[0]], p, o.workers, device, o.repeats, work)
+    r["stage_two"] = [{"data": source, **measure.student_kd_modes(*data[source], p, s, o.workers, device, o.repeats,
+                                                                  work / source)}
+                      for source in p.sources for s in p.students]
     r["cache_size"] = measure.cache_size_and_reads(work)
     real = o.real_cache if o.real_cache is not None and (o.real_cache / "zarr.json").exists() else None
     r["real_cache"] = measure.stored_bytes_per_view(real) if real else None
     deit = Recipe.load("deit")
     r["coverage"] = measure.coverage(1_281_167, 1000, deit.repeats)
-    md = bench_markdown(r)
     write_json_atomic(o.out / "bench.json", r)
+    publish(o, r)
+
+
+def publish(o: BenchOptions, r: dict) -> None:
+    """bench.md (and the README's bench section, if asked) from the results."""
+    md = bench_markdown(r)
     with atomic_path(o.out / "bench.md") as tmp:
         tmp.write_text(md)
     if o.readme is not None:

@@ -9,13 +9,15 @@ import torch
 import typer
 
 from pipeline.cache import CacheRequest, TeacherCache, TeacherIdentity
-from pipeline.device import autocast, pick_device, to_input
+from pipeline.device import autocast, pick_device
 from pipeline.errors import ReplayKDError
+from pipeline.finish import Finisher
+from pipeline.loader import ViewCollate
 from pipeline.manifest import Manifest
 from pipeline.models import file_sha256, load_teacher
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
-from pipeline.replay import Replayer
+from pipeline.replay import Replayer, image_library
 from stages.options import CacheInfoOptions, CacheVerifyOptions
 
 
@@ -39,7 +41,7 @@ def open_sources(cache: TeacherCache, data: Path | None, checkpoint: Path | None
     if not ckpt.exists():
         raise ReplayKDError(f"teacher checkpoint not found: {ckpt} (pass --checkpoint)")
     cache.require(CacheRequest(manifest.hash, c.split, recipe.as_dict(), recipe.hash, recipe.name, c.run_seed,
-                               manifest.num_classes,
+                               manifest.num_classes, image_library(),
                                TeacherIdentity(c.teacher, file_sha256(ckpt), c.teacher_input_size, c.topk)))
     return manifest, recipe, ckpt
 
@@ -67,12 +69,13 @@ def verify(o: CacheVerifyOptions) -> None:
         if v.fingerprint != unit.fingerprint[slot]:
             problems.append(f"epoch {epoch} key '{v.key}' repeat {v.repeat}: fingerprint {unit.fingerprint[slot]:08x} "
                             f"stored, {v.fingerprint:08x} replayed")
-        views.append(v.image)
+        views.append(v)
         stored.append((unit.probs[slot].astype(np.float32), unit.classes[slot].astype(np.int64)))
     dev = pick_device(o.device)
     teacher = load_teacher(c.teacher, ckpt, c.num_classes, c.teacher_input_size, dev)
+    finished = Finisher(recipe)(ViewCollate(c.num_classes, recipe.smoothing)(views), dev)
     with torch.inference_mode(), autocast(dev):
-        probs = teacher(to_input(torch.stack(views), dev)).float().softmax(-1).cpu().numpy()
+        probs = teacher(finished).float().softmax(-1).cpu().numpy()
     s_probs = np.stack([p for p, _ in stored])
     s_classes = np.stack([k for _, k in stored])
     agree = float((probs.argmax(1) == s_classes[:, 0]).mean())

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.errors import ReplayKDError
+from pipeline.errors import ReplayKDError, user_message
 from stages import options as O
 
 app = typer.Typer(
@@ -106,6 +106,7 @@ cache_app.command("info")(command(O.CacheInfoOptions, "stages.cache_tools:info")
 cache_app.command("verify")(command(O.CacheVerifyOptions, "stages.cache_tools:verify"))
 app.command("train-student")(command(O.StudentOptions, "stages.train_student:main", config_file=True))
 app.command("report")(command(O.ReportOptions, "stages.report:report"))
+app.command("study-report")(command(O.StudyReportOptions, "stages.report:study"))
 app.command("bench")(command(O.BenchOptions, "stages.bench:bench"))
 
 
@@ -116,5 +117,5 @@ def main() -> None:
     except ReplayKDError as exn:
         if os.environ.get("REPLAYKD_DEBUG"):
             raise
-        typer.secho(f"error: {exn}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {user_message(exn)}", fg=typer.colors.RED, err=True)
         sys.exit(2)

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 
+import torch
 import typer
 
 from pipeline.errors import ReplayKDError
-from pipeline.grid import view_grid
+from pipeline.finish import Finisher
+from pipeline.grid import Tile, view_grid
+from pipeline.loader import ViewCollate
 from pipeline.io import atomic_path
 from pipeline.manifest import Manifest
 from pipeline.reader import read_shard
@@ -29,23 +32,27 @@ def parse_epochs(spec: str) -> list[int]:
 
 
 def views(o: ViewsOptions) -> None:
-    """Write a PNG grid of replayed (mixed) views of a few samples across epochs."""
+    """Write a labelled PNG grid of replayed views (finished, mixed) of a few samples across epochs."""
     manifest, rec = Manifest.load(o.data), Recipe.load(o.recipe)
     epoch_list = parse_epochs(o.epochs)
     shard = manifest.shards(o.split)[0]
     records = read_shard(manifest, o.split, shard)
-    replayer = Replayer(rec, o.seed)
-    shown = range(min(o.samples, len(records)))
-    rows: list[list] = [[] for _ in shown]
-    for epoch in epoch_list:
+    replayer, finish = Replayer(rec, o.seed), Finisher(rec)
+    shown = list(range(min(o.samples, len(records))))
+    cells: list[list[list[Tile]]] = [[[] for _ in epoch_list] for _ in shown]
+    for column, epoch in enumerate(epoch_list):
         plan = replayer.plan(len(records), epoch, shard)
-        first = {}
-        for slot, s in enumerate(plan.slots):
-            first.setdefault(s.position, slot)
-        for row, p in zip(rows, shown):
-            row.append(replayer.view_at(plan, records, first[p]).image if p in first else None)
-    grid = view_grid(rows, rec.mean, rec.std, o.cell)
+        views = [replayer.view_at(plan, records, slot) for slot, s in enumerate(plan.slots) if s.position < len(shown)]
+        if not views:
+            continue
+        finished = finish(ViewCollate(manifest.num_classes, rec.smoothing)(views), torch.device("cpu"))
+        for view, image in zip(views, finished):
+            mixed = view.partner != view.index and view.lam < 1
+            cells[view.position][column].append(Tile(image, f"x{view.partner} {view.lam:.2f}" if mixed else ""))
+    labels = [f"{records[p].key}\n{manifest.classes[records[p].label]} (#{records[p].index})" for p in shown]
+    grid = view_grid(cells, labels, [f"epoch {e}" for e in epoch_list], rec.mean, rec.std, o.cell)
     o.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(o.out) as tmp:
         grid.save(tmp, format="PNG")
-    typer.echo(f"wrote {o.out}: {len(rows)} samples x epochs {epoch_list} (recipe {rec.name}, seed {o.seed})")
+    typer.echo(f"wrote {o.out}: {len(shown)} samples x epochs {epoch_list} (recipe {rec.name}, {rec.repeats} repeats, "
+               f"seed {o.seed}); a caption 'xN 0.63' marks a view mixed with sample #N, keeping 63% of its own image")

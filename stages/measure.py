@@ -1,8 +1,6 @@
 """The measurements behind `replaykd bench`, each side by side with its baseline (interleaved, medians)."""
 from __future__ import annotations
 
-import dataclasses
-import io
 import json
 import shutil
 import statistics
@@ -13,19 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import pipeline.loader as loader_mod
 from pipeline.cache import CacheConfig, CacheRequest, TeacherCache, UnitArrays
-from pipeline.device import autocast, pick_device, to_input
+from pipeline.device import autocast, pick_device
 from pipeline.errors import ReplayKDError
-from pipeline.loader import CacheViews, ReplayViews, ShardWork
+from pipeline.finish import Finisher
+from pipeline.loader import CacheViews, ReplayViews, ShardWork, ViewCollate
 from pipeline.manifest import Manifest
 from pipeline.models import create_student, load_teacher
 from pipeline.plan import chosen_positions
-from pipeline.reader import Record
 from pipeline.recipe import Recipe
-from pipeline.replay import Replayer
 
 
 def replaykd(*args) -> str:
@@ -49,78 +45,19 @@ def interleaved(fns: dict, repeats: int, warmup: bool = False) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def synthetic_jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
-    """A JPEG with structure (gradients + noise), so decoding and augmentation do real work."""
-    h, w = size
-    base = np.linspace(0, 255, w)[None, :, None] * rng.random(3) + np.linspace(0, 255, h)[:, None, None] * rng.random(3)
-    arr = np.clip(base / 2 + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
-
-
-def synthetic_images(n: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:
-    """Decoded synthetic JPEGs."""
-    rng = np.random.default_rng(seed)
-    return [Image.open(io.BytesIO(synthetic_jpeg(rng, size))).convert("RGB") for _ in range(n)]
-
-
-def replay_vs_timm(recipe: Recipe, images: list[Image.Image], repeats: int) -> dict:
-    """Views/s on one core, timm's ordinary pipeline vs the replay, both ending in a stacked batch.
-
-    'transform': create_transform per image vs the seeded, fingerprinted replay with mixing off;
-    'mixed': the same plus timm's Mixup (pair mode, on the batch) vs the replay's per-pair mixing.
-    """
-    from timm.data import Mixup
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transform = recipe.train_transform()
-    mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mix_prob,
-                  switch_prob=recipe.switch_prob, mode="pair", label_smoothing=recipe.smoothing, num_classes=10)
-    labels = torch.arange(len(images)) % 10
-    keys = [f"img{i:05d}" for i in range(len(images))]
-    replay_mixed = Replayer(recipe, run_seed=0)
-    replay_plain = Replayer(dataclasses.replace(recipe, mix_prob=0.0), run_seed=0)
-
-    epochs = iter(range(1_000_000))
-
-    records = [Record(i, k, int(y), i, b"") for i, (k, y) in enumerate(zip(keys, labels.tolist()))]
-    by_position = dict(enumerate(images))
-
-    def replay(replayer):
-        # a new epoch each call: fresh draws, as the ordinary pipeline gets (a fixed op mix would bias the timing)
-        plan = replayer.plan(len(images), next(epochs), "shard")
-        torch.stack([v.image for item in replayer.items(plan, records, by_position) for v in item])
-
-    fns = {
-        "timm_transform": lambda: torch.stack([transform(im) for im in images]),
-        "replay_transform": lambda: replay(replay_plain),
-        "timm_mixed": lambda: mixup(torch.stack([transform(im) for im in images]), labels),
-        "replay_mixed": lambda: replay(replay_mixed),
-    }
-    try:
-        rates = {k: len(images) / v for k, v in interleaved(fns, repeats, warmup=True).items()}
-    finally:
-        torch.set_num_threads(threads)
-    return {"recipe": recipe.name, "views": len(images), "input_size": recipe.input_size,
-            "image_size": list(images[0].size), **{f"{k}_views_per_s": v for k, v in rates.items()},
-            "overhead_transform": rates["timm_transform"] / rates["replay_transform"] - 1.0,
-            "overhead_mixed": rates["timm_mixed"] / rates["replay_mixed"] - 1.0}
-
-
 def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: str, repeats: int, work: Path) -> dict:
     """Views/s of `teacher-cache` (views by workers, writes on a thread) vs the bare teacher forward on the same batches."""
     manifest, rec = Manifest.load(data), Recipe.load(preset.recipe)
     dev = pick_device(device)
     net = load_teacher(preset.teacher, ckpt, manifest.num_classes, preset.teacher_input, dev)
-    views = torch.stack([v.image for item in ReplayViews(manifest, rec, 0, 0, rank=0, world_size=1) for v in item])
-    batches = [views[i : i + preset.teacher_batch] for i in range(0, len(views), preset.teacher_batch)]
-
+    ds = ReplayViews(manifest, rec, 0, 0, rank=0, world_size=1)
+    collate, finish = ViewCollate(manifest.num_classes, rec.smoothing), Finisher(rec)
+    views, size = list(ds), preset.teacher_batch
+    batches = [finish(collate(views[i:i + size]), dev) for i in range(0, len(views), size)]  # finished, on the device
     def bare():
         with torch.inference_mode(), autocast(dev):
             for b in batches:
-                net(to_input(b, dev))
+                net(b)
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
@@ -137,8 +74,7 @@ def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: 
     bare_rate, cache_rate = len(views) / med["bare"], statistics.median(rates)
     return {"teacher": preset.teacher, "recipe": preset.recipe, "epochs": preset.cache_epochs,
             "batch_size": preset.teacher_batch, "workers": workers, "device": str(dev), "bare_teacher_views_per_s": bare_rate,
-            "teacher_cache_views_per_s": cache_rate, "ratio": cache_rate / bare_rate,
-            "decodes_per_view": decodes_per_view(manifest, rec, preset.cache_epochs)}
+            "teacher_cache_views_per_s": cache_rate, "ratio": cache_rate / bare_rate}
 
 
 def cache_args(data: Path, ckpt: Path, preset, out: Path, epochs: int, workers: int, device: str) -> list:
@@ -150,8 +86,9 @@ def cache_args(data: Path, ckpt: Path, preset, out: Path, epochs: int, workers: 
 
 
 def decodes_per_view(manifest: Manifest, recipe: Recipe, epochs: int) -> dict:
-    """Image decodes per view made by stage one's loader (each shard decoded once: 1 / epochs) and by stage two's
-    (only the images of an epoch's chosen samples: 1 / repeats), counted in-process."""
+    """Image decodes per view made by stage one's loader over `epochs` (each shard decoded once: 1 / epochs) and by
+    stage two's (only the images of an epoch's chosen samples, once for all their repeats: 1 / repeats), counted
+    in-process."""
     count = [0]
     real = loader_mod.decode_image
 
@@ -162,10 +99,11 @@ def decodes_per_view(manifest: Manifest, recipe: Recipe, epochs: int) -> dict:
     loader_mod.decode_image = counting
     try:
         work = [ShardWork(s, tuple(range(epochs))) for s in range(len(manifest.shards("train")))]
-        views = sum(len(item) for item in CacheViews(manifest, recipe, 0, work))
+        views = sum(1 for _ in CacheViews(manifest, recipe, 0, work))
         stage_one, count[0] = count[0] / views, 0
-        views = sum(len(item) for item in ReplayViews(manifest, recipe, 0, 0, rank=0, world_size=1))
-        return {"stage_one": stage_one, "stage_two": count[0] / views}
+        views = sum(1 for _ in ReplayViews(manifest, recipe, 0, 0, rank=0, world_size=1))
+        return {"recipe": recipe.name, "repeats": recipe.repeats, "epochs": epochs, "stage_one": stage_one,
+                "stage_two": count[0] / views}
     finally:
         loader_mod.decode_image = real
 
@@ -272,7 +210,7 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
         shutil.rmtree(store, ignore_errors=True)
         config = CacheConfig(manifest_hash="synthetic", split="train", recipe={}, recipe_hash="synthetic", run_seed=0,
                              epochs=1, topk=k, num_classes=1000, teacher="synthetic", teacher_sha256="synthetic")
-        request = CacheRequest("synthetic", "train", {}, "synthetic", "synthetic", 0, 1000)
+        request = CacheRequest("synthetic", "train", {}, "synthetic", "synthetic", 0, 1000, config.image_library)
         cache = TeacherCache.create_or_grow(store, config, request, shards, [per_shard] * len(shards), 1, False, 1, {})
         for s in range(len(shards)):
             # a confident teacher: one class ~6 logits above N(0, 1.5) noise over 1000 classes

@@ -208,7 +208,8 @@ class TrainTeacherOptions(Options):
     weight_decay: float = opt(0.05, "AdamW weight decay.", min=0.0)
     warmup_epochs: int = opt(2, "Linear warm-up epochs before the cosine decay.", min=0)
     seed: int = opt(0, "Seed of the initialisation and of the views.", min=0)
-    workers: int = opt(2, "DataLoader worker processes.", min=0)
+    workers: int = opt(2, "DataLoader worker processes (kept for the whole run).", min=0)
+    prefetch: int = opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
     device: Device = opt(Device.auto, "Where to train: auto (a GPU when there is one), cpu or cuda.")
     out: Path = opt(Path("runs/teacher/teacher.safetensors"), "Where to write the weights (safetensors); a .json "
                     "beside it records name, input size and accuracy, a .yaml these options.")
@@ -236,6 +237,7 @@ class TeacherCacheOptions(Options):
     batch_size: int = opt(256, "Views per teacher forward.", min=1)
     workers: int = opt(4, "DataLoader worker processes making views (each decodes a shard once for all epochs).",
                        min=0)
+    prefetch: int = opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
     device: Device = opt(Device.auto, "Where the teacher runs: auto, cpu or cuda (bf16 autocast and channels_last "
                                       "on GPU).")
     epochs_per_file: int = opt(8, "Epochs of one data shard stored per Zarr shard file (fewer, larger files).", min=1)
@@ -313,7 +315,8 @@ class StudentOptions(Options):
     check_fingerprints: FingerprintCheck = opt(FingerprintCheck.all, "Compare replayed views' fingerprints with the "
                                                "cache: all, sample (1 in 16) or off.")
     shuffle_buffer: int = opt(1024, "Views shuffled through a buffer of this size.", min=0)
-    workers: int = opt(4, "DataLoader worker processes per process.", min=0)
+    workers: int = opt(4, "DataLoader worker processes per process (kept for the whole run).", min=0)
+    prefetch: int = opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
     device: Device = opt(Device.auto, "Where to train: auto, cpu or cuda (bf16 autocast and channels_last on GPU).")
     resume: bool = opt(False, "Continue the run in OUT from its last finished epoch.")
     stop_after: int | None = opt(None, "Stop after this many finished epochs (continue later with --resume).", min=1)
@@ -345,6 +348,14 @@ class ReportOptions(Options):
 
 
 @dataclass
+class StudyReportOptions(Options):
+    """Write RUN/report.md and RUN/report.json: mean and spread of each arm's accuracy over its seeds."""
+
+    run: Path = opt(Path("runs/study"), "Study folder: one student run per (arm, seed), e.g. hard-seed0/, none-seed0/.",
+                    argument=True)
+
+
+@dataclass
 class BenchOptions(Options):
     """Measure replay vs timm, stage one vs the bare teacher, stage two with/without KD, and cache size."""
 
@@ -357,7 +368,10 @@ class BenchOptions(Options):
     device: Device = opt(Device.auto, "Where to measure: auto, cpu or cuda.")
     real_cache: Path | None = opt(Path("runs/demo/cache.zarr"), "A cache of real teacher outputs whose stored bytes "
                                                                "per view to report (the demo's; skipped if absent).")
+    pillow_simd: Path | None = opt(Path(".pillow-simd"), "A folder with pillow-simd installed (pip install --target; "
+                                   "'make pillow-simd' builds it) to measure the loader with it too (skipped if absent).")
     readme: Path | None = opt(None, "Also rewrite this README's bench section (between its bench:start/end markers).")
+    render_only: bool = opt(False, "Measure nothing: rewrite bench.md (and --readme) from OUT/bench.json.")
 
     def validate(self) -> None:
         if self.preset is not None and self.preset not in ("small", "imagenet"):

@@ -13,9 +13,9 @@ from stages.options import ManifestOptions, ShardsOptions
 
 def shards(o: ShardsOptions) -> None:
     """Write SOURCE as shuffled WebDataset shards with a parquet manifest (images copied byte for byte)."""
+    prepare_out(o.out, o.overwrite)  # refuse early, before the source is read
     src = open_source(o.source, o.val_fraction, o.seed, o.digits_size)
-    prepare_out(o.out, o.overwrite)
-    manifest, skipped = write_shards(src, o.out, o.shard_size, o.seed, o.skip_bad)
+    manifest, skipped = write_shards(src, o.out, o.shard_size, o.seed, o.skip_bad, o.overwrite)
     counts = ", ".join(f"{s} {manifest.count(s)} in {len(manifest.shards(s))} shards" for s in manifest.tables)
     typer.echo(f"wrote {counts} to {o.out}; {len(manifest.classes)} classes; manifest {manifest.hash[:16]}")
     if src.non_images:

@@ -10,9 +10,13 @@ import yaml
 
 from pipeline.cache import TeacherCache
 from pipeline.device import device_name
+from pipeline.errors import ReplayKDError
 from pipeline.io import atomic_path, replace_section, write_json_atomic
 from pipeline.plots import plot_comparison
-from stages.options import ReportOptions
+from stages.options import ReportOptions, StudyReportOptions
+
+ARMS = {"cache": "hard KD, targets from the cache", "online": "hard KD, online teacher", "labels": "no KD (labels only)"}
+HEADS = ("cls_top1", "dist_top1", "avg_top1")
 
 STUDENTS = {"student-hard": "hard KD, targets from the cache", "student-online": "hard KD, online teacher",
             "student-none": "no KD (labels only)"}
@@ -80,4 +84,46 @@ def report(o: ReportOptions) -> None:
     if o.readme is not None:
         body = "\n".join(md.splitlines()[2:])
         replace_section(o.readme, "demo", f"From `{run}/report.md` ({r['date']}, {r['device']}, `make demo`):\n\n{body}")
+    typer.echo(md)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
+def study(o: StudyReportOptions) -> None:
+    """Mean +- std of cls / dist / avg top-1 per arm over its seeds, and the KD gain, from the runs' summaries."""
+    runs = sorted(p.parent for p in o.run.glob("*/summary.json"))
+    if not runs:
+        raise ReplayKDError(f"no finished runs (*/summary.json) in {o.run}")
+    arms: dict[str, list[dict]] = {}
+    for run in runs:
+        s = json.loads((run / "summary.json").read_text())
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        arms.setdefault(s["source"], []).append({"run": run.name, "init_seed": cfg["init_seed"], "epochs": s["epochs"],
+                                                 **{h: s[h] for h in HEADS}})
+    r = {"study": str(o.run), "device": device_name(), "arms": {
+        name: {"what": ARMS.get(name, name), "seeds": [x["init_seed"] for x in xs], "epochs": xs[0]["epochs"],
+               **{h: dict(zip(("mean", "std"), mean_std([x[h] for x in xs]))) for h in HEADS}, "runs": xs}
+        for name, xs in arms.items()}}
+    lines = [f"# replaykd study ({o.run}, {r['device']}, `make study`)", "",
+             "| arm | seeds | epochs | cls top-1 | dist top-1 | avg top-1 |", "|---|---|---|---|---|---|"]
+    for a in r["arms"].values():
+        lines.append(f"| {a['what']} | {', '.join(map(str, a['seeds']))} | {a['epochs']} | "
+                     + " | ".join(f"{a[h]['mean']:.2f} ± {a[h]['std']:.2f}" for h in HEADS) + " |")
+    kd, none = r["arms"].get("cache"), r["arms"].get("labels")
+    if kd and none:
+        gain = {h: kd[h]["mean"] - none[h]["mean"] for h in HEADS}
+        spread = {h: (kd[h]["std"] ** 2 / len(kd["seeds"]) + none[h]["std"] ** 2 / len(none["seeds"])) ** 0.5 for h in HEADS}
+        r["kd_gain"] = {h: {"mean": gain[h], "standard_error": spread[h]} for h in HEADS}
+        lines += ["", "KD gain (cached hard KD minus no KD, mean ± standard error of the difference): "
+                  + ", ".join(f"{h.split('_')[0]} {gain[h]:+.2f} ± {spread[h]:.2f}" for h in HEADS) + " points."]
+    lines += ["", "± is the sample standard deviation over initialisation seeds (the same views and cache for all)."]
+    md = "\n".join(lines) + "\n"
+    write_json_atomic(o.run / "report.json", r)
+    with atomic_path(o.run / "report.md") as tmp:
+        tmp.write_text(md)
     typer.echo(md)

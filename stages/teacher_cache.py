@@ -14,13 +14,15 @@ from tqdm import tqdm
 
 from pipeline.cache import (CacheConfig, CacheRequest, CacheSummary, TeacherCache, TeacherIdentity, UnitArrays,
                             UnitBuffers, UnitWriter)
-from pipeline.device import autocast, pick_device, to_input
+from pipeline.device import autocast, pick_device
 from pipeline.distributed import barrier, init_distributed, is_main_process, sum_across_ranks
 from pipeline.errors import ReplayKDError
-from pipeline.loader import CacheViews, ShardWork, ViewCollate, items_per_batch
+from pipeline.finish import Finisher
+from pipeline.loader import CacheViews, ShardWork, ViewCollate
 from pipeline.manifest import Manifest
 from pipeline.models import file_sha256, load_teacher
 from pipeline.recipe import Recipe
+from pipeline.replay import image_library
 from pipeline.targets import TeacherTargets
 from stages.options import TeacherCacheOptions
 
@@ -51,17 +53,16 @@ def run(o: TeacherCacheOptions) -> CacheSummary:
     manifest, recipe = Manifest.load(o.manifest, shard_root=o.shards), Recipe.load(o.recipe)
     if o.topk > manifest.num_classes:
         raise ReplayKDError(f"--topk must be between 1 and the number of classes ({manifest.num_classes}), got {o.topk}")
-    items_per_batch(o.batch_size, recipe)  # an odd batch cannot hold a mixing recipe's pairs
     teacher = load_teacher(o.teacher, o.checkpoint, manifest.num_classes, o.teacher_input_size, dev)
     shards = manifest.shards(o.split)
     counts = [b - a for a, b in (manifest.shard_range(o.split, s) for s in shards)]
     identity = TeacherIdentity(o.teacher, file_sha256(o.checkpoint), teacher.input_size, o.topk)
     request = CacheRequest(manifest.hash, o.split, recipe.as_dict(), recipe.hash, recipe.name, o.seed,
-                           manifest.num_classes, identity)
+                           manifest.num_classes, image_library(), identity)
     config = CacheConfig(manifest_hash=manifest.hash, split=o.split, recipe=recipe.as_dict(), recipe_hash=recipe.hash,
                          run_seed=o.seed, epochs=o.epochs, topk=o.topk, num_classes=manifest.num_classes,
                          teacher=o.teacher, teacher_sha256=identity.teacher_sha256,
-                         teacher_input_size=teacher.input_size)
+                         teacher_input_size=teacher.input_size, image_library=request.image_library)
     if rank == 0:
         hints = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": library_versions(),
                  "recipe_name": recipe.name, "data_path": str(Path(o.manifest).resolve()),
@@ -79,10 +80,11 @@ def run(o: TeacherCacheOptions) -> CacheSummary:
             work.append(ShardWork(s, todo))
     ds = CacheViews(manifest, recipe, o.seed, work, o.split)
     total_views = len(ds)
-    loader = DataLoader(ds, batch_size=items_per_batch(o.batch_size, recipe), num_workers=o.workers,
-                        pin_memory=dev.type == "cuda",
+    loader = DataLoader(ds, batch_size=o.batch_size, num_workers=o.workers,
+                        pin_memory=dev.type == "cuda", prefetch_factor=o.prefetch if o.workers else None,
                         collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing))
     writer, buffers = UnitWriter(cache), UnitBuffers(cache.unit_size, o.topk, manifest.num_classes)
+    finish = Finisher(recipe)
     correct = seen = 0
     bar = tqdm(total=total_views, desc=f"teacher-cache rank {rank}" if world > 1 else "teacher-cache", unit="view",
                unit_scale=True, disable=total_views == 0)
@@ -91,7 +93,7 @@ def run(o: TeacherCacheOptions) -> CacheSummary:
         with torch.inference_mode():
             for batch in loader:
                 with autocast(dev):
-                    targets = TeacherTargets.from_logits(teacher(to_input(batch.images, dev)), o.topk)
+                    targets = TeacherTargets.from_logits(teacher(finish(batch, dev)), o.topk)
                 probs, classes = targets.probs.cpu().numpy(), targets.classes.cpu().numpy()
                 majority = torch.where(batch.lams >= 0.5, batch.labels, batch.partner_labels).numpy()
                 correct += int((classes[:, 0] == majority).sum())

@@ -5,6 +5,8 @@ import time
 
 import torch
 import typer
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from pipeline.cache import CacheRequest, TeacherCache
@@ -12,11 +14,14 @@ from pipeline.device import pick_device
 from pipeline.distributed import barrier, init_distributed, is_main_process
 from pipeline.engine import evaluate, train_one_epoch
 from pipeline.errors import ReplayKDError
-from pipeline.loader import EvalViews, ReplayViews, ViewCollate, items_per_batch
+from pipeline.finish import Finisher
+from pipeline.loader import EvalViews, ReplayViews, ViewCollate
 from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
 from pipeline.models import StudentHeads, create_student, load_teacher
+from pipeline.plots import plot_curves
 from pipeline.recipe import Recipe
+from pipeline.replay import image_library
 from pipeline.runs import RunFolder, mean_rate
 from pipeline.schedule import cosine_lr
 from pipeline.targets import CachedTargets, NoTargets, OnlineTargets, TargetSource
@@ -36,7 +41,7 @@ def target_source(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: to
             raise ReplayKDError(f"{o.epochs} epochs asked for but {cache.path} holds {cache.config.epochs}; grow the "
                                 "cache (teacher-cache --epochs N) or pass --reuse-epochs to cycle the cached epochs")
         request = CacheRequest(manifest.hash, o.split, recipe.as_dict(), recipe.hash, recipe.name, o.seed,
-                               manifest.num_classes)
+                               manifest.num_classes, image_library())
         cache.require(request, epochs=o.epochs, complete=True)
         return CachedTargets(o.cache, o.check_fingerprints), cache.config.epochs
     topk = o.topk or min(ONLINE_TOPK, manifest.num_classes)
@@ -44,6 +49,13 @@ def target_source(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: to
         raise ReplayKDError(f"--topk {topk} is more than the dataset's {manifest.num_classes} classes")
     teacher = load_teacher(o.online_teacher, o.teacher_checkpoint, manifest.num_classes, o.teacher_input_size, dev)
     return OnlineTargets(teacher, topk), o.epochs
+
+
+def loader_options(o, dev: torch.device, workers: int | None = None) -> dict:
+    """DataLoader settings for long runs: workers kept across epochs, pinned memory on GPU, prefetch depth."""
+    workers = o.workers if workers is None else workers
+    return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": dev.type == "cuda",
+            "prefetch_factor": o.prefetch if workers > 0 else None}
 
 
 def main(o: StudentOptions) -> None:
@@ -63,10 +75,12 @@ def run(o: StudentOptions) -> dict:
     rank, world = init_distributed(dev)
     manifest, recipe = Manifest.load(o.manifest), Recipe.load(o.recipe)
     folder = RunFolder(o.out)
-    if o.resume and folder.summary() is not None:
+    finished = folder.summary() if o.resume else None
+    if finished is not None:
         if rank == 0:
-            typer.echo(f"{o.out} is a finished run ({o.epochs} epochs); nothing to resume, its results are unchanged")
-        return folder.summary()
+            typer.echo(f"{o.out} is a finished run ({finished['epochs']} epochs); nothing to resume, its results are "
+                       "unchanged")
+        return finished
     if o.resume:
         folder.check_resume(o.plan())
     else:
@@ -77,9 +91,6 @@ def run(o: StudentOptions) -> dict:
                              o.drop_path, depth=o.depth, embed_dim=o.embed_dim, num_heads=o.num_heads).to(dev)
     if dev.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
-    from timm.optim import create_optimizer_v2
-    from timm.utils import ModelEmaV3
-
     lr = o.lr * o.batch_size * world / 512  # DeiT's linear scaling
     optimizer = create_optimizer_v2(student, "adamw", lr=lr, weight_decay=o.weight_decay)
     ema = ModelEmaV3(student, decay=o.model_ema) if o.model_ema else None
@@ -105,35 +116,33 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, source: Target
            folder: RunFolder, t_start: float) -> dict:
     model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
     criterion = DistillationLoss(o.distillation, o.alpha, o.tau, manifest.num_classes)
-    collate = ViewCollate(manifest.num_classes, recipe.smoothing)
+    collate, finish = ViewCollate(manifest.num_classes, recipe.smoothing), Finisher(recipe)
 
-    def epoch_views(epoch: int) -> ReplayViews:
-        return ReplayViews(manifest, recipe, o.seed, epoch % view_epochs, o.split, rank=rank, world_size=world,
-                           order_epoch=epoch, shuffle_buffer=o.shuffle_buffer, shuffle_seed=o.init_seed + epoch,
-                           annotate=source.annotator(), fingerprint_every=source.fingerprint_every())
-
+    ds = ReplayViews(manifest, recipe, o.seed, start_epoch, o.split, rank=rank, world_size=world,
+                     view_epochs=view_epochs, shuffle_buffer=o.shuffle_buffer, shuffle_seed=o.init_seed,
+                     annotate=source.annotator(), fingerprint_every=source.fingerprint_every())
     # Every rank takes the same number of steps per epoch (EpochPlan), so the schedule is known exactly.
-    steps = [epoch_views(e).batches(o.batch_size, o.workers) for e in range(o.epochs)]
+    steps = [ds.batches(o.batch_size, o.workers, e) for e in range(o.epochs)]
     total_steps, warmup = sum(steps), sum(steps[: o.warmup_epochs])
 
     def lr_at(s: int) -> float:
         return cosine_lr(s, total_steps, warmup, lr, o.min_lr)
 
-    eval_loader = DataLoader(EvalViews(manifest, recipe, "val"), batch_size=o.batch_size, num_workers=min(o.workers, 2))
+    loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=collate, **loader_options(o, dev))
+    eval_loader = DataLoader(EvalViews(manifest, recipe, "val"), batch_size=o.batch_size,
+                             **loader_options(o, dev, min(o.workers, 2)))
     if o.reuse_epochs and o.epochs > view_epochs and rank == 0:
         typer.echo(f"--reuse-epochs: the cache holds {view_epochs} epochs; student epoch e uses cached epoch "
                    f"e % {view_epochs}")
     for epoch in range(start_epoch, o.epochs):
-        ds = epoch_views(epoch)
-        loader = DataLoader(ds, batch_size=items_per_batch(o.batch_size, recipe), num_workers=o.workers,
-                            collate_fn=collate, pin_memory=dev.type == "cuda")
-        stats, step = train_one_epoch(model, criterion, loader, optimizer, dev, epoch, source, lr_at, step,
-                                      o.clip_grad, ema, total=len(ds), show_progress=rank == 0)
+        ds.set_epoch(epoch)
+        stats, step = train_one_epoch(model, criterion, loader, optimizer, dev, epoch, finish, source, lr_at, step,
+                                      o.clip_grad, ema, total=ds.views(), show_progress=rank == 0)
         acc = evaluate(HEADS, eval_loader, dev, StudentHeads(student))
         if ema is not None:
             acc.update({f"ema_{k}": v for k, v in evaluate(HEADS, eval_loader, dev, StudentHeads(ema.module)).items()})
-        row = {"epoch": epoch, "view_epoch": ds.plan.epoch, "steps": stats.steps, "loss": stats.loss, "loss_base": stats.loss_base,
-               "loss_distill": stats.loss_distill, "lr": stats.lr, "images": stats.images,
+        row = {"epoch": epoch, "view_epoch": ds.plan().epoch, "steps": stats.steps, "loss": stats.loss,
+               "loss_base": stats.loss_base, "loss_distill": stats.loss_distill, "lr": stats.lr, "images": stats.images,
                "train_seconds": stats.seconds, "images_per_s": stats.images_per_s, **acc}
         if rank == 0:
             folder.append_log(row)
@@ -152,7 +161,5 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, source: Target
                "wall_seconds": time.perf_counter() - t_start, **{k: v for k, v in log[-1].items()},
                "images_per_s": mean_rate(log), "images_per_s_is": f"mean over {len(log)} epochs, training only",
                "last_epoch_images_per_s": log[-1]["images_per_s"]}
-    from pipeline.plots import plot_curves
-
     plot_curves(folder.path / "log.jsonl", folder.path / "curves.png")
     return folder.finish(summary)

@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 
 from pipeline.device import pick_device
 from pipeline.engine import evaluate, train_one_epoch
+from pipeline.finish import Finisher
 from pipeline.io import atomic_path, write_json_atomic
-from pipeline.loader import EvalViews, ReplayViews, ViewCollate, items_per_batch
+from pipeline.loader import EvalViews, ReplayViews, ViewCollate
 from pipeline.losses import LabelLoss
 from pipeline.manifest import Manifest
 from pipeline.models import Teacher, create_classifier
@@ -22,10 +23,12 @@ from pipeline.targets import NoTargets
 from stages.options import TrainTeacherOptions
 
 
-def epoch_loader(manifest: Manifest, recipe: Recipe, o: TrainTeacherOptions, epoch: int) -> DataLoader:
-    """One epoch's views, batched with the recipe's mixed, label-smoothed targets (what the teacher learns)."""
-    ds = ReplayViews(manifest, recipe, o.seed, epoch, rank=0, world_size=1, shuffle_buffer=512, shuffle_seed=o.seed)
-    return DataLoader(ds, batch_size=items_per_batch(o.batch_size, recipe), num_workers=o.workers,
+def view_loader(manifest: Manifest, recipe: Recipe, o: TrainTeacherOptions) -> DataLoader:
+    """The training views (`loader.dataset.set_epoch` picks the epoch), batched with the recipe's mixed,
+    label-smoothed targets: what the teacher learns. Workers are kept from epoch to epoch."""
+    ds = ReplayViews(manifest, recipe, o.seed, 0, rank=0, world_size=1, shuffle_buffer=512, shuffle_seed=o.seed)
+    return DataLoader(ds, batch_size=o.batch_size, num_workers=o.workers,
+                      persistent_workers=o.workers > 0, prefetch_factor=o.prefetch if o.workers else None,
                       collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing))
 
 
@@ -37,16 +40,18 @@ def main(o: TrainTeacherOptions) -> None:
     net = Teacher(create_classifier(o.model, manifest.num_classes), o.input_size or None).to(dev)
     optimizer = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     eval_loader = DataLoader(EvalViews(manifest, recipe, "val"), batch_size=256, num_workers=min(o.workers, 1))
-    loaders = [epoch_loader(manifest, recipe, o, epoch) for epoch in range(o.epochs)]
-    steps = [loader.dataset.batches(o.batch_size, o.workers) for loader in loaders]
+    loader = view_loader(manifest, recipe, o)
+    steps = [loader.dataset.batches(o.batch_size, o.workers, epoch) for epoch in range(o.epochs)]
     total, warmup, step, t0 = sum(steps), sum(steps[: o.warmup_epochs]), 0, time.perf_counter()
+    finish = Finisher(recipe)
 
     def lr_at(s: int) -> float:
         return cosine_lr(s, total, warmup, o.lr)
 
-    for epoch, loader in enumerate(loaders):
-        stats, step = train_one_epoch(net, LabelLoss(), loader, optimizer, dev, epoch, NoTargets(), lr_at, step,
-                                      total=len(loader.dataset))
+    for epoch in range(o.epochs):
+        loader.dataset.set_epoch(epoch)
+        stats, step = train_one_epoch(net, LabelLoss(), loader, optimizer, dev, epoch, finish, NoTargets(), lr_at,
+                                      step, total=loader.dataset.views())
         acc = evaluate({"teacher": lambda out: out}, eval_loader, dev, net)
         typer.echo(f"epoch {epoch}: loss {stats.loss:.4f}, val top-1 {acc['teacher_top1']:.2f}%, "
                    f"{stats.images_per_s:.0f} img/s")

@@ -11,29 +11,28 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.loader import ReplayViews, ViewCollate, items_per_batch
+from pipeline.loader import ReplayViews, ViewCollate
 from pipeline.manifest import Manifest
 from pipeline.plan import chosen_positions
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
-from pipeline.replay import Replayer, decode_image, fingerprint
+from pipeline.replay import MixParams, Replayer, decode_image, fingerprint
 
 EPOCHS = [0, 1]
 
 
-def views_of(items) -> dict:
-    """(key, epoch, repeat) -> (fingerprint, partner, lam, slot) over a stream of items; a view made twice fails."""
+def views_of(views) -> dict:
+    """(key, epoch, repeat) -> (fingerprint, partner, lam, slot) over a stream of views; a view made twice fails."""
     out = {}
-    for item in items:
-        for view in item:
-            k = (view.key, view.epoch, view.repeat)
-            assert k not in out, f"{k} made twice"
-            out[k] = (view.fingerprint, view.partner, view.lam, view.slot)
+    for view in views:
+        k = (view.key, view.epoch, view.repeat)
+        assert k not in out, f"{k} made twice"
+        out[k] = (view.fingerprint, view.partner, view.lam, view.slot)
     return out
 
 
 def epochs_of(digits_dir, epochs=EPOCHS, seed=7, **kw) -> dict:
-    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     out = {}
     for epoch in epochs:
         out.update(views_of(ReplayViews(m, recipe, seed, epoch, **{"rank": 0, "world_size": 1, **kw})))
@@ -42,10 +41,9 @@ def epochs_of(digits_dir, epochs=EPOCHS, seed=7, **kw) -> dict:
 
 def loader_views(ds, workers: int) -> dict:
     out = {}
-    loader = DataLoader(ds, batch_size=items_per_batch(38, ds.recipe), num_workers=workers, collate_fn=ViewCollate(10, 0.1))
+    loader = DataLoader(ds, batch_size=37, num_workers=workers, collate_fn=ViewCollate(10, 0.1))
     for batch in loader:
-        assert len(batch) <= 38 and len(batch) % 2 == 0
-        assert torch.equal(batch.partners[0::2], batch.indices[1::2])  # partners are adjacent in the batch
+        assert len(batch) <= 37 and batch.partner_images is not None
         for key, epoch, repeat, fp, partner, lam, slot in zip(
                 batch.keys, batch.epochs.tolist(), batch.repeats.tolist(), batch.fingerprints.tolist(),
                 batch.partners.tolist(), batch.lams.tolist(), batch.slots.tolist()):
@@ -64,7 +62,7 @@ def reference(digits_dir):
 
 
 def test_each_epoch_holds_the_recipes_views(digits_dir, reference):
-    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     assert recipe.repeats == 3 and recipe.mixes
     for epoch in EPOCHS:
         got = Counter(key for key, e, _ in reference if e == epoch)
@@ -86,7 +84,7 @@ def test_same_in_process_and_spawned_process(digits_dir, reference):
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
 def test_same_with_dataloader_workers(digits_dir, reference, workers):
-    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     got = {}
     for epoch in EPOCHS:
         ds = ReplayViews(m, recipe, 7, epoch, rank=0, world_size=1, shuffle_buffer=64 if workers == 3 else 0)
@@ -96,14 +94,14 @@ def test_same_with_dataloader_workers(digits_dir, reference, workers):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_same_views_across_simulated_ranks_in_equal_shares(digits_dir, reference, world_size):
-    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     merged, shares = {}, []
     for rank in range(world_size):
         part = {}
         for epoch in EPOCHS:
             ds = ReplayViews(m, recipe, 7, epoch, rank=rank, world_size=world_size)
             part.update(views_of(ds))
-            assert len(ds) == ds.plan.rank_items(world_size) * 2
+            assert ds.views() == len(ds) == ds.plan().rank_items(world_size) * 2
         assert not set(part) & set(merged)
         merged.update(part)
         shares.append(len(part))
@@ -112,17 +110,27 @@ def test_same_views_across_simulated_ranks_in_equal_shares(digits_dir, reference
     assert len(reference) - len(merged) < 2 * world_size * len(EPOCHS)  # the remainder left out of each epoch
 
 
+def test_pairs_are_apart_in_batches(digits_dir):
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
+    ds = ReplayViews(m, recipe, 7, 0, rank=0, world_size=1, shuffle_buffer=1024)
+    together = 0
+    for batch in DataLoader(ds, batch_size=64, collate_fn=ViewCollate(10, 0.1)):
+        together += len(set(batch.indices.tolist()) & set(batch.partners.tolist()))
+    assert together < 0.2 * ds.views()  # a batch holds views of about twice as many images as rows
+
+
 def test_a_fresh_order_every_epoch(digits_dir):
-    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     firsts = []
     for epoch in (0, 1, 2):
         loader = DataLoader(ReplayViews(m, recipe, 7, epoch, rank=0, world_size=1), batch_size=16,
                             collate_fn=ViewCollate(10, 0.1))
         firsts.append(next(iter(loader)).keys)
     assert firsts[0] != firsts[1] != firsts[2]
-    # reusing a cached epoch under another training epoch keeps its views and moves only their order
-    again = ReplayViews(m, recipe, 7, 0, rank=0, world_size=1, order_epoch=5)
+    # cycling cached epochs (--reuse-epochs): epoch 5 of 5 cached ones replays epoch 0's views in a new order
+    again = ReplayViews(m, recipe, 7, 5, rank=0, world_size=1, view_epochs=5)
     assert views_of(again) == views_of(ReplayViews(m, recipe, 7, 0, rank=0, world_size=1))
+    assert again.plan().order != ReplayViews(m, recipe, 7, 0, rank=0, world_size=1).plan().order
 
 
 def test_other_seed_and_epoch_change_views(digits_dir, reference):
@@ -135,26 +143,26 @@ def test_other_seed_and_epoch_change_views(digits_dir, reference):
 
 def test_the_recipe_really_augments(digits_dir):
     m = Manifest.load(digits_dir)
-    recipe = dataclasses.replace(Recipe.load("digits"), mix_prob=0.0)
+    recipe = dataclasses.replace(Recipe.load("digits-ra"), mix_prob=0.0)
     rep = Replayer(recipe, run_seed=3)
-    crop, flip, rand_aug = rep.transform.transforms[:3]
+    crop, flip, rand_aug = rep.pil_steps[:3]
     boxes, flips, ops = [], [], Counter()
     get_params = crop.get_params
     crop.get_params = lambda *a: boxes.append(get_params(*a)) or boxes[-1]
-    rep.transform.transforms[1] = lambda img: _record_flip(flip, img, flips)
+    rep.pil_steps[1] = lambda img: _record_flip(flip, img, flips)
     for op in rand_aug.ops:
         op.aug_fn = _recording(op.name, op.aug_fn, ops)
     rec = read_shard(m, "train", m.shards("train")[0])[0]
     image = decode_image(rec.data, rec.key)
-    views = [rep.view(image, rec.key, epoch % 50, epoch // 50)[0] for epoch in range(100)]
+    views = [rep.view(image, rec.key, epoch % 50, epoch // 50) for epoch in range(100)]
     assert len(set(boxes)) >= 90
     assert 30 <= sum(flips) <= 70
     assert len(ops) >= 10 and sum(ops.values()) >= 60  # two ops per view, each applied with p=0.5
-    mean, std = torch.tensor(recipe.mean).view(3, 1, 1), torch.tensor(recipe.std).view(3, 1, 1)
-    # PIL ops keep pixels on the uint8 grid; pixel-mode erasing fills with normal noise, which is off it
-    off_grid = [((v * std + mean) * 255 - ((v * std + mean) * 255).round()).abs().max() > 1e-3 for v in views]
-    assert 10 <= sum(off_grid) <= 45  # p = 0.25
-    assert len({fingerprint(v) for v in views}) == 100  # repeats differ from each other too
+    assert all(pixels.dtype == torch.uint8 and pixels.shape == (16, 16, 3) for pixels, _, _ in views)
+    erased = [erase for _, erase, _ in views if erase]
+    assert 10 <= len(erased) <= 45  # p = 0.25
+    assert all(e.values.shape == (3, e.height, e.width) and e.values.std() > 0.5 for es in erased for e in es)
+    assert len({fingerprint(pixels, erase, MixParams(), -1) for pixels, erase, _ in views}) == 100  # repeats differ too
 
 
 def _record_flip(flip, img, log):
@@ -170,9 +178,9 @@ def _recording(name, fn, counter):
     return wrapped
 
 
-def test_mixed_views_and_targets(digits_dir):
+def test_pairs_carry_their_views_and_mix_parameters(digits_dir):
     m = Manifest.load(digits_dir)
-    recipe = Recipe.load("digits")
+    recipe = Recipe.load("digits-ra")
     shard = m.shards("train")[0]
     records = read_shard(m, "train", shard)
     images = {r.position: decode_image(r.data, r.key) for r in records}
@@ -184,24 +192,21 @@ def test_mixed_views_and_targets(digits_dir):
     for (va, vb), i in zip(items, range(0, len(plan.slots), 2)):
         sa, sb = plan.slots[i], plan.slots[i + 1]
         assert (va.position, va.repeat, va.slot, vb.position, vb.repeat, vb.slot) == (sa.position, sa.repeat, i, sb.position, sb.repeat, i + 1)
-        a, _ = rep.view(images[sa.position], va.key, 0, sa.repeat)
-        b, _ = rep.view(images[sb.position], vb.key, 0, sb.repeat)
-        params = rep.mix_params(((va.key, va.repeat), (vb.key, vb.repeat)), 0, *a.shape[-2:])
-        assert va.partner == vb.index and vb.partner == va.index and va.lam == vb.lam == params.lam
-        if params.box is None:
-            kinds["mixup"] += 1
-            assert torch.allclose(va.image, a * params.lam + b * (1 - params.lam), atol=1e-6)
-            assert torch.allclose(vb.image, b * params.lam + a * (1 - params.lam), atol=1e-6)
-        else:
-            kinds["cutmix"] += 1
+        for v, s in ((va, sa), (vb, sb)):
+            pixels, erase, seed = rep.view(images[s.position], v.key, 0, s.repeat)
+            assert torch.equal(v.image, pixels) and v.seed == seed and len(v.erase) == len(erase)
+            assert all(torch.equal(a.values, b.values) and a.top == b.top for a, b in zip(v.erase, erase))
+        params = rep.mix_params(((va.key, va.repeat), (vb.key, vb.repeat)), 0, *va.image.shape[:2])
+        assert va.partner == vb.index and vb.partner == va.index
+        assert (va.lam, va.box) == (vb.lam, vb.box) == (params.lam, params.box)
+        kinds["cutmix" if params.box else "mixup"] += 1
+        if params.box:
             y0, y1, x0, x1 = params.box
-            inside = torch.zeros_like(a, dtype=torch.bool)
-            inside[:, y0:y1, x0:x1] = True
-            assert torch.equal(va.image[inside], b[inside]) and torch.equal(va.image[~inside], a[~inside])
-            assert torch.equal(vb.image[inside], a[inside]) and torch.equal(vb.image[~inside], b[~inside])
-            assert params.lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (a.shape[-1] * a.shape[-2]))
+            assert params.lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (16 * 16))
     assert kinds["mixup"] > 20 and kinds["cutmix"] > 20
-    batch = ViewCollate(10, recipe.smoothing)(items)
+    batch = ViewCollate(10, recipe.smoothing)([v for item in items for v in item])
+    assert batch.images.dtype == torch.uint8
+    assert torch.equal(batch.partner_images[0::2], batch.images[1::2])  # each view carries its partner's pixels
     assert torch.allclose(batch.targets.sum(1), torch.ones(len(batch)))
     lam = batch.lams.float()
     own = batch.targets.gather(1, batch.labels.view(-1, 1)).squeeze(1)
@@ -212,20 +217,12 @@ def test_mixed_views_and_targets(digits_dir):
     assert torch.equal(rep.view_at(plan, records, 5).image, batch.images[5])
 
 
-def test_odd_batch_size_with_a_mixing_recipe_is_refused():
-    from pipeline.errors import ReplayKDError
-
-    with pytest.raises(ReplayKDError, match="--batch-size must be even"):
-        items_per_batch(63, Recipe.load("digits"))
-    assert items_per_batch(63, Recipe.load("digits-teacher")) == 63
-
-
 def test_global_generators_unchanged(digits_dir):
     random.seed(123)
     np.random.seed(123)
     torch.manual_seed(123)
     before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone()
-    list(ReplayViews(Manifest.load(digits_dir), Recipe.load("digits"), 7, 0, rank=0, world_size=1))
+    list(ReplayViews(Manifest.load(digits_dir), Recipe.load("digits-ra"), 7, 0, rank=0, world_size=1))
     assert random.getstate() == before[0]
     assert np.array_equal(np.random.get_state()[1], before[1])
     assert torch.equal(torch.get_rng_state(), before[2])

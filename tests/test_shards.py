@@ -155,3 +155,30 @@ def test_cut_tar_is_detected(digits_dir, tmp_path):
     (tmp_path / shard).write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(ShardMismatch, match=shard):
         read_shard(Manifest.load(digits_dir, shard_root=tmp_path), "train", shard)
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar"])
+def test_the_tar_reader_agrees_with_webdataset(tmp_path, fmt):
+    import webdataset as wds
+
+    from pipeline.reader import iter_tar
+
+    path = tmp_path / "s.tar"
+    samples = [(f"c{i % 3}/{'deep/' * (i % 2) * 12}img_{i:04d}{'x' * (i * 7 % 60)}", _jpeg(i)) for i in range(30)]
+    with tarfile.open(path, "w", format={"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT,
+                                         "ustar": tarfile.USTAR_FORMAT}[fmt]) as tar:
+        for key, data in samples:
+            for ext, payload in (("jpg", data), ("cls", b"1")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(payload), 1.5 if fmt == "pax" else 0  # a float mtime: a pax header each
+                tar.addfile(info, io.BytesIO(payload))
+    ours = [(s.key, s.fields) for s in iter_tar(path)]
+    theirs = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+              for s in wds.tariterators.tarfile_samples([{"url": str(path)}])]
+    assert ours == theirs and len(ours) == 30 and max(len(k) for k, _ in ours) > 100
+
+
+def test_written_shards_have_no_pax_headers(digits_dir):
+    m = Manifest.load(digits_dir)
+    with tarfile.open(m.shard_path(m.shards("train")[0])) as tar:
+        assert not any(member.pax_headers for member in tar.getmembers())

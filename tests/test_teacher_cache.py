@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 
 from pipeline.cache import TeacherCache
 from pipeline.errors import ReplayKDError
+from pipeline.finish import Finisher
+from pipeline.loader import ViewCollate
 from pipeline.manifest import Manifest
 from pipeline.models import create_classifier, load_teacher
 from pipeline.reader import read_shard
@@ -32,7 +34,7 @@ ARRAYS = ("probs", "classes", "fingerprint")
 
 def test_stored_targets_equal_a_fresh_teacher_forward(store, digits_dir, teacher_ckpt):
     cache = TeacherCache.open(store)
-    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     teacher = load_teacher("regnety_002", teacher_ckpt, 10, cache.config.teacher_input_size)
     replayer = Replayer(recipe, 0)
     rng = np.random.default_rng(1)
@@ -45,8 +47,9 @@ def test_stored_targets_equal_a_fresh_teacher_forward(store, digits_dir, teacher
         for slot in rng.integers(len(plan.slots), size=4):
             view = replayer.view_at(plan, records, int(slot))
             assert view.fingerprint == unit.fingerprint[slot]
+            image = Finisher(recipe)(ViewCollate(10, recipe.smoothing)([view]), torch.device("cpu"))
             with torch.inference_mode():
-                probs = teacher(view.image[None]).softmax(-1)[0]
+                probs = teacher(image).softmax(-1)[0]
             top = probs.topk(5)
             assert np.array_equal(top.indices.numpy(), unit.classes[slot])
             assert np.allclose(top.values.numpy(), unit.probs[slot].astype(np.float32), atol=1e-3)
@@ -118,7 +121,7 @@ def test_growing_appends_epochs(store, digits_dir, teacher_ckpt, tmp_path):
 
 def test_kill_and_resume_gives_identical_arrays(store, digits_dir, teacher_ckpt, tmp_path):
     out = tmp_path / "killed"
-    args = ["teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--out", out, "--recipe", "digits",
+    args = ["teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--out", out, "--recipe", "digits-ra",
             "--teacher", "regnety_002", "--epochs", "2", "--topk", "5", "--workers", "0", "--batch-size", "16",
             "--device", "cpu", "--epochs-per-file", "2"]
     proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -139,7 +142,7 @@ def test_torchrun_two_processes_match_one(store, digits_dir, teacher_ckpt, tmp_p
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 500),
            "-m", "stages", "teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--out", out,
-           "--recipe", "digits", "--teacher", "regnety_002", "--epochs", "2", "--topk", "5", "--workers", "0",
+           "--recipe", "digits-ra", "--teacher", "regnety_002", "--epochs", "2", "--topk", "5", "--workers", "0",
            "--device", "cpu", "--epochs-per-file", "2"]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

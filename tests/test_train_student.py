@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from pipeline.cache import TeacherCache
 from pipeline.errors import ReplayKDError, ShardMismatch
+from pipeline.finish import Finisher
 from pipeline.loader import ReplayViews, ViewCollate
 from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
@@ -27,7 +28,7 @@ from stages.train_student import run
 
 pytestmark = pytest.mark.slow
 
-TINY = dict(recipe="digits", student="deit_tiny_distilled_patch16_224", patch_size=4, depth=2, embed_dim=48,
+TINY = dict(recipe="digits-ra", student="deit_tiny_distilled_patch16_224", patch_size=4, depth=2, embed_dim=48,
             num_heads=2, batch_size=64, lr=8e-3, warmup_epochs=1, workers=0, device="cpu", shuffle_buffer=256)
 
 
@@ -53,16 +54,17 @@ def test_short_run_from_the_cache_learns(digits_dir, teacher_ckpt, tmp_path):
 
 
 def test_cached_targets_equal_the_online_teacher(digits_dir, store, teacher_ckpt):
-    m, recipe = Manifest.load(digits_dir), Recipe.load("digits")
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     cache = TeacherCache.open(store)
     source = CachedTargets(store)
     ds = ReplayViews(m, recipe, 0, 1, rank=0, world_size=1, annotate=source.annotator())
-    items = [it for _, it in zip(range(48), ds)]
+    items = [it for _, it in zip(range(96), ds)]
     batch = ViewCollate(10, recipe.smoothing)(items)
-    cached = source(batch, batch.images)
+    views = Finisher(recipe)(batch, torch.device("cpu"))
+    cached = source(batch, views)
     teacher = load_teacher("regnety_002", teacher_ckpt, 10, cache.config.teacher_input_size)
     with torch.no_grad():
-        online = TeacherTargets.from_logits(teacher(batch.images), cache.config.topk)
+        online = TeacherTargets.from_logits(teacher(views), cache.config.topk)
     assert torch.equal(online.classes, cached.classes.long())
     assert torch.allclose(online.probs.float(), cached.probs.float(), atol=1e-3)
     outputs = (torch.randn(96, 10), torch.randn(96, 10))
@@ -72,7 +74,7 @@ def test_cached_targets_equal_the_online_teacher(digits_dir, store, teacher_ckpt
 
 
 def test_mismatched_stores_are_refused(digits_dir, store, tmp_path):
-    with pytest.raises(ReplayKDError, match=r"recipe: the store's 'digits' and this run's 'deit' differ in .*input_size 16 vs 224"):
+    with pytest.raises(ReplayKDError, match=r"recipe: the store's 'digits-ra' and this run's 'deit' differ in .*input_size 16 vs 224"):
         run(opts(digits_dir, tmp_path / "a", cache=store, epochs=1, recipe="deit"))
     with pytest.raises(ReplayKDError, match="run seed"):
         run(opts(digits_dir, tmp_path / "b", cache=store, epochs=1, seed=3))
@@ -86,21 +88,21 @@ def test_mismatched_stores_are_refused(digits_dir, store, tmp_path):
 def test_tampered_views_fail_the_fingerprint_check(digits_dir, store, tmp_path):
     m = Manifest.load(digits_dir)
     # the augmentation changed under the cache (as a new library version would): named by key
-    changed = dataclasses.replace(Recipe.load("digits"), mean=(0.5, 0.5, 0.5))
+    changed = dataclasses.replace(Recipe.load("digits-ra"), mean=(0.5, 0.5, 0.5))
     ds = ReplayViews(m, changed, 0, 0, rank=0, world_size=1, annotate=CachedTargets(store).annotator())
     with pytest.raises(ReplayKDError, match=r"view of key '.+' \(epoch 0, shard train-0000\d\d.tar, repeat \d\).*fingerprint"):
         next(iter(ds))
     # a changed shard: named by shard and key before any view is made
     shard_dir = tmp_path / "shards"
     shutil.copytree(digits_dir, shard_dir)
-    first = m.shards("train")[ReplayViews(m, Recipe.load("digits"), 0, 0, rank=0, world_size=1).plan.order[0]]
+    first = m.shards("train")[ReplayViews(m, Recipe.load("digits-ra"), 0, 0, rank=0, world_size=1).plan().order[0]]
     path = shard_dir / first
     data = bytearray(path.read_bytes())
     data[data.index(b"IDAT") + 8] ^= 0xFF  # inside the first image's compressed pixels
     path.write_bytes(bytes(data))
     moved = Manifest.load(digits_dir, shard_root=shard_dir)
     with pytest.raises(ShardMismatch, match=first):
-        next(iter(ReplayViews(moved, Recipe.load("digits"), 0, 0, rank=0, world_size=1,
+        next(iter(ReplayViews(moved, Recipe.load("digits-ra"), 0, 0, rank=0, world_size=1,
                               annotate=CachedTargets(store).annotator())))
 
 
@@ -120,14 +122,14 @@ def test_torchrun_two_processes(digits_dir, store, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29000 + os.getpid() % 500), "-m", "stages", "train-student", "--out", out, "--manifest", digits_dir,
-           "--cache", store, "--epochs", "1", "--recipe", "digits", "--patch-size", "4", "--depth", "2",
+           "--cache", store, "--epochs", "1", "--recipe", "digits-ra", "--patch-size", "4", "--depth", "2",
            "--embed-dim", "48", "--num-heads", "2", "--batch-size", "64", "--workers", "0", "--device", "cpu"]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((out / "log.jsonl").read_text().splitlines()[0])
-    ds = ReplayViews(Manifest.load(digits_dir), Recipe.load("digits"), 0, 0, rank=0, world_size=2)
-    assert log["images"] == 2 * len(ds)  # both ranks' equal shares, each view once
+    ds = ReplayViews(Manifest.load(digits_dir), Recipe.load("digits-ra"), 0, 0, rank=0, world_size=2)
+    assert log["images"] == 2 * ds.views()  # both ranks' equal shares, each view once
     assert log["steps"] == ds.batches(64, 1)
 
 
@@ -157,20 +159,19 @@ def test_torchrun_five_uneven_shards_on_two_ranks_take_equal_steps(digits_dir, t
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(28500 + os.getpid() % 500), "-m", "stages", "train-student", "--out", out, "--manifest", five,
-           "--distillation", "none", "--epochs", "2", "--recipe", "digits", "--patch-size", "4", "--depth", "1",
+           "--distillation", "none", "--epochs", "2", "--recipe", "digits-ra", "--patch-size", "4", "--depth", "1",
            "--embed-dim", "32", "--num-heads", "2", "--batch-size", "64", "--workers", "0", "--device", "cpu"]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in (json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()):
-        ranks = [ReplayViews(m, Recipe.load("digits"), 0, row["epoch"], rank=r, world_size=2, order_epoch=row["epoch"])
-                 for r in range(2)]
-        assert len(ranks[0]) == len(ranks[1]) and ranks[0].batches(64, 1) == ranks[1].batches(64, 1) == row["steps"]
-        assert row["images"] == 2 * len(ranks[0]) >= m.count("train") - 2 * 5 - 2  # odd drops, remainder < 2 pairs
+        ranks = [ReplayViews(m, Recipe.load("digits-ra"), 0, row["epoch"], rank=r, world_size=2) for r in range(2)]
+        assert ranks[0].views() == ranks[1].views() and ranks[0].batches(64, 1) == ranks[1].batches(64, 1) == row["steps"]
+        assert row["images"] == 2 * ranks[0].views() >= m.count("train") - 2 * 5 - 2  # odd drops, remainder < 2 pairs
 
 
 def test_cached_and_online_kd_give_identical_logs_with_repeats(digits_dir, store, teacher_ckpt, tmp_path):
-    assert Recipe.load("digits").repeats == 3
+    assert Recipe.load("digits-ra").repeats == 3
     run(opts(digits_dir, tmp_path / "cached", cache=store, epochs=2))
     run(opts(digits_dir, tmp_path / "online", online_teacher="regnety_002", teacher_checkpoint=teacher_ckpt,
              topk=5, epochs=2))

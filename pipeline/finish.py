@@ -1,0 +1,79 @@
+"""The float steps of the views, run where a batch is consumed: the GPU in training, the CPU in tests and verify.
+
+In order, for each view and its partner's pixels: uint8 -> float and normalise, through a per-channel table of 256
+values made by timm's own ToTensor and Normalize (so a pixel gets exactly the float timm's transform gives it);
+random erasing, copying in the boxes and values the worker drew; then Mixup or CutMix of the view with its partner.
+Plain eager ops with nothing a device could round its own way: a table look-up, copies, a select, and Mixup's two
+float32 products and one sum (each correctly rounded, never fused). So a batch finishes to the same bits on every
+device, and to the same bits as timm's whole transform followed by the replay's mixing.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.recipe import Recipe
+
+if TYPE_CHECKING:
+    from pipeline.loader import ViewBatch
+
+
+def normalise_table(recipe: Recipe) -> torch.Tensor:
+    """(3, 256) float32: the value timm's ToTensor + Normalize give each uint8 level in each channel."""
+    _, _, final = recipe.train_transform(separate=True)
+    to_tensor, normalise = final.transforms[:2]
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # one row of 256 RGB pixels
+    return normalise(to_tensor(Image.fromarray(levels)))[:, 0, :].contiguous()
+
+
+class Finisher:
+    """Finishes uint8 `ViewBatch`es to float32 views on a device (channels_last on GPU)."""
+
+    def __init__(self, recipe: Recipe):
+        self.table = normalise_table(recipe)
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, batch: "ViewBatch", device: torch.device) -> torch.Tensor:
+        """The batch's float views on `device`, (N, 3, H, W)."""
+        if device not in self._on:
+            self._on[device] = self.table.to(device).view(-1)
+        images = [self._to_float(batch.images, device)]
+        if batch.partner_images is not None:
+            images.append(self._to_float(batch.partner_images, device))
+        if len(batch.erase_boxes):
+            values = batch.erase_values.to(device, non_blocking=True)
+            start = 0
+            for row, of_partner, top, left, h, w in batch.erase_boxes.tolist():
+                images[of_partner][row, :, top:top + h, left:left + w] = values[start:start + 3 * h * w].view(3, h, w)
+                start += 3 * h * w
+        x = self._mix(*images, batch, device) if len(images) == 2 else images[0]
+        return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+
+    def _to_float(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        pixels = pixels.to(device, non_blocking=True)  # (N, H, W, 3) uint8
+        channel = torch.arange(3, dtype=torch.int32, device=device) * 256
+        return self._on[device][pixels.int() + channel].permute(0, 3, 1, 2)  # (N, 3, H, W), channels-last in memory
+
+    @staticmethod
+    def _mix(x: torch.Tensor, partner: torch.Tensor, batch: "ViewBatch", device: torch.device) -> torch.Tensor:
+        _, _, height, width = x.shape
+        out = x.clone()
+        lam, boxes = batch.lams, batch.mix_boxes.to(device)
+        mixup = ((lam < 1) & (batch.mix_boxes[:, 0] < 0)).to(device)
+        if mixup.any():
+            # lam and 1 - lam as float32, each rounded once from float64, as numpy's weak scalars in the replay
+            own = lam.float().to(device)[mixup].view(-1, 1, 1, 1)
+            other = (1.0 - lam).float().to(device)[mixup].view(-1, 1, 1, 1)
+            out[mixup] = x[mixup] * own + partner[mixup] * other
+        cutmix = boxes[:, 0] >= 0
+        if cutmix.any():
+            b = boxes[cutmix]
+            rows = torch.arange(height, device=device).view(1, -1, 1)
+            cols = torch.arange(width, device=device).view(1, 1, -1)
+            inside = ((rows >= b[:, 0, None, None]) & (rows < b[:, 1, None, None])
+                      & (cols >= b[:, 2, None, None]) & (cols < b[:, 3, None, None])).unsqueeze(1)
+            out[cutmix] = torch.where(inside, partner[cutmix], x[cutmix])
+        return out

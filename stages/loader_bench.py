@@ -1,0 +1,202 @@
+"""The loader measurements of `replaykd bench`, on real photographs: views per second per core of timm's ordinary
+path against the replay, where the replay's time goes, and the full stage-two loader."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import pipeline.replay as replay_mod
+from pipeline.finish import Finisher
+from pipeline.loader import ReplayViews, ViewCollate
+from pipeline.manifest import Manifest
+from pipeline.reader import Record
+from pipeline.recipe import Recipe
+from pipeline.replay import Replayer, decode_image
+from pipeline.sources import Source, SourceItem
+
+
+def pillow_build() -> str:
+    """Which Pillow is installed: 'pillow-simd X' or 'pillow X' (they decode and resample differently)."""
+    for dist in ("pillow-simd", "pillow"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def photographs(n: int, size: tuple[int, int] = (500, 375), quality: int = 90, seed: int = 0) -> list[tuple[str, bytes]]:
+    """n JPEGs cut from real photographs (scikit-learn's two sample images, offline): random crops, some flipped."""
+    from sklearn.datasets import load_sample_images
+
+    photos, rng, out = load_sample_images().images, np.random.default_rng(seed), []
+    w, h = size
+    for i in range(n):
+        img = photos[i % len(photos)]
+        scale = max(h / img.shape[0], w / img.shape[1]) * rng.uniform(1.0, 1.3)
+        im = Image.fromarray(img).resize((round(img.shape[1] * scale), round(img.shape[0] * scale)), Image.BICUBIC)
+        x, y = int(rng.integers(im.width - w + 1)), int(rng.integers(im.height - h + 1))
+        im = im.crop((x, y, x + w, y + h))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=quality)
+        out.append((f"photo_{i:05d}", buf.getvalue()))
+    return out
+
+
+def photo_source(n: int, size: tuple[int, int], classes: int = 10) -> Source:
+    """A data set of n real-photograph JPEGs (labels are arbitrary: loaders and throughput do not need real ones)."""
+    items = [SourceItem(key=k, label=i % classes, ext="jpg", data=d) for i, (k, d) in enumerate(photographs(n, size))]
+    cut = len(items) * 9 // 10
+    return Source("photographs", [f"class_{c}" for c in range(classes)], {"train": items[:cut], "val": items[cut:]})
+
+
+class StepTimer:
+    """Seconds spent in wrapped callables, by name."""
+
+    def __init__(self):
+        self.seconds: Counter = Counter()
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds[name] += time.perf_counter() - t0
+            return out
+        return timed
+
+
+def per_core(recipe: Recipe, jpegs: list[tuple[str, bytes]], rounds: int) -> dict:
+    """Views/s on one core: (a) timm's ordinary path, each view decoded (a repeat is decoded again, as with timm's
+    RepeatAugSampler), `create_transform` and `Mixup` on the batch; (b) the replay: an epoch plan's views, each image
+    decoded once for its repeats, uint8 views with their erasing and mixing parameters and fingerprints, collated.
+    Interleaved rounds, each a fresh epoch; medians. Also where (b)'s time goes, and what finishing costs on a CPU."""
+    from timm.data import Mixup
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    whole = recipe.train_transform()
+    mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mix_prob, label_smoothing=recipe.smoothing,
+                  switch_prob=recipe.switch_prob, num_classes=10) if recipe.mixes else None
+    records = [Record(i, k, i % 10, i, d) for i, (k, d) in enumerate(jpegs)]
+    replayer, collate, finish = Replayer(recipe, 0), ViewCollate(10, recipe.smoothing), Finisher(recipe)
+    times: dict[str, list[float]] = {"timm": [], "replay": []}
+    views = 0
+    timer = StepTimer()
+    replayer.pil_steps = [timer.wrap(type(s).__name__, s) for s in replayer.pil_steps]
+    if replayer.erasing is not None:
+        replayer.erasing._erase = timer.wrap("erase draws", replayer.erasing._erase)
+    fingerprint = replay_mod.fingerprint
+    replay_mod.fingerprint = timer.wrap("fingerprint", fingerprint)
+    extra = Counter()
+    try:
+        for epoch in range(rounds + 1):  # round 0 warms up
+            plan = replayer.plan(len(records), epoch, "photos")
+            order = [records[s.position] for s in plan.slots]  # the same samples and repeats for both paths
+            t0 = time.perf_counter()
+            x = torch.stack([whole(decode_image(r.data, r.key)) for r in order])
+            if mixup is not None:
+                x = mixup(x[: len(x) - len(x) % 2], torch.tensor([r.label for r in order[: len(x) - len(x) % 2]]))
+            t1 = time.perf_counter()
+            images = {p: decode_image(records[p].data, records[p].key) for p in plan.positions()}
+            t2 = time.perf_counter()
+            made = [v for item in replayer.items(plan, records, images) for v in item]
+            t3 = time.perf_counter()
+            batch = collate(made)
+            t4 = time.perf_counter()
+            finish(batch, torch.device("cpu"))
+            t5 = time.perf_counter()
+            if epoch:
+                times["timm"].append((t1 - t0) / len(order))
+                times["replay"].append((t4 - t1) / len(batch))
+                extra.update({"decode (one per sample, for all its repeats)": t2 - t1, "items": t3 - t2,
+                              "collate": t4 - t3, "finish on this CPU": t5 - t4})
+                views += len(batch)
+            elif timer.seconds:
+                timer.seconds.clear()
+    finally:
+        replay_mod.fingerprint = fingerprint
+        torch.set_num_threads(threads)
+    steps = {name: 1000 * s / views for name, s in timer.seconds.items()}
+    steps["PIL image to uint8 array, pair bookkeeping"] = 1000 * extra["items"] / views - sum(steps.values())
+    for name in ("decode (one per sample, for all its repeats)", "collate"):
+        steps[name] = 1000 * extra[name] / views
+    timm_rate, replay_rate = 1 / statistics.median(times["timm"]), 1 / statistics.median(times["replay"])
+    return {"recipe": recipe.name, "repeats": recipe.repeats, "images": len(jpegs), "input_size": recipe.input_size,
+            "pillow": pillow_build(), "timm_views_per_s": timm_rate, "replay_views_per_s": replay_rate,
+            "replay_over_timm": replay_rate / timm_rate, "replay_ms_per_view": steps,
+            "finish_on_cpu_ms_per_view": 1000 * extra["finish on this CPU"] / views}
+
+
+def save_jpegs(jpegs: list[tuple[str, bytes]], folder: Path) -> Path:
+    """Write JPEGs as files (so another process measures the very same bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, data in jpegs:
+        (folder / f"{key}.jpg").write_bytes(data)
+    return folder
+
+
+def load_jpegs(folder: Path) -> list[tuple[str, bytes]]:
+    """The JPEGs `save_jpegs` wrote, in key order."""
+    return [(f.stem, f.read_bytes()) for f in sorted(Path(folder).glob("*.jpg"))]
+
+
+def per_core_elsewhere(pythonpath: Path, recipe: str, folder: Path, rounds: int) -> dict:
+    """`per_core` on the JPEGs in `folder`, in a fresh process whose imports come first from `pythonpath` (another
+    Pillow build installed there with `pip install --target`)."""
+    code = ("import json; from pipeline.recipe import Recipe; from stages.loader_bench import load_jpegs, per_core; "
+            f"print(json.dumps(per_core(Recipe.load({recipe!r}), load_jpegs({str(folder)!r}), {rounds})))")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": f"{pythonpath}:{root}"})
+    if proc.returncode:
+        raise RuntimeError(f"the loader bench under {pythonpath} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def full_loader(data: Path, recipe: Recipe, workers: int, batch_size: int = 64, epochs: int = 2) -> dict:
+    """Views/s of the stage-two loader itself (persistent workers, uint8 batches), over whole epochs."""
+    manifest = Manifest.load(data)
+    ds = ReplayViews(manifest, recipe, 0, 0, rank=0, world_size=1, shuffle_buffer=256)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                        persistent_workers=workers > 0, collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing))
+    rates = []
+    for epoch in range(epochs + 1):  # epoch 0 starts the workers
+        ds.set_epoch(epoch)
+        t0, n = time.perf_counter(), 0
+        for batch in loader:
+            n += len(batch)
+        if epoch:
+            rates.append(n / (time.perf_counter() - t0))
+    return {"workers": workers, "views_per_s": statistics.median(rates), "batch_size": batch_size}
+
+
+def draft_eligible(recipe: Recipe, size: tuple[int, int], samples: int = 2000) -> float:
+    """The share of decoded images that reduced-size JPEG decoding (1/2 scale) could serve without changing a
+    pixel's source: every repeat's RandomResizedCrop box at least twice the output on both sides."""
+    replayer = Replayer(recipe, 0)
+    crop = replayer.pil_steps[0]
+    image = Image.new("RGB", size)
+    served = 0
+    with replay_mod.seeded_globals() as reseed:
+        for i in range(samples):
+            boxes = []
+            for repeat in range(recipe.repeats):
+                reseed(replay_mod.view_seed(0, i, "eligible", repeat))
+                boxes.append(crop.get_params(image, crop.scale, crop.ratio))
+            served += all(h >= 2 * recipe.input_size and w >= 2 * recipe.input_size for _, _, h, w in boxes)
+    return served / samples

@@ -53,9 +53,17 @@ class Finisher:
         return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
     def _to_float(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-        pixels = pixels.to(device, non_blocking=True)  # (N, H, W, 3) uint8
+        """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 by table look-up; on the CPU numpy's take (5x faster there than
+        torch's indexing), elsewhere a gather on the device (channels-last in memory). Same table, same bits."""
+        if device.type == "cpu":
+            u8 = pixels.numpy()
+            out = np.empty((u8.shape[0], 3, *u8.shape[1:3]), np.float32)
+            for c in range(3):
+                np.take(self.table[c].numpy(), u8[..., c], out=out[:, c])
+            return torch.from_numpy(out)
+        pixels = pixels.to(device, non_blocking=True)
         channel = torch.arange(3, dtype=torch.int32, device=device) * 256
-        return self._on[device][pixels.int() + channel].permute(0, 3, 1, 2)  # (N, 3, H, W), channels-last in memory
+        return self._on[device][pixels.int() + channel].permute(0, 3, 1, 2)
 
     @staticmethod
     def _mix(x: torch.Tensor, partner: torch.Tensor, batch: "ViewBatch", device: torch.device) -> torch.Tensor:

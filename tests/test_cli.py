@@ -5,7 +5,6 @@ import dataclasses
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -34,11 +33,11 @@ def test_every_option_has_a_flag_with_help(command):
             assert choice in text
 
 
-def test_help_is_fast():
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from stages.cli import main; main()", "--help"], check=True,
-                   capture_output=True)
-    assert time.perf_counter() - t0 < 5  # the target (< 1 s) is measured, not tested; this catches a torch import
+def test_help_imports_nothing_heavy():
+    # --help's speed (< 1 s) is measured by hand, not timed here; what makes it slow is a heavy import.
+    out = subprocess.run([sys.executable, "-c", "from stages.cli import main; main()", "--help"], check=True,
+                         capture_output=True, text=True).stdout
+    assert "train-student" in out
     imported = subprocess.run([sys.executable, "-c", "import sys; from stages import cli; "
                                "print(sorted(m for m in ('torch', 'timm', 'zarr', 'numpy') if m in sys.modules))"],
                               check=True, capture_output=True, text=True).stdout.strip()

@@ -18,7 +18,7 @@ import queue
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import zarr
@@ -26,6 +26,10 @@ from zarr.codecs import BloscCodec, TransposeCodec
 
 from pipeline.errors import ReplayKDError
 from pipeline.plan import max_unit_size, unit_size
+
+if TYPE_CHECKING:
+    from pipeline.manifest import Manifest
+    from pipeline.recipe import Recipe
 
 FORMAT_NAME = "replaykd.teacher-cache"
 FORMAT_VERSION = 3  # 3: fingerprints of uint8 views and their parameters
@@ -140,6 +144,23 @@ class CacheRequest:
     image_library: str
     teacher: TeacherIdentity | None = None
 
+    @classmethod
+    def of(cls, manifest: Manifest, split: str, recipe: Recipe, run_seed: int,
+           teacher: TeacherIdentity | None = None) -> "CacheRequest":
+        """The request of a run on `manifest`'s `split` with `recipe` and `run_seed`, on this process's Pillow."""
+        from pipeline.replay import image_library  # here: `cache info` needs no timm
+
+        return cls(manifest.hash, split, recipe.as_dict(), recipe.hash, recipe.name, run_seed, manifest.num_classes,
+                   image_library(), teacher)
+
+    def config(self, epochs: int) -> CacheConfig:
+        """The config a store built for this request (it names a teacher) with `epochs` epochs records."""
+        t = self.teacher
+        return CacheConfig(manifest_hash=self.manifest_hash, split=self.split, recipe=self.recipe,
+                           recipe_hash=self.recipe_hash, run_seed=self.run_seed, epochs=epochs, topk=t.topk,
+                           num_classes=self.num_classes, teacher=t.teacher, teacher_sha256=t.teacher_sha256,
+                           teacher_input_size=t.teacher_input_size, image_library=self.image_library)
+
 
 @dataclass
 class CacheSummary:
@@ -236,11 +257,10 @@ class TeacherCache:
         return cls(path, zarr.open_group(str(path), mode=mode))
 
     @classmethod
-    def create_or_grow(cls, path: Path, config: CacheConfig, request: CacheRequest, shards: list[str],
-                       counts: list[int], repeats: int, paired: bool, epochs_per_file: int,
-                       extra_attrs: dict) -> "TeacherCache":
-        """Create the store, or open one that fits `request` and grow it to `config.epochs` epochs."""
-        path = Path(path)
+    def create_or_grow(cls, path: Path, request: CacheRequest, epochs: int, shards: list[str], counts: list[int],
+                       repeats: int, paired: bool, epochs_per_file: int, extra_attrs: dict) -> "TeacherCache":
+        """Create the store, or open one that fits `request` and grow it to `epochs` epochs."""
+        path, config = Path(path), request.config(epochs)
         if (path / "zarr.json").exists():
             cache = cls.open(path, mode="a")
             cache.require(request)

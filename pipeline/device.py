@@ -34,9 +34,3 @@ def device_name(device: torch.device | None = None) -> str:
 def autocast(device: torch.device):
     """bf16 autocast on GPU; float32 (no autocast) on the CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch of views on `device` (channels_last on GPU, where convolutions and bf16 run fastest that way)."""
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x

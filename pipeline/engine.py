@@ -74,8 +74,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
             images += n
             bar.update(n)
             if step % REPORT_EVERY == 0:
-                _check_finite(parts.loss.item(), epoch, step)
-                bar.set_postfix(loss=f"{parts.loss.item():.3f}", lr=f"{lr:.2e}")
+                loss = parts.loss.item()
+                _check_finite(loss, epoch, step)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
             step += 1
     finally:
         bar.close()  # before any error message: a left-open bar would share its line

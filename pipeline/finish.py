@@ -34,12 +34,12 @@ class Finisher:
 
     def __init__(self, recipe: Recipe):
         self.table = normalise_table(recipe)
-        self._on: dict[torch.device, torch.Tensor] = {}
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # the flat table, channel offsets
 
     def __call__(self, batch: "ViewBatch", device: torch.device) -> torch.Tensor:
         """The batch's float views on `device`, (N, 3, H, W)."""
         if device not in self._on:
-            self._on[device] = self.table.to(device).view(-1)
+            self._on[device] = (self.table.to(device).view(-1), torch.arange(3, dtype=torch.int32, device=device) * 256)
         images = [self._to_float(batch.images, device)]
         if batch.partner_images is not None:
             images.append(self._to_float(batch.partner_images, device))
@@ -61,27 +61,28 @@ class Finisher:
             for c in range(3):
                 np.take(self.table[c].numpy(), u8[..., c], out=out[:, c])
             return torch.from_numpy(out)
-        pixels = pixels.to(device, non_blocking=True)
-        channel = torch.arange(3, dtype=torch.int32, device=device) * 256
-        return self._on[device][pixels.int() + channel].permute(0, 3, 1, 2)
+        table, channel = self._on[device]
+        return table[pixels.to(device, non_blocking=True).int() + channel].permute(0, 3, 1, 2)
 
     @staticmethod
     def _mix(x: torch.Tensor, partner: torch.Tensor, batch: "ViewBatch", device: torch.device) -> torch.Tensor:
         _, _, height, width = x.shape
         out = x.clone()
-        lam, boxes = batch.lams, batch.mix_boxes.to(device)
-        mixup = ((lam < 1) & (batch.mix_boxes[:, 0] < 0)).to(device)
-        if mixup.any():
+        # Which rows mix or cut is decided on the CPU, where the parameters are: the device never waits for a mask.
+        cut = batch.mix_boxes[:, 0] >= 0
+        mixup = ((batch.lams < 1) & ~cut).nonzero().squeeze(1)
+        if len(mixup):
+            lam, rows = batch.lams[mixup], mixup.to(device, non_blocking=True)
             # lam and 1 - lam as float32, each rounded once from float64, as numpy's weak scalars in the replay
-            own = lam.float().to(device)[mixup].view(-1, 1, 1, 1)
-            other = (1.0 - lam).float().to(device)[mixup].view(-1, 1, 1, 1)
-            out[mixup] = x[mixup] * own + partner[mixup] * other
-        cutmix = boxes[:, 0] >= 0
-        if cutmix.any():
-            b = boxes[cutmix]
-            rows = torch.arange(height, device=device).view(1, -1, 1)
-            cols = torch.arange(width, device=device).view(1, 1, -1)
-            inside = ((rows >= b[:, 0, None, None]) & (rows < b[:, 1, None, None])
-                      & (cols >= b[:, 2, None, None]) & (cols < b[:, 3, None, None])).unsqueeze(1)
-            out[cutmix] = torch.where(inside, partner[cutmix], x[cutmix])
+            own = lam.float().to(device).view(-1, 1, 1, 1)
+            other = (1.0 - lam).float().to(device).view(-1, 1, 1, 1)
+            out[rows] = x[rows] * own + partner[rows] * other
+        cutmix = cut.nonzero().squeeze(1)
+        if len(cutmix):
+            b, rows = batch.mix_boxes[cutmix].to(device), cutmix.to(device, non_blocking=True)
+            ys = torch.arange(height, device=device).view(1, -1, 1)
+            xs = torch.arange(width, device=device).view(1, 1, -1)
+            inside = ((ys >= b[:, 0, None, None]) & (ys < b[:, 1, None, None])
+                      & (xs >= b[:, 2, None, None]) & (xs < b[:, 3, None, None])).unsqueeze(1)
+            out[rows] = torch.where(inside, partner[rows], x[rows])
         return out

@@ -1,10 +1,14 @@
-"""Crash-safe file writes: write beside the target, then rename into place."""
+"""Files: crash-safe writes (write beside the target, then rename into place) and the YAML and JSON-lines reads
+that options, recipes and run logs share."""
 from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
+
+from pipeline.errors import ReplayKDError
 
 
 def _umask() -> int:
@@ -41,14 +45,31 @@ def write_json_atomic(path: Path, obj) -> None:
 def replace_section(path: Path, section: str, body: str) -> bool:
     """Replace the text between `<!-- {section}:start -->` and `<!-- {section}:end -->` in a file (atomically);
     False if the file or its markers are absent."""
-    import re
-
     start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     path = Path(path)
-    if not path.exists() or start not in path.read_text():
+    text = path.read_text() if path.exists() else ""
+    if start not in text or end not in text:
         return False
-    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{body.rstrip()}\n{end}",
-                  path.read_text(), flags=re.S)
+    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{body.rstrip()}\n{end}", text,
+                  flags=re.S)
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return True
+
+
+def read_yaml_mapping(path: Path, what: str, holds: str) -> dict:
+    """The mapping in a YAML file; an error names the file as `what` and says the mapping `holds` what."""
+    import yaml  # here, not at the top: the CLI imports this module and --help stays light
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exn:
+        raise ReplayKDError(f"{what} {path} is not valid YAML: {exn}") from exn
+    if not isinstance(data, dict):
+        raise ReplayKDError(f"{what} {path} must be a mapping of {holds}")
+    return data
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -19,7 +19,7 @@ from pipeline.manifest import Manifest
 from pipeline.plan import EpochPlan, Segment, UnitPlan, unit_size
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
-from pipeline.replay import Replayer, View, decode_image
+from pipeline.replay import Replayer, View, decode_image, decode_positions
 from pipeline.targets import TeacherTargets
 
 # Runs in the loader worker once per unit: returns a function applied to each of its views (stage two attaches
@@ -30,13 +30,13 @@ Annotator = Callable[[UnitPlan], Callable[[View], None]]
 _END = object()
 
 
-def buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator, initial: int | None = None) -> Iterator:
+def buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
     """Shuffle a stream through a buffer of up to `size` items (an item's content does not depend on its order).
 
-    Yielding starts once `initial` items are in (default: size // 8) and the buffer grows to `size` by taking two
+    Yielding starts once size // 8 items are in and the buffer grows to `size` by taking two
     items in per item out, as webdataset's shuffle does: an epoch starts without waiting for a full buffer.
     """
-    initial = min(size, max(1, size // 8 if initial is None else initial))
+    initial = max(1, size // 8)
     buf: list = []
     stream = iter(items)
     for item in stream:
@@ -64,7 +64,7 @@ class _Views(IterableDataset):
         super().__init__()
         self.manifest, self.recipe, self.run_seed, self.split = manifest, recipe, run_seed, split
         self.shards = manifest.shards(split)
-        self.counts = [b - a for a, b in (manifest.shard_range(split, s) for s in self.shards)]
+        self.counts = manifest.shard_counts(split)
         self._replayer = None
 
     @property
@@ -78,7 +78,7 @@ class _Views(IterableDataset):
         return self.replayer.plan(len(records), epoch, self.shards[shard_no], shard_no)
 
     def _decode(self, records, positions, shard_no: int) -> dict:
-        return {p: decode_image(records[p].data, f"{self.shards[shard_no]}:{records[p].key}") for p in positions}
+        return decode_positions(records, positions, f"{self.shards[shard_no]}:")
 
 
 class ReplayViews(_Views):
@@ -207,12 +207,10 @@ class ViewBatch:
     targets: torch.Tensor
     keys: list[str]
     indices: torch.Tensor
-    positions: torch.Tensor
     repeats: torch.Tensor
     slots: torch.Tensor
     shard_nos: torch.Tensor
     epochs: torch.Tensor
-    seeds: torch.Tensor
     partners: torch.Tensor
     partner_labels: torch.Tensor
     fingerprints: torch.Tensor | None = None
@@ -260,8 +258,8 @@ class ViewCollate:
         return ViewBatch(torch.stack([v.image for v in views]),
                          torch.stack([v.partner_image for v in views]) if mixed else None, erase_boxes, erase_values,
                          mix_boxes, lams, labels, lam * own + (1.0 - lam) * other, [v.key for v in views],
-                         column("index"), column("position"), column("repeat"), column("slot"), column("shard_no"),
-                         column("epoch"), column("seed"), column("partner"), partner_labels, fingerprints, teacher)
+                         column("index"), column("repeat"), column("slot"), column("shard_no"),
+                         column("epoch"), column("partner"), partner_labels, fingerprints, teacher)
 
 
 class EvalViews(IterableDataset):
@@ -283,3 +281,10 @@ class EvalViews(IterableDataset):
         for shard in self.manifest.shards(self.split)[self.rank::self.world_size][worker::num_workers]:
             for r in read_shard(self.manifest, self.split, shard):
                 yield self.transform(decode_image(r.data, f"{shard}:{r.key}")), r.label
+
+
+def loader_settings(workers: int, prefetch: int, device: torch.device) -> dict:
+    """DataLoader settings for long runs: workers kept across epochs, pinned memory on GPU, `prefetch` batches queued
+    per worker."""
+    return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": device.type == "cuda",
+            "prefetch_factor": prefetch if workers > 0 else None}

@@ -97,6 +97,11 @@ class Manifest:
         """Global index range [start, stop) held by `shard`."""
         return self._ranges[split][shard]
 
+    def shard_counts(self, split: str) -> list[int]:
+        """Samples per shard of `split`, in shard order."""
+        self.table(split)
+        return [b - a for a, b in self._ranges[split].values()]
+
     def shard_rows(self, split: str, shard: str) -> pa.Table:
         """The manifest rows of one shard, in position order."""
         start, stop = self.shard_range(split, shard)
@@ -120,7 +125,7 @@ class Manifest:
             "splits": {
                 split: {
                     "count": t.num_rows,
-                    "shards": [{"name": s, "count": b - a} for s, (a, b) in self._ranges[split].items()],
+                    "shards": [{"name": s, "count": n} for s, n in zip(self.shards(split), self.shard_counts(split))],
                 }
                 for split, t in self.tables.items()
             },

@@ -152,10 +152,9 @@ class EpochPlan:
 
     def __init__(self, counts: Sequence[int], repeats: int, paired: bool, run_seed: int, epoch: int,
                  order_epoch: int | None = None):
-        self.counts, self.epoch = list(counts), epoch
-        self.group = 2 if paired else 1
-        self.items = [unit_size(n, repeats, epoch, paired) // self.group for n in self.counts]
-        self.order = unit_order(len(self.counts), run_seed, epoch if order_epoch is None else order_epoch)
+        self.epoch, self.group = epoch, 2 if paired else 1
+        self.items = [unit_size(n, repeats, epoch, paired) // self.group for n in counts]
+        self.order = unit_order(len(counts), run_seed, epoch if order_epoch is None else order_epoch)
         self.total = sum(self.items)
 
     def rank_items(self, world: int) -> int:
@@ -179,6 +178,6 @@ class EpochPlan:
     def batches(self, world: int, workers: int, batch_size: int) -> int:
         """Batches of `batch_size` views one rank takes in this epoch (each loader worker batches its own share,
         its last batch partial)."""
-        per_rank = self.rank_items(world)
-        sizes = [b - a for a, b in (split_range(per_rank, max(1, workers), w) for w in range(max(1, workers)))]
+        per_rank, workers = self.rank_items(world), max(1, workers)
+        sizes = [b - a for a, b in (split_range(per_rank, workers, w) for w in range(workers))]
         return sum(-(-s * self.group // batch_size) for s in sizes)

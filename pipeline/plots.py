@@ -1,10 +1,9 @@
 """Training curves as PNGs (matplotlib, headless)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, read_jsonl
 
 
 def _pyplot():
@@ -16,10 +15,6 @@ def _pyplot():
     return plt
 
 
-def _rows(log: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
-
-
 def _save(plt, fig, out: Path) -> None:
     fig.tight_layout()
     with atomic_path(out) as tmp:
@@ -29,7 +24,7 @@ def _save(plt, fig, out: Path) -> None:
 
 def plot_curves(log: Path, out: Path) -> None:
     """Loss and top-1 of each head per epoch, from a run's log.jsonl."""
-    plt, rows = _pyplot(), _rows(log)
+    plt, rows = _pyplot(), read_jsonl(log)
     epochs = [r["epoch"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for key in ("loss", "loss_base", "loss_distill"):
@@ -50,7 +45,7 @@ def plot_comparison(logs: dict, out: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for (label, log), style in zip(logs.items(), ("-", "--", ":", "-.") * 4):
-        rows = _rows(log)
+        rows = read_jsonl(log)
         ax.plot([r["epoch"] for r in rows], [r["avg_top1"] for r in rows], style, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%), average of cls and dist heads")

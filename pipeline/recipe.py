@@ -7,9 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from pipeline.errors import ReplayKDError
+from pipeline.io import read_yaml_mapping
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "manifests" / "recipes"
 
@@ -105,10 +104,5 @@ class Recipe:
         if not path.exists():
             names = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
             raise ReplayKDError(f"recipe not found: {spec} (a file, or one of: {names})")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exn:
-            raise ReplayKDError(f"recipe {path} is not valid YAML: {exn}") from exn
-        if not isinstance(data, dict):
-            raise ReplayKDError(f"recipe {path} must be a mapping of options")
+        data = read_yaml_mapping(path, "recipe", "options")
         return cls.from_dict(data, data.pop("name", path.stem))

@@ -17,7 +17,7 @@ import random
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -83,6 +83,11 @@ def decode_image(data: bytes, origin: str) -> Image.Image:
             return im.convert("RGB")
     except Exception as exn:
         raise ReplayKDError(f"cannot decode image {origin}: {exn}") from exn
+
+
+def decode_positions(records: Sequence["Record"], positions: Iterable[int], origin: str = "") -> dict[int, Image.Image]:
+    """The decoded images of the records at `positions`, by position; an error names `origin` and the key."""
+    return {p: decode_image(records[p].data, f"{origin}{records[p].key}") for p in positions}
 
 
 @dataclass(frozen=True)
@@ -243,23 +248,25 @@ class Replayer:
             made = []
             with seeded_globals() as reseed:  # never held across a yield: the caller may use the generators
                 for item in range(first, min(stop, first + ITEMS_PER_CONTEXT)):
-                    slots = [plan.slots[s] for s in plan.item_slots(item)]
-                    made.append((item, slots, *self._item(reseed, slots, records, images, plan.epoch)))
-            for item, slots, views, seeds, mix in made:
+                    numbers = plan.item_slots(item)
+                    slots = [plan.slots[n] for n in numbers]
+                    made.append((numbers, slots, *self._item(reseed, slots, records, images, plan.epoch)))
+            for numbers, slots, views, seeds, mix in made:
                 out = []
-                for i, (slot, (pixels, erase), seed) in enumerate(zip(slots, views, seeds)):
+                for i, (number, slot, (pixels, erase), seed) in enumerate(zip(numbers, slots, views, seeds)):
                     own, partner = records[slot.position], records[slots[-1 - i].position]
-                    number = item * plan.group + i
+                    partner_image, partner_erase = views[-1 - i] if len(views) == 2 else (None, ())
                     checked = fingerprint_every and number % fingerprint_every == 0
-                    other = views[-1 - i] if len(views) == 2 else (None, ())
-                    out.append(View(pixels, own.key, own.index, own.position, slot.repeat, number, plan.shard_no,
-                                    plan.epoch, seed, own.label, partner.index, partner.label, mix.lam, mix.box, erase,
-                                    *other, fingerprint(pixels, erase, mix, partner.index, self.floats) if checked
-                                    else None))
+                    out.append(View(
+                        image=pixels, key=own.key, index=own.index, position=own.position, repeat=slot.repeat,
+                        slot=number, shard_no=plan.shard_no, epoch=plan.epoch, seed=seed, label=own.label,
+                        partner=partner.index, partner_label=partner.label, lam=mix.lam, box=mix.box, erase=erase,
+                        partner_image=partner_image, partner_erase=partner_erase,
+                        fingerprint=fingerprint(pixels, erase, mix, partner.index, self.floats) if checked else None))
                 yield tuple(out)
 
     def view_at(self, plan: UnitPlan, records: Sequence["Record"], slot: int) -> View:
         """The view in `slot` of a unit (with its partner's pixels), decoding only its pair's images."""
         item = slot // plan.group
-        images = {p: decode_image(records[p].data, records[p].key) for p in plan.positions(item, item + 1)}
+        images = decode_positions(records, plan.positions(item, item + 1))
         return next(self.items(plan, records, images, item, item + 1))[slot % plan.group]

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import save_file
 
 from pipeline.errors import ReplayKDError
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.io import atomic_path, read_jsonl, write_json_atomic
 
 CONFIG, LOG, STATE, WEIGHTS, SUMMARY = "config.yaml", "log.jsonl", "train_state.pt", "checkpoint.safetensors", "summary.json"
 
@@ -42,10 +42,14 @@ class RunFolder:
         f = self.path / SUMMARY
         return json.loads(f.read_text()) if f.exists() else None
 
+    def config(self) -> dict:
+        """The resolved options the run was started with."""
+        return yaml.safe_load((self.path / CONFIG).read_text())
+
     def log(self) -> list[dict]:
         """The finished epochs' log lines."""
         f = self.path / LOG
-        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+        return read_jsonl(f) if f.exists() else []
 
     def check_new(self) -> None:
         """Refuse to start a new run over one that holds finished epochs."""
@@ -56,7 +60,7 @@ class RunFolder:
         """Refuse to resume a run that is not there, or one started with another plan (options that fix it)."""
         if not (self.path / STATE).exists():
             raise ReplayKDError(f"nothing to resume in {self.path} (no {STATE}); start the run without --resume")
-        saved = yaml.safe_load((self.path / CONFIG).read_text())
+        saved = self.config()
         diff = [f"{k} ({saved.get(k)!r} then, {v!r} now)" for k, v in plan.items() if saved.get(k) != v]
         if diff:
             raise ReplayKDError(f"--resume with a different plan than {self.path} was started with: {', '.join(diff)}")

@@ -54,7 +54,7 @@ class TargetSource:
     kind = ""
 
     def annotator(self) -> Callable | None:
-        """A picklable `(unit, epoch) -> attach(view)` the loader workers run per unit, or None."""
+        """A picklable `(unit) -> attach(view)` the loader workers run per unit, or None."""
         return None
 
     def fingerprint_every(self) -> int:

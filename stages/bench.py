@@ -58,12 +58,18 @@ SOURCES = {  # name -> (data set of n images, shard size, classes)
 }
 
 
-def bench_data(work: Path, preset: Preset, source: str, images: int) -> tuple[Path, Path]:
-    """Shards of a data set and a teacher checkpoint (random weights: throughput does not need trained ones)."""
-    make, shard_size, num_classes = SOURCES[source]
+def bench_shards(work: Path, source: str, images: int) -> Path:
+    """Shards of one of the bench's data sets (made once per bench folder)."""
+    make, shard_size, _ = SOURCES[source]
     data = work / f"data-{source}"
     if not (data / "manifest.json").exists():
         write_shards(make(images), data, shard_size, 0, False)
+    return data
+
+
+def bench_data(work: Path, preset: Preset, source: str, images: int) -> tuple[Path, Path]:
+    """Shards of a data set and a teacher checkpoint (random weights: throughput does not need trained ones)."""
+    data, num_classes = bench_shards(work, source, images), SOURCES[source][2]
     ckpt = work / f"{preset.teacher}-{num_classes}.safetensors"
     if not ckpt.exists():
         save_file(create_classifier(preset.teacher, num_classes).state_dict(), str(ckpt))
@@ -130,7 +136,7 @@ def loader_section(o: BenchOptions, work: Path) -> dict:
     photos = loader_bench.save_jpegs(loader_bench.photographs(max(24, o.views // 4)), work / "photographs")
     jpegs = loader_bench.load_jpegs(photos)
     stock = {**loader_bench.per_core(deit, jpegs, rounds), "what": "real photographs (500x375 JPEG)"}
-    digits = Manifest.load(work / "data-digits")
+    digits = Manifest.load(bench_shards(work, "digits", o.views * 4))
     records = [r for shard in digits.shards("train")[:2] for r in read_shard(digits, "train", shard)]
     rows = [stock, {**loader_bench.per_core(Recipe.load("digits"), [(r.key, r.data) for r in records], rounds),
                     "what": "digits (32 px PNG)"}]
@@ -142,7 +148,7 @@ def loader_section(o: BenchOptions, work: Path) -> dict:
         out["speedups"] = [fast["pillow"]]
     # the replay (with the speed-ups) against timm's ordinary, stock path
     out["replay_over_timm_per_core"] = (fast or stock)["replay_views_per_s"] / stock["timm_views_per_s"]
-    data = work / "data-photographs"
+    data = work / "loader-photographs"  # its own: the imagenet preset's "photographs" are 1000-class, 1024-image shards
     if not (data / "manifest.json").exists():
         write_shards(loader_bench.photo_source(max(64, o.views // 2), (500, 375)), data, 64, 0, False)
     out["full_loader"] = loader_bench.full_loader(data, deit, max(1, o.workers))
@@ -174,8 +180,7 @@ def bench(o: BenchOptions) -> None:
     r["cache_size"] = measure.cache_size_and_reads(work)
     real = o.real_cache if o.real_cache is not None and (o.real_cache / "zarr.json").exists() else None
     r["real_cache"] = measure.stored_bytes_per_view(real) if real else None
-    deit = Recipe.load("deit")
-    r["coverage"] = measure.coverage(1_281_167, 1000, deit.repeats)
+    r["coverage"] = measure.coverage(1_281_167, 1000, Recipe.load("deit").repeats)
     write_json_atomic(o.out / "bench.json", r)
     publish(o, r)
 

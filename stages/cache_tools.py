@@ -17,7 +17,7 @@ from pipeline.manifest import Manifest
 from pipeline.models import file_sha256, load_teacher
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
-from pipeline.replay import Replayer, image_library
+from pipeline.replay import Replayer
 from stages.options import CacheInfoOptions, CacheVerifyOptions
 
 
@@ -40,14 +40,13 @@ def open_sources(cache: TeacherCache, data: Path | None, checkpoint: Path | None
     ckpt = Path(checkpoint or cache.attrs["checkpoint_path"])
     if not ckpt.exists():
         raise ReplayKDError(f"teacher checkpoint not found: {ckpt} (pass --checkpoint)")
-    cache.require(CacheRequest(manifest.hash, c.split, recipe.as_dict(), recipe.hash, recipe.name, c.run_seed,
-                               manifest.num_classes, image_library(),
-                               TeacherIdentity(c.teacher, file_sha256(ckpt), c.teacher_input_size, c.topk)))
+    cache.require(CacheRequest.of(manifest, c.split, recipe, c.run_seed,
+                                  TeacherIdentity(c.teacher, file_sha256(ckpt), c.teacher_input_size, c.topk)))
     return manifest, recipe, ckpt
 
 
 def verify(o: CacheVerifyOptions) -> None:
-    """Remake random cached views, compare fingerprints and seeds, re-run the teacher; exit 1 on a mismatch."""
+    """Remake random cached views, compare fingerprints, re-run the teacher; exit 1 on a mismatch."""
     cache = TeacherCache.open(o.store)
     c = cache.config
     manifest, recipe, ckpt = open_sources(cache, o.data, o.checkpoint)

@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from pipeline.errors import ReplayKDError, user_message
+from pipeline.io import read_yaml_mapping
 from stages import options as O
 
 app = typer.Typer(
@@ -34,17 +35,9 @@ CONFIG_HELP = "YAML file of options (keys are the option names, e.g. 'batch_size
 
 def load_config(path: Path) -> dict:
     """The options in a --config YAML file."""
-    import yaml
-
     if not path.exists():
         raise ReplayKDError(f"--config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exn:
-        raise ReplayKDError(f"--config {path} is not valid YAML: {exn}") from exn
-    if not isinstance(data, dict):
-        raise ReplayKDError(f"--config {path} must be a mapping of option names to values")
-    return data
+    return read_yaml_mapping(path, "--config", "option names to values")
 
 
 def _parameter(f: dataclasses.Field, hint) -> inspect.Parameter:

@@ -37,7 +37,7 @@ def views(o: ViewsOptions) -> None:
     epoch_list = parse_epochs(o.epochs)
     shard = manifest.shards(o.split)[0]
     records = read_shard(manifest, o.split, shard)
-    replayer, finish = Replayer(rec, o.seed), Finisher(rec)
+    replayer, finish, collate = Replayer(rec, o.seed), Finisher(rec), ViewCollate(manifest.num_classes, rec.smoothing)
     shown = list(range(min(o.samples, len(records))))
     cells: list[list[list[Tile]]] = [[[] for _ in epoch_list] for _ in shown]
     for column, epoch in enumerate(epoch_list):
@@ -45,7 +45,7 @@ def views(o: ViewsOptions) -> None:
         views = [replayer.view_at(plan, records, slot) for slot, s in enumerate(plan.slots) if s.position < len(shown)]
         if not views:
             continue
-        finished = finish(ViewCollate(manifest.num_classes, rec.smoothing)(views), torch.device("cpu"))
+        finished = finish(collate(views), torch.device("cpu"))
         for view, image in zip(views, finished):
             mixed = view.partner != view.index and view.lam < 1
             cells[view.position][column].append(Tile(image, f"x{view.partner} {view.lam:.2f}" if mixed else ""))

@@ -24,7 +24,7 @@ from pipeline.loader import ReplayViews, ViewCollate
 from pipeline.manifest import Manifest
 from pipeline.reader import Record
 from pipeline.recipe import Recipe
-from pipeline.replay import Replayer, decode_image
+from pipeline.replay import Replayer, decode_image, decode_positions
 from pipeline.sources import Source, SourceItem
 
 
@@ -112,7 +112,7 @@ def per_core(recipe: Recipe, jpegs: list[tuple[str, bytes]], rounds: int) -> dic
             if mixup is not None:
                 x = mixup(x[: len(x) - len(x) % 2], torch.tensor([r.label for r in order[: len(x) - len(x) % 2]]))
             t1 = time.perf_counter()
-            images = {p: decode_image(records[p].data, records[p].key) for p in plan.positions()}
+            images = decode_positions(records, plan.positions())
             t2 = time.perf_counter()
             made = [v for item in replayer.items(plan, records, images) for v in item]
             t3 = time.perf_counter()

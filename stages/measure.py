@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import pipeline.loader as loader_mod
-from pipeline.cache import CacheConfig, CacheRequest, TeacherCache, UnitArrays
+import pipeline.replay as replay_mod
+from pipeline.cache import CacheRequest, TeacherCache, TeacherIdentity, UnitArrays
 from pipeline.device import autocast, pick_device
 from pipeline.errors import ReplayKDError
 from pipeline.finish import Finisher
@@ -22,6 +22,7 @@ from pipeline.manifest import Manifest
 from pipeline.models import create_student, load_teacher
 from pipeline.plan import chosen_positions
 from pipeline.recipe import Recipe
+from pipeline.runs import RunFolder, mean_rate
 
 
 def replaykd(*args) -> str:
@@ -32,10 +33,8 @@ def replaykd(*args) -> str:
     return proc.stdout
 
 
-def interleaved(fns: dict, repeats: int, warmup: bool = False) -> dict:
-    """Run each timed function once per round, `repeats` rounds (after an untimed round if `warmup`); medians."""
-    for fn in fns.values() if warmup else ():
-        fn()
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Run each timed function once per round, `repeats` rounds; medians."""
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -90,13 +89,13 @@ def decodes_per_view(manifest: Manifest, recipe: Recipe, epochs: int) -> dict:
     stage two's (only the images of an epoch's chosen samples, once for all their repeats: 1 / repeats), counted
     in-process."""
     count = [0]
-    real = loader_mod.decode_image
+    real = replay_mod.decode_image  # every loader decode goes through replay.decode_positions
 
     def counting(*args):
         count[0] += 1
         return real(*args)
 
-    loader_mod.decode_image = counting
+    replay_mod.decode_image = counting
     try:
         work = [ShardWork(s, tuple(range(epochs))) for s in range(len(manifest.shards("train")))]
         views = sum(1 for _ in CacheViews(manifest, recipe, 0, work))
@@ -105,7 +104,7 @@ def decodes_per_view(manifest: Manifest, recipe: Recipe, epochs: int) -> dict:
         return {"recipe": recipe.name, "repeats": recipe.repeats, "epochs": epochs, "stage_one": stage_one,
                 "stage_two": count[0] / views}
     finally:
-        loader_mod.decode_image = real
+        replay_mod.decode_image = real
 
 
 def coverage(n: int, shard_size: int, repeats: int, epochs=(1, 3, 10), ranks: int = 8) -> dict:
@@ -159,8 +158,7 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
         out = work / f"student-{name}"
         shutil.rmtree(out, ignore_errors=True)
         replaykd("train-student", "--out", out, *common, *variants[name])
-        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        rates[name].append(sum(r["images"] for r in log) / sum(r["train_seconds"] for r in log))
+        rates[name].append(mean_rate(RunFolder(out).log()))
 
     interleaved({k: (lambda k=k: one(k)) for k in variants}, repeats)
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -208,10 +206,9 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
     for k in (5, 10, 100):
         store = work / f"size-k{k}"
         shutil.rmtree(store, ignore_errors=True)
-        config = CacheConfig(manifest_hash="synthetic", split="train", recipe={}, recipe_hash="synthetic", run_seed=0,
-                             epochs=1, topk=k, num_classes=1000, teacher="synthetic", teacher_sha256="synthetic")
-        request = CacheRequest("synthetic", "train", {}, "synthetic", "synthetic", 0, 1000, config.image_library)
-        cache = TeacherCache.create_or_grow(store, config, request, shards, [per_shard] * len(shards), 1, False, 1, {})
+        request = CacheRequest("synthetic", "train", {}, "synthetic", "synthetic", 0, 1000, "pillow",
+                               TeacherIdentity("synthetic", "synthetic", None, k))
+        cache = TeacherCache.create_or_grow(store, request, 1, shards, [per_shard] * len(shards), 1, False, 1, {})
         for s in range(len(shards)):
             # a confident teacher: one class ~6 logits above N(0, 1.5) noise over 1000 classes
             logits = torch.from_numpy(rng.normal(0, 1.5, (per_shard, 1000)).astype(np.float32))

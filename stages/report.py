@@ -6,20 +6,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
-import yaml
 
 from pipeline.cache import TeacherCache
 from pipeline.device import device_name
 from pipeline.errors import ReplayKDError
 from pipeline.io import atomic_path, replace_section, write_json_atomic
 from pipeline.plots import plot_comparison
+from pipeline.runs import RunFolder
 from stages.options import ReportOptions, StudyReportOptions
 
 ARMS = {"cache": "hard KD, targets from the cache", "online": "hard KD, online teacher", "labels": "no KD (labels only)"}
 HEADS = ("cls_top1", "dist_top1", "avg_top1")
 
-STUDENTS = {"student-hard": "hard KD, targets from the cache", "student-online": "hard KD, online teacher",
-            "student-none": "no KD (labels only)"}
+STUDENTS = {"student-hard": ARMS["cache"], "student-online": ARMS["online"], "student-none": ARMS["labels"]}
 
 
 def collect(run: Path) -> dict:
@@ -29,11 +28,11 @@ def collect(run: Path) -> dict:
     c = cache.summarize()
     students = {}
     for name, what in STUDENTS.items():
-        f = run / name / "summary.json"
-        if f.exists():
-            s = json.loads(f.read_text())
-            cfg = yaml.safe_load((run / name / "config.yaml").read_text())
-            students[name] = {"what": what, **{k: s[k] for k in ("cls_top1", "dist_top1", "avg_top1", "epochs", "wall_seconds", "images_per_s")},
+        folder = RunFolder(run / name)
+        s = folder.summary()
+        if s is not None:
+            cfg = folder.config()
+            students[name] = {"what": what, **{k: s[k] for k in (*HEADS, "epochs", "wall_seconds", "images_per_s")},
                               "model": f"{cfg['student']} img {cfg['img_size'] or cache.config.recipe['input_size']} patch {cfg['patch_size']} depth {cfg['depth']} dim {cfg['embed_dim']}"}
     finished = max((run / name / "summary.json").stat().st_mtime for name in students) if students else None
     return {"date": datetime.fromtimestamp(finished, timezone.utc).isoformat(timespec="seconds") if finished else None,
@@ -101,8 +100,7 @@ def study(o: StudyReportOptions) -> None:
         raise ReplayKDError(f"no finished runs (*/summary.json) in {o.run}")
     arms: dict[str, list[dict]] = {}
     for run in runs:
-        s = json.loads((run / "summary.json").read_text())
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        s, cfg = RunFolder(run).summary(), RunFolder(run).config()
         arms.setdefault(s["source"], []).append({"run": run.name, "init_seed": cfg["init_seed"], "epochs": s["epochs"],
                                                  **{h: s[h] for h in HEADS}})
     r = {"study": str(o.run), "device": device_name(), "arms": {

@@ -12,17 +12,16 @@ import typer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.cache import (CacheConfig, CacheRequest, CacheSummary, TeacherCache, TeacherIdentity, UnitArrays,
+from pipeline.cache import (CacheRequest, CacheSummary, TeacherCache, TeacherIdentity, UnitArrays,
                             UnitBuffers, UnitWriter)
 from pipeline.device import autocast, pick_device
 from pipeline.distributed import barrier, init_distributed, is_main_process, sum_across_ranks
 from pipeline.errors import ReplayKDError
 from pipeline.finish import Finisher
-from pipeline.loader import CacheViews, ShardWork, ViewCollate
+from pipeline.loader import CacheViews, ShardWork, ViewCollate, loader_settings
 from pipeline.manifest import Manifest
 from pipeline.models import file_sha256, load_teacher
 from pipeline.recipe import Recipe
-from pipeline.replay import image_library
 from pipeline.targets import TeacherTargets
 from stages.options import TeacherCacheOptions
 
@@ -55,20 +54,14 @@ def run(o: TeacherCacheOptions) -> CacheSummary:
         raise ReplayKDError(f"--topk must be between 1 and the number of classes ({manifest.num_classes}), got {o.topk}")
     teacher = load_teacher(o.teacher, o.checkpoint, manifest.num_classes, o.teacher_input_size, dev)
     shards = manifest.shards(o.split)
-    counts = [b - a for a, b in (manifest.shard_range(o.split, s) for s in shards)]
     identity = TeacherIdentity(o.teacher, file_sha256(o.checkpoint), teacher.input_size, o.topk)
-    request = CacheRequest(manifest.hash, o.split, recipe.as_dict(), recipe.hash, recipe.name, o.seed,
-                           manifest.num_classes, image_library(), identity)
-    config = CacheConfig(manifest_hash=manifest.hash, split=o.split, recipe=recipe.as_dict(), recipe_hash=recipe.hash,
-                         run_seed=o.seed, epochs=o.epochs, topk=o.topk, num_classes=manifest.num_classes,
-                         teacher=o.teacher, teacher_sha256=identity.teacher_sha256,
-                         teacher_input_size=teacher.input_size, image_library=request.image_library)
+    request = CacheRequest.of(manifest, o.split, recipe, o.seed, identity)
     if rank == 0:
         hints = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": library_versions(),
                  "recipe_name": recipe.name, "data_path": str(Path(o.manifest).resolve()),
                  "checkpoint_path": str(Path(o.checkpoint).resolve()), "options": o.to_config()}
-        TeacherCache.create_or_grow(o.out, config, request, shards, counts, recipe.repeats, recipe.mixes,
-                                    o.epochs_per_file, hints)
+        TeacherCache.create_or_grow(o.out, request, o.epochs, shards, manifest.shard_counts(o.split), recipe.repeats,
+                                    recipe.mixes, o.epochs_per_file, hints)
     barrier()
     cache = TeacherCache.open(o.out, mode="a")
     # A data shard's units all go to one rank, so each Zarr shard file has one writer.
@@ -80,9 +73,8 @@ def run(o: TeacherCacheOptions) -> CacheSummary:
             work.append(ShardWork(s, todo))
     ds = CacheViews(manifest, recipe, o.seed, work, o.split)
     total_views = len(ds)
-    loader = DataLoader(ds, batch_size=o.batch_size, num_workers=o.workers,
-                        pin_memory=dev.type == "cuda", prefetch_factor=o.prefetch if o.workers else None,
-                        collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing))
+    loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing),
+                        **loader_settings(o.workers, o.prefetch, dev))
     writer, buffers = UnitWriter(cache), UnitBuffers(cache.unit_size, o.topk, manifest.num_classes)
     finish = Finisher(recipe)
     correct = seen = 0

@@ -15,15 +15,14 @@ from pipeline.distributed import barrier, init_distributed, is_main_process
 from pipeline.engine import evaluate, train_one_epoch
 from pipeline.errors import ReplayKDError
 from pipeline.finish import Finisher
-from pipeline.loader import EvalViews, ReplayViews, ViewCollate
+from pipeline.loader import EvalViews, ReplayViews, ViewCollate, loader_settings
 from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
 from pipeline.models import StudentHeads, create_student, load_teacher
 from pipeline.plots import plot_curves
 from pipeline.recipe import Recipe
-from pipeline.replay import image_library
 from pipeline.runs import RunFolder, mean_rate
-from pipeline.schedule import cosine_lr
+from pipeline.schedule import step_schedule
 from pipeline.targets import CachedTargets, NoTargets, OnlineTargets, TargetSource
 from stages.options import Distillation, StudentOptions
 
@@ -40,22 +39,13 @@ def target_source(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: to
         if o.epochs > cache.config.epochs and not o.reuse_epochs:
             raise ReplayKDError(f"{o.epochs} epochs asked for but {cache.path} holds {cache.config.epochs}; grow the "
                                 "cache (teacher-cache --epochs N) or pass --reuse-epochs to cycle the cached epochs")
-        request = CacheRequest(manifest.hash, o.split, recipe.as_dict(), recipe.hash, recipe.name, o.seed,
-                               manifest.num_classes, image_library())
-        cache.require(request, epochs=o.epochs, complete=True)
+        cache.require(CacheRequest.of(manifest, o.split, recipe, o.seed), epochs=o.epochs, complete=True)
         return CachedTargets(o.cache, o.check_fingerprints), cache.config.epochs
     topk = o.topk or min(ONLINE_TOPK, manifest.num_classes)
     if topk > manifest.num_classes:
         raise ReplayKDError(f"--topk {topk} is more than the dataset's {manifest.num_classes} classes")
     teacher = load_teacher(o.online_teacher, o.teacher_checkpoint, manifest.num_classes, o.teacher_input_size, dev)
     return OnlineTargets(teacher, topk), o.epochs
-
-
-def loader_options(o, dev: torch.device, workers: int | None = None) -> dict:
-    """DataLoader settings for long runs: workers kept across epochs, pinned memory on GPU, prefetch depth."""
-    workers = o.workers if workers is None else workers
-    return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": dev.type == "cuda",
-            "prefetch_factor": o.prefetch if workers > 0 else None}
 
 
 def main(o: StudentOptions) -> None:
@@ -122,15 +112,11 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, source: Target
                      view_epochs=view_epochs, shuffle_buffer=o.shuffle_buffer, shuffle_seed=o.init_seed,
                      annotate=source.annotator(), fingerprint_every=source.fingerprint_every())
     # Every rank takes the same number of steps per epoch (EpochPlan), so the schedule is known exactly.
-    steps = [ds.batches(o.batch_size, o.workers, e) for e in range(o.epochs)]
-    total_steps, warmup = sum(steps), sum(steps[: o.warmup_epochs])
-
-    def lr_at(s: int) -> float:
-        return cosine_lr(s, total_steps, warmup, lr, o.min_lr)
-
-    loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=collate, **loader_options(o, dev))
+    lr_at = step_schedule([ds.batches(o.batch_size, o.workers, e) for e in range(o.epochs)], o.warmup_epochs, lr,
+                          o.min_lr)
+    loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=collate, **loader_settings(o.workers, o.prefetch, dev))
     eval_loader = DataLoader(EvalViews(manifest, recipe, "val"), batch_size=o.batch_size,
-                             **loader_options(o, dev, min(o.workers, 2)))
+                             **loader_settings(min(o.workers, 2), o.prefetch, dev))
     if o.reuse_epochs and o.epochs > view_epochs and rank == 0:
         typer.echo(f"--reuse-epochs: the cache holds {view_epochs} epochs; student epoch e uses cached epoch "
                    f"e % {view_epochs}")

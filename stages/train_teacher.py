@@ -13,23 +13,22 @@ from pipeline.device import pick_device
 from pipeline.engine import evaluate, train_one_epoch
 from pipeline.finish import Finisher
 from pipeline.io import atomic_path, write_json_atomic
-from pipeline.loader import EvalViews, ReplayViews, ViewCollate
+from pipeline.loader import EvalViews, ReplayViews, ViewCollate, loader_settings
 from pipeline.losses import LabelLoss
 from pipeline.manifest import Manifest
 from pipeline.models import Teacher, create_classifier
 from pipeline.recipe import Recipe
-from pipeline.schedule import cosine_lr
+from pipeline.schedule import step_schedule
 from pipeline.targets import NoTargets
 from stages.options import TrainTeacherOptions
 
 
-def view_loader(manifest: Manifest, recipe: Recipe, o: TrainTeacherOptions) -> DataLoader:
+def view_loader(manifest: Manifest, recipe: Recipe, o: TrainTeacherOptions, dev: torch.device) -> DataLoader:
     """The training views (`loader.dataset.set_epoch` picks the epoch), batched with the recipe's mixed,
     label-smoothed targets: what the teacher learns. Workers are kept from epoch to epoch."""
     ds = ReplayViews(manifest, recipe, o.seed, 0, rank=0, world_size=1, shuffle_buffer=512, shuffle_seed=o.seed)
-    return DataLoader(ds, batch_size=o.batch_size, num_workers=o.workers,
-                      persistent_workers=o.workers > 0, prefetch_factor=o.prefetch if o.workers else None,
-                      collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing))
+    return DataLoader(ds, batch_size=o.batch_size, collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing),
+                      **loader_settings(o.workers, o.prefetch, dev))
 
 
 def main(o: TrainTeacherOptions) -> None:
@@ -40,13 +39,10 @@ def main(o: TrainTeacherOptions) -> None:
     net = Teacher(create_classifier(o.model, manifest.num_classes), o.input_size or None).to(dev)
     optimizer = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     eval_loader = DataLoader(EvalViews(manifest, recipe, "val"), batch_size=256, num_workers=min(o.workers, 1))
-    loader = view_loader(manifest, recipe, o)
-    steps = [loader.dataset.batches(o.batch_size, o.workers, epoch) for epoch in range(o.epochs)]
-    total, warmup, step, t0 = sum(steps), sum(steps[: o.warmup_epochs]), 0, time.perf_counter()
-    finish = Finisher(recipe)
-
-    def lr_at(s: int) -> float:
-        return cosine_lr(s, total, warmup, o.lr)
+    loader = view_loader(manifest, recipe, o, dev)
+    lr_at = step_schedule([loader.dataset.batches(o.batch_size, o.workers, e) for e in range(o.epochs)],
+                          o.warmup_epochs, o.lr)
+    finish, step, t0 = Finisher(recipe), 0, time.perf_counter()
 
     for epoch in range(o.epochs):
         loader.dataset.set_epoch(epoch)

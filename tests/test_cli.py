@@ -66,6 +66,13 @@ def test_config_file_then_flags(tmp_path):
     opts = O.StudentOptions.from_mapping({**yaml.safe_load(cfg.read_text()), "batch_size": 64}, "test")
     assert (opts.epochs, opts.batch_size, opts.distillation) == (7, 64, O.Distillation.soft)
     assert O.StudentOptions.from_mapping(opts.to_config()) == opts  # what a run folder saves reads back
+    # the command line itself: the file's values are read, and a flag overrides the file's value
+    cfg.write_text(yaml.safe_dump({"out": str(tmp_path / "y"), "batch-size": 0, "distillation": "none", "cache": "C"}))
+    proc = run_cli("train-student", "--config", cfg, check=False)
+    assert proc.returncode == 2 and "--batch-size must be at least 1, got 0" in proc.stderr, proc.stderr
+    proc = run_cli("train-student", "--config", cfg, "--batch-size", "32", check=False)
+    assert proc.returncode == 2 and "--cache would not be used" in proc.stderr, proc.stderr
+    assert not (tmp_path / "y").exists()
     cfg.write_text("out: x\nbatchsize: 3\n")
     proc = run_cli("train-student", "--config", cfg, check=False)
     assert proc.returncode == 2 and "unknown options batchsize" in proc.stderr

@@ -116,3 +116,12 @@ def test_probability_encoding_is_exact_and_small_for_sorted_rows():
     wild = rng.normal(0, 100, (32, 7)).astype(np.float16)
     wild[0, 0], wild[1, 3] = np.nan, np.inf
     assert np.array_equal(decode_sorted_float16(encode_sorted_float16(wild)).view(np.uint16), wild.view(np.uint16))
+
+
+def test_draft_decoding_reach_depends_on_the_image_size():
+    from pipeline.recipe import Recipe
+    from stages.loader_bench import draft_eligible
+
+    deit = Recipe.load("deit")
+    assert draft_eligible(deit, (500, 375), 300) == 0.0  # a 375 px side is under twice 224: no crop qualifies
+    assert 0.0 < draft_eligible(deit, (1000, 750), 300) < 1.0  # larger photographs: some repeats' crops do

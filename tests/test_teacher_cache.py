@@ -61,7 +61,10 @@ def test_cache_info_and_verify(store, tmp_path):
     assert '"units_missing": 0' in info.stdout and '"topk": 5' in info.stdout
     ok = run_cli("cache", "verify", store, "--samples", "24", "--device", "cpu")
     assert "fingerprints OK" in ok.stdout
-    # alter one stored fingerprint and one probability row of a completed unit
+    # the teacher re-run agrees only to within float noise: an impossible --atol is a mismatch
+    strict = run_cli("cache", "verify", store, "--samples", "8", "--device", "cpu", "--atol", "1e-12", check=False)
+    assert strict.returncode == 1 and "teacher probabilities differ" in strict.stderr, strict.stderr
+    # alter every stored fingerprint
     bad = tmp_path / "bad"
     subprocess.run(["cp", "-r", str(store), str(bad)], check=True)
     cache = TeacherCache.open(bad, mode="a")

@@ -22,7 +22,7 @@ def test_one_epoch_with_a_mixing_recipe_trains_on_the_mixed_targets(digits_dir):
     m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     assert recipe.mixes and recipe.smoothing > 0
     o = TrainTeacherOptions.from_mapping({"data": digits_dir, "recipe": "digits-ra", "batch_size": 128, "workers": 0})
-    batches = list(view_loader(m, recipe, o))
+    batches = list(view_loader(m, recipe, o, torch.device("cpu")))
     used = []
 
     class Recording(LabelLoss):

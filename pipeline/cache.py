@@ -5,36 +5,38 @@ shard), its views are the unit's slots in the epoch plan's order (`pipeline/plan
 recomputed is stored: the teacher's top-k probabilities and classes, and the view's fingerprint (seeds, partners
 and mix weights are derived from (run seed, epoch, key) again by every reader, and the fingerprint proves it). A
 unit is one inner chunk per array, and all epochs of a data shard live in Zarr shard files that only that data
-shard's writer touches (ranks own whole data shards), so no two writers ever share a file. Zarr's local store
-writes each file atomically, and a unit's completion is recorded (in the `complete` array, one file per data
-shard) only after its data, so a run killed at any point resumes to arrays identical to an uninterrupted run's.
-Readers trust completed units only.
+shard's writer touches (a data shard has one writer at a time: `pipeline/claims.py`), so no two writers ever share
+a file. Every chunk ends in a CRC-32C (Zarr's crc32c codec), checked on every read: damaged bytes are an error
+naming the unit and the array, never wrong targets. Zarr's local store writes each file atomically, and a unit's
+completion is recorded (in the `complete` array, one file per data shard) only after its data, so a run killed at
+any point resumes to arrays identical to an uninterrupted run's. Readers trust completed units only.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import queue
-import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, TransposeCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 
 from pipeline.errors import ReplayKDError
 from pipeline.plan import max_unit_size, unit_size
+from pipeline.storage import LocalStorage
 
 if TYPE_CHECKING:
     from pipeline.manifest import Manifest
     from pipeline.recipe import Recipe
+    from pipeline.teacher import TeacherIdentity
 
 FORMAT_NAME = "replaykd.teacher-cache"
-FORMAT_VERSION = 3  # 3: fingerprints of uint8 views and their parameters
+FORMAT_VERSION = 4  # 4: CRC-32C per chunk, the teacher's identity and preprocessing, the views' fields only
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 COMPLETE = "complete"
+CLAIMS = "claims"  # a group of claim records (pipeline/claims.py)
 # Epochs per file of the completion array: one small file per data shard for any realistic run.
 COMPLETE_EPOCHS = 1024
 
@@ -108,103 +110,50 @@ class CacheConfig:
 
     manifest_hash: str
     split: str
-    recipe: dict
-    recipe_hash: str
+    views: dict
+    views_hash: str
     run_seed: int
     epochs: int
     topk: int
     num_classes: int
-    teacher: str
-    teacher_sha256: str
-    teacher_input_size: int | None = None
+    teacher: dict
     image_library: str = "pillow"
 
 
 @dataclass(frozen=True)
-class TeacherIdentity:
-    """Which teacher made a store's targets, and how many it kept per view."""
-
-    teacher: str
-    teacher_sha256: str
-    teacher_input_size: int | None
-    topk: int
-
-
-@dataclass(frozen=True)
 class CacheRequest:
-    """What a caller needs a store to be: its data, recipe and seed, and (to build or verify) its teacher."""
+    """What a caller needs a store to be: its data, views and seed, and (to build or verify) its teacher and k."""
 
     manifest_hash: str
     split: str
-    recipe: dict
-    recipe_hash: str
+    views: dict
+    views_hash: str
     recipe_name: str
     run_seed: int
     num_classes: int
     image_library: str
     teacher: TeacherIdentity | None = None
+    topk: int | None = None
 
     @classmethod
-    def of(cls, manifest: Manifest, split: str, recipe: Recipe, run_seed: int,
-           teacher: TeacherIdentity | None = None) -> "CacheRequest":
+    def of(cls, manifest: Manifest, split: str, recipe: Recipe, run_seed: int, teacher: TeacherIdentity | None = None,
+           topk: int | None = None) -> "CacheRequest":
         """The request of a run on `manifest`'s `split` with `recipe` and `run_seed`, on this process's Pillow."""
         from pipeline.replay import image_library  # here: `cache info` needs no timm
 
-        return cls(manifest.hash, split, recipe.as_dict(), recipe.hash, recipe.name, run_seed, manifest.num_classes,
-                   image_library(), teacher)
+        return cls(manifest.hash, split, recipe.views(), recipe.views_hash, recipe.name, run_seed,
+                   manifest.num_classes, image_library(), teacher, topk)
 
     def config(self, epochs: int) -> CacheConfig:
         """The config a store built for this request (it names a teacher) with `epochs` epochs records."""
-        t = self.teacher
-        return CacheConfig(manifest_hash=self.manifest_hash, split=self.split, recipe=self.recipe,
-                           recipe_hash=self.recipe_hash, run_seed=self.run_seed, epochs=epochs, topk=t.topk,
-                           num_classes=self.num_classes, teacher=t.teacher, teacher_sha256=t.teacher_sha256,
-                           teacher_input_size=t.teacher_input_size, image_library=self.image_library)
+        return CacheConfig(manifest_hash=self.manifest_hash, split=self.split, views=self.views,
+                           views_hash=self.views_hash, run_seed=self.run_seed, epochs=epochs, topk=self.topk,
+                           num_classes=self.num_classes, teacher=self.teacher.as_dict(),
+                           image_library=self.image_library)
 
 
-@dataclass
-class CacheSummary:
-    """Identity, completeness and size of a store, plus the figures of the run that built it (if any)."""
-
-    store: str
-    teacher: str
-    teacher_sha256: str
-    teacher_input_size: int | None
-    manifest_hash: str
-    split: str
-    recipe: str | None
-    recipe_hash: str
-    run_seed: int
-    epochs: int
-    topk: int
-    num_classes: int
-    shards: int
-    units_missing: int
-    views_cached: int
-    bytes_on_disk: int
-    bytes_per_view: float | None
-    run: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        """Plain JSON values (this run's figures flattened in)."""
-        d = dataclasses.asdict(self)
-        return {**{k: v for k, v in d.items() if k != "run"}, **d["run"]}
-
-    def text(self) -> str:
-        """Human-readable lines."""
-        lines = [f"store {self.store}: {self.teacher} (sha256 {self.teacher_sha256}), manifest {self.manifest_hash}, "
-                 f"recipe {self.recipe} ({self.recipe_hash}), seed {self.run_seed}, {self.epochs} epochs x {self.shards} "
-                 f"shards, top-{self.topk} of {self.num_classes}",
-                 f"views cached {self.views_cached}, units missing {self.units_missing}, "
-                 f"{self.bytes_on_disk / 1e6:.2f} MB on disk"
-                 + (f", {self.bytes_per_view:.1f} bytes/view" if self.bytes_per_view else "")]
-        r = self.run
-        if r.get("views_written") == 0:
-            lines.append("this run: nothing to do, every unit was already complete")
-        elif r:
-            lines.append(f"this run: {r['views_written']} views in {r['seconds']:.1f} s ({r['views_per_s']:.0f} views/s), "
-                         f"teacher top-1 vs majority label {r['teacher_top1_vs_majority']:.2f}%")
-        return "\n".join(lines)
+class DamagedUnit(ReplayKDError):
+    """Stored bytes of a unit fail their checksum (or do not decode)."""
 
 
 def _compressors(dtype: str):
@@ -212,13 +161,15 @@ def _compressors(dtype: str):
     # Measured on 8192 top-10 rows of a synthetic 1000-class teacher, bytes per view: float16 probabilities
     # 16.0 as they are, 14.0 as deltas of their bit patterns along k, 13.0 as deltas with k outermost in the chunk
     # (each k's values side by side); class indices 12.6 (close to their entropy); fingerprints 4.0. zstd level 9
-    # instead of 5 saved 0.4 more on probabilities only. Quantising probabilities further would be lossy.
-    return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dtype).itemsize)]
+    # instead of 5 saved 0.4 more on probabilities only. Quantising probabilities further would be lossy. The
+    # CRC-32C after compression costs 4 bytes per chunk and proves every chunk read.
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dtype).itemsize),
+            Crc32cCodec()]
 
 
-def _recipe_differences(stored: dict, wanted: dict) -> str:
-    fields_ = sorted(set(stored) | set(wanted))
-    return ", ".join(f"{f} {stored.get(f)!r} vs {wanted.get(f)!r}" for f in fields_ if stored.get(f) != wanted.get(f))
+def _dict_differences(stored: dict, wanted: dict) -> str:
+    names = sorted(set(stored) | set(wanted))
+    return ", ".join(f"{n} {stored.get(n)!r} vs {wanted.get(n)!r}" for n in names if stored.get(n) != wanted.get(n))
 
 
 class TeacherCache:
@@ -226,6 +177,7 @@ class TeacherCache:
 
     def __init__(self, path: Path, group: zarr.Group):
         self.path, self.group = Path(path), group
+        self.storage = LocalStorage(self.path)
         attrs = dict(group.attrs)
         found = str(attrs.get("format", ""))
         if not found.startswith(FORMAT_NAME + "/"):
@@ -240,6 +192,7 @@ class TeacherCache:
         self.shards: list[str] = layout["shards"]
         self.counts: list[int] = layout["counts"]
         self.repeats, self.paired = layout["repeats"], layout["paired"]
+        self.epochs_per_file = layout["epochs_per_file"]
         self.arrays = {name: group[name] for name in UnitArrays.specs(self.config.num_classes)}
         self.complete = group[COMPLETE]
 
@@ -288,7 +241,8 @@ class TeacherCache:
                                      dimension_names=("epoch", "shard", "slot", "k")[: 3 + per_class])
             codec_chain[name] = arr.metadata.to_dict()["codecs"]
         group.create_array(COMPLETE, shape=(config.epochs, len(shards)), dtype="uint8", chunks=(COMPLETE_EPOCHS, 1),
-                           fill_value=0, dimension_names=("epoch", "shard"))
+                           compressors=[Crc32cCodec()], fill_value=0, dimension_names=("epoch", "shard"))
+        group.create_group(CLAIMS)
         group.attrs.update({"format": FORMAT, "config": dataclasses.asdict(config),
                             "layout": {"shards": shards, "counts": counts, "repeats": repeats, "paired": paired,
                                        "slots": width, "epochs_per_file": block},
@@ -298,21 +252,22 @@ class TeacherCache:
     # --- does it fit ---------------------------------------------------------------------------------
     def differences(self, request: CacheRequest) -> list[str]:
         """What differs between this store and `request`, one phrase per field, naming both values."""
+        from pipeline.teacher import TeacherIdentity
+
         c, out = self.config, []
         if c.manifest_hash != request.manifest_hash:
             out.append(f"manifest: the store was built from {c.manifest_hash[:16]} ({self.attrs.get('data_path')}), "
                        f"this run's is {request.manifest_hash[:16]}")
-        if c.recipe_hash != request.recipe_hash:
-            out.append(f"recipe: the store's '{self.attrs.get('recipe_name')}' and this run's '{request.recipe_name}' "
-                       f"differ in {_recipe_differences(c.recipe, request.recipe)} (recipe_hash {c.recipe_hash[:16]} "
-                       f"vs {request.recipe_hash[:16]})")
-        checks = [("run_seed", "run seed", request), ("split", "split", request), ("num_classes", "classes", request),
-                  ("image_library", "image library (its decoding and resampling make the views)", request)]
+        if c.views_hash != request.views_hash:
+            out.append(f"views: the store's recipe '{self.attrs.get('recipe_name')}' and this run's "
+                       f"'{request.recipe_name}' differ in {_dict_differences(c.views, request.views)}")
+        checks = [("run_seed", "run seed"), ("split", "split"), ("num_classes", "classes"),
+                  ("image_library", "image library (its decoding and resampling make the views)")]
         if request.teacher is not None:
-            checks += [("teacher", "teacher", request.teacher), ("teacher_sha256", "teacher checkpoint", request.teacher),
-                       ("teacher_input_size", "teacher input size", request.teacher), ("topk", "topk", request.teacher)]
-        for name, what, wanted in checks:
-            have, want = getattr(c, name), getattr(wanted, name)
+            out += TeacherIdentity.from_dict(c.teacher).differences(request.teacher)
+            checks.append(("topk", "topk"))
+        for name, what in checks:
+            have, want = getattr(c, name), getattr(request, name)
             if have != want:
                 out.append(f"{what} ({name}): {have!r} in the store, {want!r} in this run")
         return out
@@ -331,14 +286,22 @@ class TeacherCache:
                                 "rerun the same teacher-cache command to finish it")
 
     # --- units -------------------------------------------------------------------------------------
+    def done(self) -> np.ndarray:
+        """(epochs, shards) bool: which units are complete."""
+        try:
+            return self.complete[:] != 0
+        except (ValueError, RuntimeError) as exn:
+            raise DamagedUnit(f"cache {self.path}: its completion records are damaged ({exn}); run `replaykd cache "
+                              f"repair {self.path}`") from exn
+
     def completed(self, shard_no: int) -> list[int]:
         """Epochs of `shard_no` whose data is complete."""
-        return np.flatnonzero(self.complete[:, shard_no]).tolist()
+        return np.flatnonzero(self.done()[:, shard_no]).tolist()
 
     def missing(self, epochs: int | None = None) -> list[tuple[int, int]]:
         """(epoch, shard_no) units not yet complete among the first `epochs` epochs."""
         epochs = self.config.epochs if epochs is None else min(epochs, self.config.epochs)
-        return [(int(e), int(s)) for e, s in np.argwhere(self.complete[:epochs, :] == 0)]
+        return [(int(e), int(s)) for e, s in np.argwhere(~self.done()[:epochs, :])]
 
     def write_unit(self, epoch: int, shard_no: int, data: UnitArrays) -> None:
         """Write one unit's arrays, then record it complete (the caller owns this data shard)."""
@@ -347,90 +310,66 @@ class TeacherCache:
             self.arrays[name][epoch, shard_no, :n] = ENCODED[name][1](values) if name in ENCODED else values
         self.complete[epoch, shard_no] = 1
 
-    def read_unit(self, epoch: int, shard_no: int) -> UnitArrays:
-        """One completed unit's arrays, one row per slot."""
-        if not self.complete[epoch, shard_no]:
+    def read_unit(self, epoch: int, shard_no: int, check_complete: bool = True) -> UnitArrays:
+        """One completed unit's arrays, one row per slot; bytes that fail their checksum are a `DamagedUnit` error
+        naming the unit and the array."""
+        if check_complete and not self.complete[epoch, shard_no]:
             raise ReplayKDError(f"{self.path}: unit (epoch {epoch}, shard {self.shards[shard_no]}) is not complete")
         n = self.unit_size(epoch, shard_no)
-        stored = {name: arr[epoch, shard_no, :n] for name, arr in self.arrays.items()}
+        stored = {}
+        for name, arr in self.arrays.items():
+            try:
+                stored[name] = arr[epoch, shard_no, :n]
+            except (ValueError, RuntimeError) as exn:  # zarr's checksum mismatch, or a chunk that does not decode
+                raise DamagedUnit(
+                    f"cache {self.path}: unit (epoch {epoch}, shard {self.shards[shard_no]}) is damaged: array "
+                    f"'{name}' fails its checksum ({exn}). Run `replaykd cache repair {self.path}` (it drops the "
+                    "damaged units), then the teacher-cache command that built the store to rebuild them") from exn
         return UnitArrays(**{name: ENCODED[name][2](v) if name in ENCODED else v for name, v in stored.items()})
 
     def bytes_on_disk(self) -> int:
         """Total size of the store's files."""
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
-    def summarize(self, run: dict | None = None) -> CacheSummary:
-        """Identity, completeness and size (plus a run's figures)."""
-        c = self.config
-        done = self.complete[:] != 0
-        views = sum(self.unit_size(int(e), int(s)) for e, s in np.argwhere(done))
-        size = self.bytes_on_disk()
-        return CacheSummary(str(self.path), c.teacher, c.teacher_sha256[:16], c.teacher_input_size,
-                            c.manifest_hash[:16], c.split, self.attrs.get("recipe_name"), c.recipe_hash[:16],
-                            c.run_seed, c.epochs, c.topk, c.num_classes, len(self.shards), int((~done).sum()), views,
-                            size, size / views if views else None, dict(run or {}))
+    # --- integrity ---------------------------------------------------------------------------------
+    def damage(self, progress=None) -> list[tuple[int | None, int, str]]:
+        """Read every completed unit's every chunk, one unit at a time: (epoch, shard_no, array) of each one that
+        fails its checksum or does not decode (epoch None: the shard's completion records themselves)."""
+        found = []
+        for s in range(len(self.shards)):
+            try:
+                epochs = np.flatnonzero(self.complete[:, s]).tolist()
+            except (ValueError, RuntimeError):
+                found.append((None, s, COMPLETE))
+                continue
+            for e in epochs:
+                n = self.unit_size(e, s)
+                for name, arr in self.arrays.items():
+                    try:
+                        arr[e, s, :n]
+                    except (ValueError, RuntimeError):
+                        found.append((e, s, name))
+                if progress is not None:
+                    progress()
+        return found
 
-
-class UnitBuffers:
-    """Stage one's unit assembly: collects rows of views in slot order; hands back each unit once full."""
-
-    def __init__(self, size: Callable[[int, int], int], topk: int, num_classes: int):
-        self.size, self.topk, self.num_classes = size, topk, num_classes  # size(epoch, shard_no): views of a unit
-        self.open: dict[tuple[int, int], tuple[UnitArrays, list]] = {}
-
-    def add(self, epochs: np.ndarray, shard_nos: np.ndarray, slots: np.ndarray,
-            rows: UnitArrays) -> list[tuple[int, int, UnitArrays]]:
-        """Store a batch's rows (views at (epoch, shard_no, slot)), unit by unit, vectorised; returns the
-        (epoch, shard_no, arrays) of the units that became complete."""
-        done = []
-        units = np.stack([epochs, shard_nos], axis=1)
-        for epoch, shard_no in np.unique(units, axis=0).tolist():
-            sel = (units[:, 0] == epoch) & (units[:, 1] == shard_no)
-            size = self.size(epoch, shard_no)
-            if (epoch, shard_no) not in self.open:
-                self.open[(epoch, shard_no)] = (UnitArrays.zeros(size, self.topk, self.num_classes), [0])
-            arrays, filled = self.open[(epoch, shard_no)]
-            for name, values in rows.select(sel).arrays().items():
-                getattr(arrays, name)[slots[sel]] = values
-            filled[0] += int(sel.sum())
-            if filled[0] == size:
-                del self.open[(epoch, shard_no)]
-                done.append((epoch, shard_no, arrays))
-        return done
-
-
-class UnitWriter:
-    """Writes completed units on a background thread, off the teacher's compute path."""
-
-    def __init__(self, cache: TeacherCache, depth: int = 8):
-        self.cache, self.error = cache, None
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.thread = threading.Thread(target=self._run, name="unit-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.cache.write_unit(*job)
-                except OSError as exn:
-                    self.error = exn
-
-    def _check(self) -> None:
-        if self.error is not None:
-            exn = self.error
-            full = getattr(exn, "errno", None) == 28 or "No space" in str(exn)
-            what = "the disk is full" if full else f"a write failed ({exn})"
-            raise ReplayKDError(f"{what} while writing {self.cache.path}; completed units are kept: free space "
-                                f"and rerun the same command to resume") from exn
-
-    def put(self, epoch: int, shard_no: int, data: UnitArrays) -> None:
-        """Queue one complete unit for writing (blocks when the queue is full)."""
-        self._check()
-        self.queue.put((epoch, shard_no, data))
-
-    def close(self) -> None:
-        """Finish all queued writes; raise if any failed."""
-        self.queue.put(None)
-        self.thread.join()
-        self._check()
+    def drop(self, damaged: list[tuple[int | None, int, str]]) -> list[tuple[int, int]]:
+        """Remove the Zarr shard files that hold damaged units (all arrays, so a unit is never half there) and mark
+        every unit they held missing; a shard whose completion records are damaged is marked missing whole. Returns
+        the (block, shard_no) pairs dropped (a block: `epochs_per_file` epochs)."""
+        epf = self.epochs_per_file
+        blocks = sorted({(e // epf, s) for e, s, _ in damaged if e is not None})
+        whole = sorted({s for e, s, _ in damaged if e is None})
+        blocks += [(b, s) for s in whole for b in range(-(-self.config.epochs // epf)) if (b, s) not in blocks]
+        for b, s in blocks:
+            for arr in self.arrays.values():
+                coords = (b, s) + (0,) * (arr.ndim - 2)
+                self.storage.delete(f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}")
+        for s in {s for _, s in blocks}:
+            column = np.zeros(self.config.epochs, np.uint8)
+            if s not in whole:
+                column = self.complete[:, s]
+                for b, _ in (x for x in blocks if x[1] == s):
+                    column[b * epf:(b + 1) * epf] = 0
+            self.complete[:, s] = column
+        return blocks

@@ -34,3 +34,12 @@ def device_name(device: torch.device | None = None) -> str:
 def autocast(device: torch.device):
     """bf16 autocast on GPU; float32 (no autocast) on the CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def set_threads(threads: int | None, workers: int) -> int:
+    """Compute threads of this process: `threads`, else the cores it may run on less its loader workers (each
+    worker runs one thread), at least 1; so main process and workers together do not oversubscribe the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n = threads or max(1, cores - workers)
+    torch.set_num_threads(n)
+    return n

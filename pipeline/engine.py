@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -41,11 +42,13 @@ class EpochStats:
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, finish: Finisher, targets: TargetSource,
                     lr_at: Callable[[int], float], step: int, clip_grad: float | None = None, ema=None,
-                    total: int | None = None, show_progress: bool = True) -> tuple[EpochStats, int]:
+                    total: int | None = None, show_progress: bool = True,
+                    progress: dict | None = None) -> tuple[EpochStats, int]:
     """One pass over `loader`'s ViewBatches: views finished on `device` by `finish`, the teacher's targets from
     `targets`, the loss from `criterion`.
 
     `lr_at(step)` sets the learning rate before each optimiser step; returns the epoch's stats and the next step.
+    `progress['step']`, when given, follows the step (for a message saying where a run stopped).
     """
     model.train()
     plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -78,6 +81,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
                 _check_finite(loss, epoch, step)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
             step += 1
+            if progress is not None:
+                progress["step"] = step
     finally:
         bar.close()  # before any error message: a left-open bar would share its line
     seconds = time.perf_counter() - t0
@@ -102,21 +107,27 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 
 @torch.inference_mode()
 def evaluate(heads: dict[str, Callable], loader: Iterable, device: torch.device, model: nn.Module) -> dict:
-    """Top-1/top-5 (percent) of each head over (images, labels) batches; `heads` maps a name to a function of
-    the model's output."""
+    """Top-1/top-5 (percent) of each head over (images, labels) batches, as `{prefix}top1`, and the loss of the
+    first head (`eval_loss`, cross-entropy to the labels); `heads` maps a prefix to a function of the model's
+    output."""
     model.eval()
     counts = torch.zeros(len(heads), 2, dtype=torch.float64)
-    n = 0
+    loss, n = 0.0, 0
     for images, labels in loader:
         x = images.to(device, non_blocking=True)
         y = labels.to(device)
         with autocast(device):
             out = model(x)
         for i, fn in enumerate(heads.values()):
-            counts[i] += torch.tensor(topk_correct(fn(out).float(), y), dtype=torch.float64)
+            logits = fn(out).float()
+            counts[i] += torch.tensor(topk_correct(logits, y), dtype=torch.float64)
+            if i == 0:
+                loss += F.cross_entropy(logits, y, reduction="sum").item()
         n += len(y)
-    totals = sum_across_ranks(torch.cat([counts.flatten(), torch.tensor([float(n)], dtype=torch.float64)]), device)
-    counts, n = totals[:-1].view(len(heads), 2), totals[-1].item()
+    totals = sum_across_ranks(torch.cat([counts.flatten(), torch.tensor([loss, float(n)], dtype=torch.float64)]),
+                              device)
+    counts, loss, n = totals[:-2].view(len(heads), 2), totals[-2].item(), totals[-1].item()
     if n == 0:
         raise ReplayKDError("the evaluation split is empty")
-    return {f"{name}_top{k}": 100.0 * counts[i, j].item() / n for i, name in enumerate(heads) for j, k in enumerate((1, 5))}
+    return {"eval_loss": loss / n, **{f"{name}top{k}": 100.0 * counts[i, j].item() / n for i, name in enumerate(heads)
+                                     for j, k in enumerate((1, 5))}}

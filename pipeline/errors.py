@@ -17,3 +17,7 @@ def user_message(exn: ReplayKDError) -> str:
     if text.startswith("Caught ") and "DataLoader worker" in text and marker in text:
         return text.rsplit(marker, 1)[1].strip()
     return text
+
+
+class Interrupted(ReplayKDError):
+    """The run was stopped (Ctrl-C / SIGINT); the message says where, and how to continue (exit code 130)."""

@@ -7,6 +7,7 @@ so a shuffled batch holds views of about twice as many images as it has rows.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Sequence
 
@@ -15,8 +16,9 @@ import torch
 from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
+from pipeline.errors import ReplayKDError
 from pipeline.manifest import Manifest
-from pipeline.plan import EpochPlan, Segment, UnitPlan, unit_size
+from pipeline.plan import EpochPlan, Segment, UnitPlan
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
 from pipeline.replay import Replayer, View, decode_image, decode_positions
@@ -94,12 +96,15 @@ class ReplayViews(_Views):
     def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, epoch: int = 0, split: str = "train",
                  rank: int | None = None, world_size: int | None = None, view_epochs: int | None = None,
                  shuffle_buffer: int = 0, shuffle_seed: int = 0, annotate: Annotator | None = None,
-                 fingerprint_every: int = 1):
+                 fingerprint_every: int = 1, batch_size: int | None = None):
         super().__init__(manifest, recipe, run_seed, split)
         info = pytorch_worker_info()
         self.rank = info[0] if rank is None else rank
         self.world_size = info[1] if world_size is None else world_size
-        self.view_epochs = view_epochs
+        self.view_epochs, self.batch_size = view_epochs, batch_size
+        if batch_size is not None and batch_size % (2 if recipe.mixes else 1):
+            raise ReplayKDError(f"recipe {recipe.name} mixes views in pairs, so the batch size must be even, got "
+                                f"{batch_size}")
         self.shuffle_buffer, self.shuffle_seed, self.annotate = shuffle_buffer, shuffle_seed, annotate
         self.fingerprint_every = fingerprint_every
         self._epoch = multiprocessing.RawValue("q", epoch)
@@ -124,13 +129,15 @@ class ReplayViews(_Views):
         return self.views()
 
     def views(self, epoch: int | None = None) -> int:
-        """Views this rank makes in an epoch."""
+        """Views this rank makes in an epoch: its whole batches' (all its items' without a batch size)."""
         plan = self.plan(epoch)
+        if self.batch_size is not None:
+            return plan.batches(self.world_size, self.batch_size) * self.batch_size
         return plan.rank_items(self.world_size) * plan.group
 
-    def batches(self, batch_size: int, workers: int, epoch: int | None = None) -> int:
-        """Batches of `batch_size` views this rank takes in an epoch with `workers` loader workers."""
-        return self.plan(epoch).batches(self.world_size, workers, batch_size)
+    def batches(self, epoch: int | None = None) -> int:
+        """Full batches this rank takes in an epoch (the same on every rank, whatever its worker count)."""
+        return self.plan(epoch).batches(self.world_size, self.batch_size)
 
     def _views(self, segments: list[Segment]) -> Iterator[View]:
         for seg in segments:
@@ -146,37 +153,28 @@ class ReplayViews(_Views):
 
     def __iter__(self) -> Iterator[View]:
         _, _, worker, workers = pytorch_worker_info()
-        views = self._views(self.plan().segments(self.rank, self.world_size, worker, workers))
+        views = self._views(self.plan().segments(self.rank, self.world_size, worker, workers, self.batch_size))
         if self.shuffle_buffer > 1:
             rng = np.random.default_rng([self.shuffle_seed, self.epoch, self.rank, worker])
             views = buffer_shuffle(views, self.shuffle_buffer, rng)
         return views
 
 
-@dataclass(frozen=True)
-class ShardWork:
-    """Stage one's work on one shard: the epochs whose units it still needs."""
-
-    shard_no: int
-    epochs: tuple[int, ...]
-
-
 class CacheViews(_Views):
-    """Stage one's views: whole units of the given shards, each shard decoded once for all its epochs. Loader
-    workers take every num_workers-th shard; the caller gives each rank its own shards."""
+    """Stage one's views: whole units of the data shards a `Dealer` hands out through `jobs` (a queue of ShardWork,
+    None ending a worker's stream), each shard decoded once for all its missing epochs. `len()` is `views`, what
+    this process expects to make (its share)."""
 
-    def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, work: Sequence[ShardWork],
+    def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, jobs, views: int = 0,
                  split: str = "train"):
         super().__init__(manifest, recipe, run_seed, split)
-        self.work = list(work)
+        self.jobs, self.expected = jobs, views
 
     def __len__(self) -> int:
-        return sum(unit_size(self.counts[w.shard_no], self.recipe.repeats, e, self.recipe.mixes)
-                   for w in self.work for e in w.epochs)
+        return self.expected
 
     def __iter__(self) -> Iterator[View]:
-        _, _, worker, workers = pytorch_worker_info()
-        for w in self.work[worker::workers]:
+        while (w := self.jobs.get()) is not None:
             records = read_shard(self.manifest, self.split, self.shards[w.shard_no])
             images = self._decode(records, range(len(records)), w.shard_no)
             for epoch in w.epochs:
@@ -263,14 +261,13 @@ class ViewCollate:
 
 
 class EvalViews(IterableDataset):
-    """Evaluation views of a split (timm's eval transform: resize, centre crop); ranks, then workers, take every
-    n-th shard."""
+    """Evaluation views of a split through an evaluation transform (timm's: resize, centre crop, normalise); ranks,
+    then workers, take every n-th shard."""
 
-    def __init__(self, manifest: Manifest, recipe: Recipe, split: str = "val", rank: int | None = None,
+    def __init__(self, manifest: Manifest, transform: Callable, split: str = "val", rank: int | None = None,
                  world_size: int | None = None):
         super().__init__()
-        self.manifest, self.split = manifest, split
-        self.transform = recipe.eval_transform()
+        self.manifest, self.split, self.transform = manifest, split, transform
         info = pytorch_worker_info()
         self.rank = info[0] if rank is None else rank
         self.world_size = info[1] if world_size is None else world_size
@@ -283,8 +280,16 @@ class EvalViews(IterableDataset):
                 yield self.transform(decode_image(r.data, f"{shard}:{r.key}")), r.label
 
 
-def loader_settings(workers: int, prefetch: int, device: torch.device) -> dict:
+def quiet_worker(_: int) -> None:
+    """DataLoader worker set-up: leave Ctrl-C to the main process, which stops the workers and says where it
+    stopped (a worker's own KeyboardInterrupt would print a traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def loader_settings(workers: int, prefetch: int, device: torch.device, seed: int = 0) -> dict:
     """DataLoader settings for long runs: workers kept across epochs, pinned memory on GPU, `prefetch` batches queued
-    per worker."""
+    per worker, and a generator of its own for the workers' seeds, so that starting a loader never draws from the
+    global generator (whose state a resumed run restores: drawing from it would change what follows)."""
     return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": device.type == "cuda",
-            "prefetch_factor": prefetch if workers > 0 else None}
+            "prefetch_factor": prefetch if workers > 0 else None, "worker_init_fn": quiet_worker if workers else None,
+            "generator": torch.Generator().manual_seed(seed)}

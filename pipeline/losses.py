@@ -1,4 +1,4 @@
-"""DeiT's distillation loss fed by sparse top-k teacher targets, and the soft-target loss of plain training."""
+"""DeiT's distillation loss fed by sparse top-k teacher targets (labels only with `none`: plain training)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,20 +38,15 @@ def soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-class LabelLoss(nn.Module):
-    """Plain training of a one-head classifier (the demo teacher): soft-target CE to the mixed, smoothed labels."""
-
-    def forward(self, outputs: torch.Tensor, target: torch.Tensor, teacher: TeacherTargets | None = None) -> LossParts:
-        loss = soft_target_ce(outputs, target)
-        return LossParts(loss, loss, torch.zeros((), device=loss.device))
-
-
 class DistillationLoss(nn.Module):
-    """(1 - alpha) * CE(cls, mixed labels) + alpha * KD(dist, teacher), as DeiT's losses.py.
+    """(1 - alpha) * CE(base, mixed labels) + alpha * KD(kd head, teacher), as DeiT's losses.py and timm's logit
+    distillation.
 
-    hard: CE(dist, teacher's top-1 class). soft: KL(dense teacher at tau || softmax(dist / tau)) * tau^2,
-    reduced as 'batchmean' (sum over classes, mean over the batch) like timm's token distillation; DeiT's
-    original divides by batch * classes instead, a constant factor C smaller. none: both heads learn the labels.
+    A distilled DeiT gives (cls, dist) logits: the class head learns the labels, the distillation head the teacher.
+    Any other student gives one tensor of logits, which learns both. hard: CE(kd head, teacher's top-1 class). soft:
+    KL(dense teacher at tau || softmax(kd / tau)) * tau^2, reduced as 'batchmean' (sum over classes, mean over the
+    batch) like timm's distillation tasks; DeiT's original divides by batch * classes instead, a constant factor C
+    smaller. none: labels only (both heads of a two-headed student).
     """
 
     def __init__(self, mode: str = "hard", alpha: float = 0.5, tau: float = 1.0, num_classes: int = 1000):
@@ -62,16 +57,18 @@ class DistillationLoss(nn.Module):
         self.mode, self.alpha, self.tau, self.num_classes = mode, alpha, tau, num_classes
 
     def forward(self, outputs, target: torch.Tensor, teacher: TeacherTargets | None = None) -> LossParts:
-        """Loss parts for the student's (cls, dist) logits."""
-        cls_logits, dist_logits = outputs
-        base = soft_target_ce(cls_logits, target)
+        """Loss parts for the student's logits: (cls, dist) for a distilled DeiT, else one tensor."""
+        base_logits, kd_logits = outputs if isinstance(outputs, (tuple, list)) else (outputs, outputs)
+        base = soft_target_ce(base_logits, target)
         if self.mode == "none":
-            distill = soft_target_ce(dist_logits, target)
+            if kd_logits is base_logits:
+                return LossParts(base, base, torch.zeros((), device=base.device))
+            distill = soft_target_ce(kd_logits, target)
             return LossParts(0.5 * (base + distill), base, distill)
         if self.mode == "hard":
-            distill = F.cross_entropy(dist_logits.float(), teacher.classes[:, 0].long())
+            distill = F.cross_entropy(kd_logits.float(), teacher.classes[:, 0].long())
         else:
             q = dense_target(teacher.probs, teacher.classes, self.num_classes, self.tau)
-            log_p = F.log_softmax(dist_logits.float() / self.tau, dim=-1)
+            log_p = F.log_softmax(kd_logits.float() / self.tau, dim=-1)
             distill = F.kl_div(log_p, q, reduction="batchmean") * (self.tau ** 2)
         return LossParts((1 - self.alpha) * base + self.alpha * distill, base, distill)

@@ -62,6 +62,7 @@ class Manifest:
     shard_root: Path
     hash: str = ""
     info: dict = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # shard file -> bytes, where known
     _ranges: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -88,6 +89,18 @@ class Manifest:
             raise ReplayKDError(f"manifest {self.path} has no split '{split}' (has: {', '.join(self.tables)})")
         return self.tables[split]
 
+    def eval_split(self, wanted: str, option: str = "--eval-split") -> str | None:
+        """The split to evaluate on: `wanted` ('val' is 'validation' where the manifest has that instead, as
+        timm's wds layout names it); 'none': no evaluation. An absent split is an error naming the ones there are."""
+        if wanted == "none":
+            return None
+        if wanted == "val" and "val" not in self.tables and "validation" in self.tables:
+            return "validation"
+        if wanted not in self.tables:
+            raise ReplayKDError(f"manifest {self.path} has no split '{wanted}' to evaluate on (it has: "
+                                f"{', '.join(self.tables)}); pass {option} with one of them, or {option} none")
+        return wanted
+
     def shards(self, split: str) -> list[str]:
         """Shard file names of `split`, in order."""
         self.table(split)
@@ -107,6 +120,20 @@ class Manifest:
         start, stop = self.shard_range(split, shard)
         return self.table(split).slice(start, stop - start)
 
+    def check_files(self, split: str) -> None:
+        """Refuse, before any work starts, a split whose shard files are missing or not the size recorded when the
+        manifest was written (truncated or replaced); a shard changed in place is caught when it is read."""
+        problems = []
+        for shard in self.shards(split):
+            path = self.shard_path(shard)
+            if not path.exists():
+                problems.append(f"{path} is missing")
+            elif shard in self.sizes and path.stat().st_size != self.sizes[shard]:
+                problems.append(f"{path} holds {path.stat().st_size} bytes, the manifest recorded {self.sizes[shard]}")
+        if problems:
+            raise ReplayKDError(f"{len(problems)} shard(s) of split '{split}' do not match manifest {self.path}: "
+                                + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+
     def shard_path(self, shard: str) -> Path:
         """Where a shard file is on disk."""
         return self.shard_root / shard
@@ -125,7 +152,8 @@ class Manifest:
             "splits": {
                 split: {
                     "count": t.num_rows,
-                    "shards": [{"name": s, "count": n} for s, n in zip(self.shards(split), self.shard_counts(split))],
+                    "shards": [{"name": s, "count": n, **({"bytes": self.sizes[s]} if s in self.sizes else {})}
+                               for s, n in zip(self.shards(split), self.shard_counts(split))],
                 }
                 for split, t in self.tables.items()
             },
@@ -157,7 +185,8 @@ class Manifest:
             table = pq.read_table(path / f"{split}.parquet").cast(SCHEMA)
             tables[split] = table
         root = Path(shard_root) if shard_root is not None else (path / header["shard_root"]).resolve()
-        m = cls(path, header["classes"], tables, root, info=header.get("info", {}))
+        sizes = {s["name"]: s["bytes"] for split in header["splits"].values() for s in split["shards"] if "bytes" in s}
+        m = cls(path, header["classes"], tables, root, info=header.get("info", {}), sizes=sizes)
         if m.hash != header["hash"]:
             raise ReplayKDError(f"manifest {path} was changed after it was written: hash {m.hash[:12]} != {header['hash'][:12]}")
         return m

@@ -148,7 +148,10 @@ def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
 
 class EpochPlan:
     """Who makes which items of an epoch: shards in a per-epoch order, equal contiguous ranges per rank, then per
-    worker. `order_epoch` seeds the order (the training epoch); `epoch` picks the views (the cached epoch)."""
+    worker. `order_epoch` seeds the order (the training epoch); `epoch` picks the views (the cached epoch).
+
+    With a batch size, a rank keeps only whole batches (as DeiT drops the last partial batch) and each loader worker
+    gets whole batches, so every rank takes the same number of full steps whatever its worker count."""
 
     def __init__(self, counts: Sequence[int], repeats: int, paired: bool, run_seed: int, epoch: int,
                  order_epoch: int | None = None):
@@ -158,13 +161,24 @@ class EpochPlan:
         self.total = sum(self.items)
 
     def rank_items(self, world: int) -> int:
-        """Items every rank makes (equal for all ranks; the last `total % world` items are left out)."""
+        """Items every rank may make (equal for all ranks; the last `total % world` items are left out)."""
         return self.total // world
 
-    def segments(self, rank: int, world: int, worker: int = 0, workers: int = 1) -> list[Segment]:
-        """This (rank, worker)'s pieces of units, in order."""
+    def batches(self, world: int, batch_size: int) -> int:
+        """Full batches of `batch_size` views each rank takes in this epoch."""
+        return self.rank_items(world) * self.group // batch_size
+
+    def segments(self, rank: int, world: int, worker: int = 0, workers: int = 1,
+                 batch_size: int | None = None) -> list[Segment]:
+        """This (rank, worker)'s pieces of units, in order: its share of the rank's whole batches (all the rank's
+        items when `batch_size` is None)."""
         per_rank = self.rank_items(world)
-        w0, w1 = split_range(per_rank, workers, worker)
+        if batch_size is None:
+            w0, w1 = split_range(per_rank, workers, worker)
+        else:
+            per_batch = batch_size // self.group
+            b0, b1 = split_range(self.batches(world, batch_size), workers, worker)
+            w0, w1 = b0 * per_batch, b1 * per_batch
         lo, hi = rank * per_rank + w0, rank * per_rank + w1
         out, offset = [], 0
         for shard_no in self.order:
@@ -174,10 +188,3 @@ class EpochPlan:
                 out.append(Segment(self.epoch, shard_no, a - offset, b - offset))
             offset += n
         return out
-
-    def batches(self, world: int, workers: int, batch_size: int) -> int:
-        """Batches of `batch_size` views one rank takes in this epoch (each loader worker batches its own share,
-        its last batch partial)."""
-        per_rank, workers = self.rank_items(world), max(1, workers)
-        sizes = [b - a for a, b in (split_range(per_rank, workers, w) for w in range(workers))]
-        return sum(-(-s * self.group // batch_size) for s in sizes)

@@ -32,22 +32,25 @@ def plot_curves(log: Path, out: Path) -> None:
     ax1.set_xlabel("epoch")
     ax1.set_title("training loss")
     ax1.legend()
-    for head in ("cls", "dist", "avg"):
-        ax2.plot(epochs, [r[f"{head}_top1"] for r in rows], label=f"{head} top-1")
+    for head, label in (("", "top-1"), ("cls_", "cls head top-1"), ("dist_", "dist head top-1")):
+        if rows and f"{head}top1" in rows[0]:
+            ax2.plot(epochs, [r[f"{head}top1"] for r in rows], label=label)
     ax2.set_xlabel("epoch")
     ax2.set_title("val top-1 (%)")
-    ax2.legend()
+    if rows and "top1" in rows[0]:
+        ax2.legend()
     _save(plt, fig, out)
 
 
 def plot_comparison(logs: dict, out: Path) -> None:
-    """Val top-1 (average head) per epoch of several runs on one plot; `logs` maps a label to a log.jsonl."""
+    """Val top-1 (the model's own prediction) per epoch of several runs on one plot; `logs` maps a label to a
+    log.jsonl."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for (label, log), style in zip(logs.items(), ("-", "--", ":", "-.") * 4):
         rows = read_jsonl(log)
-        ax.plot([r["epoch"] for r in rows], [r["avg_top1"] for r in rows], style, label=label)
+        ax.plot([r["epoch"] for r in rows], [r["top1"] for r in rows], style, label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("val top-1 (%), average of cls and dist heads")
+    ax.set_ylabel("val top-1 (%) (a distilled DeiT: its heads' average)")
     ax.legend()
     _save(plt, fig, out)

@@ -37,10 +37,12 @@ def crc32c_extend(crc: int, data) -> int:
 
 @dataclass(frozen=True)
 class TarSample:
-    """One WebDataset sample of a tar shard: its key and its fields by extension (lower case)."""
+    """One WebDataset sample of a tar shard: its key, its fields by extension (lower case) and where each field's
+    bytes lie in the shard file (offset, size)."""
 
     key: str
     fields: dict[str, bytes]
+    spans: dict[str, tuple[int, int]]
 
 
 def image_field(sample: TarSample, shard: str) -> str:
@@ -51,10 +53,10 @@ def image_field(sample: TarSample, shard: str) -> str:
     raise ReplayKDError(f"{shard}: sample '{sample.key}' has no image field (fields: {', '.join(sample.fields)})")
 
 
-def tar_members(data: bytes, path: Path) -> Iterator[tuple[str, bytes]]:
-    """(name, payload) of each regular file of an uncompressed tar, in order: ustar headers, with pax and GNU long
-    names. Python's tarfile does the same several times slower (in particular with a pax header per member), and
-    every byte read here is checked against the manifest afterwards."""
+def tar_members(data: bytes, path: Path) -> Iterator[tuple[str, int, int]]:
+    """(name, offset, size) of each regular file of an uncompressed tar, in order: ustar headers, with pax and GNU
+    long names. Python's tarfile does the same several times slower (in particular with a pax header per member),
+    and every byte read here is checked against the manifest afterwards."""
     pos, long_name = 0, None
     while pos + 512 <= len(data):
         header = data[pos:pos + 512]
@@ -69,19 +71,18 @@ def tar_members(data: bytes, path: Path) -> Iterator[tuple[str, bytes]]:
         start, kind = pos + 512, header[156:157]
         if start + size > len(data):
             raise ShardMismatch(f"shard {path} is truncated at byte {len(data)} (a member needs {start + size})")
-        body = data[start:start + size]
         pos = start + -(-size // 512) * 512
         if kind == b"x":  # pax extended header: 'path' names the next member
-            for record in body.decode("utf-8", "replace").splitlines():
+            for record in data[start:start + size].decode("utf-8", "replace").splitlines():
                 key, _, value = record.partition(" ")[2].partition("=")
                 if key == "path":
                     long_name = value
         elif kind == b"L":  # GNU long name of the next member
-            long_name = body.rstrip(b"\0").decode("utf-8", "replace")
+            long_name = data[start:start + size].rstrip(b"\0").decode("utf-8", "replace")
         elif kind in (b"0", b"\0", b"7"):
             prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
             name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            yield long_name or (f"{prefix}/{name}" if prefix else name), body
+            yield long_name or (f"{prefix}/{name}" if prefix else name), start, size
             long_name = None
         else:  # directories, links, global headers: not samples
             long_name = None if kind != b"g" else long_name
@@ -89,26 +90,29 @@ def tar_members(data: bytes, path: Path) -> Iterator[tuple[str, bytes]]:
         raise ShardMismatch(f"shard {path} is truncated: {len(data) - pos} stray bytes at its end")
 
 
-def iter_tar(path: Path) -> Iterator[TarSample]:
-    """Samples of one tar shard in file order, grouped as WebDataset does (key: the name up to the first dot of
-    its last part; field: the rest); a broken tar is an error naming it."""
+def iter_tar(path: Path, data: bytes | None = None) -> Iterator[TarSample]:
+    """Samples of one tar shard (its bytes, read from `path` unless given) in file order, grouped as WebDataset
+    does (key: the name up to the first dot of its last part; field: the rest); a broken tar is an error naming it."""
     path = Path(path)
-    if not path.exists():
-        raise ReplayKDError(f"shard not found: {path}")
-    key, fields = None, {}
-    for name, body in tar_members(path.read_bytes(), path):
+    if data is None:
+        if not path.exists():
+            raise ReplayKDError(f"shard not found: {path}")
+        data = path.read_bytes()
+    key, fields, spans = None, {}, {}
+    for name, start, size in tar_members(data, path):
         base, slash, last = name.rpartition("/")
         stem, dot, ext = last.partition(".")
         if not dot:
             continue  # no extension: not a field (webdataset skips these too)
         member_key = base + slash + stem
         if member_key != key and key is not None:
-            yield TarSample(key, fields)
-            fields = {}
+            yield TarSample(key, fields, spans)
+            fields, spans = {}, {}
         key = member_key
-        fields[ext.lower()] = body
+        fields[ext.lower()] = data[start:start + size]
+        spans[ext.lower()] = (start, size)
     if key is not None:
-        yield TarSample(key, fields)
+        yield TarSample(key, fields, spans)
 
 
 def read_shard(manifest: Manifest, split: str, shard: str) -> list[Record]:

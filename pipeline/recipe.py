@@ -11,6 +11,8 @@ from pipeline.errors import ReplayKDError
 from pipeline.io import read_yaml_mapping
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "manifests" / "recipes"
+# Fields that change neither a view's pixels nor its mix: the smoothing of the label targets, the evaluation crop.
+STUDENT_ONLY = ("smoothing", "eval_crop_pct")
 
 
 @dataclass(frozen=True)
@@ -57,15 +59,20 @@ class Recipe:
         return self.mix_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
 
     def as_dict(self) -> dict:
-        """The fields that decide views, as plain JSON types (the name is a label, not part of it)."""
+        """Every field as plain JSON types (the name is a label, not part of the recipe)."""
         d = dataclasses.asdict(self)
         d.pop("name")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
+    def views(self) -> dict:
+        """The fields that shape the training views and what the teacher sees of them: a teacher cache is tied to
+        these only (label smoothing and the evaluation crop are each student's own)."""
+        return {k: v for k, v in self.as_dict().items() if k not in STUDENT_ONLY}
+
     @property
-    def hash(self) -> str:
-        """sha256 of the canonical JSON of `as_dict()`: equal recipes have equal hashes, whatever the file."""
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+    def views_hash(self) -> str:
+        """sha256 of the canonical JSON of `views()`: equal views, equal hashes, whatever the file."""
+        return hashlib.sha256(json.dumps(self.views(), sort_keys=True).encode()).hexdigest()
 
     def train_transform(self, separate: bool = False):
         """timm's training transform for one image (crop, flip, RandAugment, normalise, erase); with `separate`,

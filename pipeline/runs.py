@@ -1,12 +1,15 @@
 """A training run on disk: its resolved options, per-epoch log, checkpoint, resume and final summary.
 
-Files: `config.yaml` (every option, as resolved), `log.jsonl` (one line per finished epoch), `train_state.pt`
-(weights, optimiser, EMA, RNG and position; one atomic file, so weights and optimiser never disagree),
-`checkpoint.safetensors` (the weights alone, for users), `summary.json` (written once, when the run is done:
-a finished run is never rewritten).
+Files: `config.yaml` (every option, as resolved); `train_state.pt` (weights, optimiser, EMA, every rank's RNG
+states, the schedule the run was made with and the finished epochs' log rows: one atomic file, so weights,
+optimiser and log never disagree); `log.jsonl` and `summary.csv` (timm's columns), rewritten from that state after
+each checkpoint, so a crash between the two never leaves a row the checkpoint does not hold; the exported weights
+(`pipeline/export.py`); `summary.json` (written once, when the run is done: a finished run is never rewritten).
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 from dataclasses import dataclass
@@ -14,20 +17,31 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from pipeline.errors import ReplayKDError
 from pipeline.io import atomic_path, read_jsonl, write_json_atomic
 
-CONFIG, LOG, STATE, WEIGHTS, SUMMARY = "config.yaml", "log.jsonl", "train_state.pt", "checkpoint.safetensors", "summary.json"
+CONFIG, LOG, CSV, STATE, SUMMARY = "config.yaml", "log.jsonl", "summary.csv", "train_state.pt", "summary.json"
+WEIGHTS, EMA_WEIGHTS = "checkpoint.safetensors", "checkpoint-ema.safetensors"
 
 
 @dataclass
 class Resumed:
-    """Where a resumed run continues: the next epoch and optimiser step."""
+    """Where a resumed run continues: the next epoch and optimiser step, and the finished epochs' log rows."""
 
     epoch: int
     step: int
+    rows: list[dict]
+
+
+def csv_row(row: dict) -> dict:
+    """A log row in timm's summary.csv columns: epoch, train_*, eval_*, lr."""
+    out = {"epoch": row["epoch"], "train_loss": row["loss"], "train_loss_base": row["loss_base"],
+           "train_loss_distill": row["loss_distill"]}
+    out.update({f"eval_{k}" if not k.startswith("eval_") else k: v for k, v in row.items()
+                if k == "eval_loss" or "top1" in k or "top5" in k})
+    out["lr"] = row["lr"]
+    return out
 
 
 class RunFolder:
@@ -51,14 +65,18 @@ class RunFolder:
         f = self.path / LOG
         return read_jsonl(f) if f.exists() else []
 
+    def has_state(self) -> bool:
+        """Whether a checkpoint exists (at least one epoch finished)."""
+        return (self.path / STATE).exists()
+
     def check_new(self) -> None:
         """Refuse to start a new run over one that holds finished epochs."""
-        if (self.path / STATE).exists() or (self.path / SUMMARY).exists():
+        if self.has_state() or (self.path / SUMMARY).exists():
             raise ReplayKDError(f"{self.path} holds a run already; pass --resume to continue it, or choose another --out")
 
     def check_resume(self, plan: dict) -> None:
         """Refuse to resume a run that is not there, or one started with another plan (options that fix it)."""
-        if not (self.path / STATE).exists():
+        if not self.has_state():
             raise ReplayKDError(f"nothing to resume in {self.path} (no {STATE}); start the run without --resume")
         saved = self.config()
         diff = [f"{k} ({saved.get(k)!r} then, {v!r} now)" for k, v in plan.items() if saved.get(k) != v]
@@ -71,40 +89,38 @@ class RunFolder:
         self.created = True
         with atomic_path(self.path / CONFIG) as tmp:
             tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-        (self.path / LOG).write_text("")
+        self._write_log([])
 
     def discard_if_empty(self) -> None:
         """After a failure: remove the folder this run created if no epoch finished (nothing is lost)."""
-        if self.created and not (self.path / STATE).exists():
-            for name in (CONFIG, LOG):
+        if self.created and not self.has_state():
+            for name in (CONFIG, LOG, CSV):
                 (self.path / name).unlink(missing_ok=True)
             if self.path.exists() and not any(self.path.iterdir()):
                 shutil.rmtree(self.path)
 
-    def append_log(self, row: dict) -> None:
-        """One finished epoch's line."""
-        with open(self.path / LOG, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def save(self, model: torch.nn.Module, optimizer, ema, epoch: int, step: int) -> None:
-        """Checkpoint after `epoch`: the weights for users, then the state that resume reads (written last)."""
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        with atomic_path(self.path / WEIGHTS) as tmp:
-            save_file(weights, str(tmp))
-        state = {"epoch": epoch, "step": step, "model": weights, "optimizer": optimizer.state_dict(),
-                 "rng": torch.get_rng_state(), "ema": ema.state_dict() if ema is not None else None}
+    def save(self, state: dict) -> None:
+        """Checkpoint (the state that resume reads: 'epoch', 'step', 'rows', weights, optimiser, ...), then the log
+        and summary.csv rewritten from its rows."""
         with atomic_path(self.path / STATE) as tmp:
             torch.save(state, tmp)
+        self._write_log(state["rows"])
 
-    def restore(self, model: torch.nn.Module, optimizer, ema) -> Resumed:
-        """Load the last checkpoint into the model, optimiser and EMA; where to continue."""
-        state = torch.load(self.path / STATE, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        return Resumed(state["epoch"] + 1, state["step"])
+    def _write_log(self, rows: list[dict]) -> None:
+        with atomic_path(self.path / LOG) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        table = [csv_row(r) for r in rows]
+        columns = list(dict.fromkeys(k for r in table for k in r)) or ["epoch", "train_loss", "lr"]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+        with atomic_path(self.path / CSV) as tmp:
+            tmp.write_text(buf.getvalue())
+
+    def restore(self) -> dict:
+        """The last checkpoint's state, on the CPU (each rank moves what it takes to its own device)."""
+        return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
 
     def finish(self, summary: dict) -> dict:
         """Write the summary (the run is done) and return it."""
@@ -116,3 +132,14 @@ def mean_rate(log: list[dict]) -> float:
     """The run's training images/s: all epochs' images over all epochs' training seconds (evaluation excluded)."""
     seconds = sum(r["train_seconds"] for r in log)
     return sum(r["images"] for r in log) / seconds if seconds > 0 else 0.0
+
+
+def schedule_differences(saved: dict, now: dict) -> list[str]:
+    """What would change the learning-rate schedule of a resumed run (world size, batch, steps per epoch)."""
+    out = []
+    for key, what in (("world_size", "processes"), ("batch_size", "batch size per process")):
+        if saved.get(key) != now[key]:
+            out.append(f"{what} {saved.get(key)} then, {now[key]} now")
+    if not out and saved.get("steps_per_epoch") != now["steps_per_epoch"]:
+        out.append("steps per epoch differ (the data set changed)")
+    return out

@@ -1,9 +1,7 @@
 """Write a Source as WebDataset tar shards plus manifest, and build manifests for existing shards."""
 from __future__ import annotations
 
-import glob as globlib
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -13,16 +11,17 @@ from tqdm import tqdm
 
 from pipeline.errors import ReplayKDError
 from pipeline.manifest import HEADER, Manifest, rows_to_table
-from pipeline.reader import crc32c, image_field, iter_tar
+from pipeline.reader import crc32c
+from pipeline.shard_index import CLASSES_FILE, SHARD_RE, index_shards
 from pipeline.sources import Source, check_image
 
-SHARD_RE = re.compile(r"^(?P<split>.+?)-(?P<index>\d+)\.tar$")
-CLASSES_FILE = "classes.txt"
 STAGING = ".replaykd-staging"
+SKIPPED_FILE = "skipped.txt"  # images --skip-bad left out: path, tab, why
 
 
 def _ours(f: Path) -> bool:
-    return f.is_file() and (SHARD_RE.match(f.name) is not None or f.suffix == ".parquet" or f.name in (HEADER, CLASSES_FILE))
+    return f.is_file() and (SHARD_RE.match(f.name) is not None or f.suffix == ".parquet"
+                            or f.name in (HEADER, CLASSES_FILE, SKIPPED_FILE))
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
@@ -38,9 +37,10 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def write_shards(source: Source, out: Path, shard_size: int, seed: int, skip_bad: bool,
-                 overwrite: bool = False) -> tuple[Manifest, int]:
+                 overwrite: bool = False) -> tuple[Manifest, list[tuple[str, str]]]:
     """Shuffle each split with `seed` and write it in shards of `shard_size` images (the last one of a split may
-    hold fewer; images skipped with `skip_bad` change no other shard); returns (manifest, images skipped).
+    hold fewer; images skipped with `skip_bad` change no other shard, and are listed in skipped.txt); returns the
+    manifest and the skipped images' names and reasons.
 
     Shards are written to a staging folder inside `out` and moved into place only when every split is done, the
     manifest last: a run that fails or is interrupted leaves `out` as it found it.
@@ -53,7 +53,7 @@ def write_shards(source: Source, out: Path, shard_size: int, seed: int, skip_bad
     staging = out / f"{STAGING}-{os.getpid()}"
     staging.mkdir(parents=True)
     try:
-        tables, skipped = {}, 0
+        tables, skipped = {}, []
         for split_no, (split, items) in enumerate(source.splits.items()):
             if items:
                 rows, bad = _write_split(split, items, np.random.default_rng([seed, split_no]), staging, shard_size,
@@ -64,14 +64,17 @@ def write_shards(source: Source, out: Path, shard_size: int, seed: int, skip_bad
         if not tables:
             raise ReplayKDError(f"no readable images in {source.name}")
         (staging / CLASSES_FILE).write_text("\n".join(source.classes) + "\n")
+        if skipped:
+            (staging / SKIPPED_FILE).write_text("".join(f"{origin}\t{why}\n" for origin, why in skipped))
         for f in out.iterdir() if overwrite else ():
             if _ours(f):
                 f.unlink()
+        sizes = {f.name: f.stat().st_size for f in staging.iterdir() if f.suffix == ".tar"}
         for f in staging.iterdir():
             os.replace(f, out / f.name)
         manifest = Manifest(out, source.classes, tables, out, info={
             "source": source.name, "seed": seed, "shard_size": shard_size,
-            "non_images_skipped": len(source.non_images), "bad_images_skipped": skipped})
+            "non_images_skipped": len(source.non_images), "bad_images_skipped": len(skipped)}, sizes=sizes)
         manifest.write()  # its header, written last, marks a complete data set
         return manifest, skipped
     except BaseException:
@@ -83,9 +86,9 @@ def write_shards(source: Source, out: Path, shard_size: int, seed: int, skip_bad
 
 
 def _write_split(split: str, items, rng: np.random.Generator, folder: Path, shard_size: int,
-                 skip_bad: bool) -> tuple[list[dict], int]:
+                 skip_bad: bool) -> tuple[list[dict], list[tuple[str, str]]]:
     """One split's shards, filled with readable images in shuffled order; returns its manifest rows and skips."""
-    rows, skipped, sink, position = [], 0, None, 0
+    rows, skipped, sink, position = [], [], None, 0
     bar = tqdm(total=len(items), desc=f"shards {split}", unit="img")
     try:
         for i in rng.permutation(len(items)):
@@ -94,10 +97,10 @@ def _write_split(split: str, items, rng: np.random.Generator, folder: Path, shar
             bar.update()
             try:
                 check_image(data, item.origin)
-            except ReplayKDError:
+            except ReplayKDError as exn:
                 if not skip_bad:
                     raise
-                skipped += 1
+                skipped.append((item.origin, str(exn).split(": ", 1)[-1]))
                 continue
             shard = f"{split}-{len(rows) // shard_size:06d}.tar"
             if sink is None:
@@ -118,38 +121,14 @@ def _write_split(split: str, items, rng: np.random.Generator, folder: Path, shar
     return rows, skipped
 
 
-def scan_shards(pattern: str, out: Path, classes_file: Path | None = None) -> Manifest:
-    """A manifest for existing shards matched by `pattern` (splits from names like `train-000000.tar`)."""
-    paths = sorted(Path(p) for p in globlib.glob(pattern))
-    paths = [p for p in paths if p.is_file()]
-    if not paths:
-        raise ReplayKDError(f"no shard files match {pattern!r}")
-    roots = {p.parent.resolve() for p in paths}
-    if len(roots) > 1:
-        raise ReplayKDError(f"shards matched by {pattern!r} lie in several folders ({', '.join(map(str, sorted(roots)))}); use one folder")
-    rows_by_split: dict[str, list[dict]] = {}
-    for path in tqdm(paths, desc="scan shards", unit="shard"):
-        m = SHARD_RE.match(path.name)
-        rows = rows_by_split.setdefault(m.group("split") if m else "train", [])
-        for position, sample in enumerate(iter_tar(path)):
-            ext = image_field(sample, str(path))
-            try:
-                label = int(sample.fields["cls"])
-            except (KeyError, ValueError) as exn:
-                raise ReplayKDError(f"shard {path}: sample '{sample.key}' has no integer 'cls' field") from exn
-            data = sample.fields[ext]
-            rows.append(dict(index=len(rows), key=sample.key, shard=path.name, position=position, label=label,
-                             nbytes=len(data), crc32c=crc32c(data), ext=ext))
-    root = roots.pop()
-    classes_file = classes_file or (root / CLASSES_FILE)
-    n_classes = 1 + max(r["label"] for rows in rows_by_split.values() for r in rows)
-    if Path(classes_file).exists():
-        classes = [c for c in Path(classes_file).read_text().splitlines() if c]
-        if len(classes) < n_classes:
-            raise ReplayKDError(f"{classes_file} names {len(classes)} classes but the shards use label {n_classes - 1}")
-    else:
-        classes = [str(i) for i in range(n_classes)]
-    manifest = Manifest(Path(out), classes, {s: rows_to_table(r) for s, r in rows_by_split.items()}, root,
-                        info={"source": pattern})
+def scan_shards(pattern: str, out: Path, classes_file: Path | None = None,
+                num_classes: int | None = None) -> tuple[Manifest, list[str]]:
+    """A manifest for existing shards matched by `pattern` (splits from their names or `_info.json`); returns it and
+    warnings about the shards (e.g. most shards hold a single class)."""
+    index = index_shards(pattern, classes_file, num_classes)
+    tables = {split: rows_to_table([dict(index=i, key=r.key, shard=r.shard, position=r.position, label=r.label,
+                                         nbytes=r.nbytes, crc32c=r.crc32c, ext=r.ext) for i, r in enumerate(rows)])
+              for split, rows in index.splits.items()}
+    manifest = Manifest(Path(out), index.classes, tables, index.root, info={"source": pattern}, sizes=index.sizes)
     manifest.write()
-    return manifest
+    return manifest, index.warnings

@@ -23,14 +23,23 @@ class SourceItem:
     ext: str
     path: Path | None = None
     data: bytes | None = None
+    span: tuple[int, int] | None = None  # (offset, size) of the image inside `path` (a shard)
 
     def read(self) -> bytes:
         """The encoded image bytes, exactly as found."""
-        return self.data if self.data is not None else self.path.read_bytes()
+        if self.data is not None:
+            return self.data
+        if self.span is None:
+            return self.path.read_bytes()
+        with open(self.path, "rb") as f:
+            f.seek(self.span[0])
+            return f.read(self.span[1])
 
     @property
     def origin(self) -> str:
         """What to name in an error message."""
+        if self.span is not None:
+            return f"{self.path}:{self.key}"
         return str(self.path) if self.path is not None else self.key
 
 
@@ -141,10 +150,31 @@ def folder_source(root: Path, val_fraction: float, seed: int) -> Source:
     return Source(root.name, classes, splits, non_images)
 
 
+def shards_source(pattern: str, val_fraction: float, seed: int, classes: list[str] | None = None) -> Source:
+    """Existing WebDataset shards (a glob), to be re-shuffled into new ones: their splits as named (`train`,
+    `val`, `validation`, ...), `val_fraction` of each class held out when they hold training samples only."""
+    from pipeline.shard_index import index_shards
+
+    index = index_shards(pattern, classes=classes)
+    splits = {split: [SourceItem(r.key, r.label, r.ext, path=index.root / r.shard, span=(r.offset, r.nbytes))
+                      for r in rows] for split, rows in index.splits.items()}
+    if list(splits) == ["train"]:
+        splits = _split_by_fraction(splits["train"], val_fraction, seed)
+    return Source(pattern, index.classes, splits)
+
+
 def open_source(source: str, val_fraction: float, seed: int, digits_size: int = 32) -> Source:
-    """`digits` for the built-in demo data, otherwise an ImageFolder path."""
+    """`digits` for the built-in demo data; existing shards (a glob of .tar files, or a folder with a replaykd
+    manifest); otherwise an ImageFolder path."""
     if not 0.0 <= val_fraction < 1.0:
         raise ReplayKDError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if source == "digits":
         return digits_source(val_fraction, seed, digits_size)
+    if any(c in source for c in "*?[") or source.endswith(".tar"):
+        return shards_source(source, val_fraction, seed)
+    if (Path(source) / "manifest.json").exists():
+        from pipeline.manifest import Manifest
+
+        m = Manifest.load(source)
+        return shards_source(str(m.shard_root / "*.tar"), val_fraction, seed, m.classes)
     return folder_source(Path(source), val_fraction, seed)

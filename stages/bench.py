@@ -1,6 +1,7 @@
 """`replaykd bench`: what the cache buys, measured side by side (interleaved repetitions, medians) into JSON."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -45,6 +46,8 @@ PRESETS = {
     # CPU: the digits demo's sizes (16 px views, a 0.7 M-parameter DeiT, regnety_002 at 32 px).
     # Stage two also on 64 px JPEG tiles of real photographs in 1000-image shards (JPEG decoding, bigger shards).
     "small": Preset(("digits", "photo-tiles"), "digits", "regnety_002", 32, (TINY_DEIT,), 64, 256, 4, 8),
+    # The small preset on digits alone: every section once, to check the bench itself runs (the tests use it).
+    "smoke": Preset(("digits",), "digits", "regnety_002", 32, (TINY_DEIT,), 64, 256, 1, 1),
     # GPU: DeiT's sizes on ImageNet-sized JPEGs cut from real photographs (500x375, 1000 classes), regnety_160 at 224.
     "imagenet": Preset(("photographs",), "deit", "regnety_160", None,
                        tuple({"student": f"deit_{s}_distilled_patch16_224"} for s in ("tiny", "small", "base")), 256, 256, 1, 2),
@@ -166,12 +169,16 @@ def bench(o: BenchOptions) -> None:
     dev = pick_device(o.device)
     name = o.preset or ("imagenet" if dev.type == "cuda" else "small")
     p, work = PRESETS[name], o.out / "work"
+    if o.epochs is not None:
+        p = dataclasses.replace(p, epochs=o.epochs, cache_epochs=o.epochs)
     work.mkdir(parents=True, exist_ok=True)
     device = o.device.value
     r = {"device": device_name(dev), "torch": torch.__version__, "preset": name, "repeats": o.repeats,
          "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-         "command": f"replaykd bench --preset {name} --device {dev.type} --repeats {o.repeats} --views {o.views}"}
-    data = {source: bench_data(work, p, source, o.views * 4) for source in p.sources}
+         "command": f"replaykd bench --preset {name} --device {dev.type} --repeats {o.repeats} --views {o.views}"
+                    + (f" --epochs {o.epochs}" if o.epochs else "")}
+    # at least a few full batches of every data set for the stage-two runs
+    data = {source: bench_data(work, p, source, max(o.views * 4, 4 * p.batch)) for source in p.sources}
     r["loader"] = loader_section(o, work)
     r["stage_one"] = measure.teacher_cache_vs_bare(*data[p.sources[0]], p, o.workers, device, o.repeats, work)
     r["stage_two"] = [{"data": source, **measure.student_kd_modes(*data[source], p, s, o.workers, device, o.repeats,

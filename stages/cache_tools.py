@@ -1,90 +1,155 @@
-"""`replaykd cache info` and `replaykd cache verify`: what a store is, and whether it is still right."""
+"""`replaykd cache info | verify | repair`: what a store is, whether it is still right, and dropping damage."""
 from __future__ import annotations
 
 import json
+import shlex
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
 import torch
 import typer
+from tqdm import tqdm
 
-from pipeline.cache import CacheRequest, TeacherCache, TeacherIdentity
+from pipeline import teacher as teachers
+from pipeline.cache import CacheRequest, TeacherCache
+from pipeline.cache_report import launch_id, summarize
+from pipeline.claims import Claims
 from pipeline.device import autocast, pick_device
 from pipeline.errors import ReplayKDError
 from pipeline.finish import Finisher
 from pipeline.loader import ViewCollate
 from pipeline.manifest import Manifest
-from pipeline.models import file_sha256, load_teacher
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
 from pipeline.replay import Replayer
-from stages.options import CacheInfoOptions, CacheVerifyOptions
+from stages.options import CacheInfoOptions, CacheRepairOptions, CacheVerifyOptions
+
+# Views re-run through the teacher at once by verify.
+VERIFY_BATCH = 64
 
 
 def info(o: CacheInfoOptions) -> None:
     """Print a store's identity, completeness and size."""
     cache = TeacherCache.open(o.store)
-    s = cache.summarize(cache.attrs.get("last_run"))
+    s = summarize(cache)
     if o.json_out:
         extra = {k: cache.attrs.get(k) for k in ("created", "versions", "codecs", "options")}
-        typer.echo(json.dumps({**s.as_dict(), **extra}, indent=2))
+        typer.echo(json.dumps({**s.as_dict(), "teacher_identity": cache.config.teacher, **extra}, indent=2))
     else:
         typer.echo(s.text())
 
 
-def open_sources(cache: TeacherCache, data: Path | None, checkpoint: Path | None) -> tuple[Manifest, Recipe, Path]:
-    """The manifest, recipe and checkpoint a store was built from, each checked against the store."""
+def open_sources(cache: TeacherCache, data: Path | None, checkpoint: Path | None):
+    """The manifest, recipe and teacher a store was built from, each checked against the store."""
     c = cache.config
     manifest = Manifest.load(data or cache.attrs["data_path"])
-    recipe = Recipe.from_dict(dict(c.recipe), cache.attrs.get("recipe_name", "cached"))
-    ckpt = Path(checkpoint or cache.attrs["checkpoint_path"])
-    if not ckpt.exists():
+    recipe = Recipe.from_dict(dict(c.views), cache.attrs.get("recipe_name", "cached"))
+    ckpt = checkpoint or cache.attrs.get("checkpoint_path")
+    if ckpt is not None and not Path(ckpt).exists():
         raise ReplayKDError(f"teacher checkpoint not found: {ckpt} (pass --checkpoint)")
-    cache.require(CacheRequest.of(manifest, c.split, recipe, c.run_seed,
-                                  TeacherIdentity(c.teacher, file_sha256(ckpt), c.teacher_input_size, c.topk)))
-    return manifest, recipe, ckpt
+    loaded = teachers.load(c.teacher["name"], ckpt, c.teacher["input_size"])
+    cache.require(CacheRequest.of(manifest, c.split, recipe, c.run_seed, loaded.identity, c.topk))
+    return manifest, recipe, loaded
 
 
 def verify(o: CacheVerifyOptions) -> None:
-    """Remake random cached views, compare fingerprints, re-run the teacher; exit 1 on a mismatch."""
+    """Remake random cached views, compare fingerprints, re-run the teacher (with --full, also check every stored
+    byte); exit 1 on a mismatch or damage."""
     cache = TeacherCache.open(o.store)
-    c = cache.config
-    manifest, recipe, ckpt = open_sources(cache, o.data, o.checkpoint)
-    done = [(e, s) for s in range(len(cache.shards)) for e in cache.completed(s)]
-    if not done:
-        raise ReplayKDError(f"{o.store} has no completed units to verify")
-    rng = np.random.default_rng(o.seed)
-    units_picked = [done[i] for i in rng.integers(len(done), size=o.samples)]
-    picks = sorted({(e, s, int(rng.integers(cache.unit_size(e, s)))) for e, s in units_picked})
-    replayer, records, units, problems, views, stored = Replayer(recipe, c.run_seed), {}, {}, [], [], []
-    for epoch, shard_no, slot in picks:
-        shard = cache.shards[shard_no]
-        if shard not in records:
-            records[shard] = read_shard(manifest, c.split, shard)
-        if (epoch, shard_no) not in units:
-            units[(epoch, shard_no)] = cache.read_unit(epoch, shard_no)
-        unit = units[(epoch, shard_no)]
-        v = replayer.view_at(replayer.plan(len(records[shard]), epoch, shard, shard_no), records[shard], slot)
-        if v.fingerprint != unit.fingerprint[slot]:
-            problems.append(f"epoch {epoch} key '{v.key}' repeat {v.repeat}: fingerprint {unit.fingerprint[slot]:08x} "
-                            f"stored, {v.fingerprint:08x} replayed")
-        views.append(v)
-        stored.append((unit.probs[slot].astype(np.float32), unit.classes[slot].astype(np.int64)))
-    dev = pick_device(o.device)
-    teacher = load_teacher(c.teacher, ckpt, c.num_classes, c.teacher_input_size, dev)
-    finished = Finisher(recipe)(ViewCollate(c.num_classes, recipe.smoothing)(views), dev)
-    with torch.inference_mode(), autocast(dev):
-        probs = teacher(finished).float().softmax(-1).cpu().numpy()
-    s_probs = np.stack([p for p, _ in stored])
-    s_classes = np.stack([k for _, k in stored])
-    agree = float((probs.argmax(1) == s_classes[:, 0]).mean())
-    max_diff = float(np.abs(np.take_along_axis(probs, s_classes, 1) - s_probs).max())
-    if max_diff > o.atol:
-        problems.append(f"teacher probabilities differ by up to {max_diff:.4g} (> --atol {o.atol})")
-    fingerprints_ok = not any("fingerprint" in p for p in problems)
-    typer.echo(f"verified {len(picks)} views of {o.store}: fingerprints {'OK' if fingerprints_ok else 'MISMATCH'}, "
-               f"teacher top-1 agreement {100 * agree:.1f}%, max |prob difference| {max_diff:.2e}")
+    problems = []
+    if o.full:
+        bar = tqdm(total=int(cache.done().sum()), desc="check every chunk", unit="unit")
+        damaged = cache.damage(progress=lambda: bar.update())
+        bar.close()
+        problems += [f"damaged: {_where(cache, e, s)} array '{a}' fails its checksum" for e, s, a in damaged]
+        typer.echo(f"read every chunk of {o.store}: " + (f"{len(damaged)} damaged" if damaged else "all intact"))
+        if damaged:
+            problems.append(f"run `replaykd cache repair {o.store}`, then the teacher-cache command that built it")
+    if o.samples and not any(p.startswith("damaged") for p in problems):
+        problems += _replay_samples(cache, o)
     if problems:
         for p in problems[:20]:
             typer.secho(f"mismatch: {p}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
+
+
+def _where(cache: TeacherCache, epoch: int | None, shard_no: int) -> str:
+    return (f"unit (epoch {epoch}, shard {cache.shards[shard_no]})" if epoch is not None
+            else f"completion records of shard {cache.shards[shard_no]}")
+
+
+def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
+    """Remake `o.samples` random completed views, shard by shard (one shard in memory at a time), compare their
+    fingerprints and re-run the teacher on them."""
+    c = cache.config
+    manifest, recipe, loaded = open_sources(cache, o.data, o.checkpoint)
+    done = [(e, s) for e, s in zip(*cache.done().nonzero())]
+    if not done:
+        raise ReplayKDError(f"{o.store} has no completed units to verify")
+    rng = np.random.default_rng(o.seed)
+    picks = sorted({(int(s), int(e), int(rng.integers(cache.unit_size(e, s))))
+                    for e, s in (done[i] for i in rng.integers(len(done), size=o.samples))})
+    dev = pick_device(o.device)
+    teacher = loaded.wrap(recipe.mean, recipe.std, dev)
+    replayer, finish, collate = Replayer(recipe, c.run_seed), Finisher(recipe), ViewCollate(c.num_classes, 0.0)
+    problems, max_diff, agree, n = [], 0.0, 0, 0
+    for shard_no, shard_picks in groupby(picks, key=lambda p: p[0]):
+        shard = cache.shards[shard_no]
+        records = read_shard(manifest, c.split, shard)
+        views, stored = [], []
+        for _, epoch, slot in shard_picks:
+            unit = cache.read_unit(epoch, shard_no)
+            v = replayer.view_at(replayer.plan(len(records), epoch, shard, shard_no), records, slot)
+            if v.fingerprint != unit.fingerprint[slot]:
+                problems.append(f"epoch {epoch} key '{v.key}' repeat {v.repeat}: fingerprint "
+                                f"{unit.fingerprint[slot]:08x} stored, {v.fingerprint:08x} replayed")
+            views.append(v)
+            stored.append((unit.probs[slot].astype(np.float32), unit.classes[slot].astype(np.int64)))
+        for i in range(0, len(views), VERIFY_BATCH):
+            with torch.inference_mode(), autocast(dev):
+                probs = teacher(finish(collate(views[i:i + VERIFY_BATCH]), dev)).float().softmax(-1).cpu().numpy()
+            s_probs = np.stack([p for p, _ in stored[i:i + VERIFY_BATCH]])
+            s_classes = np.stack([k for _, k in stored[i:i + VERIFY_BATCH]])
+            agree += int((probs.argmax(1) == s_classes[:, 0]).sum())
+            max_diff = max(max_diff, float(np.abs(np.take_along_axis(probs, s_classes, 1) - s_probs).max()))
+            n += len(s_probs)
+    if max_diff > o.atol:
+        problems.append(f"teacher probabilities differ by up to {max_diff:.4g} (> --atol {o.atol})")
+    fingerprints_ok = not any("fingerprint" in p for p in problems)
+    typer.echo(f"verified {n} views of {o.store}: fingerprints {'OK' if fingerprints_ok else 'MISMATCH'}, teacher "
+               f"top-1 agreement {100 * agree / max(1, n):.1f}%, max |prob difference| {max_diff:.2e}")
+    return problems
+
+
+def repair(o: CacheRepairOptions) -> None:
+    """Find damaged units (every chunk's checksum), drop their Zarr shard files, and say how to rebuild them."""
+    cache = TeacherCache.open(o.store, mode="a")
+    busy = Claims(cache.storage, launch_id()).others_active()
+    if busy:
+        raise ReplayKDError(f"{o.store} is being built right now (by {busy[0].holder}, {len(busy)} claim(s)); repair "
+                            "it when that run has stopped")
+    bar = tqdm(total=int((cache.complete[:] != 0).sum()) if _complete_readable(cache) else None,
+               desc="check every chunk", unit="unit")
+    damaged = cache.damage(progress=lambda: bar.update())
+    bar.close()
+    if not damaged:
+        typer.echo(f"{o.store}: every chunk is intact; nothing to repair")
+        return
+    for e, s, a in damaged:
+        typer.echo(f"damaged: {_where(cache, e, s)} array '{a}'")
+    blocks = cache.drop(damaged)
+    options = cache.attrs.get("options") or {}
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
+             for k, v in options.items() if v is not None and v is not False and k != "json_out"]
+    command = "replaykd teacher-cache " + " ".join(flags) if flags else "the teacher-cache command that built it"
+    typer.echo(f"dropped {len(blocks)} Zarr shard file group(s) ({cache.epochs_per_file} epochs of one data shard "
+               f"each); {len(cache.missing())} units are now missing. Rebuild them with:\n  {command}")
+
+
+def _complete_readable(cache: TeacherCache) -> bool:
+    try:
+        cache.complete[:]
+        return True
+    except (ValueError, RuntimeError):
+        return False

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.errors import ReplayKDError, user_message
+from pipeline.errors import Interrupted, ReplayKDError, user_message
 from pipeline.io import read_yaml_mapping
 from stages import options as O
 
@@ -97,7 +97,9 @@ app.command("train-teacher")(command(O.TrainTeacherOptions, "stages.train_teache
 app.command("teacher-cache")(command(O.TeacherCacheOptions, "stages.teacher_cache:main", config_file=True))
 cache_app.command("info")(command(O.CacheInfoOptions, "stages.cache_tools:info"))
 cache_app.command("verify")(command(O.CacheVerifyOptions, "stages.cache_tools:verify"))
+cache_app.command("repair")(command(O.CacheRepairOptions, "stages.cache_tools:repair"))
 app.command("train-student")(command(O.StudentOptions, "stages.train_student:main", config_file=True))
+app.command("evaluate")(command(O.EvaluateOptions, "stages.evaluate:main"))
 app.command("report")(command(O.ReportOptions, "stages.report:report"))
 app.command("study-report")(command(O.StudyReportOptions, "stages.report:study"))
 app.command("bench")(command(O.BenchOptions, "stages.bench:bench"))
@@ -107,6 +109,12 @@ def main() -> None:
     """Console entry point: user errors become one clear line and exit code 2 (REPLAYKD_DEBUG=1: the traceback)."""
     try:
         app()
+    except Interrupted as exn:
+        typer.secho(f"stopped: {exn}", fg=typer.colors.YELLOW, err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.secho("stopped by Ctrl-C (SIGINT)", fg=typer.colors.YELLOW, err=True)
+        sys.exit(130)
     except ReplayKDError as exn:
         if os.environ.get("REPLAYKD_DEBUG"):
             raise

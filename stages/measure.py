@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import statistics
 import subprocess
@@ -13,13 +14,16 @@ import numpy as np
 import torch
 
 import pipeline.replay as replay_mod
-from pipeline.cache import CacheRequest, TeacherCache, TeacherIdentity, UnitArrays
+from pipeline import teacher as teachers
+from pipeline.cache import CacheRequest, TeacherCache, UnitArrays
+from pipeline.cache_report import summarize
 from pipeline.device import autocast, pick_device
 from pipeline.errors import ReplayKDError
 from pipeline.finish import Finisher
-from pipeline.loader import CacheViews, ReplayViews, ShardWork, ViewCollate
+from pipeline.loader import CacheViews, ReplayViews, ViewCollate
 from pipeline.manifest import Manifest
-from pipeline.models import create_student, load_teacher
+from pipeline.student import build_student
+from pipeline.work import ShardWork
 from pipeline.plan import chosen_positions
 from pipeline.recipe import Recipe
 from pipeline.runs import RunFolder, mean_rate
@@ -48,7 +52,7 @@ def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: 
     """Views/s of `teacher-cache` (views by workers, writes on a thread) vs the bare teacher forward on the same batches."""
     manifest, rec = Manifest.load(data), Recipe.load(preset.recipe)
     dev = pick_device(device)
-    net = load_teacher(preset.teacher, ckpt, manifest.num_classes, preset.teacher_input, dev)
+    net = teachers.load(preset.teacher, ckpt, preset.teacher_input).wrap(rec.mean, rec.std, dev)
     ds = ReplayViews(manifest, rec, 0, 0, rank=0, world_size=1)
     collate, finish = ViewCollate(manifest.num_classes, rec.smoothing), Finisher(rec)
     views, size = list(ds), preset.teacher_batch
@@ -67,7 +71,7 @@ def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: 
         shutil.rmtree(out, ignore_errors=True)
         s = json.loads(replaykd("teacher-cache", *cache_args(data, ckpt, preset, out, preset.cache_epochs, workers,
                                                              device), "--json"))
-        rates.append(s["loop_views_per_s"])
+        rates.append(s["this_process"]["loop_views_per_s"])
 
     med = interleaved({"bare": bare, "cache": cache}, repeats)
     bare_rate, cache_rate = len(views) / med["bare"], statistics.median(rates)
@@ -97,8 +101,11 @@ def decodes_per_view(manifest: Manifest, recipe: Recipe, epochs: int) -> dict:
 
     replay_mod.decode_image = counting
     try:
-        work = [ShardWork(s, tuple(range(epochs))) for s in range(len(manifest.shards("train")))]
-        views = sum(1 for _ in CacheViews(manifest, recipe, 0, work))
+        jobs = queue.Queue()
+        for s in range(len(manifest.shards("train"))):
+            jobs.put(ShardWork(s, tuple(range(epochs))))
+        jobs.put(None)
+        views = sum(1 for _ in CacheViews(manifest, recipe, 0, jobs))
         stage_one, count[0] = count[0] / views, 0
         views = sum(1 for _ in ReplayViews(manifest, recipe, 0, 0, rank=0, world_size=1))
         return {"recipe": recipe.name, "repeats": recipe.repeats, "epochs": epochs, "stage_one": stage_one,
@@ -164,8 +171,9 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
     med = {k: statistics.median(v) for k, v in rates.items()}
     m, rec = Manifest.load(data), Recipe.load(preset.recipe)
     dev = pick_device(device)
-    net = create_student(num_classes=m.num_classes, img_size=rec.input_size, **student_model_args(student)).to(dev)
-    teacher = load_teacher(preset.teacher, ckpt, m.num_classes, preset.teacher_input, dev)
+    net = build_student(student["student"], m.num_classes, rec.input_size, True, 0.1,
+                        {k: student.get(k) for k in ("patch_size", "depth", "embed_dim", "num_heads")}).model.to(dev)
+    teacher = teachers.load(preset.teacher, ckpt, preset.teacher_input).wrap(rec.mean, rec.std, dev)
     x = torch.randn(2, 3, rec.input_size, rec.input_size, device=dev)  # FLOPs are linear in the batch
     s_fb = flops(lambda: net(x)[0].sum().backward()) // 2
     with torch.no_grad():
@@ -174,12 +182,6 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
             **{f"{k}_images_per_s": v for k, v in med.items()},
             "cached_over_no_kd": med["cache_kd"] / med["no_kd"], "cached_over_online": med["cache_kd"] / med["online_kd"],
             "student_fwd_bwd_flops_per_image": s_fb, "teacher_fwd_flops_per_image": t_f, "flop_bound_online_cost": (s_fb + t_f) / s_fb}
-
-
-def student_model_args(student: dict) -> dict:
-    """create_student's arguments from a preset's student entry."""
-    return {"name": student["student"], "patch_size": student.get("patch_size"),
-            **{k: student[k] for k in ("depth", "embed_dim", "num_heads") if student.get(k)}}
 
 
 def describe(student: dict) -> str:
@@ -191,7 +193,7 @@ def describe(student: dict) -> str:
 def stored_bytes_per_view(store: Path) -> dict:
     """Bytes per cached view of a real store (its data arrays, completion records excluded)."""
     cache = TeacherCache.open(store)
-    s = cache.summarize()
+    s = summarize(cache)
     data = sum(f.stat().st_size for name in cache.arrays for f in (Path(store) / name).rglob("*") if f.is_file())
     return {"store": str(store), "topk": s.topk, "num_classes": s.num_classes, "views": s.views_cached,
             "stored_bytes_per_view": data / max(1, s.views_cached), "teacher": s.teacher}
@@ -206,8 +208,9 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
     for k in (5, 10, 100):
         store = work / f"size-k{k}"
         shutil.rmtree(store, ignore_errors=True)
-        request = CacheRequest("synthetic", "train", {}, "synthetic", "synthetic", 0, 1000, "pillow",
-                               TeacherIdentity("synthetic", "synthetic", None, k))
+        teacher = teachers.TeacherIdentity("synthetic", "synthetic", None, None, "synthetic", 1000, (0.5,) * 3,
+                                           (0.5,) * 3, 224, "bicubic")
+        request = CacheRequest("synthetic", "train", {}, "synthetic", "synthetic", 0, 1000, "pillow", teacher, k)
         cache = TeacherCache.create_or_grow(store, request, 1, shards, [per_shard] * len(shards), 1, False, 1, {})
         for s in range(len(shards)):
             # a confident teacher: one class ~6 logits above N(0, 1.5) noise over 1000 classes

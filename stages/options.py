@@ -7,6 +7,9 @@ before a command starts. This module imports nothing heavy, so `replaykd --help`
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +18,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipeline.errors import ReplayKDError
+
+# DeiT's teacher, with its tag pinned: plain `regnety_160` resolves to another tag in timm.
+DEIT_TEACHER = "regnety_160.deit_in1k"
 
 
 class Device(str, Enum):
@@ -89,6 +95,14 @@ def _convert(name: str, hint, value, where: str):
         raise ReplayKDError(f"{flag} must be {getattr(base, '__name__', base)}, got {value!r} ({where})") from None
 
 
+def rerun_command(flag: str = "") -> str:
+    """How to run this command again (with `flag` added when missing), for messages that say how to continue."""
+    argv = sys.argv[1:]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "the same torchrun command" + (f" with {flag}" if flag and flag not in argv else "")
+    return shlex.join(["replaykd", *argv, *([flag] if flag and flag not in argv else [])])
+
+
 @dataclass
 class Options:
     """Base of the per-command options."""
@@ -153,14 +167,16 @@ class Options:
 class ShardsOptions(Options):
     """Write SOURCE as shuffled WebDataset shards with a parquet manifest (images copied byte for byte)."""
 
-    source: str = opt(help="'digits' (built-in handwritten digits, offline) or an ImageFolder root: "
-                           "ROOT/<class>/<image>, or ROOT/train/... and ROOT/val/...", argument=True)
+    source: str = opt(help="'digits' (built-in handwritten digits, offline); an ImageFolder root: "
+                           "ROOT/<class>/<image>, or ROOT/train/... and ROOT/val/...; or existing shards to "
+                           "re-shuffle (e.g. class-sorted ones): a quoted glob 'DIR/*.tar' or a folder with a "
+                           "replaykd manifest", argument=True)
     out: Path = opt(help="Folder for the shards ({split}-{index:06d}.tar) and the manifest.", argument=True)
     shard_size: int = opt(1000, "Samples per shard.", min=1)
     seed: int = opt(0, "Seed of the train/val split and of the shuffle across shards.", min=0)
     val_fraction: float = opt(0.2, "Fraction of each class held out as 'val' when the source has no val/ folder; "
                                    "0 for none.", min=0.0, max=0.99)
-    skip_bad: bool = opt(False, "Skip (and count) images that fail to decode instead of stopping.")
+    skip_bad: bool = opt(False, "Skip images that fail to decode instead of stopping (listed in OUT/skipped.txt).")
     overwrite: bool = opt(False, "Replace shards and manifest already in OUT (only files this tool writes).")
     digits_size: int = opt(32, "Side in pixels of the PNGs written for the digits source.", min=8)
 
@@ -169,11 +185,15 @@ class ShardsOptions(Options):
 class ManifestOptions(Options):
     """Build the manifest of shards that already exist, without rewriting them."""
 
-    shard_glob: str = opt(help="Glob of existing WebDataset shards, quoted, e.g. 'data/in1k/train-*.tar'. Each "
-                               "sample needs an image field and an integer 'cls'.", argument=True)
+    shard_glob: str = opt(help="Glob of existing WebDataset shards, quoted, e.g. 'data/in1k/train-*.tar' or "
+                               "'imagenet-1k-wds/imagenet1k-*.tar' (splits from the names, prefix-SPLIT-NNNN.tar, or "
+                               "from _info.json). Each sample needs an image field and an integer 'cls' (or 'label' "
+                               "in its 'json').", argument=True)
     out: Path = opt(help="Folder for the manifest (parquet per split + manifest.json).", argument=True)
     classes: Path | None = opt(None, "Text file with one class name per line (default: classes.txt beside the "
                                      "shards, else the label numbers).")
+    num_classes: int | None = opt(None, "How many classes the labels index into, when no class names are given "
+                                        "(default: the largest label + 1; ImageNet-1k: 1000).", min=1)
     overwrite: bool = opt(False, "Replace a manifest already in OUT.")
 
 
@@ -193,43 +213,61 @@ class ViewsOptions(Options):
 
 @dataclass
 class TrainTeacherOptions(Options):
-    """Train a small timm classifier on a dataset's shards (soft-target cross-entropy to the recipe's mixed,
-    smoothed labels) and save it as the teacher."""
+    """Train a teacher on a data set's shards (soft-target cross-entropy to the recipe's mixed, smoothed labels): a
+    small timm classifier from scratch, or a pretrained one fine-tuned on the data set's classes (--init)."""
 
     data: Path = opt(Path("data/digits"), "Dataset folder with manifest.json.")
-    model: str = opt("regnety_002", "timm model name of the teacher.")
+    model: str = opt("regnety_002", "timm model name of a teacher trained from scratch (or the architecture of "
+                                    "--init-checkpoint).")
+    init: str | None = opt(None, "Fine-tune this pretrained timm teacher instead, by name with its tag (e.g. "
+                                 "regnety_160.deit_in1k) or hf-hub:ORG/NAME[@REV], from the Hugging Face cache; its "
+                                 "head is replaced where its class count differs from the data set's.")
+    init_checkpoint: Path | None = opt(None, "Fine-tune the weights in this local file (a --model) instead.")
     recipe: str = opt("digits-teacher", "Training augmentation (recipe name or YAML file); a mixing recipe trains "
                                         "on the mixed views' mixed labels.")
-    input_size: int = opt(32, "Side the teacher sees: views are resized to it (0: as made). RegNet's stride 32 "
-                              "needs >= 32.", min=0)
+    input_size: int | None = opt(None, "Side the teacher sees: views are resized to it (0: as made). Default: the "
+                                       "pretrained teacher's own, else 32 (RegNet's stride 32 needs >= 32).", min=0)
     epochs: int = opt(30, "Training epochs.", min=1)
     batch_size: int = opt(64, "Batch size.", min=1)
     lr: float = opt(2e-3, "Peak AdamW learning rate.", min=0.0)
     weight_decay: float = opt(0.05, "AdamW weight decay.", min=0.0)
     warmup_epochs: int = opt(2, "Linear warm-up epochs before the cosine decay.", min=0)
     seed: int = opt(0, "Seed of the initialisation and of the views.", min=0)
+    eval_split: str = opt("val", "Split to evaluate on each epoch ('validation' is used when the manifest has no "
+                                 "'val'); 'none' to train without evaluation.")
     workers: int = opt(2, "DataLoader worker processes (kept for the whole run).", min=0)
     prefetch: int = opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
+    threads: int | None = opt(None, "Compute threads of this process (default: the cores it may use less its loader "
+                                    "workers, at least 1).", min=1)
     device: Device = opt(Device.auto, "Where to train: auto (a GPU when there is one), cpu or cuda.")
     out: Path = opt(Path("runs/teacher/teacher.safetensors"), "Where to write the weights (safetensors); a .json "
-                    "beside it records name, input size and accuracy, a .yaml these options.")
+                    "beside it says how timm loads them (name, classes, preprocessing) and holds the accuracy, a "
+                    ".yaml these options.")
+
+    def validate(self) -> None:
+        if self.init is not None and self.init_checkpoint is not None:
+            raise ReplayKDError("--init (pretrained weights by name) and --init-checkpoint (weights in a local file "
+                                "for --model) are two ways to start; give one")
 
 
 @dataclass
 class TeacherCacheOptions(Options):
     """Stage one: cache the teacher's top-k targets for every view of every epoch. Resumable; torchrun-parallel."""
 
-    checkpoint: Path = opt(help="Teacher weights, a local .pth or .safetensors file (plain, or wrapped in "
-                                "'model'/'state_dict').")
     out: Path = opt(help="Zarr store to create, resume or grow.")
+    checkpoint: Path | None = opt(None, "Teacher weights in a local .pth or .safetensors file (plain, or wrapped in "
+                                        "'model'/'state_dict'); default: --teacher's pretrained weights from the "
+                                        "Hugging Face cache.")
     manifest: Path = opt(Path("data/digits"), "Dataset folder with manifest.json (from 'replaykd shards' or "
                                               "'replaykd manifest').")
     shards: Path | None = opt(None, "Folder of the shards, when not where the manifest says.")
     split: str = opt("train", "Split to cache.")
     recipe: str = opt("deit", "Augmentation recipe: a name under manifests/recipes/ or a YAML file.")
-    teacher: str = opt("regnety_160", "timm model name of the teacher (DeiT's is regnety_160).")
-    teacher_input_size: int | None = opt(None, "Resize views to this side for the teacher (default: from the "
-                                               "checkpoint's .json, else the view size).", min=1)
+    teacher: str = opt(DEIT_TEACHER, "The teacher: a timm name with its pretrained tag (DeiT's is "
+                                     "regnety_160.deit_in1k; plain regnety_160 is timm's default tag, another "
+                                     "model), hf-hub:ORG/NAME[@REV], or the architecture of --checkpoint.")
+    teacher_input_size: int | None = opt(None, "Resize views to this side for the teacher (default: the teacher's "
+                                               "own: its pretrained config, or the .json beside --checkpoint).", min=1)
     epochs: int = opt(300, "Epochs of views to cache (students can train this many epochs). A larger value grows "
                            "an existing store.", min=1)
     topk: int = opt(10, "Teacher probabilities kept per view (sorted, float16) with their class indices.", min=1)
@@ -238,9 +276,15 @@ class TeacherCacheOptions(Options):
     workers: int = opt(4, "DataLoader worker processes making views (each decodes a shard once for all epochs).",
                        min=0)
     prefetch: int = opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
+    threads: int | None = opt(None, "Compute threads of this process (default: the cores it may use less its loader "
+                                    "workers, at least 1).", min=1)
     device: Device = opt(Device.auto, "Where the teacher runs: auto, cpu or cuda (bf16 autocast and channels_last "
                                       "on GPU).")
     epochs_per_file: int = opt(8, "Epochs of one data shard stored per Zarr shard file (fewer, larger files).", min=1)
+    part: str | None = opt(None, "This launch's part of a job run as N independent launches, I/N (default: a Slurm "
+                                 "job array's SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT, else 0/1). Each part "
+                                 "(and each torchrun rank within it) deals itself a balanced share of what is left, "
+                                 "then helps with the rest; a data shard is only ever built by one process.")
     json_out: bool = opt(False, "Print the summary as JSON.", flags=("--json",))
 
 
@@ -254,70 +298,99 @@ class CacheInfoOptions(Options):
 
 @dataclass
 class CacheVerifyOptions(Options):
-    """Remake random views, check their fingerprints, re-run the teacher and compare targets; exit 1 on a
-    mismatch."""
+    """Remake random views, check their fingerprints, re-run the teacher and compare targets; with --full, also read
+    every stored byte and check its CRC-32C. Exit 1 on a mismatch or damage."""
 
     store: Path = opt(help="Teacher cache (Zarr store).", argument=True)
-    samples: int = opt(64, "Random cached views to remake and re-run through the teacher.", min=1)
+    samples: int = opt(64, "Random cached views to remake and re-run through the teacher (memory stays that of one "
+                           "shard, whatever the number).", min=0)
+    full: bool = opt(False, "Also read every completed unit's every chunk and check its checksum (all bytes of the "
+                            "store); damaged units are listed.")
     data: Path | None = opt(None, "Dataset folder (default: the one recorded in the store).")
-    checkpoint: Path | None = opt(None, "Teacher weights (default: the file recorded in the store; its sha256 must "
-                                        "match).")
+    checkpoint: Path | None = opt(None, "Teacher weights (default: the file, or the pretrained weights, recorded "
+                                        "in the store; their sha256 must match).")
     atol: float = opt(5e-3, "Largest |stored - recomputed| probability accepted.", min=0.0)
     seed: int = opt(0, "Seed of the choice of views.", min=0)
     device: Device = opt(Device.auto, "Where the teacher runs: auto, cpu or cuda.")
 
 
 @dataclass
+class CacheRepairOptions(Options):
+    """Drop a store's damaged units (every chunk is read and its checksum checked; a damaged unit's whole Zarr
+    shard files are removed and their units marked missing), so the teacher-cache command that built the store
+    rebuilds them."""
+
+    store: Path = opt(help="Teacher cache (Zarr store).", argument=True)
+
+
+@dataclass
 class StudentOptions(Options):
-    """Stage two: train a distilled DeiT on the replayed views, with the teacher's targets from the cache."""
+    """Stage two: train a student (any timm classifier; a distilled DeiT keeps its two heads) on the replayed views,
+    with the teacher's targets from the cache."""
 
     PLAN: ClassVar[tuple[str, ...]] = (
         "manifest", "split", "recipe", "seed", "init_seed", "epochs", "student", "img_size", "patch_size", "depth",
         "embed_dim", "num_heads", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr", "drop_path",
         "distillation", "alpha", "tau", "cache", "online_teacher", "reuse_epochs", "clip_grad", "model_ema")
 
-    out: Path = opt(help="Run folder: config.yaml, log.jsonl, checkpoints, curves.png, summary.json.")
+    out: Path = opt(help="Run folder: config.yaml, log.jsonl, summary.csv, checkpoints, curves.png, summary.json.")
     manifest: Path = opt(Path("data/digits"), "Dataset folder with manifest.json.")
     cache: Path | None = opt(None, "Teacher cache from stage one (its manifest, recipe, seed and split must match).")
     online_teacher: str | None = opt(None, "Run this timm teacher in the loop instead of reading a cache (DeiT's "
-                                           "way; the baseline).")
-    teacher_checkpoint: Path | None = opt(None, "Weights of --online-teacher (a local file).")
-    teacher_input_size: int | None = opt(None, "Side the online teacher sees (default: from the checkpoint's .json).",
-                                         min=1)
+                                           "way; the baseline): a name with its tag, or hf-hub:ORG/NAME[@REV].")
+    teacher_checkpoint: Path | None = opt(None, "Weights of --online-teacher in a local file (default: its pretrained "
+                                                "weights from the Hugging Face cache).")
+    teacher_input_size: int | None = opt(None, "Side the online teacher sees (default: its own).", min=1)
     topk: int | None = opt(None, "Top-k of the online teacher's targets, as a cache would store them (default 10; "
                                  "only with --online-teacher: a cache fixes its own k).", min=1)
     split: str = opt("train", "Training split.")
-    recipe: str = opt("deit", "Augmentation recipe (must be the cache's).")
+    eval_split: str = opt("val", "Split to evaluate on after each epoch ('validation' is used when the manifest has "
+                                 "no 'val'); 'none' to train without evaluation.")
+    recipe: str = opt("deit", "Augmentation recipe (the cache's views: its crops, RandAugment, erasing, mixing and "
+                              "repeats must match; label smoothing and the eval crop are the student's own).")
     seed: int = opt(0, "Run seed of the views (must be the cache's).", min=0)
-    init_seed: int = opt(0, "Seed of the student's initialisation, drop path and batch order.", min=0)
+    init_seed: int = opt(0, "Seed of the student's initialisation, drop path and batch order (each rank draws drop "
+                            "path with init_seed + rank).", min=0)
     epochs: int = opt(300, "Training epochs (DeiT: 300).", min=1)
-    reuse_epochs: bool = opt(False, "Allow more epochs than cached by cycling the cached epochs.")
-    student: str = opt("deit_tiny_distilled_patch16_224", "timm distilled DeiT (deit_tiny/small/base_distilled_"
-                                                          "patch16_224).")
-    img_size: int | None = opt(None, "Student input size (default: the recipe's).", min=1)
-    patch_size: int | None = opt(None, "Patch size (default: the model's, 16).", min=1)
-    depth: int | None = opt(None, "Override the number of blocks (small demo students).", min=1)
-    embed_dim: int | None = opt(None, "Override the embedding width.", min=1)
-    num_heads: int | None = opt(None, "Override the attention heads.", min=1)
+    reuse_epochs: bool = opt(False, "Allow more epochs than the cache holds by cycling the cached epochs.")
+    student: str = opt("deit_tiny_distilled_patch16_224", "Any timm classifier. A distilled DeiT "
+                       "(deit_tiny/small/base_distilled_patch16_224) learns with DeiT's two heads; any other model "
+                       "with KD on its one head; with --distillation none a distilled DeiT becomes DeiT's baseline "
+                       "without the distillation token.")
+    img_size: int | None = opt(None, "Student input size (checked against the recipe's input_size, the size of the "
+                                     "views).", min=1)
+    patch_size: int | None = opt(None, "Patch size of a ViT student (default: the model's, 16).", min=1)
+    depth: int | None = opt(None, "Override the number of blocks of a ViT student (small demo students).", min=1)
+    embed_dim: int | None = opt(None, "Override the embedding width of a ViT student.", min=1)
+    num_heads: int | None = opt(None, "Override the attention heads of a ViT student.", min=1)
     distillation: Distillation = opt(Distillation.hard, "hard (DeiT's: CE to the teacher's top-1), soft (KL at "
                                                         "--tau to the densified top-k) or none (labels only).")
     alpha: float = opt(0.5, "Weight of the distillation term.", min=0.0, max=1.0)
-    tau: float = opt(1.0, "Temperature of soft distillation.", min=1e-3)
-    batch_size: int = opt(256, "Batch size per process.", min=1)
+    tau: float | None = opt(None, "Temperature of soft distillation (default 1.0; only with --distillation soft).",
+                            min=1e-3)
+    batch_size: int = opt(256, "Batch size per process (even for a mixing recipe: views come in pairs). Each rank "
+                               "takes only full batches, as DeiT.", min=1)
     lr: float = opt(5e-4, "Base learning rate, scaled by batch_size * processes / 512 (DeiT).", min=0.0)
     weight_decay: float = opt(0.05, "AdamW weight decay (not on norms, biases, tokens).", min=0.0)
     warmup_epochs: int = opt(5, "Linear warm-up epochs.", min=0)
     min_lr: float = opt(1e-5, "Learning rate at the end of the cosine schedule.", min=0.0)
     drop_path: float = opt(0.1, "Stochastic depth rate.", min=0.0, max=1.0)
     clip_grad: float | None = opt(None, "Clip the gradient norm to this value (off by default).", min=0.0)
-    model_ema: float | None = opt(None, "Keep an EMA of the weights with this decay (e.g. 0.99996) and evaluate it "
-                                        "too.", min=0.0, max=1.0)
+    model_ema: float | None = opt(None, "Keep an EMA of the weights with this decay (e.g. 0.99996), evaluate it and "
+                                        "export it too.", min=0.0, max=1.0)
     check_fingerprints: FingerprintCheck = opt(FingerprintCheck.all, "Compare replayed views' fingerprints with the "
                                                "cache: all, sample (1 in 16) or off.")
-    shuffle_buffer: int = opt(1024, "Views shuffled through a buffer of this size.", min=0)
+    shuffle_buffer: int = opt(1024, "Views shuffled through a buffer of this size in each loader worker.", min=0)
     workers: int = opt(4, "DataLoader worker processes per process (kept for the whole run).", min=0)
     prefetch: int = opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
+    threads: int | None = opt(None, "Compute threads of this process (default: the cores it may use less its loader "
+                                    "workers, at least 1).", min=1)
     device: Device = opt(Device.auto, "Where to train: auto, cpu or cuda (bf16 autocast and channels_last on GPU).")
+    log_tensorboard: bool = opt(False, "Also log each epoch's figures to TensorBoard, in OUT/tensorboard (needs "
+                                       "the tensorboard package: pip install 'replaykd[tensorboard]').")
+    log_wandb: bool = opt(False, "Also log each epoch's figures to Weights & Biases (needs the wandb package: pip "
+                                 "install 'replaykd[wandb]'; WANDB_MODE=offline works without a network).")
+    wandb_project: str = opt("replaykd", "W&B project of --log-wandb.")
     resume: bool = opt(False, "Continue the run in OUT from its last finished epoch.")
     stop_after: int | None = opt(None, "Stop after this many finished epochs (continue later with --resume).", min=1)
 
@@ -330,13 +403,32 @@ class StudentOptions(Options):
         if not none and (self.cache is None) == (self.online_teacher is None):
             raise ReplayKDError("give exactly one of --cache (stage two) and --online-teacher (teacher in the loop), "
                                 "or --distillation none")
-        if self.online_teacher is not None and self.teacher_checkpoint is None:
-            raise ReplayKDError("--online-teacher needs --teacher-checkpoint (weights are read from local files only)")
         if self.online_teacher is None:
             for name in ("teacher_checkpoint", "teacher_input_size", "topk"):
                 if getattr(self, name) is not None:
                     why = "the cache fixes the teacher and its k" if self.cache is not None else "there is no teacher"
                     raise ReplayKDError(f"--{name.replace('_', '-')} applies to --online-teacher only ({why})")
+        if self.reuse_epochs and self.cache is None:
+            raise ReplayKDError("--reuse-epochs cycles a cache's epochs; without --cache every epoch has its own "
+                                "views already: drop it")
+        if self.tau is not None and self.distillation is not Distillation.soft:
+            raise ReplayKDError(f"--tau is the temperature of soft distillation; --distillation "
+                                f"{self.distillation.value} does not use it: drop it (or use --distillation soft)")
+
+
+@dataclass
+class EvaluateOptions(Options):
+    """Top-1/top-5 of an exported student (each head of a distilled DeiT) on a split, without training: the model is
+    loaded through timm as the JSON beside it says, with its own evaluation transform."""
+
+    checkpoint: Path = opt(help="Exported weights (a run's checkpoint.safetensors or checkpoint-ema.safetensors, "
+                                "with the .json beside them).")
+    manifest: Path = opt(Path("data/digits"), "Dataset folder with manifest.json.")
+    split: str = opt("val", "Split to evaluate ('validation' is used when the manifest has no 'val').")
+    batch_size: int = opt(256, "Batch size.", min=1)
+    workers: int = opt(2, "DataLoader worker processes.", min=0)
+    device: Device = opt(Device.auto, "Where to evaluate: auto, cpu or cuda.")
+    json_out: bool = opt(False, "Print JSON instead of text.", flags=("--json",))
 
 
 @dataclass
@@ -360,10 +452,13 @@ class BenchOptions(Options):
     """Measure replay vs timm, stage one vs the bare teacher, stage two with/without KD, and cache size."""
 
     out: Path = opt(Path("runs/bench"), "Folder for bench.json, bench.md and the bench's own data.")
-    preset: str | None = opt(None, "'small' (digits sizes; the default on CPU) or 'imagenet' (DeiT-Ti/S/B at 224 "
-                                   "with regnety_160; the default on GPU).")
+    preset: str | None = opt(None, "'small' (digits sizes; the default on CPU), 'imagenet' (DeiT-Ti/S/B at 224 with "
+                                   "regnety_160; the default on GPU) or 'smoke' (small on digits alone, one epoch: "
+                                   "checks that the bench runs).")
     repeats: int = opt(3, "Interleaved repetitions of each measurement (the median is reported).", min=1)
     views: int = opt(512, "Images per replay measurement, and synthetic images for the imagenet preset.", min=8)
+    epochs: int | None = opt(None, "Epochs of each stage-two run and of the stage-one store (default: the preset's).",
+                             min=1)
     workers: int = opt(2, "DataLoader workers for the stage measurements.", min=0)
     device: Device = opt(Device.auto, "Where to measure: auto, cpu or cuda.")
     real_cache: Path | None = opt(Path("runs/demo/cache.zarr"), "A cache of real teacher outputs whose stored bytes "
@@ -374,5 +469,5 @@ class BenchOptions(Options):
     render_only: bool = opt(False, "Measure nothing: rewrite bench.md (and --readme) from OUT/bench.json.")
 
     def validate(self) -> None:
-        if self.preset is not None and self.preset not in ("small", "imagenet"):
-            raise ReplayKDError(f"--preset must be small or imagenet, got {self.preset!r}")
+        if self.preset is not None and self.preset not in ("small", "imagenet", "smoke"):
+            raise ReplayKDError(f"--preset must be small, imagenet or smoke, got {self.preset!r}")

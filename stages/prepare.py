@@ -6,7 +6,7 @@ import typer
 
 from pipeline.errors import ReplayKDError
 from pipeline.manifest import HEADER
-from pipeline.shards import prepare_out, scan_shards, write_shards
+from pipeline.shards import SKIPPED_FILE, prepare_out, scan_shards, write_shards
 from pipeline.sources import open_source
 from stages.options import ManifestOptions, ShardsOptions
 
@@ -21,7 +21,9 @@ def shards(o: ShardsOptions) -> None:
     if src.non_images:
         typer.echo(f"skipped {len(src.non_images)} non-image files (e.g. {src.non_images[0]})")
     if skipped:
-        typer.echo(f"skipped {skipped} images that failed to decode (--skip-bad)")
+        shown = "; ".join(f"{origin} ({why})" for origin, why in skipped[:5])
+        typer.echo(f"skipped {len(skipped)} images that failed to decode (--skip-bad): {shown}"
+                   + (" ..." if len(skipped) > 5 else "") + f"; all listed in {o.out / SKIPPED_FILE}")
 
 
 def manifest(o: ManifestOptions) -> None:
@@ -30,6 +32,8 @@ def manifest(o: ManifestOptions) -> None:
         raise ReplayKDError(f"{o.out / HEADER} exists; pass --overwrite to replace it")
     if o.classes is not None and not o.classes.exists():
         raise ReplayKDError(f"classes file not found: {o.classes}")
-    m = scan_shards(o.shard_glob, o.out, o.classes)
+    m, warnings = scan_shards(o.shard_glob, o.out, o.classes, o.num_classes)
     counts = ", ".join(f"{s} {m.count(s)} in {len(m.shards(s))} shards" for s in m.tables)
-    typer.echo(f"manifest of {counts} written to {o.out}; hash {m.hash[:16]}")
+    typer.echo(f"manifest of {counts} written to {o.out}; {m.num_classes} classes; hash {m.hash[:16]}")
+    for warning in warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)

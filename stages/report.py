@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from pipeline.cache import TeacherCache
+from pipeline.cache_report import summarize
 from pipeline.device import device_name
 from pipeline.errors import ReplayKDError
 from pipeline.io import atomic_path, replace_section, write_json_atomic
@@ -16,7 +17,7 @@ from pipeline.runs import RunFolder
 from stages.options import ReportOptions, StudyReportOptions
 
 ARMS = {"cache": "hard KD, targets from the cache", "online": "hard KD, online teacher", "labels": "no KD (labels only)"}
-HEADS = ("cls_top1", "dist_top1", "avg_top1")
+HEADS = ("top1", "cls_top1", "dist_top1")  # the model's own prediction, then a distilled DeiT's heads
 
 STUDENTS = {"student-hard": ARMS["cache"], "student-online": ARMS["online"], "student-none": ARMS["labels"]}
 
@@ -25,22 +26,23 @@ def collect(run: Path) -> dict:
     """Everything the report states, read from the run's files (nothing typed by hand)."""
     teacher = json.loads((run / "teacher" / "teacher.json").read_text())
     cache = TeacherCache.open(run / "cache.zarr")
-    c = cache.summarize()
+    c = summarize(cache)
     students = {}
     for name, what in STUDENTS.items():
         folder = RunFolder(run / name)
         s = folder.summary()
         if s is not None:
             cfg = folder.config()
-            students[name] = {"what": what, **{k: s[k] for k in (*HEADS, "epochs", "wall_seconds", "images_per_s")},
-                              "model": f"{cfg['student']} img {cfg['img_size'] or cache.config.recipe['input_size']} patch {cfg['patch_size']} depth {cfg['depth']} dim {cfg['embed_dim']}"}
+            students[name] = {"what": what, **{k: s.get(k) for k in (*HEADS, "epochs", "wall_seconds", "images_per_s")},
+                              "model": f"{s['student']} img {cache.config.views['input_size']} patch "
+                                       f"{cfg['patch_size']} depth {cfg['depth']} dim {cfg['embed_dim']}"}
     finished = max((run / name / "summary.json").stat().st_mtime for name in students) if students else None
     return {"date": datetime.fromtimestamp(finished, timezone.utc).isoformat(timespec="seconds") if finished else None,
             "reported": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(),
-            "teacher": {"model": teacher["model"], "input_size": teacher["input_size"], "val_top1": teacher["val_top1"],
-                        "epochs": teacher["epochs"], "seconds": teacher["seconds"]},
+            "teacher": {"model": teacher["model"], "input_size": teacher["pretrained_cfg"]["input_size"][-1],
+                        "val_top1": teacher["val_top1"], "epochs": teacher["epochs"], "seconds": teacher["seconds"]},
             "cache": {"epochs": c.epochs, "topk": c.topk, "views": c.views_cached, "bytes": c.bytes_on_disk,
-                      "bytes_per_view": c.bytes_per_view, **cache.attrs.get("last_run", {})},
+                      "bytes_per_view": c.bytes_per_view, **c.totals},
             "students": students}
 
 
@@ -51,21 +53,24 @@ def to_markdown(r: dict) -> str:
              f"- Teacher: `{t['model']}` at {t['input_size']} px, {t['epochs']} epochs: val top-1 **{t['val_top1']:.2f}%** ({t['seconds']:.0f} s)",
              f"- Cache: {c['epochs']} epochs x top-{c['topk']}: {c['views']} views, {c['bytes'] / 1e6:.2f} MB, "
              f"**{c['bytes_per_view']:.1f} bytes/view**" + (
-                 f"; last built at {c['views_per_s']:.0f} views/s in {c['seconds']:.0f} s, teacher top-1 on the mixed views vs "
-                 f"their majority label {c['teacher_top1_vs_majority']:.1f}%" if "views_per_s" in c else ""), "",
-             "| student run | cls top-1 | dist top-1 | avg top-1 | epochs | images/s | time |", "|---|---|---|---|---|---|---|"]
+                 f"; built at {c['views_written'] / c['process_seconds']:.0f} views/s in {c['process_seconds']:.0f} s, "
+                 f"teacher top-1 on the mixed views vs their majority label {c['teacher_top1_vs_majority']:.1f}%"
+                 if c.get("process_seconds") else ""), "",
+             "| student run | top-1 | cls head | dist head | epochs | images/s | time |", "|---|---|---|---|---|---|---|"]
     for s in r["students"].values():
-        lines.append(f"| {s['what']} | {s['cls_top1']:.2f} | {s['dist_top1']:.2f} | {s['avg_top1']:.2f} | {s['epochs']} | "
-                     f"{s['images_per_s']:.0f} | {s['wall_seconds']:.0f} s |")
+        lines.append(f"| {s['what']} | {s['top1']:.2f} | " + " | ".join(
+            f"{s[h]:.2f}" if s.get(h) is not None else "-" for h in HEADS[1:])
+            + f" | {s['epochs']} | {s['images_per_s']:.0f} | {s['wall_seconds']:.0f} s |")
     hard, online = r["students"].get("student-hard"), r["students"].get("student-online")
     if hard and online:
-        same = all(hard[k] == online[k] for k in ("cls_top1", "dist_top1", "avg_top1"))
+        same = all(hard[k] == online[k] for k in HEADS)
         lines += ["", "Cached and online hard KD reached " + ("identical accuracies: the cached targets are the online "
                   "teacher's, view for view." if same else "different accuracies (expected only across machines or GPUs).")
                   + f" Cached KD trained at {hard['images_per_s'] / online['images_per_s']:.2f}x the online run's images/s."]
     if r["students"]:
-        lines += ["", f"Student: {next(iter(r['students'].values()))['model']}. Curves: `curves.png` (and each run's "
-                  "`curves.png`); replayed views: `views.png`."]
+        lines += ["", f"Students: {', '.join(sorted({s['model'] for s in r['students'].values()}))}; top-1 is each "
+                  "model's own prediction (a distilled DeiT's: the average of its heads). Curves: `curves.png` (and each "
+                  "run's `curves.png`); replayed views: `views.png`."]
     return "\n".join(lines) + "\n"
 
 
@@ -94,7 +99,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def study(o: StudyReportOptions) -> None:
-    """Mean +- std of cls / dist / avg top-1 per arm over its seeds, and the KD gain, from the runs' summaries."""
+    """Mean +- std of top-1 per arm over its seeds, and the KD gain, from the runs' summaries (as DeiT's table: the
+    distilled student's own prediction against its baseline without the distillation token)."""
     runs = sorted(p.parent for p in o.run.glob("*/summary.json"))
     if not runs:
         raise ReplayKDError(f"no finished runs (*/summary.json) in {o.run}")
@@ -102,24 +108,26 @@ def study(o: StudyReportOptions) -> None:
     for run in runs:
         s, cfg = RunFolder(run).summary(), RunFolder(run).config()
         arms.setdefault(s["source"], []).append({"run": run.name, "init_seed": cfg["init_seed"], "epochs": s["epochs"],
-                                                 **{h: s[h] for h in HEADS}})
+                                                 "student": s["student"], "top1": s["top1"]})
     r = {"study": str(o.run), "device": device_name(), "arms": {
-        name: {"what": ARMS.get(name, name), "seeds": [x["init_seed"] for x in xs], "epochs": xs[0]["epochs"],
-               **{h: dict(zip(("mean", "std"), mean_std([x[h] for x in xs]))) for h in HEADS}, "runs": xs}
+        name: {"what": ARMS.get(name, name), "student": xs[0]["student"], "seeds": [x["init_seed"] for x in xs],
+               "epochs": xs[0]["epochs"], "top1": dict(zip(("mean", "std"), mean_std([x["top1"] for x in xs]))),
+               "runs": xs}
         for name, xs in arms.items()}}
     lines = [f"# replaykd study ({o.run}, {r['device']}, `make study`)", "",
-             "| arm | seeds | epochs | cls top-1 | dist top-1 | avg top-1 |", "|---|---|---|---|---|---|"]
+             "| arm | student | seeds | epochs | top-1 |", "|---|---|---|---|---|"]
     for a in r["arms"].values():
-        lines.append(f"| {a['what']} | {', '.join(map(str, a['seeds']))} | {a['epochs']} | "
-                     + " | ".join(f"{a[h]['mean']:.2f} ± {a[h]['std']:.2f}" for h in HEADS) + " |")
+        lines.append(f"| {a['what']} | {a['student']} | {', '.join(map(str, a['seeds']))} | {a['epochs']} | "
+                     f"{a['top1']['mean']:.2f} ± {a['top1']['std']:.2f} |")
     kd, none = r["arms"].get("cache"), r["arms"].get("labels")
     if kd and none:
-        gain = {h: kd[h]["mean"] - none[h]["mean"] for h in HEADS}
-        spread = {h: (kd[h]["std"] ** 2 / len(kd["seeds"]) + none[h]["std"] ** 2 / len(none["seeds"])) ** 0.5 for h in HEADS}
-        r["kd_gain"] = {h: {"mean": gain[h], "standard_error": spread[h]} for h in HEADS}
-        lines += ["", "KD gain (cached hard KD minus no KD, mean ± standard error of the difference): "
-                  + ", ".join(f"{h.split('_')[0]} {gain[h]:+.2f} ± {spread[h]:.2f}" for h in HEADS) + " points."]
-    lines += ["", "± is the sample standard deviation over initialisation seeds (the same views and cache for all)."]
+        gain = kd["top1"]["mean"] - none["top1"]["mean"]
+        spread = (kd["top1"]["std"] ** 2 / len(kd["seeds"]) + none["top1"]["std"] ** 2 / len(none["seeds"])) ** 0.5
+        r["kd_gain"] = {"top1": {"mean": gain, "standard_error": spread}}
+        lines += ["", f"KD gain (cached hard KD minus no KD, mean ± standard error of the difference): top-1 "
+                  f"{gain:+.2f} ± {spread:.2f} points."]
+    lines += ["", "± is the sample standard deviation over initialisation seeds (the same views and cache for all); "
+              "top-1 is each model's own prediction (a distilled DeiT's: the average of its two heads)."]
     md = "\n".join(lines) + "\n"
     write_json_atomic(o.run / "report.json", r)
     with atomic_path(o.run / "report.md") as tmp:

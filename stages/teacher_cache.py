@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import shutil
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +13,22 @@ import typer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.cache import (CacheRequest, CacheSummary, TeacherCache, TeacherIdentity, UnitArrays,
-                            UnitBuffers, UnitWriter)
-from pipeline.device import autocast, pick_device
-from pipeline.distributed import barrier, init_distributed, is_main_process, sum_across_ranks
-from pipeline.errors import ReplayKDError
+from pipeline import teacher as teachers
+from pipeline.cache import CacheRequest, TeacherCache, UnitArrays
+from pipeline.cache_report import CacheSummary, launch_id, now, record_run, summarize
+from pipeline.cache_writer import UnitBuffers, UnitWriter, WriteFailed
+from pipeline.claims import Claims
+from pipeline.device import autocast, pick_device, set_threads
+from pipeline.distributed import barrier, init_distributed, is_main_process
+from pipeline.errors import Interrupted, ReplayKDError
 from pipeline.finish import Finisher
-from pipeline.loader import CacheViews, ShardWork, ViewCollate, loader_settings
+from pipeline.loader import CacheViews, ViewCollate, loader_settings
 from pipeline.manifest import Manifest
-from pipeline.models import file_sha256, load_teacher
 from pipeline.recipe import Recipe
+from pipeline.storage import LocalStorage
 from pipeline.targets import TeacherTargets
-from stages.options import TeacherCacheOptions
+from pipeline.work import Dealer, Participant, deal, preference, remaining
+from stages.options import TeacherCacheOptions, rerun_command
 
 
 def library_versions() -> dict:
@@ -39,48 +44,96 @@ def library_versions() -> dict:
 
 def main(o: TeacherCacheOptions) -> None:
     """Build the cache and print its summary."""
-    summary = run(o)
+    summary, mine = run(o)
     if is_main_process():
-        typer.echo(json.dumps(summary.as_dict(), indent=2) if o.json_out else summary.text())
+        typer.echo(json.dumps({**summary.as_dict(), "this_process": mine}, indent=2) if o.json_out
+                   else summary.text())
 
 
-def run(o: TeacherCacheOptions) -> CacheSummary:
-    """Build (or resume, or grow) the cache; returns its summary with this run's figures."""
+def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
+    """Build (or resume, or grow) the cache; returns its summary and this process's figures. Every input is checked
+    before the store is created; a first run that fails on bad data leaves no store behind."""
     t0 = time.perf_counter()
     dev = pick_device(o.device)
     rank, world = init_distributed(dev)
+    me = Participant.of(o.part, rank, world)
+    set_threads(o.threads, o.workers)
     manifest, recipe = Manifest.load(o.manifest, shard_root=o.shards), Recipe.load(o.recipe)
     if o.topk > manifest.num_classes:
         raise ReplayKDError(f"--topk must be between 1 and the number of classes ({manifest.num_classes}), got {o.topk}")
-    teacher = load_teacher(o.teacher, o.checkpoint, manifest.num_classes, o.teacher_input_size, dev)
-    shards = manifest.shards(o.split)
-    identity = TeacherIdentity(o.teacher, file_sha256(o.checkpoint), teacher.input_size, o.topk)
-    request = CacheRequest.of(manifest, o.split, recipe, o.seed, identity)
+    loaded = teachers.load(o.teacher, o.checkpoint, o.teacher_input_size)
+    teachers.check_fits(loaded, manifest.num_classes, manifest.classes)
+    teacher = loaded.wrap(recipe.mean, recipe.std, dev)
+    teachers.check_input(teacher, recipe.input_size)
+    manifest.check_files(o.split)
+    request = CacheRequest.of(manifest, o.split, recipe, o.seed, loaded.identity, o.topk)
+    launch = launch_id()
+    created = False
     if rank == 0:
-        hints = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": library_versions(),
-                 "recipe_name": recipe.name, "data_path": str(Path(o.manifest).resolve()),
-                 "checkpoint_path": str(Path(o.checkpoint).resolve()), "options": o.to_config()}
-        TeacherCache.create_or_grow(o.out, request, o.epochs, shards, manifest.shard_counts(o.split), recipe.repeats,
-                                    recipe.mixes, o.epochs_per_file, hints)
+        hints = {"created": now(), "versions": library_versions(), "recipe_name": recipe.name,
+                 "data_path": str(Path(o.manifest).resolve()), "options": o.to_config(),
+                 "checkpoint_path": str(Path(o.checkpoint).resolve()) if o.checkpoint else None,
+                 "created_by": launch}
+        cache = TeacherCache.create_or_grow(o.out, request, o.epochs, manifest.shards(o.split),
+                                            manifest.shard_counts(o.split), recipe.repeats, recipe.mixes,
+                                            o.epochs_per_file, hints)
+        created = cache.attrs.get("created_by") == launch
     barrier()
     cache = TeacherCache.open(o.out, mode="a")
-    # A data shard's units all go to one rank, so each Zarr shard file has one writer.
-    work = []
-    for s in range(rank, len(shards), world):
-        done = set(cache.completed(s))
-        todo = tuple(e for e in range(o.epochs) if e not in done)
-        if todo:
-            work.append(ShardWork(s, todo))
-    ds = CacheViews(manifest, recipe, o.seed, work, o.split)
-    total_views = len(ds)
+    work = remaining(cache.done(), o.epochs)
+    barrier()  # every rank has read the same store before any writes: their shares agree
+    shares = deal([sum(cache.unit_size(e, w.shard_no) for e in w.epochs) for w in work], me.count)
+    expected = sum(cache.unit_size(e, work[i].shard_no) for i in shares[me.index] for e in work[i].epochs)
+    claims = Claims(LocalStorage(cache.path), launch)
+    mine = {"started": now(), "views_written": 0, "views_seen": 0, "majority_hits": 0, "part": me.index,
+            "parts": me.count, "device": str(dev), "share_views": expected}
+    try:
+        _build(o, cache, manifest, recipe, teacher, dev, work, preference(shares, me.index), claims, expected,
+               rank, world, mine)
+    except KeyboardInterrupt:
+        raise Interrupted(f"teacher-cache stopped; {o.out} keeps every unit completed so far "
+                          f"({len(cache.missing(o.epochs))} still missing). Continue with: {rerun_command()}") from None
+    except ReplayKDError as exn:
+        if created and world == 1 and not isinstance(exn, (WriteFailed, Interrupted)) and not claims.others_active():
+            shutil.rmtree(o.out, ignore_errors=True)
+            raise ReplayKDError(f"{exn} (the store this run had created at {o.out} was removed)") from exn
+        raise
+    finally:
+        claims.release_all()
+    mine.update(finished=now(), seconds=time.perf_counter() - t0)
+    if mine["views_written"]:
+        record_run(cache, launch, me.index, mine)
+    return summarize(cache), mine
+
+
+def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, recipe: Recipe, teacher, dev, work,
+           order: list[int], claims: Claims, expected: int, rank: int, world: int, mine: dict) -> None:
+    """Claim data shards in `order`, make their missing units' views, run the teacher, write whole units."""
+    jobs = multiprocessing.get_context("fork").Queue()
+    pending: dict[int, int] = {}  # shard_no -> units still to write
+    claims.renew_in_background()
+
+    def todo(shard_no: int) -> tuple[int, ...]:
+        epochs = tuple(int(e) for e in np.flatnonzero(~cache.done()[:o.epochs, shard_no]))
+        pending[shard_no] = len(epochs)
+        return epochs
+
+    dealer = Dealer(work, order, claims, todo, jobs, o.workers, depth=max(1, o.workers))
+
+    def written(epoch: int, shard_no: int) -> None:
+        pending[shard_no] -= 1
+        if pending[shard_no] == 0:
+            claims.release(shard_no)
+
+    ds = CacheViews(manifest, recipe, o.seed, jobs, expected, o.split)
     loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing),
-                        **loader_settings(o.workers, o.prefetch, dev))
-    writer, buffers = UnitWriter(cache), UnitBuffers(cache.unit_size, o.topk, manifest.num_classes)
-    finish = Finisher(recipe)
-    correct = seen = 0
-    bar = tqdm(total=total_views, desc=f"teacher-cache rank {rank}" if world > 1 else "teacher-cache", unit="view",
-               unit_scale=True, disable=total_views == 0)
+                        **{**loader_settings(o.workers, o.prefetch, dev, o.seed), "persistent_workers": False})
+    writer = UnitWriter(cache, written=written, owns=claims.holds)
+    buffers, finish = UnitBuffers(cache.unit_size, o.topk, manifest.num_classes), Finisher(recipe)
+    bar = tqdm(total=expected, desc=f"teacher-cache part {mine['part']}" if mine["parts"] > 1 else "teacher-cache",
+               unit="view", unit_scale=True, disable=expected == 0)
     t_loop = time.perf_counter()
+    failed = True
     try:
         with torch.inference_mode():
             for batch in loader:
@@ -88,24 +141,19 @@ def run(o: TeacherCacheOptions) -> CacheSummary:
                     targets = TeacherTargets.from_logits(teacher(finish(batch, dev)), o.topk)
                 probs, classes = targets.probs.cpu().numpy(), targets.classes.cpu().numpy()
                 majority = torch.where(batch.lams >= 0.5, batch.labels, batch.partner_labels).numpy()
-                correct += int((classes[:, 0] == majority).sum())
-                seen += len(majority)
+                mine["majority_hits"] += int((classes[:, 0] == majority).sum())
+                mine["views_seen"] += len(majority)
                 rows = UnitArrays(probs=probs, classes=classes, fingerprint=batch.fingerprints.numpy())
                 for epoch, shard_no, arrays in buffers.add(batch.epochs.numpy(), batch.shard_nos.numpy(),
                                                            batch.slots.numpy(), rows):
                     writer.put(epoch, shard_no, arrays)
+                    mine["views_written"] += len(arrays.fingerprint)
                 bar.update(len(majority))
+        failed = False
     finally:
+        dealer.stop()
         bar.close()
-        writer.close()
-    loop_seconds = time.perf_counter() - t_loop
-    stats = sum_across_ranks(torch.tensor([correct, seen], dtype=torch.float64), dev)
-    barrier()
-    elapsed = time.perf_counter() - t0
-    run_stats = {"views_written": int(stats[1]), "teacher_top1_vs_majority": 100 * stats[0].item() / max(1, stats[1].item()),
-                 "seconds": elapsed, "views_per_s": stats[1].item() / elapsed, "device": str(dev), "processes": world,
-                 # views/s of the view-making + teacher + writing loop, without start-up (model load, hashing)
-                 "loop_views_per_s": stats[1].item() / loop_seconds}
-    if rank == 0 and run_stats["views_written"]:  # a rerun with nothing left to do keeps the real build's figures
-        cache.group.attrs["last_run"] = run_stats
-    return cache.summarize(run_stats)
+        writer.close(check=not failed)
+    if dealer.error is not None:
+        raise dealer.error
+    mine["loop_views_per_s"] = mine["views_seen"] / max(1e-9, time.perf_counter() - t_loop)

@@ -1,6 +1,8 @@
-"""`replaykd train-student`: stage two. Train a distilled DeiT on the replayed views with cached targets."""
+"""`replaykd train-student`: stage two. Train a student on the replayed views with the teacher's targets from the
+cache (or from an online teacher, or none)."""
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -9,24 +11,27 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
+from pipeline import rng
+from pipeline import teacher as teachers
 from pipeline.cache import CacheRequest, TeacherCache
-from pipeline.device import pick_device
+from pipeline.device import pick_device, set_threads
 from pipeline.distributed import barrier, init_distributed, is_main_process
 from pipeline.engine import evaluate, train_one_epoch
-from pipeline.errors import ReplayKDError
+from pipeline.errors import Interrupted, ReplayKDError
+from pipeline.export import Preprocessing, export
 from pipeline.finish import Finisher
 from pipeline.loader import EvalViews, ReplayViews, ViewCollate, loader_settings
 from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
-from pipeline.models import StudentHeads, create_student, load_teacher
 from pipeline.plots import plot_curves
 from pipeline.recipe import Recipe
-from pipeline.runs import RunFolder, mean_rate
+from pipeline.runs import EMA_WEIGHTS, WEIGHTS, RunFolder, mean_rate, schedule_differences
 from pipeline.schedule import step_schedule
+from pipeline.sinks import MetricSinks, check_available
+from pipeline.student import Student, build_student
 from pipeline.targets import CachedTargets, NoTargets, OnlineTargets, TargetSource
-from stages.options import Distillation, StudentOptions
+from stages.options import Distillation, StudentOptions, rerun_command
 
-HEADS = {"cls": lambda o: o[0], "dist": lambda o: o[1], "avg": lambda o: (o[0] + o[1]) / 2}
 ONLINE_TOPK = 10
 
 
@@ -44,108 +49,166 @@ def target_source(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: to
     topk = o.topk or min(ONLINE_TOPK, manifest.num_classes)
     if topk > manifest.num_classes:
         raise ReplayKDError(f"--topk {topk} is more than the dataset's {manifest.num_classes} classes")
-    teacher = load_teacher(o.online_teacher, o.teacher_checkpoint, manifest.num_classes, o.teacher_input_size, dev)
+    loaded = teachers.load(o.online_teacher, o.teacher_checkpoint, o.teacher_input_size)
+    teachers.check_fits(loaded, manifest.num_classes, manifest.classes)
+    teacher = loaded.wrap(recipe.mean, recipe.std, dev)
+    teachers.check_input(teacher, recipe.input_size)
     return OnlineTargets(teacher, topk), o.epochs
 
 
 def main(o: StudentOptions) -> None:
     """Run stage two and print where its results are."""
     summary = run(o)
-    if is_main_process() and "stopped_after" not in summary:
-        typer.echo(f"done: top-1 cls {summary['cls_top1']:.2f}, dist {summary['dist_top1']:.2f}, avg "
-                   f"{summary['avg_top1']:.2f}; {summary['images_per_s']:.0f} img/s ({summary['images_per_s_is']}); "
-                   f"{o.out}/summary.json")
+    if is_main_process() and "stopped_after" not in summary and "top1" in summary:
+        heads = "".join(f", {h} head {summary[f'{h}_top1']:.2f}" for h in ("cls", "dist") if f"{h}_top1" in summary)
+        typer.echo(f"done: top-1 {summary['top1']:.2f}{heads}; {summary['images_per_s']:.0f} img/s "
+                   f"({summary['images_per_s_is']}); {o.out}/summary.json")
+    elif is_main_process() and "stopped_after" not in summary:
+        typer.echo(f"done (no evaluation split): {summary['images_per_s']:.0f} img/s; {o.out}/summary.json")
 
 
 def run(o: StudentOptions) -> dict:
     """Train and evaluate; returns the summary (also OUT/summary.json). Every option is checked before OUT is
-    written; a run that fails before its first epoch leaves no folder behind."""
+    written; a run that fails before its first epoch leaves no folder behind. Under torchrun's elastic restarts
+    (`--max-restarts`) a restarted group resumes from the last checkpoint by itself."""
     t_start = time.perf_counter()
     dev = pick_device(o.device)
     rank, world = init_distributed(dev)
+    set_threads(o.threads, o.workers)
     manifest, recipe = Manifest.load(o.manifest), Recipe.load(o.recipe)
+    eval_split = manifest.eval_split(o.eval_split)
     folder = RunFolder(o.out)
-    finished = folder.summary() if o.resume else None
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = o.resume or (restarted and folder.has_state())
+    finished = folder.summary() if resume else None
     if finished is not None:
+        if finished["epochs"] != o.epochs:
+            raise ReplayKDError(f"{o.out} is a finished run of {finished['epochs']} epochs; --epochs {o.epochs} cannot "
+                                "continue it (its learning-rate schedule ended with its last epoch): train a new run "
+                                f"with --epochs {o.epochs} in another --out")
         if rank == 0:
             typer.echo(f"{o.out} is a finished run ({finished['epochs']} epochs); nothing to resume, its results are "
                        "unchanged")
         return finished
-    if o.resume:
+    if resume:
         folder.check_resume(o.plan())
-    else:
+    elif not restarted:
         folder.check_new()
+    check_available([s for s, on in (("tensorboard", o.log_tensorboard), ("wandb", o.log_wandb)) if on])
     source, view_epochs = target_source(o, manifest, recipe, dev)
-    torch.manual_seed(o.init_seed)
-    student = create_student(o.student, manifest.num_classes, o.img_size or recipe.input_size, o.patch_size,
-                             o.drop_path, depth=o.depth, embed_dim=o.embed_dim, num_heads=o.num_heads).to(dev)
-    if dev.type == "cuda":
-        student = student.to(memory_format=torch.channels_last)
+    torch.manual_seed(o.init_seed)  # the same initial weights on every rank
+    student = build_student(o.student, manifest.num_classes, recipe.input_size, o.distillation is not Distillation.none,
+                            o.drop_path, {k: getattr(o, k) for k in ("img_size", "patch_size", "depth", "embed_dim",
+                                                                     "num_heads")})
+    rng.seed_rank(o.init_seed, rank)
+    student.model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.preserve_format)
     lr = o.lr * o.batch_size * world / 512  # DeiT's linear scaling
-    optimizer = create_optimizer_v2(student, "adamw", lr=lr, weight_decay=o.weight_decay)
-    ema = ModelEmaV3(student, decay=o.model_ema) if o.model_ema else None
-    start_epoch = step = 0
-    if o.resume:
-        at = folder.restore(student, optimizer, ema)
-        start_epoch, step = at.epoch, at.step
+    optimizer = create_optimizer_v2(student.model, "adamw", lr=lr, weight_decay=o.weight_decay)
+    ema = ModelEmaV3(student.model, decay=o.model_ema) if o.model_ema else None
+    ds = ReplayViews(manifest, recipe, o.seed, 0, o.split, rank=rank, world_size=world, view_epochs=view_epochs,
+                     shuffle_buffer=o.shuffle_buffer, shuffle_seed=o.init_seed, annotate=source.annotator(),
+                     fingerprint_every=source.fingerprint_every(), batch_size=o.batch_size)
+    schedule = {"world_size": world, "batch_size": o.batch_size,
+                "steps_per_epoch": [ds.batches(e) for e in range(o.epochs)]}
+    if min(schedule["steps_per_epoch"]) == 0:
+        raise ReplayKDError(f"an epoch holds less than one full batch of {o.batch_size} views per process "
+                            f"({world} processes): use a smaller --batch-size")
+    start_epoch, step, rows = 0, 0, []
+    if resume:
+        state = folder.restore()
+        changed = schedule_differences(state["schedule"], schedule)
+        if changed:
+            raise ReplayKDError(f"--resume would change the learning-rate schedule of {o.out} ({'; '.join(changed)}); "
+                                "resume with the processes and batch size it was started with")
+        student.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        rng.restore(state["rng"], rank, dev)
+        start_epoch, step, rows = state["epoch"] + 1, state["step"], state["rows"]
         if rank == 0:
             typer.echo(f"resuming {o.out} at epoch {start_epoch} of {o.epochs} (step {step}), after its last checkpoint")
     elif rank == 0:
         folder.create(o.to_config())
+    progress = {"epoch": start_epoch, "step": step}
     try:
-        return _train(o, manifest, recipe, source, view_epochs, student, optimizer, ema, lr, start_epoch, step, dev,
-                      rank, world, folder, t_start)
-    except BaseException:
+        return _train(o, manifest, recipe, eval_split, source, ds, schedule, student, optimizer, ema, lr, rows,
+                      progress, dev, rank, world, folder, t_start)
+    except KeyboardInterrupt:
+        raise Interrupted(f"train-student stopped in epoch {progress['epoch']} (step {progress['step']}); "
+                          + (f"{o.out} holds its epochs before that. Continue with: {rerun_command('--resume')}"
+                             if folder.has_state() else "no epoch had finished, so nothing was kept")) from None
+    finally:
         if rank == 0:
             folder.discard_if_empty()
-        raise
 
 
-def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, source: TargetSource, view_epochs: int, student,
-           optimizer, ema, lr: float, start_epoch: int, step: int, dev: torch.device, rank: int, world: int,
-           folder: RunFolder, t_start: float) -> dict:
-    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
-    criterion = DistillationLoss(o.distillation, o.alpha, o.tau, manifest.num_classes)
+def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, eval_split: str | None, source: TargetSource,
+           ds: ReplayViews, schedule: dict, student: Student, optimizer, ema, lr: float, rows: list[dict],
+           progress: dict, dev: torch.device, rank: int, world: int, folder: RunFolder, t_start: float) -> dict:
+    model = torch.nn.parallel.DistributedDataParallel(student.model) if world > 1 else student.model
+    criterion = DistillationLoss(o.distillation, o.alpha, o.tau or 1.0, manifest.num_classes)
     collate, finish = ViewCollate(manifest.num_classes, recipe.smoothing), Finisher(recipe)
-
-    ds = ReplayViews(manifest, recipe, o.seed, start_epoch, o.split, rank=rank, world_size=world,
-                     view_epochs=view_epochs, shuffle_buffer=o.shuffle_buffer, shuffle_seed=o.init_seed,
-                     annotate=source.annotator(), fingerprint_every=source.fingerprint_every())
-    # Every rank takes the same number of steps per epoch (EpochPlan), so the schedule is known exactly.
-    lr_at = step_schedule([ds.batches(o.batch_size, o.workers, e) for e in range(o.epochs)], o.warmup_epochs, lr,
-                          o.min_lr)
-    loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=collate, **loader_settings(o.workers, o.prefetch, dev))
-    eval_loader = DataLoader(EvalViews(manifest, recipe, "val"), batch_size=o.batch_size,
-                             **loader_settings(min(o.workers, 2), o.prefetch, dev))
-    if o.reuse_epochs and o.epochs > view_epochs and rank == 0:
-        typer.echo(f"--reuse-epochs: the cache holds {view_epochs} epochs; student epoch e uses cached epoch "
-                   f"e % {view_epochs}")
-    for epoch in range(start_epoch, o.epochs):
-        ds.set_epoch(epoch)
-        stats, step = train_one_epoch(model, criterion, loader, optimizer, dev, epoch, finish, source, lr_at, step,
-                                      o.clip_grad, ema, total=ds.views(), show_progress=rank == 0)
-        acc = evaluate(HEADS, eval_loader, dev, StudentHeads(student))
-        if ema is not None:
-            acc.update({f"ema_{k}": v for k, v in evaluate(HEADS, eval_loader, dev, StudentHeads(ema.module)).items()})
-        row = {"epoch": epoch, "view_epoch": ds.plan().epoch, "steps": stats.steps, "loss": stats.loss,
-               "loss_base": stats.loss_base, "loss_distill": stats.loss_distill, "lr": stats.lr, "images": stats.images,
-               "train_seconds": stats.seconds, "images_per_s": stats.images_per_s, **acc}
-        if rank == 0:
-            folder.append_log(row)
-            folder.save(student, optimizer, ema, epoch, step)
-            typer.echo(f"epoch {epoch}: loss {stats.loss:.4f} (base {stats.loss_base:.4f}, distill "
-                       f"{stats.loss_distill:.4f}), top-1 cls {acc['cls_top1']:.2f} dist {acc['dist_top1']:.2f} avg "
-                       f"{acc['avg_top1']:.2f}, {stats.images_per_s:.0f} img/s")
-        barrier()
-        if o.stop_after is not None and epoch + 1 >= o.stop_after and epoch + 1 < o.epochs:
-            return {"stopped_after": epoch + 1}
+    lr_at = step_schedule(schedule["steps_per_epoch"], o.warmup_epochs, lr, o.min_lr)
+    loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=collate,
+                        **loader_settings(o.workers, o.prefetch, dev, o.init_seed))
+    eval_loader = None if eval_split is None else DataLoader(
+        EvalViews(manifest, recipe.eval_transform(), eval_split), batch_size=o.batch_size,
+        **loader_settings(min(o.workers, 2), o.prefetch, dev, o.init_seed))
+    eval_prep = Preprocessing(recipe.mean, recipe.std, recipe.input_size, recipe.interpolation, recipe.eval_crop_pct)
+    sinks = MetricSinks(o.out, o.log_tensorboard, o.log_wandb, o.wandb_project, o.to_config()) if rank == 0 else None
+    if o.reuse_epochs and o.epochs > ds.view_epochs and rank == 0:
+        typer.echo(f"--reuse-epochs: the cache holds {ds.view_epochs} epochs; student epoch e uses cached epoch "
+                   f"e % {ds.view_epochs}")
+    try:
+        for epoch in range(progress["epoch"], o.epochs):
+            progress["epoch"] = epoch
+            ds.set_epoch(epoch)
+            stats, step = train_one_epoch(model, criterion, loader, optimizer, dev, epoch, finish, source, lr_at,
+                                          progress["step"], o.clip_grad, ema, total=ds.views(),
+                                          show_progress=rank == 0, progress=progress)
+            acc = {}
+            if eval_loader is not None:
+                acc = evaluate(student.heads(), eval_loader, dev, student.eval_model())
+                if ema is not None:
+                    acc.update({f"ema_{k}": v for k, v in
+                                evaluate(student.heads(), eval_loader, dev, student.eval_model(ema.module)).items()})
+            rows.append({"epoch": epoch, "view_epoch": ds.plan().epoch, "steps": stats.steps, "loss": stats.loss,
+                         "loss_base": stats.loss_base, "loss_distill": stats.loss_distill, "lr": stats.lr,
+                         "images": stats.images, "train_seconds": stats.seconds,
+                         "images_per_s": stats.images_per_s, **acc})
+            rng_states = rng.all_states(dev)
+            if rank == 0:
+                _checkpoint(folder, student, ema, manifest, eval_prep, optimizer, epoch, step, rows, rng_states,
+                            schedule)
+                sinks.log(rows[-1])
+                typer.echo(f"epoch {epoch}: loss {stats.loss:.4f} (base {stats.loss_base:.4f}, distill "
+                           f"{stats.loss_distill:.4f})" + (f", top-1 {acc['top1']:.2f}" if acc else "")
+                           + f", {stats.images_per_s:.0f} img/s")
+            barrier()
+            if o.stop_after is not None and epoch + 1 >= o.stop_after and epoch + 1 < o.epochs:
+                return {"stopped_after": epoch + 1}
+    finally:
+        if sinks is not None:
+            sinks.close()
     if rank != 0:
         return {"rank": rank}
-    log = folder.log()
     summary = {"run": str(folder.path), "distillation": o.distillation.value, "source": source.kind,
-               "student": o.student, "epochs": o.epochs, "device": str(dev), "processes": world,
-               "wall_seconds": time.perf_counter() - t_start, **{k: v for k, v in log[-1].items()},
-               "images_per_s": mean_rate(log), "images_per_s_is": f"mean over {len(log)} epochs, training only",
-               "last_epoch_images_per_s": log[-1]["images_per_s"]}
+               "student": student.name, "epochs": o.epochs, "device": str(dev), "processes": world,
+               "wall_seconds": time.perf_counter() - t_start, **rows[-1], "images_per_s": mean_rate(rows),
+               "images_per_s_is": f"mean over {len(rows)} epochs, training only",
+               "last_epoch_images_per_s": rows[-1]["images_per_s"]}
     plot_curves(folder.path / "log.jsonl", folder.path / "curves.png")
     return folder.finish(summary)
+
+
+def _checkpoint(folder: RunFolder, student: Student, ema, manifest: Manifest, eval_prep: Preprocessing, optimizer,
+                epoch: int, step: int, rows: list[dict], rng_states: list[dict], schedule: dict) -> None:
+    """The weights a timm user loads (and their EMA), then the state resume reads, then the log from that state."""
+    for model, name in ((student.model, WEIGHTS), *(((ema.module, EMA_WEIGHTS),) if ema is not None else ())):
+        export(model, folder.path / name, student.name, student.model_args, manifest.classes, eval_prep,
+               epoch=epoch, trained_by="replaykd train-student")
+    folder.save({"epoch": epoch, "step": step, "rows": rows, "schedule": schedule,
+                 "model": {k: v.detach().cpu() for k, v in student.model.state_dict().items()},
+                 "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                 "rng": rng_states})

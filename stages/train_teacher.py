@@ -1,4 +1,5 @@
-"""`replaykd train-teacher`: train the demo's teacher (a small RegNetY) on the recipe's mixed, smoothed targets."""
+"""`replaykd train-teacher`: train a teacher on the recipe's mixed, smoothed targets: the demo's small RegNetY from
+scratch, or a pretrained timm teacher fine-tuned on the data set's own classes (--init)."""
 from __future__ import annotations
 
 import time
@@ -6,58 +7,95 @@ import time
 import torch
 import typer
 import yaml
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from pipeline.device import pick_device
+from pipeline import teacher as teachers
+from pipeline.device import pick_device, set_threads
 from pipeline.engine import evaluate, train_one_epoch
+from pipeline.export import Preprocessing, export
 from pipeline.finish import Finisher
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.io import atomic_path
 from pipeline.loader import EvalViews, ReplayViews, ViewCollate, loader_settings
-from pipeline.losses import LabelLoss
+from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
-from pipeline.models import Teacher, create_classifier
+from pipeline.models import create_classifier
 from pipeline.recipe import Recipe
 from pipeline.schedule import step_schedule
 from pipeline.targets import NoTargets
 from stages.options import TrainTeacherOptions
 
+# The side a teacher trained from scratch sees by default (RegNet's stride 32 needs at least 32 px).
+SCRATCH_INPUT = 32
+
 
 def view_loader(manifest: Manifest, recipe: Recipe, o: TrainTeacherOptions, dev: torch.device) -> DataLoader:
-    """The training views (`loader.dataset.set_epoch` picks the epoch), batched with the recipe's mixed,
+    """The training views (`loader.dataset.set_epoch` picks the epoch), in full batches with the recipe's mixed,
     label-smoothed targets: what the teacher learns. Workers are kept from epoch to epoch."""
-    ds = ReplayViews(manifest, recipe, o.seed, 0, rank=0, world_size=1, shuffle_buffer=512, shuffle_seed=o.seed)
+    ds = ReplayViews(manifest, recipe, o.seed, 0, rank=0, world_size=1, shuffle_buffer=512, shuffle_seed=o.seed,
+                     batch_size=o.batch_size)
     return DataLoader(ds, batch_size=o.batch_size, collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing),
-                      **loader_settings(o.workers, o.prefetch, dev))
+                      **loader_settings(o.workers, o.prefetch, dev, o.seed))
+
+
+def starting_model(o: TrainTeacherOptions, manifest: Manifest, recipe: Recipe) -> tuple[teachers.LoadedTeacher, str]:
+    """The model to train and its name: a pretrained teacher with a head for the data set's classes (--init), the
+    weights of a local file (--init-checkpoint), or a fresh --model."""
+    if o.init is not None:
+        loaded = teachers.load(o.init, num_classes=manifest.num_classes)
+        # an hf-hub name would load its hub weights again, not the file this run writes: save the architecture
+        t = loaded.identity
+        return loaded, t.architecture if t.name.startswith("hf-hub:") else t.name
+    if o.init_checkpoint is not None:
+        loaded = teachers.load(o.model, o.init_checkpoint)
+        if loaded.identity.num_classes != manifest.num_classes:
+            model = create_classifier(o.model, manifest.num_classes)
+            state = {k: v for k, v in loaded.model.state_dict().items() if model.state_dict()[k].shape == v.shape}
+            model.load_state_dict(state, strict=False)  # all but the classifier, whose size differs
+            loaded = teachers.LoadedTeacher(model, loaded.identity, None)
+        return loaded, o.model
+    model = create_classifier(o.model, manifest.num_classes)
+    prep = Preprocessing(recipe.mean, recipe.std, SCRATCH_INPUT, recipe.interpolation, recipe.eval_crop_pct)
+    identity = teachers.TeacherIdentity(o.model, o.model, None, None, "", manifest.num_classes, prep.mean, prep.std,
+                                        prep.input_size, prep.interpolation)
+    return teachers.LoadedTeacher(model, identity, None), o.model
 
 
 def main(o: TrainTeacherOptions) -> None:
-    """Train, evaluate each epoch, and write the weights with a .json (name, input size, accuracy) and a .yaml."""
+    """Train, evaluate each epoch, and write the weights with the .json timm loads them by (and the accuracy) and a
+    .yaml of these options."""
     dev = pick_device(o.device)
+    set_threads(o.threads, o.workers)
     torch.manual_seed(o.seed)
     manifest, recipe = Manifest.load(o.data), Recipe.load(o.recipe)
-    net = Teacher(create_classifier(o.model, manifest.num_classes), o.input_size or None).to(dev)
+    eval_split = manifest.eval_split(o.eval_split)
+    loaded, name = starting_model(o, manifest, recipe)
+    prep = loaded.identity.preprocessing
+    side = prep.input_size if o.input_size is None else (o.input_size or recipe.input_size)
+    prep = Preprocessing(prep.mean, prep.std, side, prep.interpolation, recipe.eval_crop_pct)
+    net = teachers.Teacher(loaded.model.train(), prep, recipe.mean, recipe.std).to(dev)
+    teachers.check_input(net, recipe.input_size)
     optimizer = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    eval_loader = DataLoader(EvalViews(manifest, recipe, "val"), batch_size=256, num_workers=min(o.workers, 1))
+    eval_loader = None if eval_split is None else DataLoader(
+        EvalViews(manifest, recipe.eval_transform(), eval_split), batch_size=256,
+        **loader_settings(min(o.workers, 1), o.prefetch, dev, o.seed))
     loader = view_loader(manifest, recipe, o, dev)
-    lr_at = step_schedule([loader.dataset.batches(o.batch_size, o.workers, e) for e in range(o.epochs)],
-                          o.warmup_epochs, o.lr)
-    finish, step, t0 = Finisher(recipe), 0, time.perf_counter()
-
+    lr_at = step_schedule([loader.dataset.batches(e) for e in range(o.epochs)], o.warmup_epochs, o.lr)
+    finish, step, t0, acc = Finisher(recipe), 0, time.perf_counter(), {}
     for epoch in range(o.epochs):
         loader.dataset.set_epoch(epoch)
-        stats, step = train_one_epoch(net, LabelLoss(), loader, optimizer, dev, epoch, finish, NoTargets(), lr_at,
-                                      step, total=loader.dataset.views())
-        acc = evaluate({"teacher": lambda out: out}, eval_loader, dev, net)
-        typer.echo(f"epoch {epoch}: loss {stats.loss:.4f}, val top-1 {acc['teacher_top1']:.2f}%, "
-                   f"{stats.images_per_s:.0f} img/s")
+        stats, step = train_one_epoch(net, DistillationLoss("none"), loader, optimizer, dev, epoch, finish,
+                                      NoTargets(), lr_at, step, total=loader.dataset.views())
+        if eval_loader is not None:
+            acc = evaluate({"": lambda out: out}, eval_loader, dev, net)
+        typer.echo(f"epoch {epoch}: loss {stats.loss:.4f}" + (f", val top-1 {acc['top1']:.2f}%" if acc else "")
+                   + f", {stats.images_per_s:.0f} img/s")
     o.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(o.out) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in net.model.state_dict().items()}, str(tmp))
-    info = {"model": o.model, "input_size": o.input_size or None, "num_classes": manifest.num_classes,
-            "manifest_hash": manifest.hash, "recipe": recipe.name, "epochs": o.epochs, "val_top1": acc["teacher_top1"],
-            "val_top5": acc["teacher_top5"], "seconds": round(time.perf_counter() - t0, 1)}
-    write_json_atomic(o.out.with_suffix(".json"), info)
+    extra = {"manifest_hash": manifest.hash, "recipe": recipe.name, "epochs": o.epochs,
+             "init": o.init or (str(o.init_checkpoint) if o.init_checkpoint else None),
+             "val_top1": acc.get("top1"), "val_top5": acc.get("top5"), "seconds": round(time.perf_counter() - t0, 1),
+             "trained_by": "replaykd train-teacher"}
+    export(net.model, o.out, name, {}, manifest.classes, prep, **extra)
     with atomic_path(o.out.with_suffix(".yaml")) as tmp:
         tmp.write_text(yaml.safe_dump(o.to_config(), sort_keys=False))
-    typer.echo(f"wrote {o.out}: {o.model}, val top-1 {acc['teacher_top1']:.2f}% ({info['seconds']} s)")
+    typer.echo(f"wrote {o.out}: {name}" + (f", val top-1 {acc['top1']:.2f}%" if acc else "")
+               + f" ({extra['seconds']} s)")

@@ -1,14 +1,23 @@
 """Shared fixtures: real digits shards written once per test session."""
 from __future__ import annotations
 
+import atexit
+import contextlib
+import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Weights come from a Hugging Face cache the tests lay out by hand (tests/test_real_path.py), never from a network.
+# huggingface_hub reads these once, at import: set before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="replaykd-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 
 from pipeline.cache import TeacherCache  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
@@ -20,13 +29,36 @@ from stages.teacher_cache import run  # noqa: E402
 CLI = [sys.executable, "-c", "from stages.cli import main; main()"]
 
 
-def run_cli(*args, check=True, timeout=600, env=None):
-    """Run `replaykd ARGS` in a fresh process; returns the CompletedProcess."""
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+def run_cli(*args, check=True, timeout=600, env=None, fresh=False):
+    """Run `replaykd ARGS` through the command line's own entry point; returns a CompletedProcess.
+
+    In this process by default (the same code path: options, checks, messages, exit codes), since starting Python
+    with torch and timm costs ~9 s here; in a fresh process with `fresh`, or when `env` must be set before the
+    libraries read it (huggingface_hub reads HF_HOME and HF_HUB_OFFLINE at import)."""
+    if fresh or env:
+        proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+    else:
+        proc = _in_process([str(a) for a in args])
     if check and proc.returncode != 0:
         raise AssertionError(f"replaykd {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _in_process(args: list[str]) -> subprocess.CompletedProcess:
+    from stages.cli import main
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    code = 0
+    sys.argv = ["replaykd", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exn:
+        code = exn.code if isinstance(exn.code, int) else (0 if exn.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["replaykd", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +79,8 @@ def teacher_ckpt(tmp_path_factory, digits_dir):
 
 
 def options(digits_dir, ckpt, out, **kw) -> TeacherCacheOptions:
-    """teacher-cache options for the digits tests, checked as the command line's are."""
+    """teacher-cache options for the digits tests (the demo teacher, regnety_002 at 32 px), checked as the command
+    line's are."""
     base = dict(manifest=digits_dir, checkpoint=ckpt, out=out, recipe="digits-ra", teacher="regnety_002", epochs=2,
                 topk=5, seed=0, batch_size=64, workers=0, device="cpu", epochs_per_file=2)
     return TeacherCacheOptions.from_mapping({**base, **kw})
@@ -61,9 +94,9 @@ def arrays(path) -> dict:
 @pytest.fixture(scope="session")
 def store(tmp_path_factory, digits_dir, teacher_ckpt):
     out = tmp_path_factory.mktemp("cache") / "store"
-    summary = run(options(digits_dir, teacher_ckpt, out))
+    summary, mine = run(options(digits_dir, teacher_ckpt, out))
     cache = TeacherCache.open(out)
     views = sum(cache.unit_size(e, s) for e in range(2) for s in range(len(cache.shards)))
-    assert summary.units_missing == 0 and summary.run["views_written"] == summary.views_cached == views
+    assert summary.units_missing == 0 and mine["views_written"] == summary.views_cached == views
     assert views > 1.95 * Manifest.load(digits_dir).count("train")  # about N views per epoch
     return out

@@ -14,8 +14,9 @@ from tests.conftest import run_cli
 
 COMMANDS = {"shards": O.ShardsOptions, "manifest": O.ManifestOptions, "views": O.ViewsOptions,
             "train-teacher": O.TrainTeacherOptions, "teacher-cache": O.TeacherCacheOptions,
-            "cache info": O.CacheInfoOptions, "cache verify": O.CacheVerifyOptions,
-            "train-student": O.StudentOptions, "report": O.ReportOptions, "bench": O.BenchOptions}
+            "cache info": O.CacheInfoOptions, "cache verify": O.CacheVerifyOptions, "cache repair": O.CacheRepairOptions,
+            "train-student": O.StudentOptions, "evaluate": O.EvaluateOptions, "report": O.ReportOptions,
+            "bench": O.BenchOptions}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -49,7 +50,8 @@ def test_help_imports_nothing_heavy():
     (["--batch-size", "0", "--cache", "C"], "--batch-size must be at least 1, got 0"),
     (["--cache", "C", "--distillation", "none"], "--cache would not be used"),
     (["--cache", "C", "--topk", "3"], "--topk applies to --online-teacher only"),
-    (["--online-teacher", "regnety_002"], "needs --teacher-checkpoint"),
+    (["--distillation", "none", "--reuse-epochs"], "--reuse-epochs cycles a cache's epochs; without --cache"),
+    (["--cache", "C", "--tau", "2"], "--tau is the temperature of soft distillation; --distillation hard does not"),
     (["--device", "tpu", "--cache", "C"], "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
 ])
 def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, message):

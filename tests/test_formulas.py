@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import UnitArrays, UnitBuffers, decode_sorted_float16, encode_sorted_float16
-from pipeline.losses import DistillationLoss, LabelLoss, dense_target, soft_target_ce
+from pipeline.cache import UnitArrays, decode_sorted_float16, encode_sorted_float16
+from pipeline.cache_writer import UnitBuffers
+from pipeline.losses import DistillationLoss, dense_target, soft_target_ce
 from pipeline.schedule import cosine_lr
 from pipeline.targets import TeacherTargets
 
@@ -51,11 +52,27 @@ def test_none_trains_both_heads_on_labels(batch):
     assert torch.allclose(got.loss, 0.5 * (soft_target_ce(cls, target) + soft_target_ce(dist, target)))
 
 
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+def test_one_head_students_learn_labels_and_teacher_on_that_head(batch, tau):
+    logits, _, teacher, target = batch
+    # hard: timm's logit distillation with the teacher's top-1 as the target
+    hard = DistillationLoss("hard", alpha=0.25, num_classes=C)(logits, target, TeacherTargets.from_logits(teacher, 5))
+    assert torch.allclose(hard.loss, 0.75 * soft_target_ce(logits, target)
+                          + 0.25 * F.cross_entropy(logits, teacher.argmax(1)))
+    # soft with the whole distribution: timm's LogitDistillationTask kd_loss (batchmean KL at tau, times tau^2)
+    soft = DistillationLoss("soft", alpha=0.4, tau=tau, num_classes=C)(logits, target,
+                                                                       TeacherTargets.from_logits(teacher, C))
+    timm_kd = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(teacher / tau, -1), reduction="batchmean",
+                       log_target=True) * tau ** 2
+    assert soft.loss.item() == pytest.approx((0.6 * soft_target_ce(logits, target) + 0.4 * timm_kd).item(), rel=2e-3)
+
+
 def test_soft_target_ce_of_one_hot_is_cross_entropy(batch):
     cls, _, _, _ = batch
     labels = torch.arange(8) % C
     assert torch.allclose(soft_target_ce(cls, F.one_hot(labels, C).float()), F.cross_entropy(cls, labels))
-    assert torch.allclose(LabelLoss()(cls, F.one_hot(labels, C).float()).loss, F.cross_entropy(cls, labels))
+    none = DistillationLoss("none", num_classes=C)(cls, F.one_hot(labels, C).float())
+    assert torch.allclose(none.loss, F.cross_entropy(cls, labels)) and none.distill == 0
 
 
 def test_dense_target_spreads_the_rest_evenly():

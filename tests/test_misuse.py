@@ -141,6 +141,53 @@ def test_progress_total_is_the_epochs_views(digits_dir):
     from pipeline.recipe import Recipe
 
     m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
-    ds = ReplayViews(m, recipe, 0, 3, rank=0, world_size=1)
+    ds = ReplayViews(m, recipe, 0, 3, rank=0, world_size=1, batch_size=64)
     batches = list(DataLoader(ds, batch_size=64, num_workers=2, collate_fn=ViewCollate(10, 0.1)))
-    assert sum(len(b) for b in batches) == ds.views() and len(batches) == ds.batches(64, 2)
+    assert sum(len(b) for b in batches) == ds.views() and len(batches) == ds.batches()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--img-size", "32"], "--img-size 32 differs from the recipe's input_size 16"),
+    (["--embed-dim", "100", "--num-heads", "3"], "--embed-dim 100, --num-heads 3: dim should be divisible by num_heads"),
+    (["--patch-size", "5"], "--patch-size 5 does not divide the 16 px views"),
+    (["--student", "test_resnet", "--depth", "2"], "--depth does not apply to test_resnet"),
+    (["--student", "no_such_model"], "unknown timm model 'no_such_model'"),
+])
+def test_student_options_are_checked_against_the_student_before_a_run(digits_dir, tmp_path, args, message):
+    from pipeline.errors import ReplayKDError
+    from stages.options import StudentOptions
+    from stages.train_student import run
+
+    values = dict(out=tmp_path / "run", manifest=digits_dir, recipe="digits-ra", distillation="none", epochs=1,
+                  workers=0, device="cpu", patch_size=4, depth=1, embed_dim=32, num_heads=2)
+    given = {k.lstrip("-").replace("-", "_"): v for k, v in zip(args[::2], args[1::2])}
+    if given.get("student") == "test_resnet":  # a CNN: no ViT options but the one under test
+        values = {k: v for k, v in values.items() if k not in ("patch_size", "depth", "embed_dim", "num_heads")}
+    with pytest.raises(ReplayKDError, match=message.replace("(", r"\(")):
+        run(StudentOptions.from_mapping({**values, **given}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_metrics_go_to_tensorboard_when_asked(digits_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run_cli("train-student", "--out", out, "--manifest", digits_dir, "--distillation", "none", "--epochs", "2",
+            "--log-tensorboard", *STUDENT)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    for key in ("loss", "top1", "eval_loss", "lr"):
+        assert [round(e.value, 4) for e in events.Scalars(key)] == [round(r[key], 4) for r in log]
+        assert [e.step for e in events.Scalars(key)] == [0, 1]
+
+
+def test_a_sink_without_its_package_is_refused_before_a_run(digits_dir, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    proc = run_cli("train-student", "--out", tmp_path / "run", "--manifest", digits_dir, "--distillation", "none",
+                   "--epochs", "1", "--log-wandb", *STUDENT, check=False)
+    assert proc.returncode == 2 and "--log-wandb needs the wandb package" in proc.stderr
+    assert "pip install 'replaykd[wandb]'" in proc.stderr and not (tmp_path / "run").exists()

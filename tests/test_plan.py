@@ -64,19 +64,30 @@ def test_ranks_take_equal_shares_of_an_epoch(world, workers):
     counts = [200, 200, 200, 200, 37]  # five uneven shards
     plan = EpochPlan(counts, 3, True, 5, 4)
     taken = Counter()
-    per_rank, batches = [], []
+    per_rank = []
     for rank in range(world):
-        items = steps = 0
+        items = 0
         for worker in range(workers):
-            mine = 0
             for seg in plan.segments(rank, world, worker, workers):
                 assert 0 <= seg.start < seg.stop <= plan.items[seg.shard_no]
                 taken.update((seg.shard_no, i) for i in range(seg.start, seg.stop))
-                mine += seg.stop - seg.start
-            items += mine
-            steps += -(-mine * plan.group // 16)  # each worker batches its own share, its last batch partial
+                items += seg.stop - seg.start
         per_rank.append(items)
-        batches.append(steps)
     assert len(set(per_rank)) == 1 and per_rank[0] == plan.total // world
     assert max(taken.values()) == 1 and plan.total - len(taken) == plan.total % world < world
-    assert batches == [plan.batches(world, workers, 16)] * world  # equal optimiser steps, as the plan says
+
+
+@pytest.mark.parametrize("world, workers, batch", [(1, 1, 16), (2, 3, 16), (3, 2, 64), (8, 4, 32), (2, 5, 256)])
+def test_every_rank_takes_the_same_full_batches_whatever_its_workers(world, workers, batch):
+    counts = [200, 200, 200, 200, 37]
+    plan = EpochPlan(counts, 3, True, 5, 4)
+    full = plan.batches(world, batch)
+    assert full == plan.rank_items(world) * plan.group // batch > 0
+    for rank in range(world):
+        views = []
+        for worker in range(workers):
+            mine = sum(seg.stop - seg.start for seg in plan.segments(rank, world, worker, workers, batch)) * plan.group
+            assert mine % batch == 0  # each worker's share is whole batches: no partial batch anywhere
+            views.append(mine)
+        assert sum(views) == full * batch  # as DeiT: only the last, partial batch of the rank's share is dropped
+        assert plan.rank_items(world) * plan.group - sum(views) < batch

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -108,8 +109,8 @@ def test_empty_folder_and_existing_out(tmp_path):
 
 def test_manifest_of_existing_shards_matches(digits_dir, tmp_path):
     written = Manifest.load(digits_dir)
-    scanned = scan_shards(str(digits_dir / "*.tar"), tmp_path / "m")
-    assert scanned.hash == written.hash
+    scanned, warnings = scan_shards(str(digits_dir / "*.tar"), tmp_path / "m")
+    assert scanned.hash == written.hash and warnings == []
     for split in written.tables:
         assert scanned.table(split).equals(written.table(split))
     assert Manifest.load(tmp_path / "m").shard_root == digits_dir.resolve()
@@ -182,3 +183,75 @@ def test_written_shards_have_no_pax_headers(digits_dir):
     m = Manifest.load(digits_dir)
     with tarfile.open(m.shard_path(m.shards("train")[0])) as tar:
         assert not any(member.pax_headers for member in tar.getmembers())
+
+
+def wds_layout(out, digits_dir, per_shard=100, class_sorted=False, limit=None):
+    """Digits as shards in the public timm/imagenet-1k-wds layout: imagenet1k-{split}-NNNN.tar, members KEY.jpg,
+    KEY.cls, KEY.json, and an _info.json at the root (`limit` training images, a quarter as many for validation)."""
+    import json
+
+    import webdataset as wds
+
+    m = Manifest.load(digits_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"name": "imagenet-1k-digits", "splits": {}}
+    for split, name in (("train", "train"), ("val", "validation")):
+        records = [r for shard in m.shards(split) for r in read_shard(m, split, shard)]
+        records = records[:None if limit is None else limit // (1 if split == "train" else 4)]
+        if class_sorted:
+            records.sort(key=lambda r: r.label)
+        files, lengths = [], []
+        for i in range(0, len(records), per_shard):
+            f = f"imagenet1k-{name}-{i // per_shard:04d}.tar"
+            with wds.TarWriter(str(out / f), mtime=0) as w:
+                for r in records[i:i + per_shard]:
+                    jpg = io.BytesIO()
+                    Image.open(io.BytesIO(r.data)).convert("RGB").save(jpg, format="JPEG", quality=95)
+                    w.write({"__key__": f"n{r.label:08d}_{r.index}", "jpg": jpg.getvalue(), "cls": str(r.label),
+                             "json": json.dumps({"label": r.label, "filename": r.key})})
+            files.append(f)
+            lengths.append(len(records[i:i + per_shard]))
+        info["splits"][name] = {"name": name, "filenames": files, "shard_lengths": lengths,
+                                "num_samples": sum(lengths)}
+    (out / "_info.json").write_text(json.dumps(info))
+    return out
+
+
+def test_the_imagenet_1k_wds_layout_is_indexed_with_its_splits(digits_dir, tmp_path):
+    wds_dir = wds_layout(tmp_path / "wds", digits_dir)
+    proc = run_cli("manifest", str(wds_dir / "imagenet1k-*.tar"), tmp_path / "m", "--num-classes", "1000")
+    m = Manifest.load(tmp_path / "m")
+    assert sorted(m.tables) == ["train", "validation"] and m.num_classes == 1000
+    assert m.count("train") == Manifest.load(digits_dir).count("train") and "warning" not in proc.stderr
+    assert m.eval_split("val") == "validation" and m.eval_split("none") is None
+    with pytest.raises(ReplayKDError, match="no split 'test' to evaluate on .*train, validation.*--eval-split none"):
+        m.eval_split("test")
+    # _info.json's lengths are checked: a shard with fewer samples than it says is named
+    info = json.loads((wds_dir / "_info.json").read_text())
+    info["splits"]["train"]["shard_lengths"][1] += 1
+    (wds_dir / "_info.json").write_text(json.dumps(info))
+    proc = run_cli("manifest", str(wds_dir / "imagenet1k-*.tar"), tmp_path / "m2", check=False)
+    assert proc.returncode == 2 and "imagenet1k-train-0001.tar holds 100 samples, its _info.json says 101" in proc.stderr
+
+
+def test_duplicate_keys_are_refused(digits_dir, tmp_path):
+    src = digits_dir / Manifest.load(digits_dir).shards("train")[0]
+    (tmp_path / "a").mkdir()
+    for name in ("train-000000.tar", "train-000001.tar"):
+        (tmp_path / "a" / name).write_bytes(src.read_bytes())
+    proc = run_cli("manifest", str(tmp_path / "a" / "*.tar"), tmp_path / "m", check=False)
+    assert proc.returncode == 2 and "appears twice in split 'train' (train-000000.tar and train-000001.tar)" in proc.stderr
+
+
+def test_class_sorted_shards_are_warned_about_and_reshuffled(digits_dir, tmp_path):
+    wds_dir = wds_layout(tmp_path / "sorted", digits_dir, per_shard=40, class_sorted=True)
+    proc = run_cli("manifest", str(wds_dir / "imagenet1k-*.tar"), tmp_path / "m")
+    assert "shards of split 'train' hold a single class" in proc.stderr and "replaykd shards" in proc.stderr
+    run_cli("shards", str(wds_dir / "imagenet1k-*.tar"), tmp_path / "mixed", "--shard-size", "200")
+    mixed, before = Manifest.load(tmp_path / "mixed"), Manifest.load(tmp_path / "m")
+    assert sorted(mixed.tables) == ["train", "validation"] and mixed.count("train") == before.count("train")
+    for shard in mixed.shards("train"):
+        assert len(set(mixed.shard_rows("train", shard).column("label").to_pylist())) >= 5
+    # the images are carried over byte for byte
+    old = {r.key: r.data for s in before.shards("train") for r in read_shard(before, "train", s)}
+    assert all(old[r.key] == r.data for s in mixed.shards("train") for r in read_shard(mixed, "train", s))

@@ -20,7 +20,8 @@ from pipeline.errors import ReplayKDError
 from pipeline.finish import Finisher
 from pipeline.loader import ViewCollate
 from pipeline.manifest import Manifest
-from pipeline.models import create_classifier, load_teacher
+from pipeline import teacher as teachers
+from pipeline.models import create_classifier
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
 from pipeline.replay import Replayer
@@ -35,7 +36,7 @@ ARRAYS = ("probs", "classes", "fingerprint")
 def test_stored_targets_equal_a_fresh_teacher_forward(store, digits_dir, teacher_ckpt):
     cache = TeacherCache.open(store)
     m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
-    teacher = load_teacher("regnety_002", teacher_ckpt, 10, cache.config.teacher_input_size)
+    teacher = teachers.load("regnety_002", teacher_ckpt).wrap(recipe.mean, recipe.std)
     replayer = Replayer(recipe, 0)
     rng = np.random.default_rng(1)
     for _ in range(6):
@@ -75,7 +76,7 @@ def test_cache_info_and_verify(store, tmp_path):
 
 
 def test_other_recipe_seed_or_manifest_is_refused(store, digits_dir, teacher_ckpt, tmp_path):
-    with pytest.raises(ReplayKDError, match="recipe_hash"):
+    with pytest.raises(ReplayKDError, match="views: the store's recipe 'digits-ra' and this run's 'deit' differ"):
         run(options(digits_dir, teacher_ckpt, store, recipe="deit"))
     with pytest.raises(ReplayKDError, match="run_seed"):
         run(options(digits_dir, teacher_ckpt, store, seed=1))
@@ -98,7 +99,7 @@ def test_bad_inputs(digits_dir, teacher_ckpt, tmp_path):
         run(options(digits_dir, tmp_path / "missing.safetensors", tmp_path / "b"))
     five = tmp_path / "five.safetensors"
     save_file(create_classifier("regnety_002", 5).state_dict(), str(five))
-    with pytest.raises(ReplayKDError, match="has 5 classes, the dataset has 10"):
+    with pytest.raises(ReplayKDError, match="has 5 classes, the data set has 10: fine-tune .*train-teacher --init"):
         run(options(digits_dir, five, tmp_path / "c"))
     wrong = tmp_path / "wrong.pth"
     torch.save({"model": create_classifier("regnety_004", 10).state_dict()}, wrong)
@@ -110,9 +111,9 @@ def test_growing_appends_epochs(store, digits_dir, teacher_ckpt, tmp_path):
     grown = tmp_path / "grown"
     subprocess.run(["cp", "-r", str(store), str(grown)], check=True)
     before = arrays(grown)
-    summary = run(options(digits_dir, teacher_ckpt, grown, epochs=3))
+    _, mine = run(options(digits_dir, teacher_ckpt, grown, epochs=3))
     cache = TeacherCache.open(grown)
-    assert summary.run["views_written"] == sum(cache.unit_size(2, s) for s in range(len(cache.shards)))  # only the new epoch
+    assert mine["views_written"] == sum(cache.unit_size(2, s) for s in range(len(cache.shards)))  # only the new epoch
     after = arrays(grown)
     for n in ARRAYS:
         assert np.array_equal(after[n][:2], before[n])
@@ -183,7 +184,9 @@ def test_plain_zarr_opens_the_store_without_warnings(store):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         group = zarr.open_group(str(store), mode="r")
-        assert sorted(name for name, _ in group.members()) == ["classes", "complete", "fingerprint", "probs"]
+        members = sorted(name for name, _ in group.members(max_depth=None))
+        assert members[:6] == ["claims", "classes", "complete", "fingerprint", "probs", "runs"]
+        assert all(m.startswith("runs/") for m in members[6:])  # each building process's figures
 
 
 def test_full_disk_is_a_clear_error_and_the_store_resumes(store, digits_dir, teacher_ckpt, tmp_path):

@@ -1,0 +1,132 @@
+"""What a store is and what built it: identity, completeness, size, and the figures of the runs that wrote it.
+
+Every process that writes units records its own figures in the store (a small Zarr group under `runs/`, one per
+process, so no two writers share a file); `cache info` shows the store's totals over all of them and the last
+launch's, labelled apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from pipeline.cache import TeacherCache
+
+RUNS = "runs"
+
+
+def launch_id() -> str:
+    """One id per launch: shared by the ranks of a torchrun launch (and its restart), else per process."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"{run_id}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return uuid.uuid4().hex[:12]
+
+
+def now() -> str:
+    """The time, for records."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def record_run(cache: TeacherCache, launch: str, rank: int, stats: dict) -> None:
+    """Record one process's figures in the store (its own group: runs/<launch>-<rank>)."""
+    runs = cache.group.require_group(RUNS)
+    runs.create_group(f"{launch}-r{rank}", overwrite=True,
+                      attributes={"launch": launch, "rank": rank, "host": socket.gethostname(), **stats})
+
+
+def run_records(cache: TeacherCache) -> list[dict]:
+    """Every process's figures, oldest launch first."""
+    if RUNS not in cache.group:
+        return []
+    records = [dict(g.attrs) for _, g in cache.group[RUNS].groups()]
+    return sorted(records, key=lambda r: (r.get("finished", ""), r.get("rank", 0)))
+
+
+def _totals(records: list[dict]) -> dict:
+    if not records:
+        return {}
+    seen = sum(r.get("views_seen", 0) for r in records)
+    return {"views_written": sum(r.get("views_written", 0) for r in records),
+            "process_seconds": sum(r.get("seconds", 0.0) for r in records), "processes": len(records),
+            "launches": len({r["launch"] for r in records}),
+            "teacher_top1_vs_majority": 100 * sum(r.get("majority_hits", 0) for r in records) / seen if seen else None,
+            "first_started": min(r.get("started", "") for r in records),
+            "last_finished": max(r.get("finished", "") for r in records)}
+
+
+@dataclass
+class CacheSummary:
+    """Identity, completeness and size of a store, with the totals of the runs that built it and its last launch."""
+
+    store: str
+    teacher: str
+    teacher_sha256: str
+    teacher_input_size: int
+    manifest_hash: str
+    split: str
+    recipe: str | None
+    views_hash: str
+    run_seed: int
+    epochs: int
+    topk: int
+    num_classes: int
+    shards: int
+    units_missing: int
+    views_cached: int
+    bytes_on_disk: int
+    bytes_per_view: float | None
+    totals: dict = field(default_factory=dict)
+    last_launch: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Plain JSON values."""
+        return dataclasses.asdict(self)
+
+    def text(self) -> str:
+        """Human-readable lines."""
+        lines = [f"store {self.store}: teacher {self.teacher} (weights sha256 {self.teacher_sha256}, input "
+                 f"{self.teacher_input_size} px), manifest {self.manifest_hash}, recipe {self.recipe} (views "
+                 f"{self.views_hash}), seed {self.run_seed}, {self.epochs} epochs x {self.shards} shards, top-"
+                 f"{self.topk} of {self.num_classes}",
+                 f"views cached {self.views_cached}, units missing {self.units_missing}, "
+                 f"{self.bytes_on_disk / 1e6:.2f} MB on disk"
+                 + (f", {self.bytes_per_view:.1f} bytes/view" if self.bytes_per_view else "")
+                 + "; every chunk carries a CRC-32C checked on each read (`cache verify --full` reads them all)"]
+        for label, r in (("store totals", self.totals), ("last launch", self.last_launch)):
+            if not r:
+                continue
+            lines.append(f"{label}: {r['views_written']} views written by {r['processes']} process(es)"
+                         + (f" in {r['launches']} launch(es)" if "launches" in r else "")
+                         + f", {r['process_seconds']:.1f} process-seconds"
+                         + (f" ({r['views_written'] / r['process_seconds']:.0f} views/s per process)"
+                            if r["process_seconds"] > 0 else "")
+                         + (f", teacher top-1 vs majority label {r['teacher_top1_vs_majority']:.2f}%"
+                            if r.get("teacher_top1_vs_majority") is not None else "")
+                         + f", {r['first_started']} to {r['last_finished']}")
+        return "\n".join(lines)
+
+
+def summarize(cache: TeacherCache) -> CacheSummary:
+    """Identity, completeness and size, and the runs' figures."""
+    c = cache.config
+    done = cache.done()
+    # a unit's size depends on its shard and its epoch's place in the repeat cycle only
+    phase = np.arange(done.shape[0]) % cache.repeats
+    views = sum(int(done[phase == p].sum(0) @ np.array([cache.unit_size(p, s) for s in range(done.shape[1])]))
+                for p in range(cache.repeats))
+    size = cache.bytes_on_disk()
+    records = run_records(cache)
+    last = [r for r in records if records and r["launch"] == records[-1]["launch"]]
+    last_launch = _totals(last)
+    last_launch.pop("launches", None)
+    return CacheSummary(str(cache.path), c.teacher["name"], c.teacher["sha256"][:16], c.teacher["input_size"],
+                        c.manifest_hash[:16], c.split, cache.attrs.get("recipe_name"), c.views_hash[:16], c.run_seed,
+                        c.epochs, c.topk, c.num_classes, len(cache.shards), int((~done).sum()), views, size,
+                        size / views if views else None, _totals(records), last_launch)
+

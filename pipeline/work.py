@@ -1,0 +1,121 @@
+"""Stage one's work: who builds which data shards of a store, dealt by what is left.
+
+Every participant (a rank of a torchrun launch, a part of a job array such as Slurm's, or an independent run)
+reads which units are still missing, and deals the data shards that have some between all participants, balanced
+by their missing views (largest first to the lightest share). It works through its own share first, then takes
+what is left of the others' (from their ends), so a participant that finishes early helps the others, a rerun
+after a kill finishes the store, and no participant waits for another: each takes a shard only by claiming it
+(`pipeline/claims.py`), so a shard has one writer whatever the participants' views of the store were when they
+started. A shard is decoded once for all its missing epochs.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from pipeline.errors import ReplayKDError
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """Stage one's work on one data shard: the epochs whose units it still needs."""
+
+    shard_no: int
+    epochs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Participant:
+    """This process's place among those building a store: `index` of `count`."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def of(cls, part: str | None, rank: int, world: int) -> "Participant":
+        """From `--part I/N` (else a Slurm job array's SLURM_ARRAY_TASK_ID / _COUNT, else one part) and the torchrun
+        rank and world size within the part."""
+        if part:
+            try:
+                i, n = (int(v) for v in part.split("/"))
+            except ValueError:
+                raise ReplayKDError(f"--part must be I/N (e.g. 0/4), got {part!r}") from None
+        elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
+            i = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            n = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+        else:
+            i, n = 0, 1
+        if not 0 <= i < n:
+            raise ReplayKDError(f"part {i}/{n}: the part index must be in [0, {n})")
+        return cls(i * world + rank, n * world)
+
+
+def remaining(done: np.ndarray, epochs: int) -> list[ShardWork]:
+    """The data shards with units missing among the first `epochs` epochs, with those epochs."""
+    return [ShardWork(s, tuple(int(e) for e in np.flatnonzero(~done[:epochs, s])))
+            for s in range(done.shape[1]) if not done[:epochs, s].all()]
+
+
+def deal(weights: list[int], parts: int) -> list[list[int]]:
+    """Indices of `weights` dealt into `parts` lists of near-equal total weight: heaviest first, each to the
+    lightest list so far (ties to the lowest list); each list in index order."""
+    shares, totals = [[] for _ in range(parts)], [0] * parts
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        lightest = min(range(parts), key=lambda p: (totals[p], p))
+        shares[lightest].append(i)
+        totals[lightest] += weights[i]
+    return [sorted(s) for s in shares]
+
+
+def preference(shares: list[list[int]], me: int) -> list[int]:
+    """The order in which participant `me` tries shards: its own share, then what the others reach last."""
+    others = [list(reversed(shares[(me + k) % len(shares)])) for k in range(1, len(shares))]
+    stolen = [i for step in range(max(map(len, others), default=0)) for share in others if step < len(share)
+              for i in [share[step]]]
+    return shares[me] + stolen
+
+
+class Dealer:
+    """Feeds loader workers with claimed shards: claims the next shard in preference order whenever fewer than
+    `depth` claimed shards wait in `jobs` unstarted, and ends each worker's stream when nothing claimable is left.
+    After a claim, `todo(shard_no)` reads which of its epochs are still missing (another process may have built
+    them meanwhile)."""
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self, work: list[ShardWork], order: list[int], claims, todo: Callable[[int], tuple[int, ...]],
+                 jobs, workers: int, depth: int):
+        self.work, self.order, self.claims, self.todo, self.jobs = work, list(order), claims, todo, jobs
+        self.workers, self.depth, self._stop = max(1, workers), depth, threading.Event()
+        self.taken: list[ShardWork] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="dealer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for i in self.order:
+                while self.jobs.qsize() >= self.depth and not self._stop.is_set():
+                    self._stop.wait(self.POLL_SECONDS)
+                if self._stop.is_set():
+                    break
+                shard_no = self.work[i].shard_no
+                epochs = self.todo(shard_no) if self.claims.take(shard_no) else ()
+                if epochs:
+                    self.taken.append(ShardWork(shard_no, epochs))
+                    self.jobs.put(self.taken[-1])
+                elif shard_no in self.claims.held:
+                    self.claims.release(shard_no)
+        except BaseException as exn:  # noqa: BLE001 - reported by the main thread
+            self.error = exn
+        finally:
+            for _ in range(self.workers):
+                self.jobs.put(None)
+
+    def stop(self) -> None:
+        """Claim nothing more (the run is ending early)."""
+        self._stop.set()

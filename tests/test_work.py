@@ -1,0 +1,106 @@
+"""Stage one's dealing of what is left, and claims: one writer per data shard among any number of processes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.claims import Claim, Claims
+from pipeline.errors import ReplayKDError
+from pipeline.storage import LocalStorage
+from pipeline.work import Participant, deal, preference, remaining
+
+
+def test_deal_balances_by_weight():
+    rng = np.random.default_rng(0)
+    weights = rng.integers(1, 1000, size=200).tolist()
+    for parts in (1, 2, 3, 8):
+        shares = deal(weights, parts)
+        assert sorted(i for s in shares for i in s) == list(range(200))
+        totals = [sum(weights[i] for i in s) for s in shares]
+        assert max(totals) - min(totals) <= max(weights)  # greedy: within one shard of each other
+    assert deal([5, 5, 5, 5], 2) == [[0, 2], [1, 3]]  # equal shards: equal counts
+
+
+def test_preference_is_own_share_then_everyone_elses_last_work():
+    shares = [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert preference(shares, 0) == [0, 1, 2, 5, 7, 4, 6, 3]
+    for me in range(3):
+        assert sorted(preference(shares, me)) == list(range(8))
+
+
+def test_remaining_lists_each_shards_missing_epochs():
+    done = np.ones((4, 3), bool)
+    done[1, 0] = done[3, 0] = done[0, 2] = False
+    work = remaining(done, 4)
+    assert [(w.shard_no, w.epochs) for w in work] == [(0, (1, 3)), (2, (0,))]
+    assert remaining(done, 1) == [work[1]]  # growing: only the epochs asked for count
+
+
+def test_participants_from_parts_and_slurm_arrays(monkeypatch):
+    assert Participant.of(None, 0, 1) == Participant(0, 1)
+    assert Participant.of("2/4", 1, 2) == Participant(5, 8)  # part 2 of 4, rank 1 of its 2
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert Participant.of(None, 0, 1) == Participant(2, 3)
+    assert Participant.of("0/1", 0, 1) == Participant(0, 1)  # --part wins
+    for bad in ("3/3", "x", "1-2"):
+        with pytest.raises(ReplayKDError, match="part"):
+            Participant.of(bad, 0, 1)
+
+
+def test_of_concurrent_claimers_exactly_one_wins(tmp_path):
+    storage = LocalStorage(tmp_path)
+    claimers = [Claims(storage, f"launch{i}") for i in range(8)]
+    won = []
+    barrier = threading.Barrier(len(claimers))
+
+    def reach(c):
+        barrier.wait()
+        if c.take(3):
+            won.append(c)
+
+    threads = [threading.Thread(target=reach, args=(c,)) for c in claimers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and won[0].holds(3)
+    assert not any(c.holds(3) for c in claimers if c is not won[0])
+    won[0].release(3)
+    assert claimers[0].take(3)  # free again once released
+
+
+def test_a_dead_holders_claim_is_replaced_and_the_old_holder_stops(tmp_path):
+    storage = LocalStorage(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited: its claim is stale at once on this host
+    old = Claims(storage, "old")
+    assert old.take(0)
+    record = "claims/s0-g0/zarr.json"
+    claim = json.loads(storage.read(record))["attributes"]
+    storage.write(record, json.dumps({"zarr_format": 3, "node_type": "group",
+                                      "attributes": {**claim, "pid": pid}}).encode())
+    new = Claims(storage, "new")
+    assert new.take(0) and new.holds(0)
+    assert not old.holds(0)  # the old holder sees it lost the shard and stops writing
+    assert storage.read(record) is None and storage.read("claims/s0-g1/zarr.json") is not None
+
+
+def test_a_claim_on_another_host_is_stale_after_its_lease(tmp_path):
+    fresh = Claim("elsewhere:1:x", "elsewhere", 1, "x", time.time())
+    assert not fresh.stale(time.time(), lease=60)
+    assert fresh.stale(time.time() + 61, lease=60)
+    storage = LocalStorage(tmp_path)
+    storage.write("claims/s5-g0/zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
+                                                         "attributes": vars(fresh)}).encode())
+    me = Claims(storage, "me", lease=60)
+    assert not me.take(5) and me.others_active()  # a live claim elsewhere blocks
+    short = Claims(storage, "me", lease=0.0)
+    assert short.take(5) and not short.others_active()  # an expired one does not

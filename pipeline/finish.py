@@ -9,16 +9,12 @@ device, and to the same bits as timm's whole transform followed by the replay's 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from PIL import Image
 
 from pipeline.recipe import Recipe
-
-if TYPE_CHECKING:
-    from pipeline.loader import ViewBatch
+from pipeline.records import ViewBatch
 
 
 def normalise_table(recipe: Recipe) -> torch.Tensor:
@@ -36,7 +32,7 @@ class Finisher:
         self.table = normalise_table(recipe)
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # the flat table, channel offsets
 
-    def __call__(self, batch: "ViewBatch", device: torch.device) -> torch.Tensor:
+    def __call__(self, batch: ViewBatch, device: torch.device) -> torch.Tensor:
         """The batch's float views on `device`, (N, 3, H, W)."""
         if device not in self._on:
             self._on[device] = (self.table.to(device).view(-1), torch.arange(3, dtype=torch.int32, device=device) * 256)
@@ -65,7 +61,7 @@ class Finisher:
         return table[pixels.to(device, non_blocking=True).int() + channel].permute(0, 3, 1, 2)
 
     @staticmethod
-    def _mix(x: torch.Tensor, partner: torch.Tensor, batch: "ViewBatch", device: torch.device) -> torch.Tensor:
+    def _mix(x: torch.Tensor, partner: torch.Tensor, batch: ViewBatch, device: torch.device) -> torch.Tensor:
         _, _, height, width = x.shape
         out = x.clone()
         # Which rows mix or cut is decided on the CPU, where the parameters are: the device never waits for a mask.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -21,8 +20,8 @@ from pipeline.manifest import Manifest
 from pipeline.plan import EpochPlan, Segment, UnitPlan
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
-from pipeline.replay import Replayer, View, decode_image, decode_positions
-from pipeline.targets import TeacherTargets
+from pipeline.records import TeacherTargets, View, ViewBatch
+from pipeline.replay import Replayer, decode_image, decode_positions
 
 # Runs in the loader worker once per unit: returns a function applied to each of its views (stage two attaches
 # the cached targets with it).
@@ -180,50 +179,6 @@ class CacheViews(_Views):
             for epoch in w.epochs:
                 for item in self.replayer.items(self._unit(records, epoch, w.shard_no), records, images):
                     yield from item
-
-
-@dataclass
-class ViewBatch:
-    """A collated batch: uint8 views and what their float steps need, label targets, where each view came from,
-    and optional teacher targets.
-
-    `images` are (N, H, W, 3) uint8 and, for a mixing recipe, `partner_images` the same for each view's partner;
-    `erase_boxes` rows are (view row, 1 for the partner's image else 0, top, left, height, width) and `erase_values`
-    their values, concatenated; `mix_boxes` rows are CutMix boxes (y0, y1, x0, x1; -1: none) and `lams` each view's
-    own weight. `Finisher` turns these into float views. `targets` are the mixed, label-smoothed targets
-    lam * y(own) + (1 - lam) * y(partner). `fingerprints` is None unless every view has one; `teacher` is None unless
-    the loader attached cached targets.
-    """
-
-    images: torch.Tensor
-    partner_images: torch.Tensor | None
-    erase_boxes: torch.Tensor
-    erase_values: torch.Tensor
-    mix_boxes: torch.Tensor
-    lams: torch.Tensor
-    labels: torch.Tensor
-    targets: torch.Tensor
-    keys: list[str]
-    indices: torch.Tensor
-    repeats: torch.Tensor
-    slots: torch.Tensor
-    shard_nos: torch.Tensor
-    epochs: torch.Tensor
-    partners: torch.Tensor
-    partner_labels: torch.Tensor
-    fingerprints: torch.Tensor | None = None
-    teacher: TeacherTargets | None = None
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def pin_memory(self) -> "ViewBatch":
-        """A copy with page-locked tensors (the DataLoader calls this when pin_memory is on)."""
-        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in pinned.items():
-            if isinstance(value, (torch.Tensor, TeacherTargets)):
-                pinned[name] = value.pin_memory()
-        return ViewBatch(**pinned)
 
 
 class ViewCollate:

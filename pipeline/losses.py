@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.targets import TeacherTargets
+from pipeline.records import TeacherTargets
 
 
 @dataclass

@@ -9,9 +9,10 @@ import google_crc32c
 
 from pipeline.errors import ReplayKDError, ShardMismatch
 from pipeline.manifest import Manifest
-from pipeline.sources import IMAGE_EXTS
 
 ZERO_BLOCK = bytes(512)
+# Extensions a sample's image field may have (a WebDataset field is named by its file's extension).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 
 
 @dataclass(frozen=True)

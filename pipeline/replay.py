@@ -16,7 +16,6 @@ import io
 import random
 import struct
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -29,10 +28,10 @@ from pipeline.finish import normalise_table
 from pipeline.plan import TAG_PAIR, TAG_VIEW, Slot, UnitPlan, derive_seed, plan_unit
 from pipeline.reader import crc32c, crc32c_extend
 from pipeline.recipe import Recipe
+from pipeline.records import Erase, MixParams, View
 
 if TYPE_CHECKING:
     from pipeline.reader import Record
-    from pipeline.targets import TeacherTargets
 
 # Items made inside one save/restore of the global generators (saving numpy's state costs ~30 us).
 ITEMS_PER_CONTEXT = 32
@@ -90,14 +89,6 @@ def decode_positions(records: Sequence["Record"], positions: Iterable[int], orig
     return {p: decode_image(records[p].data, f"{origin}{records[p].key}") for p in positions}
 
 
-@dataclass(frozen=True)
-class MixParams:
-    """How a pair is mixed: own-image weight `lam` and, for CutMix, the pasted box (y0, y1, x0, x1)."""
-
-    lam: float = 1.0
-    box: tuple[int, int, int, int] | None = None
-
-
 def draw_mix(recipe: Recipe, height: int, width: int) -> MixParams:
     """Draw a pair's Mixup/CutMix parameters from the (already seeded) numpy global, as timm's Mixup does."""
     if not recipe.mixes or np.random.rand() >= recipe.mix_prob:
@@ -112,18 +103,6 @@ def draw_mix(recipe: Recipe, height: int, width: int) -> MixParams:
         return MixParams(lam)
     box, lam = cutmix_bbox_and_lam((height, width), lam, correct_lam=True)
     return MixParams(float(lam), tuple(int(v) for v in box))
-
-
-@dataclass(frozen=True)
-class Erase:
-    """One random-erasing box of a view as timm drew it: where, and the values it writes (3 x height x width,
-    float32, in normalised units)."""
-
-    top: int
-    left: int
-    height: int
-    width: int
-    values: torch.Tensor
 
 
 class _EraseRecorder:
@@ -149,39 +128,6 @@ def fingerprint(image: torch.Tensor, erase: Sequence[Erase], mix: MixParams, par
         crc = crc32c_extend(crc, struct.pack("<4q", e.top, e.left, e.height, e.width))
         crc = crc32c_extend(crc, e.values.numpy())
     return crc
-
-
-@dataclass
-class View:
-    """One replayed training view: its uint8 pixels, the sample it shows and everything that decides its targets.
-
-    `image` is (height, width, 3) uint8 after timm's PIL stages; `erase` and (`lam`, `box`) are what the float
-    stages apply (`pipeline/finish.py`), with the partner's `partner_image` and `partner_erase` when the view is
-    mixed. `slot` is its place among its unit's views (the cache's row); `partner` is the global index of the sample
-    it is mixed with (its own index: unmixed) and `lam` the weight of its own image; `fingerprint` is None where the
-    loader did not compute it (the partner's pixels are proven by the partner's own fingerprint). `teacher` holds
-    the view's cached teacher targets once the loader has attached them.
-    """
-
-    image: torch.Tensor
-    key: str
-    index: int
-    position: int
-    repeat: int
-    slot: int
-    shard_no: int
-    epoch: int
-    seed: int
-    label: int
-    partner: int
-    partner_label: int
-    lam: float
-    box: tuple[int, int, int, int] | None = None
-    erase: tuple[Erase, ...] = ()
-    partner_image: torch.Tensor | None = None
-    partner_erase: tuple[Erase, ...] = ()
-    fingerprint: int | None = None
-    teacher: "TeacherTargets | None" = None
 
 
 class Replayer:

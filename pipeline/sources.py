@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import ReplayKDError
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
+from pipeline.reader import IMAGE_EXTS
 
 
 @dataclass(frozen=True)

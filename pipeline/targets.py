@@ -6,46 +6,17 @@ training loop and returns the batch's `TeacherTargets` on the images' device (or
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from pipeline.device import autocast
 from pipeline.errors import ReplayKDError
+from pipeline.records import TeacherTargets, View, ViewBatch
 
 if TYPE_CHECKING:
-    from pipeline.loader import ViewBatch
     from pipeline.plan import UnitPlan
-    from pipeline.replay import View
-
-
-@dataclass
-class TeacherTargets:
-    """The teacher's top-k targets of one view or a batch: sorted probabilities (float16) and their classes."""
-
-    probs: torch.Tensor
-    classes: torch.Tensor
-
-    @classmethod
-    def from_logits(cls, logits: torch.Tensor, k: int) -> "TeacherTargets":
-        """What the cache stores for teacher logits: softmax in float32, top-k, probabilities as float16."""
-        probs, classes = logits.float().softmax(-1).topk(k, dim=-1)
-        return cls(probs.half(), classes)
-
-    @classmethod
-    def stack(cls, rows: Sequence["TeacherTargets"]) -> "TeacherTargets":
-        """One batch from per-view rows."""
-        return cls(torch.stack([r.probs for r in rows]), torch.stack([r.classes for r in rows]))
-
-    def to(self, device: torch.device) -> "TeacherTargets":
-        """The same targets on `device`."""
-        return TeacherTargets(self.probs.to(device, non_blocking=True), self.classes.to(device, non_blocking=True))
-
-    def pin_memory(self) -> "TeacherTargets":
-        """Page-locked copies, for asynchronous copies to the GPU."""
-        return TeacherTargets(self.probs.pin_memory(), self.classes.pin_memory())
 
 
 class TargetSource:
@@ -61,7 +32,7 @@ class TargetSource:
         """Fingerprint every n-th view in the loader (0: none), for the annotator to check."""
         return 0
 
-    def __call__(self, batch: "ViewBatch", images: torch.Tensor) -> TeacherTargets | None:
+    def __call__(self, batch: ViewBatch, images: torch.Tensor) -> TeacherTargets | None:
         """The batch's teacher targets on the images' device."""
         raise NotImplementedError
 
@@ -71,7 +42,7 @@ class NoTargets(TargetSource):
 
     kind = "labels"
 
-    def __call__(self, batch: "ViewBatch", images: torch.Tensor) -> None:
+    def __call__(self, batch: ViewBatch, images: torch.Tensor) -> None:
         return None
 
 
@@ -83,7 +54,7 @@ class OnlineTargets(TargetSource):
     def __init__(self, teacher: torch.nn.Module, topk: int):
         self.teacher, self.topk = teacher, topk
 
-    def __call__(self, batch: "ViewBatch", images: torch.Tensor) -> TeacherTargets:
+    def __call__(self, batch: ViewBatch, images: torch.Tensor) -> TeacherTargets:
         with torch.no_grad(), autocast(images.device):
             return TeacherTargets.from_logits(self.teacher(images), self.topk)
 
@@ -110,7 +81,7 @@ class CachedTargets(TargetSource):
     def fingerprint_every(self) -> int:
         return self.every
 
-    def __call__(self, batch: "ViewBatch", images: torch.Tensor) -> TeacherTargets:
+    def __call__(self, batch: ViewBatch, images: torch.Tensor) -> TeacherTargets:
         return batch.teacher.to(images.device)
 
 
@@ -121,7 +92,7 @@ class CacheReader:
         self.store = Path(store)
         self._cache = None
 
-    def __call__(self, unit: "UnitPlan") -> Callable[["View"], None]:
+    def __call__(self, unit: "UnitPlan") -> Callable[[View], None]:
         from pipeline.cache import TeacherCache
 
         if self._cache is None:
@@ -129,7 +100,7 @@ class CacheReader:
         data = self._cache.read_unit(unit.epoch, unit.shard_no)
         probs, classes = torch.from_numpy(data.probs), torch.from_numpy(data.classes)
 
-        def attach(view: "View") -> None:
+        def attach(view: View) -> None:
             s = view.slot
             if view.fingerprint is not None and view.fingerprint != data.fingerprint[s]:
                 raise ReplayKDError(

@@ -23,8 +23,14 @@ from torch import nn
 
 from pipeline.errors import ReplayKDError
 from pipeline.export import Preprocessing, read_info
-from pipeline.models import check_model_name, classifier_rows, create_classifier, file_sha256, load_weights, \
-    read_checkpoint
+from pipeline.models import (
+    check_model_name,
+    classifier_rows,
+    create_classifier,
+    file_sha256,
+    load_weights,
+    read_checkpoint,
+)
 
 # How F.interpolate resizes for each of timm's interpolation names (the others fall back to bicubic).
 RESIZE = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}

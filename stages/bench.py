@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 from pipeline.device import device_name, pick_device
 from pipeline.errors import ReplayKDError
 from pipeline.io import atomic_path, replace_section, write_json_atomic
+from pipeline.manifest import Manifest
 from pipeline.models import create_classifier
+from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
 from pipeline.shards import write_shards
-from pipeline.manifest import Manifest
-from pipeline.reader import read_shard
 from pipeline.sources import digits_source
 from stages import loader_bench, measure
 from stages.options import BenchOptions

@@ -1,15 +1,14 @@
 """`replaykd views`: a PNG grid of replayed views across epochs, to check a recipe by eye."""
 from __future__ import annotations
 
-
 import torch
 import typer
 
 from pipeline.errors import ReplayKDError
 from pipeline.finish import Finisher
 from pipeline.grid import Tile, view_grid
-from pipeline.loader import ViewCollate
 from pipeline.io import atomic_path
+from pipeline.loader import ViewCollate
 from pipeline.manifest import Manifest
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe

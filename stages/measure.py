@@ -22,11 +22,11 @@ from pipeline.errors import ReplayKDError
 from pipeline.finish import Finisher
 from pipeline.loader import CacheViews, ReplayViews, ViewCollate
 from pipeline.manifest import Manifest
-from pipeline.student import build_student
-from pipeline.work import ShardWork
 from pipeline.plan import chosen_positions
 from pipeline.recipe import Recipe
 from pipeline.runs import RunFolder, mean_rate
+from pipeline.student import build_student
+from pipeline.work import ShardWork
 
 
 def replaykd(*args) -> str:

@@ -1,7 +1,6 @@
 """`replaykd shards` and `replaykd manifest`: turn images into checked WebDataset shards."""
 from __future__ import annotations
 
-
 import typer
 
 from pipeline.errors import ReplayKDError

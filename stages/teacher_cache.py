@@ -25,8 +25,8 @@ from pipeline.finish import Finisher
 from pipeline.loader import CacheViews, ViewCollate, loader_settings
 from pipeline.manifest import Manifest
 from pipeline.recipe import Recipe
+from pipeline.records import TeacherTargets
 from pipeline.storage import LocalStorage
-from pipeline.targets import TeacherTargets
 from pipeline.work import Dealer, Participant, deal, preference, remaining
 from stages.options import TeacherCacheOptions, rerun_command
 

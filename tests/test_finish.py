@@ -15,7 +15,8 @@ from pipeline.loader import ViewCollate
 from pipeline.manifest import Manifest
 from pipeline.reader import Record, read_shard
 from pipeline.recipe import Recipe
-from pipeline.replay import MixParams, Replayer, decode_image, seeded_globals, view_seed
+from pipeline.records import MixParams
+from pipeline.replay import Replayer, decode_image, seeded_globals, view_seed
 
 
 def reference_mix(a: torch.Tensor, b: torch.Tensor, p: MixParams) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from pipeline.cache import UnitArrays, decode_sorted_float16, encode_sorted_float16
 from pipeline.cache_writer import UnitBuffers
 from pipeline.losses import DistillationLoss, dense_target, soft_target_ce
+from pipeline.records import TeacherTargets
 from pipeline.schedule import cosine_lr
-from pipeline.targets import TeacherTargets
 
 C = 12
 

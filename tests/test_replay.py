@@ -16,7 +16,8 @@ from pipeline.manifest import Manifest
 from pipeline.plan import chosen_positions
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
-from pipeline.replay import MixParams, Replayer, decode_image, fingerprint
+from pipeline.records import MixParams
+from pipeline.replay import Replayer, decode_image, fingerprint
 
 EPOCHS = [0, 1]
 

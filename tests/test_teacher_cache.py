@@ -15,12 +15,12 @@ import torch
 import zarr
 from safetensors.torch import save_file
 
+from pipeline import teacher as teachers
 from pipeline.cache import TeacherCache
 from pipeline.errors import ReplayKDError
 from pipeline.finish import Finisher
 from pipeline.loader import ViewCollate
 from pipeline.manifest import Manifest
-from pipeline import teacher as teachers
 from pipeline.models import create_classifier
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.engine import train_one_epoch
-from pipeline.finish import Finisher
 from pipeline.export import Preprocessing
+from pipeline.finish import Finisher
 from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
 from pipeline.models import create_classifier

@@ -1,0 +1,133 @@
+"""The typed records that cross module borders: a view, a batch of views, a view's mixing and erasing, the
+teacher's targets. They hold data and only what moving that data needs; they import no behaviour module, so every
+module can use them and none circles back through them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's top-k targets of one view or a batch: sorted probabilities (float16) and their classes."""
+
+    probs: torch.Tensor
+    classes: torch.Tensor
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int) -> "TeacherTargets":
+        """What the cache stores for teacher logits: softmax in float32, top-k, probabilities as float16."""
+        probs, classes = logits.float().softmax(-1).topk(k, dim=-1)
+        return cls(probs.half(), classes)
+
+    @classmethod
+    def stack(cls, rows: Sequence["TeacherTargets"]) -> "TeacherTargets":
+        """One batch from per-view rows."""
+        return cls(torch.stack([r.probs for r in rows]), torch.stack([r.classes for r in rows]))
+
+    def to(self, device: torch.device) -> "TeacherTargets":
+        """The same targets on `device`."""
+        return TeacherTargets(self.probs.to(device, non_blocking=True), self.classes.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "TeacherTargets":
+        """Page-locked copies, for asynchronous copies to the GPU."""
+        return TeacherTargets(self.probs.pin_memory(), self.classes.pin_memory())
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """How a pair is mixed: own-image weight `lam` and, for CutMix, the pasted box (y0, y1, x0, x1)."""
+
+    lam: float = 1.0
+    box: tuple[int, int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Erase:
+    """One random-erasing box of a view as timm drew it: where, and the values it writes (3 x height x width,
+    float32, in normalised units)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    values: torch.Tensor
+
+
+@dataclass
+class View:
+    """One replayed training view: its uint8 pixels, the sample it shows and everything that decides its targets.
+
+    `image` is (height, width, 3) uint8 after timm's PIL stages; `erase` and (`lam`, `box`) are what the float
+    stages apply (`pipeline/finish.py`), with the partner's `partner_image` and `partner_erase` when the view is
+    mixed. `slot` is its place among its unit's views (the cache's row); `partner` is the global index of the sample
+    it is mixed with (its own index: unmixed) and `lam` the weight of its own image; `fingerprint` is None where the
+    loader did not compute it (the partner's pixels are proven by the partner's own fingerprint). `teacher` holds
+    the view's cached teacher targets once the loader has attached them.
+    """
+
+    image: torch.Tensor
+    key: str
+    index: int
+    position: int
+    repeat: int
+    slot: int
+    shard_no: int
+    epoch: int
+    seed: int
+    label: int
+    partner: int
+    partner_label: int
+    lam: float
+    box: tuple[int, int, int, int] | None = None
+    erase: tuple[Erase, ...] = ()
+    partner_image: torch.Tensor | None = None
+    partner_erase: tuple[Erase, ...] = ()
+    fingerprint: int | None = None
+    teacher: TeacherTargets | None = None
+
+
+@dataclass
+class ViewBatch:
+    """A collated batch: uint8 views and what their float steps need, label targets, where each view came from,
+    and optional teacher targets.
+
+    `images` are (N, H, W, 3) uint8 and, for a mixing recipe, `partner_images` the same for each view's partner;
+    `erase_boxes` rows are (view row, 1 for the partner's image else 0, top, left, height, width) and `erase_values`
+    their values, concatenated; `mix_boxes` rows are CutMix boxes (y0, y1, x0, x1; -1: none) and `lams` each view's
+    own weight. `Finisher` turns these into float views. `targets` are the mixed, label-smoothed targets
+    lam * y(own) + (1 - lam) * y(partner). `fingerprints` is None unless every view has one; `teacher` is None unless
+    the loader attached cached targets.
+    """
+
+    images: torch.Tensor
+    partner_images: torch.Tensor | None
+    erase_boxes: torch.Tensor
+    erase_values: torch.Tensor
+    mix_boxes: torch.Tensor
+    lams: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor
+    keys: list[str]
+    indices: torch.Tensor
+    repeats: torch.Tensor
+    slots: torch.Tensor
+    shard_nos: torch.Tensor
+    epochs: torch.Tensor
+    partners: torch.Tensor
+    partner_labels: torch.Tensor
+    fingerprints: torch.Tensor | None = None
+    teacher: TeacherTargets | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "ViewBatch":
+        """A copy with page-locked tensors (the DataLoader calls this when pin_memory is on)."""
+        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in pinned.items():
+            if isinstance(value, (torch.Tensor, TeacherTargets)):
+                pinned[name] = value.pin_memory()
+        return ViewBatch(**pinned)

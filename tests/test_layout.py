@@ -1,0 +1,46 @@
+"""The library's modules import each other one way: no circle, even through type-only or in-function imports."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imports(path: Path) -> set[str]:
+    """Every `pipeline.*` / `stages.*` module a file imports, wherever the import stands (top level, under
+    TYPE_CHECKING, inside a function)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n.split(".")[0] in ("pipeline", "stages")
+                     and (ROOT / (n.replace(".", "/") + ".py")).exists())
+    return found
+
+
+def test_pipeline_modules_form_no_import_circle_and_never_import_the_stages():
+    graph = {f"pipeline.{p.stem}": imports(p) for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__"}
+    assert not any(m.startswith("stages.") for deps in graph.values() for m in deps)
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        if state.get(module) == 1:
+            raise AssertionError(f"import circle: {' -> '.join(path + [module])}")
+        if state.get(module) == 2:
+            return
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            visit(dep, path + [module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_records_import_no_behaviour_module():
+    assert imports(ROOT / "pipeline" / "records.py") == set()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 
+from pipeline.claims import CLAIMS, read_claim, this_process
 from pipeline.errors import ReplayKDError
 from pipeline.plan import max_unit_size, unit_size
 from pipeline.storage import LocalStorage
@@ -36,7 +39,9 @@ FORMAT_NAME = "replaykd.teacher-cache"
 FORMAT_VERSION = 4  # 4: CRC-32C per chunk, the teacher's identity and preprocessing, the views' fields only
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 COMPLETE = "complete"
-CLAIMS = "claims"  # a group of claim records (pipeline/claims.py)
+# Held (a claim record, created only if absent) while a process creates or grows the store's arrays.
+CHANGING = ".replaykd-changing"
+WAIT_SECONDS = 600.0
 # Epochs per file of the completion array: one small file per data shard for any realistic run.
 COMPLETE_EPOCHS = 1024
 
@@ -207,27 +212,70 @@ class TeacherCache:
         path = Path(path)
         if not (path / "zarr.json").exists():
             raise ReplayKDError(f"no teacher cache at {path} (run 'replaykd teacher-cache' first)")
+        if not cls._is_store(path) and LocalStorage(path).read(CHANGING) is not None:
+            raise ReplayKDError(f"{path} is being created by another run; try again when it has started")
         return cls(path, zarr.open_group(str(path), mode=mode))
 
     @classmethod
     def create_or_grow(cls, path: Path, request: CacheRequest, epochs: int, shards: list[str], counts: list[int],
-                       repeats: int, paired: bool, epochs_per_file: int, extra_attrs: dict) -> "TeacherCache":
-        """Create the store, or open one that fits `request` and grow it to `epochs` epochs."""
-        path, config = Path(path), request.config(epochs)
-        if (path / "zarr.json").exists():
-            cache = cls.open(path, mode="a")
-            cache.require(request)
-            if cache.shards != shards or cache.counts != counts:
-                raise ReplayKDError(f"{path}: shard layout differs from the manifest's")
-            if config.epochs > cache.config.epochs:
-                for arr in (*cache.arrays.values(), cache.complete):
-                    arr.resize((config.epochs, *arr.shape[1:]))
-                cache.group.attrs["config"] = {**cache.attrs["config"], "epochs": config.epochs}
-                cache.config = dataclasses.replace(cache.config, epochs=config.epochs)
-            return cache
-        if path.exists() and any(path.iterdir()):
-            raise ReplayKDError(f"{path} exists and is not a teacher cache; choose another --out")
-        group = zarr.open_group(str(path), mode="w")
+                       repeats: int, paired: bool, epochs_per_file: int, extra_attrs: dict,
+                       launch: str) -> "TeacherCache":
+        """Create the store, or open one that fits `request` and grow it to `epochs` epochs. Of several processes
+        doing this at once (independent runs, parts of a job array) one changes the store and the others wait for
+        it; a creation interrupted by a kill is taken over."""
+        path, storage = Path(path), LocalStorage(Path(path))
+        deadline, took_over = time.time() + WAIT_SECONDS, False
+        while not storage.create(CHANGING, json.dumps(dataclasses.asdict(this_process(launch))).encode()):
+            holder = read_claim(storage, CHANGING)
+            if holder is not None and holder.stale(time.time()):
+                storage.delete(CHANGING)  # its process was killed: take over (a partial creation is redone)
+                took_over = True
+            elif time.time() > deadline:
+                raise ReplayKDError(f"{path} is being created or grown by {holder.holder if holder else 'another run'} "
+                                    f"for over {WAIT_SECONDS:.0f} s; try again when it is done")
+            else:
+                time.sleep(0.2)
+        try:
+            if cls._is_store(path):
+                return cls._grow(path, request, epochs, shards, counts)
+            if not took_over and any(not (f.name == CHANGING or f.name.endswith(".partial")) for f in path.iterdir()):
+                raise ReplayKDError(f"{path} exists and is not a teacher cache; choose another --out")
+            try:
+                cls._create(path, request.config(epochs), shards, counts, repeats, paired, epochs_per_file,
+                            extra_attrs)
+            except BaseException:
+                for f in path.iterdir():  # leave nothing half-made: the folder held nothing of anyone's before
+                    if f.name != CHANGING:
+                        shutil.rmtree(f) if f.is_dir() else f.unlink()
+                raise
+            return cls.open(path, mode="a")
+        finally:
+            storage.delete(CHANGING)
+
+    @staticmethod
+    def _is_store(path: Path) -> bool:
+        """Whether `path` holds a store whose creation finished (its format is recorded, last)."""
+        meta = path / "zarr.json"
+        return meta.exists() and "format" in json.loads(meta.read_text()).get("attributes", {})
+
+    @classmethod
+    def _grow(cls, path: Path, request: CacheRequest, epochs: int, shards: list[str], counts: list[int]):
+        cache = cls.open(path, mode="a")
+        cache.require(request)
+        if cache.shards != shards or cache.counts != counts:
+            raise ReplayKDError(f"{path}: shard layout differs from the manifest's")
+        if epochs > cache.config.epochs:
+            for arr in (*cache.arrays.values(), cache.complete):
+                arr.resize((epochs, *arr.shape[1:]))
+            cache.group.attrs["config"] = {**cache.attrs["config"], "epochs": epochs}
+            cache.config = dataclasses.replace(cache.config, epochs=epochs)
+        return cache
+
+    @staticmethod
+    def _create(path: Path, config: CacheConfig, shards: list[str], counts: list[int], repeats: int, paired: bool,
+                epochs_per_file: int, extra_attrs: dict) -> None:
+        # overwrite: a creation a kill interrupted is redone from the start (the lock file itself is not zarr's)
+        group = zarr.open_group(str(path), mode="a")
         width = max(max_unit_size(n, repeats, paired) for n in counts)
         block = max(1, min(epochs_per_file, config.epochs))
         codec_chain = {}
@@ -237,17 +285,17 @@ class TeacherCache:
             arr = group.create_array(name, shape=(config.epochs, len(shards), width, *tail), dtype=dtype,
                                      chunks=(1, 1, width, *tail), shards=(block, 1, width, *tail),
                                      filters=[TransposeCodec(order=(0, 1, 3, 2))] if per_class else None,
-                                     compressors=_compressors(dtype), fill_value=0,
+                                     compressors=_compressors(dtype), fill_value=0, overwrite=True,
                                      dimension_names=("epoch", "shard", "slot", "k")[: 3 + per_class])
             codec_chain[name] = arr.metadata.to_dict()["codecs"]
         group.create_array(COMPLETE, shape=(config.epochs, len(shards)), dtype="uint8", chunks=(COMPLETE_EPOCHS, 1),
-                           compressors=[Crc32cCodec()], fill_value=0, dimension_names=("epoch", "shard"))
-        group.create_group(CLAIMS)
-        group.attrs.update({"format": FORMAT, "config": dataclasses.asdict(config),
+                           compressors=[Crc32cCodec()], fill_value=0, overwrite=True,
+                           dimension_names=("epoch", "shard"))
+        group.require_group(CLAIMS)
+        group.attrs.update({"format": FORMAT, "config": dataclasses.asdict(config),  # written last: now it is a store
                             "layout": {"shards": shards, "counts": counts, "repeats": repeats, "paired": paired,
                                        "slots": width, "epochs_per_file": block},
                             "codecs": json.loads(json.dumps(codec_chain, default=list)), **extra_attrs})
-        return cls.open(path, mode="a")
 
     # --- does it fit ---------------------------------------------------------------------------------
     def differences(self, request: CacheRequest) -> list[str]:

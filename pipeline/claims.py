@@ -18,8 +18,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from pipeline.cache import CLAIMS
 from pipeline.storage import LocalStorage
+
+CLAIMS = "claims"  # the store's group of claim records
 
 # A claim whose holder has not renewed it for this long is stale (holders renew it every LEASE_SECONDS / 4).
 LEASE_SECONDS = 300.0
@@ -51,6 +52,21 @@ def _group_json(claim: Claim) -> bytes:
     return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": asdict(claim)}).encode()
 
 
+def this_process(launch: str) -> Claim:
+    """A claim record of this process, renewed now."""
+    return Claim(f"{socket.gethostname()}:{os.getpid()}:{launch}", socket.gethostname(), os.getpid(), launch,
+                 time.time())
+
+
+def read_claim(storage: LocalStorage, key: str) -> Claim | None:
+    """The claim record at `key` (a claim's group metadata, or a bare record), or None."""
+    data = storage.read(key)
+    if data is None:
+        return None
+    record = json.loads(data)
+    return Claim(**record.get("attributes", record))
+
+
 class Claims:
     """This process's claims on a store's data shards."""
 
@@ -64,7 +80,7 @@ class Claims:
         self._thread: threading.Thread | None = None
 
     def _claim(self) -> Claim:
-        return Claim(self.holder, socket.gethostname(), os.getpid(), self.launch, time.time())
+        return this_process(self.launch)
 
     def current(self, shard_no: int) -> tuple[int, Claim] | None:
         """The newest claim record of a data shard (generation, claim), or None."""
@@ -120,8 +136,8 @@ class Claims:
         """Live claims of other processes (runs building this store now)."""
         now, out = time.time(), []
         for name in self.storage.children(CLAIMS):
-            data = self.storage.read(f"{CLAIMS}/{name}/zarr.json")
-            if data is not None and name != "zarr.json":
+            data = self.storage.read(f"{CLAIMS}/{name}/zarr.json") if name != "zarr.json" else None
+            if data is not None:
                 claim = Claim(**json.loads(data)["attributes"])
                 if claim.holder != self.holder and not claim.stale(now, self.lease):
                     out.append(claim)

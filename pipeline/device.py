@@ -43,3 +43,4 @@ def set_threads(threads: int | None, workers: int) -> int:
     n = threads or max(1, cores - workers)
     torch.set_num_threads(n)
     return n
+

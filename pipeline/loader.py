@@ -241,6 +241,15 @@ def quiet_worker(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def stop_workers(*loaders) -> None:
+    """Shut down loaders' worker processes now, through their own exit path (which removes the temporary folders
+    multiprocessing made for them), rather than whenever the interpreter gets to collecting the loaders."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)  # a DataLoader keeps its persistent workers' iterator here
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
 def loader_settings(workers: int, prefetch: int, device: torch.device, seed: int = 0) -> dict:
     """DataLoader settings for long runs: workers kept across epochs, pinned memory on GPU, `prefetch` batches queued
     per worker, and a generator of its own for the workers' seeds, so that starting a loader never draws from the

@@ -32,7 +32,7 @@ class LocalStorage:
         """The record's bytes, or None when absent."""
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def write(self, key: str, data: bytes) -> None:

@@ -40,6 +40,7 @@ class Preset:
     teacher_batch: int
     epochs: int
     cache_epochs: int
+    fresh: bool = True  # run the measured commands in fresh processes, as users do (smoke: in this process)
 
 
 PRESETS = {
@@ -47,7 +48,7 @@ PRESETS = {
     # Stage two also on 64 px JPEG tiles of real photographs in 1000-image shards (JPEG decoding, bigger shards).
     "small": Preset(("digits", "photo-tiles"), "digits", "regnety_002", 32, (TINY_DEIT,), 64, 256, 4, 8),
     # The small preset on digits alone: every section once, to check the bench itself runs (the tests use it).
-    "smoke": Preset(("digits",), "digits", "regnety_002", 32, (TINY_DEIT,), 64, 256, 1, 1),
+    "smoke": Preset(("digits",), "digits", "regnety_002", 32, (TINY_DEIT,), 64, 256, 1, 1, fresh=False),
     # GPU: DeiT's sizes on ImageNet-sized JPEGs cut from real photographs (500x375, 1000 classes), regnety_160 at 224.
     "imagenet": Preset(("photographs",), "deit", "regnety_160", None,
                        tuple({"student": f"deit_{s}_distilled_patch16_224"} for s in ("tiny", "small", "base")), 256, 256, 1, 2),
@@ -115,6 +116,12 @@ def bench_markdown(r: dict) -> str:
     lines += [f"| {s['student']}, {s['data']} | {s['no_kd_images_per_s']:.0f} | {s['cache_kd_images_per_s']:.0f} | "
               f"{s['online_kd_images_per_s']:.0f} | **{s['cached_over_no_kd']:.3f}** | **{s['cached_over_online']:.2f}** | "
               f"{s['flop_bound_online_cost']:.2f} |" for s in r["stage_two"]]
+    cc = r.get("concurrent")
+    if cc:
+        lines += ["", f"Two train-student runs at once on {cc['cores']} cores ({cc['student']}, {cc['workers']} loader "
+                  f"workers each, default threads): {' and '.join(f'{v:.0f}' for v in cc['concurrent_images_per_s'])} "
+                  f"img/s, against {cc['alone_images_per_s']:.0f} img/s alone: together "
+                  f"**{cc['concurrent_total_over_alone']:.2f}x** one run alone."]
     lines += ["", "| cache, k of 1000 classes (synthetic teacher) | raw bytes/view | stored bytes/view | reads (records/s, 1 process) |",
               "|---|---|---|---|"]
     lines += [f"| {c['k']} | {c['raw_bytes_per_view']} | {c['stored_bytes_per_view']:.1f} | {c['read_records_per_s']:.0f} |"
@@ -184,6 +191,9 @@ def bench(o: BenchOptions) -> None:
     r["stage_two"] = [{"data": source, **measure.student_kd_modes(*data[source], p, s, o.workers, device, o.repeats,
                                                                   work / source)}
                       for source in p.sources for s in p.students]
+    if p.fresh:  # processes side by side: only where commands run in their own
+        r["concurrent"] = measure.concurrent_students(*data[p.sources[0]][:1], p, p.students[0], o.workers, device,
+                                                      work)
     r["cache_size"] = measure.cache_size_and_reads(work)
     real = o.real_cache if o.real_cache is not None and (o.real_cache / "zarr.json").exists() else None
     r["real_cache"] = measure.stored_bytes_per_view(real) if real else None

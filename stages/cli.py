@@ -15,6 +15,7 @@ import typer
 
 from pipeline.errors import Interrupted, ReplayKDError, user_message
 from pipeline.io import read_yaml_mapping
+from pipeline.malloc import reuse_freed_memory
 from stages import options as O
 
 app = typer.Typer(
@@ -107,6 +108,7 @@ app.command("bench")(command(O.BenchOptions, "stages.bench:bench"))
 
 def main() -> None:
     """Console entry point: user errors become one clear line and exit code 2 (REPLAYKD_DEBUG=1: the traceback)."""
+    reuse_freed_memory()
     try:
         app()
     except Interrupted as exn:

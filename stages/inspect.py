@@ -31,27 +31,36 @@ def parse_epochs(spec: str) -> list[int]:
 
 
 def views(o: ViewsOptions) -> None:
-    """Write a labelled PNG grid of replayed views (finished, mixed) of a few samples across epochs."""
+    """Write a labelled PNG grid of replayed views (finished, mixed): each row a sample of the first shard that the
+    epochs show, with all its views in those epochs."""
     manifest, rec = Manifest.load(o.data), Recipe.load(o.recipe)
     epoch_list = parse_epochs(o.epochs)
     shard = manifest.shards(o.split)[0]
     records = read_shard(manifest, o.split, shard)
     replayer, finish, collate = Replayer(rec, o.seed), Finisher(rec), ViewCollate(manifest.num_classes, rec.smoothing)
-    shown = list(range(min(o.samples, len(records))))
-    cells: list[list[list[Tile]]] = [[[] for _ in epoch_list] for _ in shown]
-    for column, epoch in enumerate(epoch_list):
-        plan = replayer.plan(len(records), epoch, shard)
-        views = [replayer.view_at(plan, records, slot) for slot, s in enumerate(plan.slots) if s.position < len(shown)]
+    plans = [replayer.plan(len(records), epoch, shard) for epoch in epoch_list]
+    shown: list[int] = []  # the first samples (by position) that appear in the chosen epochs
+    for position in range(len(records)):
+        if len(shown) < o.samples and any(s.position == position for plan in plans for s in plan.slots):
+            shown.append(position)
+    rows: dict[int, list[Tile]] = {p: [] for p in shown}
+    for plan in plans:
+        slots = sorted((s.position, s.repeat, n) for n, s in enumerate(plan.slots) if s.position in rows)
+        views = [replayer.view_at(plan, records, n) for _, _, n in slots]
         if not views:
             continue
-        finished = finish(collate(views), torch.device("cpu"))
-        for view, image in zip(views, finished):
+        for view, image in zip(views, finish(collate(views), torch.device("cpu"))):
             mixed = view.partner != view.index and view.lam < 1
-            cells[view.position][column].append(Tile(image, f"x{view.partner} {view.lam:.2f}" if mixed else ""))
+            partner = f"+ {manifest.classes[view.partner_label]} (#{view.partner})" if mixed else ""
+            rows[view.position].append(Tile(image, f"e{plan.epoch} r{view.repeat}"
+                                            + (f" {100 * view.lam:.0f}%" if mixed else "") + f"\n{partner}"))
     labels = [f"{records[p].key}\n{manifest.classes[records[p].label]} (#{records[p].index})" for p in shown]
-    grid = view_grid(cells, labels, [f"epoch {e}" for e in epoch_list], rec.mean, rec.std, o.cell)
+    grid = view_grid([rows[p] for p in shown], labels, rec.mean, rec.std, o.cell)
     o.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(o.out) as tmp:
         grid.save(tmp, format="PNG")
-    typer.echo(f"wrote {o.out}: {len(shown)} samples x epochs {epoch_list} (recipe {rec.name}, {rec.repeats} repeats, "
-               f"seed {o.seed}); a caption 'xN 0.63' marks a view mixed with sample #N, keeping 63% of its own image")
+    cycle = (f"with {rec.repeats} repeats a sample is in 1 epoch of every {rec.repeats}, as {rec.repeats} views, so a "
+             "row holds the views its sample has in these epochs" if rec.repeats > 1 else "one view per epoch")
+    typer.echo(f"wrote {o.out}: {len(shown)} samples of {shard}, their views in epochs {epoch_list} (recipe "
+               f"{rec.name}, seed {o.seed}; {cycle}). A caption 'e2 r1 63%' is the epoch, the repeat and the view's "
+               "own share of a mix; '+ 7 (#1234)' the class and index of the sample it is mixed with")

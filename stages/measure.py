@@ -1,7 +1,10 @@
 """The measurements behind `replaykd bench`, each side by side with its baseline (interleaved, medians)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import queue
 import shutil
 import statistics
@@ -29,12 +32,29 @@ from pipeline.student import build_student
 from pipeline.work import ShardWork
 
 
-def replaykd(*args) -> str:
-    """Run a replaykd command in a fresh process, as a user would; its stdout (a failure is an error)."""
-    proc = subprocess.run([sys.executable, "-m", "stages", *map(str, args)], capture_output=True, text=True)
-    if proc.returncode:
-        raise ReplayKDError(f"replaykd {args[0]} failed during the bench:\n{proc.stderr[-3000:]}")
-    return proc.stdout
+def replaykd(*args, fresh: bool = True) -> str:
+    """Run a replaykd command in a fresh process, as a user would (or, not `fresh`, through the same entry point in
+    this process, when only the bench's own code is being checked); its stdout (a failure is an error)."""
+    args = [str(a) for a in args]
+    if fresh:
+        proc = subprocess.run([sys.executable, "-m", "stages", *args], capture_output=True, text=True)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        from stages.cli import main
+
+        stdout, stderr, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+        sys.argv = ["replaykd", *args]
+        try:
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                main()
+        except SystemExit as exn:
+            code = exn.code if isinstance(exn.code, int) else int(exn.code is not None)
+        finally:
+            sys.argv = argv
+        out, err = stdout.getvalue(), stderr.getvalue()
+    if code:
+        raise ReplayKDError(f"replaykd {args[0]} failed during the bench:\n{err[-3000:]}")
+    return out
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
@@ -70,7 +90,7 @@ def teacher_cache_vs_bare(data: Path, ckpt: Path, preset, workers: int, device: 
         out = work / "stage-one-store"
         shutil.rmtree(out, ignore_errors=True)
         s = json.loads(replaykd("teacher-cache", *cache_args(data, ckpt, preset, out, preset.cache_epochs, workers,
-                                                             device), "--json"))
+                                                             device), "--json", fresh=preset.fresh))
         rates.append(s["this_process"]["loop_views_per_s"])
 
     med = interleaved({"bare": bare, "cache": cache}, repeats)
@@ -151,7 +171,8 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
                      work: Path) -> dict:
     """Student images/s with no KD, KD from the cache and KD from the online teacher; and the FLOP bound."""
     store = work / "stage-two-store"
-    replaykd("teacher-cache", *cache_args(data, ckpt, preset, store, preset.epochs, workers, device))  # creates or finds it
+    replaykd("teacher-cache", *cache_args(data, ckpt, preset, store, preset.epochs, workers, device),
+             fresh=preset.fresh)  # creates or finds it
     common = ["--manifest", data, "--recipe", preset.recipe, "--epochs", preset.epochs, "--batch-size", preset.batch,
               "--workers", workers, "--device", device, "--student", student["student"],
               *[a for k in ("patch_size", "depth", "embed_dim", "num_heads") if student.get(k)
@@ -164,7 +185,7 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
     def one(name):
         out = work / f"student-{name}"
         shutil.rmtree(out, ignore_errors=True)
-        replaykd("train-student", "--out", out, *common, *variants[name])
+        replaykd("train-student", "--out", out, *common, *variants[name], fresh=preset.fresh)
         rates[name].append(mean_rate(RunFolder(out).log()))
 
     interleaved({k: (lambda k=k: one(k)) for k in variants}, repeats)
@@ -211,7 +232,8 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
         teacher = teachers.TeacherIdentity("synthetic", "synthetic", None, None, "synthetic", 1000, (0.5,) * 3,
                                            (0.5,) * 3, 224, "bicubic")
         request = CacheRequest("synthetic", "train", {}, "synthetic", "synthetic", 0, 1000, "pillow", teacher, k)
-        cache = TeacherCache.create_or_grow(store, request, 1, shards, [per_shard] * len(shards), 1, False, 1, {})
+        cache = TeacherCache.create_or_grow(store, request, 1, shards, [per_shard] * len(shards), 1, False, 1, {},
+                                            "bench")
         for s in range(len(shards)):
             # a confident teacher: one class ~6 logits above N(0, 1.5) noise over 1000 classes
             logits = torch.from_numpy(rng.normal(0, 1.5, (per_shard, 1000)).astype(np.float32))
@@ -232,3 +254,26 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
                     "read_records_per_s": views / read_s,
                     "distribution": "synthetic: 1000 classes, one ~6 logits above N(0, 1.5)"})
     return out
+
+
+def concurrent_students(data: Path, preset, student: dict, workers: int, device: str, work: Path) -> dict:
+    """Images/s of a train-student run alone, and of each of two started together on the same machine (with the
+    defaults: each process sets its compute threads to the cores less its loader workers)."""
+    common = ["train-student", "--manifest", data, "--recipe", preset.recipe, "--epochs", preset.epochs,
+              "--batch-size", preset.batch, "--workers", workers, "--device", device, "--distillation", "none",
+              "--student", student["student"], *[a for k in ("patch_size", "depth", "embed_dim", "num_heads")
+                                                 if student.get(k) for a in (f"--{k.replace('_', '-')}", student[k])]]
+    outs = [work / f"concurrent-{i}" for i in range(3)]
+    for out in outs:
+        shutil.rmtree(out, ignore_errors=True)
+    replaykd(*common, "--out", outs[0])
+    procs = [subprocess.Popen([sys.executable, "-m", "stages", *map(str, common), "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for out in outs[1:]]
+    for proc in procs:
+        if proc.wait():
+            raise ReplayKDError(f"a concurrent train-student failed during the bench:\n{proc.stderr.read()[-3000:]}")
+    alone, together = (mean_rate(RunFolder(outs[0]).log()),
+                       [mean_rate(RunFolder(out).log()) for out in outs[1:]])
+    return {"student": describe(student), "workers": workers, "cores": len(os.sched_getaffinity(0)),
+            "alone_images_per_s": alone, "concurrent_images_per_s": together,
+            "concurrent_total_over_alone": sum(together) / alone}

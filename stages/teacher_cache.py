@@ -76,7 +76,7 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
                  "created_by": launch}
         cache = TeacherCache.create_or_grow(o.out, request, o.epochs, manifest.shards(o.split),
                                             manifest.shard_counts(o.split), recipe.repeats, recipe.mixes,
-                                            o.epochs_per_file, hints)
+                                            o.epochs_per_file, hints, launch)
         created = cache.attrs.get("created_by") == launch
     barrier()
     cache = TeacherCache.open(o.out, mode="a")
@@ -92,7 +92,8 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
                rank, world, mine)
     except KeyboardInterrupt:
         raise Interrupted(f"teacher-cache stopped; {o.out} keeps every unit completed so far "
-                          f"({len(cache.missing(o.epochs))} still missing). Continue with: {rerun_command()}") from None
+                          f"({len(cache.missing(o.epochs))} units still missing). Continue with: {rerun_command()}"
+                          ) from None
     except ReplayKDError as exn:
         if created and world == 1 and not isinstance(exn, (WriteFailed, Interrupted)) and not claims.others_active():
             shutil.rmtree(o.out, ignore_errors=True)

@@ -20,7 +20,7 @@ from pipeline.engine import evaluate, train_one_epoch
 from pipeline.errors import Interrupted, ReplayKDError
 from pipeline.export import Preprocessing, export
 from pipeline.finish import Finisher
-from pipeline.loader import EvalViews, ReplayViews, ViewCollate, loader_settings
+from pipeline.loader import EvalViews, ReplayViews, ViewCollate, loader_settings, stop_workers
 from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
 from pipeline.plots import plot_curves
@@ -189,6 +189,7 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, eval_split: st
             if o.stop_after is not None and epoch + 1 >= o.stop_after and epoch + 1 < o.epochs:
                 return {"stopped_after": epoch + 1}
     finally:
+        stop_workers(loader, eval_loader)
         if sinks is not None:
             sinks.close()
     if rank != 0:

@@ -15,7 +15,7 @@ from pipeline.engine import evaluate, train_one_epoch
 from pipeline.export import Preprocessing, export
 from pipeline.finish import Finisher
 from pipeline.io import atomic_path
-from pipeline.loader import EvalViews, ReplayViews, ViewCollate, loader_settings
+from pipeline.loader import EvalViews, ReplayViews, ViewCollate, loader_settings, stop_workers
 from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
 from pipeline.models import create_classifier
@@ -81,14 +81,17 @@ def main(o: TrainTeacherOptions) -> None:
     loader = view_loader(manifest, recipe, o, dev)
     lr_at = step_schedule([loader.dataset.batches(e) for e in range(o.epochs)], o.warmup_epochs, o.lr)
     finish, step, t0, acc = Finisher(recipe), 0, time.perf_counter(), {}
-    for epoch in range(o.epochs):
-        loader.dataset.set_epoch(epoch)
-        stats, step = train_one_epoch(net, DistillationLoss("none"), loader, optimizer, dev, epoch, finish,
-                                      NoTargets(), lr_at, step, total=loader.dataset.views())
-        if eval_loader is not None:
-            acc = evaluate({"": lambda out: out}, eval_loader, dev, net)
-        typer.echo(f"epoch {epoch}: loss {stats.loss:.4f}" + (f", val top-1 {acc['top1']:.2f}%" if acc else "")
-                   + f", {stats.images_per_s:.0f} img/s")
+    try:
+        for epoch in range(o.epochs):
+            loader.dataset.set_epoch(epoch)
+            stats, step = train_one_epoch(net, DistillationLoss("none"), loader, optimizer, dev, epoch, finish,
+                                          NoTargets(), lr_at, step, total=loader.dataset.views())
+            if eval_loader is not None:
+                acc = evaluate({"": lambda out: out}, eval_loader, dev, net)
+            typer.echo(f"epoch {epoch}: loss {stats.loss:.4f}" + (f", val top-1 {acc['top1']:.2f}%" if acc else "")
+                       + f", {stats.images_per_s:.0f} img/s")
+    finally:
+        stop_workers(loader, eval_loader)
     o.out.parent.mkdir(parents=True, exist_ok=True)
     extra = {"manifest_hash": manifest.hash, "recipe": recipe.name, "epochs": o.epochs,
              "init": o.init or (str(o.init_checkpoint) if o.init_checkpoint else None),

@@ -97,10 +97,13 @@ def _folder_with_bad_images(root, n=40, bad=(3, 17)):
 
 def test_skip_bad_keeps_every_other_shard_full(tmp_path):
     src = _folder_with_bad_images(tmp_path / "src")
-    run_cli("shards", src, tmp_path / "out", "--skip-bad", "--shard-size", "10", "--val-fraction", "0")
+    proc = run_cli("shards", src, tmp_path / "out", "--skip-bad", "--shard-size", "10", "--val-fraction", "0")
     m = Manifest.load(tmp_path / "out")
     sizes = m.shard_counts("train")
     assert sizes == [10, 10, 10, 8]  # 38 readable images; only the last shard is short
+    listed = (tmp_path / "out" / "skipped.txt").read_text().splitlines()  # every skipped image, named, and why
+    assert sorted(line.split("\t")[0] for line in listed) == [str(src / "c1" / "img003.png"), str(src / "c1" / "img017.png")]
+    assert all(line.split("\t")[1] for line in listed) and "img003.png" in proc.stdout and "skipped.txt" in proc.stdout
 
 
 def test_a_failed_shards_run_leaves_out_as_it_found_it(tmp_path):
@@ -126,12 +129,21 @@ def test_written_files_respect_the_umask(digits_dir, store, tmp_path):
         os.umask(old)
 
 
-def test_views_grid_is_labelled(digits_dir, tmp_path):
+def test_views_grid_shows_the_views_that_exist_and_says_what_it_holds(digits_dir, tmp_path):
     out = tmp_path / "views.png"
-    run_cli("views", digits_dir, "--recipe", "digits-ra", "--epochs", "0-2", "--samples", "3", "--out", out)
+    proc = run_cli("views", digits_dir, "--recipe", "digits-ra", "--epochs", "0-2", "--samples", "3", "--cell", "32",
+                   "--out", out)
+    assert "a sample is in 1 epoch of every 3, as 3 views" in proc.stdout and "'e2 r1 63%'" in proc.stdout
     grid = np.asarray(Image.open(out).convert("L"))
-    assert (grid[:10, 60:] < 128).any()  # column headers (epoch numbers)
-    assert (grid[30:, :40] < 128).any()  # row labels (key and class)
+    row = 6 + 32 + 24  # gap, cell, two caption lines
+    assert grid.shape[0] == 6 + 3 * row
+    label_w = grid.shape[1] - 3 * (32 + 6) - 6  # three views per row: each sample is in one of the three epochs
+    for i in range(3):
+        y = 6 + i * row
+        assert (grid[y + 10:y + 20, :label_w] < 128).any()  # row label (key and class)
+        for k in range(3):  # every cell holds a view with a caption under it: none is empty
+            x = label_w + k * 38
+            assert grid[y:y + 32, x:x + 32].std() > 0 and (grid[y + 33:y + 56, x:x + 32] < 200).any()
 
 
 def test_progress_total_is_the_epochs_views(digits_dir):
@@ -191,3 +203,76 @@ def test_a_sink_without_its_package_is_refused_before_a_run(digits_dir, tmp_path
                    "--epochs", "1", "--log-wandb", *STUDENT, check=False)
     assert proc.returncode == 2 and "--log-wandb needs the wandb package" in proc.stderr
     assert "pip install 'replaykd[wandb]'" in proc.stderr and not (tmp_path / "run").exists()
+
+
+def _interrupt_when(proc, ready, timeout=180):
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready() and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_ctrl_c_says_where_it_stopped_and_how_to_continue(digits_dir, store, teacher_ckpt, tmp_path):
+    import shlex
+    import subprocess
+
+    from pipeline.cache import TeacherCache
+    from tests.conftest import CLI
+
+    out = tmp_path / "run"
+    args = ["train-student", "--out", out, "--manifest", digits_dir, "--cache", store, "--epochs", "2", *STUDENT[:-4],
+            "--workers", "1", "--device", "cpu"]
+    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, err = _interrupt_when(proc, lambda: (out / "train_state.pt").exists())
+    lines = visible(err)
+    assert code == 130 and "Traceback" not in err, err
+    assert lines[-1].startswith("stopped: train-student stopped in epoch 1 (step ") and "--resume" in lines[-1], lines
+    command = shlex.split(lines[-1].split("Continue with: ", 1)[1])
+    assert command[0] == "replaykd" and command[-1] == "--resume"
+    run_cli(*command[1:])  # the command it printed finishes the run
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    # stage one: the completed units stay, and the same command resumes
+    cache = tmp_path / "cache"
+    args = ["teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--teacher", "regnety_002",
+            "--out", cache, "--recipe", "digits-ra", "--epochs", "2", "--topk", "5", "--workers", "0", "--batch-size",
+            "16", "--device", "cpu"]
+    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, err = _interrupt_when(proc, lambda: any((cache / "complete").rglob("c/*/*")))
+    lines = visible(err)
+    assert code == 130 and "Traceback" not in err and "units" in lines[-1] and "still missing" in lines[-1], err
+    assert TeacherCache.open(cache).missing()
+    run_cli(*shlex.split(lines[-1].split("Continue with: ", 1)[1])[1:])
+    assert not TeacherCache.open(cache).missing()
+
+
+def test_a_teacher_input_under_its_stride_and_a_longer_resume_of_a_finished_run_are_refused(digits_dir, store,
+                                                                                          teacher_ckpt, tmp_path):
+    proc = run_cli("teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--teacher", "regnety_002",
+                   "--teacher-input-size", "8", "--recipe", "digits-ra", "--epochs", "1", "--out", tmp_path / "c",
+                   "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "8 px is smaller than the teacher's total stride (32)" in proc.stderr
+    assert not (tmp_path / "c").exists()
+    out = tmp_path / "run"
+    run_cli("train-student", "--out", out, "--manifest", digits_dir, "--cache", store, "--epochs", "1", *STUDENT)
+    proc = run_cli("train-student", "--out", out, "--manifest", digits_dir, "--cache", store, "--epochs", "2",
+                   "--resume", *STUDENT, check=False)
+    assert proc.returncode == 2 and "is a finished run of 1 epochs; --epochs 2 cannot continue it" in proc.stderr
+    assert "train a new run with --epochs 2" in proc.stderr
+
+
+def test_runs_leave_the_temporary_folder_as_they_found_it(digits_dir, store, teacher_ckpt, tmp_path):
+    # each loader worker that sends batches makes a multiprocessing temp folder (pymp-*); the workers must exit
+    # through their own clean-up, which removes it
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    common = ["--manifest", digits_dir, "--epochs", "1", *STUDENT[:-4], "--workers", "2", "--device", "cpu"]
+    for name, source in (("cached", ["--cache", store]),
+                         ("online", ["--online-teacher", "regnety_002", "--teacher-checkpoint", teacher_ckpt])):
+        run_cli("train-student", "--out", tmp_path / name, *common, *source, env={"TMPDIR": str(temp)})
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("pymp-")]

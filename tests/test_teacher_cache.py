@@ -1,6 +1,7 @@
 """Stage one on digits with a real (tiny) RegNetY teacher: round trip, resume, torchrun, identity checks."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -57,11 +58,18 @@ def test_stored_targets_equal_a_fresh_teacher_forward(store, digits_dir, teacher
             assert np.all(np.diff(unit.probs[slot].astype(np.float32)) <= 0)  # sorted
 
 
-def test_cache_info_and_verify(store, tmp_path):
+def test_cache_info_and_verify(store, tmp_path, monkeypatch):
+    import stages.cache_tools
+
     info = run_cli("cache", "info", store, "--json")
     assert '"units_missing": 0' in info.stdout and '"topk": 5' in info.stdout
-    ok = run_cli("cache", "verify", store, "--samples", "24", "--device", "cpu")
-    assert "fingerprints OK" in ok.stdout
+    reads = []
+    read_shard = stages.cache_tools.read_shard
+    monkeypatch.setattr(stages.cache_tools, "read_shard", lambda m, split, shard: reads.append(shard) or
+                        read_shard(m, split, shard))
+    ok = run_cli("cache", "verify", store, "--samples", "300", "--device", "cpu")
+    assert "fingerprints OK" in ok.stdout and "verified " in ok.stdout
+    assert len(reads) == len(set(reads)) == 8  # shard by shard: one shard's images in memory, whatever --samples
     # the teacher re-run agrees only to within float noise: an impossible --atol is a mismatch
     strict = run_cli("cache", "verify", store, "--samples", "8", "--device", "cpu", "--atol", "1e-12", check=False)
     assert strict.returncode == 1 and "teacher probabilities differ" in strict.stderr, strict.stderr
@@ -111,9 +119,16 @@ def test_growing_appends_epochs(store, digits_dir, teacher_ckpt, tmp_path):
     grown = tmp_path / "grown"
     subprocess.run(["cp", "-r", str(store), str(grown)], check=True)
     before = arrays(grown)
-    _, mine = run(options(digits_dir, teacher_ckpt, grown, epochs=3))
+    summary, mine = run(options(digits_dir, teacher_ckpt, grown, epochs=3))
     cache = TeacherCache.open(grown)
-    assert mine["views_written"] == sum(cache.unit_size(2, s) for s in range(len(cache.shards)))  # only the new epoch
+    new = sum(cache.unit_size(2, s) for s in range(len(cache.shards)))
+    assert mine["views_written"] == new  # only the new epoch
+    # cache info: the store's totals over both launches, and the last launch's own, labelled apart
+    assert summary.totals["views_written"] == summary.views_cached and summary.totals["launches"] == 2
+    assert summary.last_launch["views_written"] == new
+    text = run_cli("cache", "info", grown).stdout
+    assert f"store totals: {summary.views_cached} views written by 2 process(es) in 2 launch(es)" in text
+    assert f"last launch: {new} views written by 1 process(es)" in text
     after = arrays(grown)
     for n in ARRAYS:
         assert np.array_equal(after[n][:2], before[n])
@@ -137,8 +152,24 @@ def test_kill_and_resume_gives_identical_arrays(store, digits_dir, teacher_ckpt,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert TeacherCache.open(out).missing(), "the kill came after every unit was written"
-    run_cli(*args)
+    assert any(p.name.startswith("s") for p in (out / "claims").iterdir())  # the killed run's claim is still there
+    run_cli(*args)  # and does not block the rerun: its process is gone
     assert not TeacherCache.open(out).missing()
+    assert_same_arrays(arrays(out), arrays(store))
+
+
+def test_two_runs_on_one_new_store_share_the_work(store, digits_dir, teacher_ckpt, tmp_path):
+    out = tmp_path / "shared"
+    args = ["teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--out", out, "--recipe",
+            "digits-ra", "--teacher", "regnety_002", "--epochs", "2", "--topk", "5", "--workers", "0", "--batch-size",
+            "16", "--device", "cpu", "--epochs-per-file", "2", "--json", "--threads", "1"]
+    procs = [subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    written = [json.loads(stdout)["this_process"]["views_written"] for stdout, _ in results]
+    cache = TeacherCache.open(out)
+    assert sum(written) == sum(cache.unit_size(e, s) for e in range(2) for s in range(len(cache.shards)))  # no view twice
     assert_same_arrays(arrays(out), arrays(store))
 
 
@@ -204,3 +235,59 @@ def test_full_disk_is_a_clear_error_and_the_store_resumes(store, digits_dir, tea
         assert_same_arrays(arrays(mnt / "store"), arrays(store))
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_damaged_bytes_are_named_repaired_and_rebuilt(store, digits_dir, teacher_ckpt, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(store, damaged)
+    chunk = damaged / "classes" / "c" / "0" / "3" / "0" / "0"  # epochs 0-1 of data shard 3, class indices
+    data = bytearray(chunk.read_bytes())
+    for i in range(40):  # 40 bytes in the first inner chunk's compressed data
+        data[len(data) // 8 + i] ^= 0x5A
+    chunk.write_bytes(bytes(data))
+    student = ["train-student", "--out", tmp_path / "run", "--manifest", digits_dir, "--cache", damaged, "--recipe",
+               "digits-ra", "--epochs", "2", "--patch-size", "4", "--depth", "1", "--embed-dim", "32", "--num-heads",
+               "2", "--batch-size", "64", "--workers", "0", "--device", "cpu"]
+    proc = run_cli(*student, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "shard train-000003.tar) is damaged: array 'classes' fails its checksum" in proc.stderr
+    assert f"replaykd cache repair {damaged}" in proc.stderr and not (tmp_path / "run").exists()
+    proc = run_cli("cache", "verify", damaged, "--full", "--samples", "0", check=False)
+    assert proc.returncode == 1 and "damaged: unit (epoch 0, shard train-000003.tar) array 'classes'" in proc.stderr
+    assert "1 damaged" in proc.stdout
+    proc = run_cli("cache", "repair", damaged)
+    assert "damaged: unit (epoch 0, shard train-000003.tar) array 'classes'" in proc.stdout
+    assert "2 units are now missing" in proc.stdout and "replaykd teacher-cache " in proc.stdout
+    assert TeacherCache.open(damaged).missing() == [(0, 3), (1, 3)]  # the whole Zarr shard file's units
+    run(options(digits_dir, teacher_ckpt, damaged))  # the same command that built it
+    assert not TeacherCache.open(damaged).missing()
+    assert_same_arrays(arrays(damaged), arrays(store))
+    assert "all intact" in run_cli("cache", "verify", damaged, "--full", "--samples", "4", "--device", "cpu").stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    ("missing", "train-000002.tar is missing"),
+    ("truncated", "train-000002.tar holds"),
+    ("changed", "image of key '.*' differs from the manifest"),
+])
+def test_a_bad_shard_leaves_no_half_made_store(digits_dir, teacher_ckpt, tmp_path, change, message):
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    shard = data / "train-000002.tar"
+    if change == "missing":
+        shard.unlink()
+    elif change == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-1024])
+    else:  # the same size, one image's bytes changed: found only when the shard is read, after other units
+        raw = bytearray(shard.read_bytes())
+        raw[raw.rindex(b"IDAT") + 8] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    out = tmp_path / "store"
+    with pytest.raises(ReplayKDError, match=message):
+        run(options(data, teacher_ckpt, out, workers=0))
+    assert not out.exists()  # refused before the store was created, or the store this run created removed
+    if change == "changed":  # a store that existed before the run keeps its completed units
+        run(options(digits_dir, teacher_ckpt, out, epochs=1))
+        with pytest.raises(ReplayKDError, match=message):
+            run(options(data, teacher_ckpt, out, epochs=2, workers=0))
+        assert TeacherCache.open(out).missing(1) == []  # epoch 0, built before, is all there

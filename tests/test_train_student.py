@@ -194,3 +194,20 @@ def test_cached_and_online_kd_give_identical_logs_with_repeats(digits_dir, store
     a = load_file(str(tmp_path / "cached" / "checkpoint.safetensors"))
     b = load_file(str(tmp_path / "online" / "checkpoint.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_store_serves_students_that_change_only_their_own_fields(digits_dir, store, tmp_path):
+    import yaml
+
+    from pipeline.recipe import RECIPE_DIR
+
+    base = yaml.safe_load((RECIPE_DIR / "digits-ra.yaml").read_text())
+    own = tmp_path / "own.yaml"  # label smoothing and the eval crop change neither the views nor the teacher's input
+    own.write_text(yaml.safe_dump({**base, "smoothing": 0.0, "eval_crop_pct": 1.0}))
+    s = run(opts(digits_dir, tmp_path / "own", cache=store, recipe=str(own), epochs=1, depth=1, embed_dim=32))
+    assert s["epochs"] == 1
+    views = tmp_path / "views.yaml"
+    views.write_text(yaml.safe_dump({**base, "re_prob": 0.5}))
+    with pytest.raises(ReplayKDError, match=r"views: the store's recipe 'digits-ra' and this run's 'views' differ in "
+                                            r"re_prob 0.25 vs 0.5"):
+        run(opts(digits_dir, tmp_path / "views", cache=store, recipe=str(views), epochs=1))

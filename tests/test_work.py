@@ -104,3 +104,75 @@ def test_a_claim_on_another_host_is_stale_after_its_lease(tmp_path):
     assert not me.take(5) and me.others_active()  # a live claim elsewhere blocks
     short = Claims(storage, "me", lease=0.0)
     assert short.take(5) and not short.others_active()  # an expired one does not
+
+
+def _request(topk=5):
+    from pipeline.cache import CacheRequest
+    from pipeline.teacher import TeacherIdentity
+
+    teacher = TeacherIdentity("t", "t", None, None, "0" * 64, 10, (0.5,) * 3, (0.5,) * 3, 32, "bicubic")
+    return CacheRequest("m" * 64, "train", {"input_size": 16}, "v" * 64, "r", 0, 10, "pillow", teacher, topk)
+
+
+def test_concurrent_creators_make_one_store_and_a_killed_creation_is_taken_over(tmp_path):
+    from pipeline.cache import CHANGING, TeacherCache
+
+    path, made, errors = tmp_path / "store", [], []
+    barrier = threading.Barrier(6)
+
+    def create(i):
+        barrier.wait()
+        try:
+            made.append(TeacherCache.create_or_grow(path, _request(), 2 + i % 2, ["a.tar", "b.tar"], [10, 7], 1,
+                                                    False, 2, {"created_by": f"l{i}"}, f"l{i}"))
+        except Exception as exn:  # noqa: BLE001 - reported below
+            errors.append(exn)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(made) == 6
+    cache = TeacherCache.open(path)
+    assert cache.config.epochs == 3 and cache.arrays["probs"].shape[0] == 3  # grown by the runs that asked for 3
+    assert cache.attrs["created_by"] in {f"l{i}" for i in range(6)} and not (path / CHANGING).exists()
+    # a creation killed half-way (its lock left by a process that is gone) is redone by the next run
+    other = tmp_path / "killed"
+    other.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (other / CHANGING).write_text(json.dumps({"holder": "h", "host": __import__("socket").gethostname(),
+                                              "pid": int(dead.stdout), "launch": "x", "renewed": time.time()}))
+    (other / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    TeacherCache.create_or_grow(other, _request(), 2, ["a.tar"], [10], 1, False, 2, {}, "me")
+    assert TeacherCache.open(other).config.epochs == 2
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    with pytest.raises(ReplayKDError, match="exists and is not a teacher cache"):
+        TeacherCache.create_or_grow(unrelated, _request(), 2, ["a.tar"], [10], 1, False, 2, {}, "me")
+
+
+def test_a_writer_failure_of_any_kind_ends_the_run_with_its_message(tmp_path):
+    from pipeline.cache import TeacherCache, UnitArrays
+    from pipeline.cache_writer import UnitWriter, WriteFailed
+
+    cache = TeacherCache.create_or_grow(tmp_path / "s", _request(topk=5), 2, ["a.tar"], [10], 1, False, 2, {}, "x")
+    writer = UnitWriter(cache, depth=1)
+    wrong = UnitArrays.zeros(10, 3, 10)  # k = 3 in a store of k = 5: zarr refuses the shape (a ValueError)
+    outcome = []
+
+    def feed():
+        try:
+            for _ in range(20):  # far more than the queue holds: a dead writer thread must not leave put waiting
+                writer.put(0, 0, wrong)
+            writer.close()
+        except WriteFailed as exn:
+            outcome.append(str(exn))
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "put or close hung after the writer failed"
+    assert outcome and "a write failed (ValueError" in outcome[0] and "rerun the same command" in outcome[0]
+    assert cache.missing() == [(0, 0), (1, 0)]  # nothing marked complete

@@ -48,17 +48,23 @@ class Finisher:
         x = self._mix(*images, batch, device) if len(images) == 2 else images[0]
         return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
-    def _to_float(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 by table look-up; on the CPU numpy's take (5x faster there than
-        torch's indexing), elsewhere a gather on the device (channels-last in memory). Same table, same bits."""
+    def _to_float(self, chunks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """(N, H, W, 3) uint8 in chunks -> (N, 3, H, W) float32 by table look-up; on the CPU numpy's take (5x faster
+        there than torch's indexing), elsewhere a gather on the device (channels-last in memory). Same table, same
+        bits."""
         if device.type == "cpu":
-            u8 = pixels.numpy()
-            out = np.empty((u8.shape[0], 3, *u8.shape[1:3]), np.float32)
-            for c in range(3):
-                np.take(self.table[c].numpy(), u8[..., c], out=out[:, c])
+            height, width = chunks[0].shape[1:3]
+            out = np.empty((sum(len(c) for c in chunks), 3, height, width), np.float32)
+            row = 0
+            for chunk in chunks:
+                u8 = chunk.numpy()
+                for c in range(3):
+                    np.take(self.table[c].numpy(), u8[..., c], out=out[row:row + len(u8), c])
+                row += len(u8)
             return torch.from_numpy(out)
         table, channel = self._on[device]
-        return table[pixels.to(device, non_blocking=True).int() + channel].permute(0, 3, 1, 2)
+        parts = [table[c.to(device, non_blocking=True).int() + channel].permute(0, 3, 1, 2) for c in chunks]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
     def _mix(x: torch.Tensor, partner: torch.Tensor, batch: ViewBatch, device: torch.device) -> torch.Tensor:

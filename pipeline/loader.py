@@ -6,22 +6,24 @@ so a shuffled batch holds views of about twice as many images as it has rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import signal
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.utils import pytorch_worker_info
 
+from pipeline.decoding import DecodedImages, decoded_size, steps_for
 from pipeline.errors import ReplayKDError
 from pipeline.manifest import Manifest
 from pipeline.plan import EpochPlan, Segment, UnitPlan
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
 from pipeline.records import TeacherTargets, View, ViewBatch
-from pipeline.replay import Replayer, decode_image, decode_positions
+from pipeline.replay import Replayer, decode_image
 
 # Runs in the loader worker once per unit: returns a function applied to each of its views (stage two attaches
 # the cached targets with it).
@@ -29,6 +31,20 @@ Annotator = Callable[[UnitPlan], Callable[[View], None]]
 
 
 _END = object()
+# Bytes of decoded images a loader worker holds at most (see pipeline/decoding.py), and of views in its shuffle
+# buffer when the buffer's size is not given.
+DECODE_MEMORY = 96 << 20
+WORKER_BATCH = 64
+SHUFFLE_MEMORY = 32 << 20
+
+
+def shuffle_views(recipe: Recipe, given: int | None) -> int:
+    """The shuffle buffer's size in views: as given, else 1024, or as many as fit in SHUFFLE_MEMORY where views are
+    large (a 224 px view of a mixing recipe carries ~300 KB of pixels: its own and its partner's)."""
+    if given is not None:
+        return given
+    view_bytes = 3 * recipe.input_size ** 2 * (2 if recipe.mixes else 1)
+    return max(64, min(1024, SHUFFLE_MEMORY // view_bytes))
 
 
 def buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -61,11 +77,13 @@ def _pick(buf: list, rng: np.random.Generator):
 class _Views(IterableDataset):
     """What both training-view datasets share: the split's shards, and unit items made from a shard's records."""
 
-    def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, split: str):
+    def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, split: str,
+                 decode_memory: int = DECODE_MEMORY):
         super().__init__()
         self.manifest, self.recipe, self.run_seed, self.split = manifest, recipe, run_seed, split
         self.shards = manifest.shards(split)
         self.counts = manifest.shard_counts(split)
+        self.decode_memory = decode_memory  # bytes of decoded images a worker holds at most
         self._replayer = None
 
     @property
@@ -78,8 +96,15 @@ class _Views(IterableDataset):
     def _unit(self, records, epoch: int, shard_no: int) -> UnitPlan:
         return self.replayer.plan(len(records), epoch, self.shards[shard_no], shard_no)
 
-    def _decode(self, records, positions, shard_no: int) -> dict:
-        return decode_positions(records, positions, f"{self.shards[shard_no]}:")
+    def _unit_items(self, unit: UnitPlan, records, numbers: Sequence[int], images: DecodedImages,
+                    fingerprint_every: int = 1) -> Iterator[tuple[View, ...]]:
+        """The unit's items `numbers`, decoding their images within the memory budget (in groups when they do not
+        all fit: the items then come group pair by group pair)."""
+        shown = [[unit.slots[s].position for s in unit.item_slots(n)] for n in numbers]
+        for positions, which in steps_for(records, shown, self.decode_memory):
+            held = images.hold(positions)
+            yield from self.replayer.items(unit, records, held, fingerprint_every=fingerprint_every,
+                                           numbers=[numbers[i] for i in which])
 
 
 class ReplayViews(_Views):
@@ -95,8 +120,8 @@ class ReplayViews(_Views):
     def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, epoch: int = 0, split: str = "train",
                  rank: int | None = None, world_size: int | None = None, view_epochs: int | None = None,
                  shuffle_buffer: int = 0, shuffle_seed: int = 0, annotate: Annotator | None = None,
-                 fingerprint_every: int = 1, batch_size: int | None = None):
-        super().__init__(manifest, recipe, run_seed, split)
+                 fingerprint_every: int = 1, batch_size: int | None = None, decode_memory: int = DECODE_MEMORY):
+        super().__init__(manifest, recipe, run_seed, split, decode_memory)
         info = pytorch_worker_info()
         self.rank = info[0] if rank is None else rank
         self.world_size = info[1] if world_size is None else world_size
@@ -142,13 +167,16 @@ class ReplayViews(_Views):
         for seg in segments:
             records = read_shard(self.manifest, self.split, self.shards[seg.shard_no])
             unit = self._unit(records, seg.epoch, seg.shard_no)
-            images = self._decode(records, unit.positions(seg.start, seg.stop), seg.shard_no)
+            needed = set(unit.positions(seg.start, seg.stop))  # with r repeats, about 1/r of the shard's images
+            records = [r if r.position in needed else dataclasses.replace(r, data=b"") for r in records]
             attach = self.annotate(unit) if self.annotate is not None else None
-            for item in self.replayer.items(unit, records, images, seg.start, seg.stop, self.fingerprint_every):
+            images = DecodedImages(records, f"{self.shards[seg.shard_no]}:")
+            for item in self._unit_items(unit, records, range(seg.start, seg.stop), images, self.fingerprint_every):
                 for view in item:
                     if attach is not None:
                         attach(view)
                     yield view
+            del records, images  # the shard's bytes and images go before the next shard is read
 
     def __iter__(self) -> Iterator[View]:
         _, _, worker, workers = pytorch_worker_info()
@@ -165,8 +193,8 @@ class CacheViews(_Views):
     this process expects to make (its share)."""
 
     def __init__(self, manifest: Manifest, recipe: Recipe, run_seed: int, jobs, views: int = 0,
-                 split: str = "train"):
-        super().__init__(manifest, recipe, run_seed, split)
+                 split: str = "train", decode_memory: int = DECODE_MEMORY):
+        super().__init__(manifest, recipe, run_seed, split, decode_memory)
         self.jobs, self.expected = jobs, views
 
     def __len__(self) -> int:
@@ -175,31 +203,86 @@ class CacheViews(_Views):
     def __iter__(self) -> Iterator[View]:
         while (w := self.jobs.get()) is not None:
             records = read_shard(self.manifest, self.split, self.shards[w.shard_no])
-            images = self._decode(records, range(len(records)), w.shard_no)
+            images = DecodedImages(records, f"{self.shards[w.shard_no]}:")
+            if sum(decoded_size(r.data) for r in records) <= self.decode_memory:
+                images.hold(range(len(records)))  # the whole shard fits: decoded once for all its epochs
             for epoch in w.epochs:
-                for item in self.replayer.items(self._unit(records, epoch, w.shard_no), records, images):
+                unit = self._unit(records, epoch, w.shard_no)
+                for item in self._unit_items(unit, records, range(unit.items), images):
                     yield from item
+            del records, images
+
+
+def _empty_like_rows(first: torch.Tensor, rows: int) -> torch.Tensor:
+    """Room for `rows` tensors shaped like `first`: in shared memory in a loader worker, where batches go to the
+    main process from (as torch's own collate does: no copy on the way out)."""
+    shape = (rows, *first.shape)
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=first.dtype)
+    storage = first._typed_storage()._new_shared(first.numel() * rows, device=first.device)
+    return first.new(storage).resize_(shape)
+
+
+class _Rows:
+    """A batch being filled view by view: each view's pixels are copied into the batch as it comes (and dropped from
+    the view when `drop_pixels`), so a worker never holds a batch's views and the batch at once."""
+
+    def __init__(self, rows: int, first: View, drop_pixels: bool):
+        self.images = _empty_like_rows(first.image, rows)
+        self.partners = None if first.partner_image is None else _empty_like_rows(first.partner_image, rows)
+        self.views: list[View] = []
+        self.drop_pixels = drop_pixels
+
+    def add(self, view: View) -> None:
+        row = len(self.views)
+        self.images[row] = view.image
+        if (view.partner_image is None) != (self.partners is None):
+            raise ValueError("a batch mixes views with and without partners")
+        if self.partners is not None:
+            self.partners[row] = view.partner_image
+        if self.drop_pixels:
+            view.image = view.partner_image = None
+        self.views.append(view)
 
 
 class ViewCollate:
-    """Stack views into a `ViewBatch` with the mixed, label-smoothed targets."""
+    """Views into a `ViewBatch` with the mixed, label-smoothed targets: a list at once (`__call__`), or a stream of
+    views into batches as they come (`batches`, what the loader workers run)."""
 
     def __init__(self, num_classes: int, smoothing: float):
         self.num_classes, self.smoothing = num_classes, smoothing
 
     def __call__(self, views: Sequence[View]) -> ViewBatch:
+        rows = _Rows(len(views), views[0], drop_pixels=False)
+        for view in views:
+            rows.add(view)
+        return self._finish(rows)
+
+    def batches(self, views: Iterable[View], size: int, partial: bool = False) -> Iterator[ViewBatch]:
+        """Batches of `size` views, built as the views come; a last partial batch only with `partial`."""
+        rows = None
+        for view in views:
+            if rows is None:
+                rows = _Rows(size, view, drop_pixels=True)
+            rows.add(view)
+            if len(rows.views) == size:
+                yield self._finish(rows)
+                rows = None
+        if rows is not None and partial:
+            yield self._finish(rows)
+
+    def _finish(self, rows: _Rows) -> ViewBatch:
+        views, n = rows.views, len(rows.views)
+
         def column(name: str, dtype=torch.int64) -> torch.Tensor:
             return torch.tensor([getattr(v, name) for v in views], dtype=dtype)
 
         labels, partner_labels, lams = column("label"), column("partner_label"), column("lam", torch.float64)
         off = self.smoothing / self.num_classes
         on = 1.0 - self.smoothing + off
-        own = torch.full((len(views), self.num_classes), off).scatter_(1, labels.view(-1, 1), on)
-        other = torch.full((len(views), self.num_classes), off).scatter_(1, partner_labels.view(-1, 1), on)
+        own = torch.full((n, self.num_classes), off).scatter_(1, labels.view(-1, 1), on)
+        other = torch.full((n, self.num_classes), off).scatter_(1, partner_labels.view(-1, 1), on)
         lam = lams.to(torch.float32).unsqueeze(1)
-        mixed = views[0].partner_image is not None
-        if mixed and any(v.partner_image is None for v in views):
-            raise ValueError("a batch mixes views with and without partners")
         erased = [(row, of_partner, e) for row, v in enumerate(views)
                   for of_partner, boxes in enumerate((v.erase, v.partner_erase)) for e in boxes]
         erase_boxes = torch.tensor([(row, of_partner, e.top, e.left, e.height, e.width) for row, of_partner, e in erased],
@@ -208,11 +291,43 @@ class ViewCollate:
         mix_boxes = torch.tensor([v.box or (-1, -1, -1, -1) for v in views], dtype=torch.int64)
         fingerprints = None if any(v.fingerprint is None for v in views) else column("fingerprint")
         teacher = None if views[0].teacher is None else TeacherTargets.stack([v.teacher for v in views])
-        return ViewBatch(torch.stack([v.image for v in views]),
-                         torch.stack([v.partner_image for v in views]) if mixed else None, erase_boxes, erase_values,
-                         mix_boxes, lams, labels, lam * own + (1.0 - lam) * other, [v.key for v in views],
-                         column("index"), column("repeat"), column("slot"), column("shard_no"),
+        return ViewBatch([rows.images[:n]], None if rows.partners is None else [rows.partners[:n]], erase_boxes,
+                         erase_values, mix_boxes, lams, labels, lam * own + (1.0 - lam) * other,
+                         [v.key for v in views], column("index"), column("repeat"), column("slot"), column("shard_no"),
                          column("epoch"), column("partner"), partner_labels, fingerprints, teacher)
+
+
+class Batched(IterableDataset):
+    """A view dataset's stream in batches made in the loader worker itself (use with DataLoader(batch_size=None)):
+    each view goes into its batch as it is made. `partial`: also the last, partial batch of each worker's stream.
+    Workers make batches of at most WORKER_BATCH views (`regroup` joins them again), so that a worker holds the
+    pixels of one small batch at a time: at 224 px with partners, 64 views are 19 MB where 256 are 77 MB."""
+
+    def __init__(self, views: IterableDataset, size: int, collate: ViewCollate, partial: bool = False):
+        super().__init__()
+        self.views, self.size, self.collate, self.partial = views, size, collate, partial
+
+    def __iter__(self) -> Iterator[ViewBatch]:
+        return self.collate.batches(iter(self.views), worker_batch(self.size), self.partial)
+
+
+def worker_batch(size: int) -> int:
+    """The batch a loader worker makes for batches of `size`: the largest divisor of `size` up to WORKER_BATCH."""
+    return next(d for d in range(min(size, WORKER_BATCH), 0, -1) if size % d == 0)
+
+
+def regroup(batches: Iterable[ViewBatch], size: int) -> Iterator[ViewBatch]:
+    """Join the workers' batches into batches of `size` views (their pixels stay in the workers' chunks); a last,
+    smaller batch when the stream ends short of one."""
+    pending, count = [], 0
+    for batch in batches:
+        pending.append(batch)
+        count += len(batch)
+        if count >= size:
+            yield ViewBatch.concat(pending)
+            pending, count = [], 0
+    if pending:
+        yield ViewBatch.concat(pending)
 
 
 class EvalViews(IterableDataset):

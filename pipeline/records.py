@@ -94,7 +94,8 @@ class ViewBatch:
     """A collated batch: uint8 views and what their float steps need, label targets, where each view came from,
     and optional teacher targets.
 
-    `images` are (N, H, W, 3) uint8 and, for a mixing recipe, `partner_images` the same for each view's partner;
+    `images` are (N, H, W, 3) uint8 in one or more chunks (the sub-batches a loader worker made: `concat`) and, for
+    a mixing recipe, `partner_images` the same for each view's partner;
     `erase_boxes` rows are (view row, 1 for the partner's image else 0, top, left, height, width) and `erase_values`
     their values, concatenated; `mix_boxes` rows are CutMix boxes (y0, y1, x0, x1; -1: none) and `lams` each view's
     own weight. `Finisher` turns these into float views. `targets` are the mixed, label-smoothed targets
@@ -102,8 +103,8 @@ class ViewBatch:
     the loader attached cached targets.
     """
 
-    images: torch.Tensor
-    partner_images: torch.Tensor | None
+    images: list[torch.Tensor]
+    partner_images: list[torch.Tensor] | None
     erase_boxes: torch.Tensor
     erase_values: torch.Tensor
     mix_boxes: torch.Tensor
@@ -130,4 +131,27 @@ class ViewBatch:
         for name, value in pinned.items():
             if isinstance(value, (torch.Tensor, TeacherTargets)):
                 pinned[name] = value.pin_memory()
+            elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                pinned[name] = [chunk.pin_memory() for chunk in value]
         return ViewBatch(**pinned)
+
+    @classmethod
+    def concat(cls, batches: Sequence["ViewBatch"]) -> "ViewBatch":
+        """One batch of several, in order: their pixels stay where they are (as chunks), the rest is joined."""
+        if len(batches) == 1:
+            return batches[0]
+        offsets = torch.tensor([0] + [len(b) for b in batches[:-1]]).cumsum(0)
+        boxes = [b.erase_boxes + torch.tensor([int(o), 0, 0, 0, 0, 0]) for b, o in zip(batches, offsets)]
+
+        def cat(name: str):
+            values = [getattr(b, name) for b in batches]
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        teachers = [b.teacher for b in batches]
+        return cls([c for b in batches for c in b.images],
+                   None if batches[0].partner_images is None else [c for b in batches for c in b.partner_images],
+                   torch.cat(boxes), cat("erase_values"), cat("mix_boxes"), cat("lams"), cat("labels"),
+                   cat("targets"), [k for b in batches for k in b.keys], cat("indices"), cat("repeats"), cat("slots"),
+                   cat("shard_nos"), cat("epochs"), cat("partners"), cat("partner_labels"), cat("fingerprints"),
+                   None if any(t is None for t in teachers) else TeacherTargets(torch.cat([t.probs for t in teachers]),
+                                                                               torch.cat([t.classes for t in teachers])))

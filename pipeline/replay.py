@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from pipeline.reader import Record
 
 # Items made inside one save/restore of the global generators (saving numpy's state costs ~30 us).
-ITEMS_PER_CONTEXT = 32
+ITEMS_PER_CONTEXT = 8
 
 
 def view_seed(run_seed: int, epoch: int, key: str, repeat: int = 0) -> int:
@@ -183,23 +183,25 @@ class Replayer:
         return made, seeds, self._mix_params(reseed, members, epoch, *made[0][0].shape[:2])
 
     def items(self, plan: UnitPlan, records: Sequence["Record"], images: Mapping[int, Image.Image], start: int = 0,
-              stop: int | None = None, fingerprint_every: int = 1) -> Iterator[tuple[View, ...]]:
-        """Items [start, stop) of a unit: each a tuple of its views (a pair to mix, or one view).
+              stop: int | None = None, fingerprint_every: int = 1,
+              numbers: Sequence[int] | None = None) -> Iterator[tuple[View, ...]]:
+        """Items [start, stop) of a unit, or the items `numbers` in that order: each a tuple of its views (a pair
+        to mix, or one view).
 
         `records` are the shard's manifest records by position, `images` the decoded images of the positions the
         items show. Fingerprints are computed for slots divisible by `fingerprint_every` (0: none).
         """
-        stop = plan.items if stop is None else stop
-        for first in range(start, stop, ITEMS_PER_CONTEXT):
+        numbers = range(start, plan.items if stop is None else stop) if numbers is None else numbers
+        for first in range(0, len(numbers), ITEMS_PER_CONTEXT):
             made = []
             with seeded_globals() as reseed:  # never held across a yield: the caller may use the generators
-                for item in range(first, min(stop, first + ITEMS_PER_CONTEXT)):
-                    numbers = plan.item_slots(item)
-                    slots = [plan.slots[n] for n in numbers]
-                    made.append((numbers, slots, *self._item(reseed, slots, records, images, plan.epoch)))
-            for numbers, slots, views, seeds, mix in made:
+                for item in numbers[first:first + ITEMS_PER_CONTEXT]:
+                    item_slots = plan.item_slots(item)
+                    slots = [plan.slots[n] for n in item_slots]
+                    made.append((item_slots, slots, *self._item(reseed, slots, records, images, plan.epoch)))
+            for item_slots, slots, views, seeds, mix in made:
                 out = []
-                for i, (number, slot, (pixels, erase), seed) in enumerate(zip(numbers, slots, views, seeds)):
+                for i, (number, slot, (pixels, erase), seed) in enumerate(zip(item_slots, slots, views, seeds)):
                     own, partner = records[slot.position], records[slots[-1 - i].position]
                     partner_image, partner_erase = views[-1 - i] if len(views) == 2 else (None, ())
                     checked = fingerprint_every and number % fingerprint_every == 0

@@ -237,6 +237,7 @@ class TrainTeacherOptions(Options):
                                  "'val'); 'none' to train without evaluation.")
     workers: int = opt(2, "DataLoader worker processes (kept for the whole run).", min=0)
     prefetch: int = opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
+    decode_memory: int = opt(96, "MB of decoded images each loader worker holds at most.", min=1)
     threads: int | None = opt(None, "Compute threads of this process (default: the cores it may use less its loader "
                                     "workers, at least 1).", min=1)
     device: Device = opt(Device.auto, "Where to train: auto (a GPU when there is one), cpu or cuda.")
@@ -281,6 +282,9 @@ class TeacherCacheOptions(Options):
     device: Device = opt(Device.auto, "Where the teacher runs: auto, cpu or cuda (bf16 autocast and channels_last "
                                       "on GPU).")
     epochs_per_file: int = opt(8, "Epochs of one data shard stored per Zarr shard file (fewer, larger files).", min=1)
+    decode_memory: int = opt(96, "MB of decoded images each loader worker holds at most: a shard decoded once "
+                                 "serves all its epochs when it fits, else each epoch's images, else groups of "
+                                 "them (decoded again).", min=1)
     part: str | None = opt(None, "This launch's part of a job run as N independent launches, I/N (default: a Slurm "
                                  "job array's SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT, else 0/1). Each part "
                                  "(and each torchrun rank within it) deals itself a balanced share of what is left, "
@@ -380,7 +384,12 @@ class StudentOptions(Options):
                                         "export it too.", min=0.0, max=1.0)
     check_fingerprints: FingerprintCheck = opt(FingerprintCheck.all, "Compare replayed views' fingerprints with the "
                                                "cache: all, sample (1 in 16) or off.")
-    shuffle_buffer: int = opt(1024, "Views shuffled through a buffer of this size in each loader worker.", min=0)
+    shuffle_buffer: int | None = opt(None, "Views shuffled through a buffer of this size in each loader worker "
+                                           "(default: 1024, fewer where views are large: as many as fit in 32 MB; "
+                                           "0: none).", min=0)
+    decode_memory: int = opt(96, "MB of decoded images each loader worker holds at most: an image decoded once "
+                                 "serves all its views while they fit, else images are decoded again in groups.",
+                             min=1)
     workers: int = opt(4, "DataLoader worker processes per process (kept for the whole run).", min=0)
     prefetch: int = opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
     threads: int | None = opt(None, "Compute threads of this process (default: the cores it may use less its loader "

@@ -22,7 +22,7 @@ from pipeline.device import autocast, pick_device, set_threads
 from pipeline.distributed import barrier, init_distributed, is_main_process
 from pipeline.errors import Interrupted, ReplayKDError
 from pipeline.finish import Finisher
-from pipeline.loader import CacheViews, ViewCollate, loader_settings
+from pipeline.loader import Batched, CacheViews, ViewCollate, loader_settings, regroup
 from pipeline.manifest import Manifest
 from pipeline.recipe import Recipe
 from pipeline.records import TeacherTargets
@@ -126,8 +126,9 @@ def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, reci
         if pending[shard_no] == 0:
             claims.release(shard_no)
 
-    ds = CacheViews(manifest, recipe, o.seed, jobs, expected, o.split)
-    loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing),
+    ds = CacheViews(manifest, recipe, o.seed, jobs, expected, o.split, o.decode_memory << 20)
+    loader = DataLoader(Batched(ds, o.batch_size, ViewCollate(manifest.num_classes, recipe.smoothing), partial=True),
+                        batch_size=None,
                         **{**loader_settings(o.workers, o.prefetch, dev, o.seed), "persistent_workers": False})
     writer = UnitWriter(cache, written=written, owns=claims.holds)
     buffers, finish = UnitBuffers(cache.unit_size, o.topk, manifest.num_classes), Finisher(recipe)
@@ -137,7 +138,7 @@ def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, reci
     failed = True
     try:
         with torch.inference_mode():
-            for batch in loader:
+            for batch in regroup(loader, o.batch_size):
                 with autocast(dev):
                     targets = TeacherTargets.from_logits(teacher(finish(batch, dev)), o.topk)
                 probs, classes = targets.probs.cpu().numpy(), targets.classes.cpu().numpy()

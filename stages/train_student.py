@@ -20,7 +20,16 @@ from pipeline.engine import evaluate, train_one_epoch
 from pipeline.errors import Interrupted, ReplayKDError
 from pipeline.export import Preprocessing, export
 from pipeline.finish import Finisher
-from pipeline.loader import EvalViews, ReplayViews, ViewCollate, loader_settings, stop_workers
+from pipeline.loader import (
+    Batched,
+    EvalViews,
+    ReplayViews,
+    ViewCollate,
+    loader_settings,
+    regroup,
+    shuffle_views,
+    stop_workers,
+)
 from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
 from pipeline.plots import plot_curves
@@ -106,8 +115,9 @@ def run(o: StudentOptions) -> dict:
     optimizer = create_optimizer_v2(student.model, "adamw", lr=lr, weight_decay=o.weight_decay)
     ema = ModelEmaV3(student.model, decay=o.model_ema) if o.model_ema else None
     ds = ReplayViews(manifest, recipe, o.seed, 0, o.split, rank=rank, world_size=world, view_epochs=view_epochs,
-                     shuffle_buffer=o.shuffle_buffer, shuffle_seed=o.init_seed, annotate=source.annotator(),
-                     fingerprint_every=source.fingerprint_every(), batch_size=o.batch_size)
+                     shuffle_buffer=shuffle_views(recipe, o.shuffle_buffer), shuffle_seed=o.init_seed,
+                     annotate=source.annotator(), fingerprint_every=source.fingerprint_every(),
+                     batch_size=o.batch_size, decode_memory=o.decode_memory << 20)
     schedule = {"world_size": world, "batch_size": o.batch_size,
                 "steps_per_epoch": [ds.batches(e) for e in range(o.epochs)]}
     if min(schedule["steps_per_epoch"]) == 0:
@@ -150,7 +160,7 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, eval_split: st
     criterion = DistillationLoss(o.distillation, o.alpha, o.tau or 1.0, manifest.num_classes)
     collate, finish = ViewCollate(manifest.num_classes, recipe.smoothing), Finisher(recipe)
     lr_at = step_schedule(schedule["steps_per_epoch"], o.warmup_epochs, lr, o.min_lr)
-    loader = DataLoader(ds, batch_size=o.batch_size, collate_fn=collate,
+    loader = DataLoader(Batched(ds, o.batch_size, collate), batch_size=None,
                         **loader_settings(o.workers, o.prefetch, dev, o.init_seed))
     eval_loader = None if eval_split is None else DataLoader(
         EvalViews(manifest, recipe.eval_transform(), eval_split), batch_size=o.batch_size,
@@ -164,7 +174,8 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, eval_split: st
         for epoch in range(progress["epoch"], o.epochs):
             progress["epoch"] = epoch
             ds.set_epoch(epoch)
-            stats, step = train_one_epoch(model, criterion, loader, optimizer, dev, epoch, finish, source, lr_at,
+            stats, step = train_one_epoch(model, criterion, regroup(loader, o.batch_size), optimizer, dev, epoch,
+                                          finish, source, lr_at,
                                           progress["step"], o.clip_grad, ema, total=ds.views(),
                                           show_progress=rank == 0, progress=progress)
             acc = {}

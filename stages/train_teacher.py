@@ -15,7 +15,16 @@ from pipeline.engine import evaluate, train_one_epoch
 from pipeline.export import Preprocessing, export
 from pipeline.finish import Finisher
 from pipeline.io import atomic_path
-from pipeline.loader import EvalViews, ReplayViews, ViewCollate, loader_settings, stop_workers
+from pipeline.loader import (
+    Batched,
+    EvalViews,
+    ReplayViews,
+    ViewCollate,
+    loader_settings,
+    regroup,
+    shuffle_views,
+    stop_workers,
+)
 from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
 from pipeline.models import create_classifier
@@ -29,11 +38,11 @@ SCRATCH_INPUT = 32
 
 
 def view_loader(manifest: Manifest, recipe: Recipe, o: TrainTeacherOptions, dev: torch.device) -> DataLoader:
-    """The training views (`loader.dataset.set_epoch` picks the epoch), in full batches with the recipe's mixed,
+    """The training views (`loader.dataset.views.set_epoch` picks the epoch), in full batches with the recipe's mixed,
     label-smoothed targets: what the teacher learns. Workers are kept from epoch to epoch."""
-    ds = ReplayViews(manifest, recipe, o.seed, 0, rank=0, world_size=1, shuffle_buffer=512, shuffle_seed=o.seed,
-                     batch_size=o.batch_size)
-    return DataLoader(ds, batch_size=o.batch_size, collate_fn=ViewCollate(manifest.num_classes, recipe.smoothing),
+    ds = ReplayViews(manifest, recipe, o.seed, 0, rank=0, world_size=1, shuffle_buffer=shuffle_views(recipe, None),
+                     shuffle_seed=o.seed, batch_size=o.batch_size, decode_memory=o.decode_memory << 20)
+    return DataLoader(Batched(ds, o.batch_size, ViewCollate(manifest.num_classes, recipe.smoothing)), batch_size=None,
                       **loader_settings(o.workers, o.prefetch, dev, o.seed))
 
 
@@ -79,13 +88,14 @@ def main(o: TrainTeacherOptions) -> None:
         EvalViews(manifest, recipe.eval_transform(), eval_split), batch_size=256,
         **loader_settings(min(o.workers, 1), o.prefetch, dev, o.seed))
     loader = view_loader(manifest, recipe, o, dev)
-    lr_at = step_schedule([loader.dataset.batches(e) for e in range(o.epochs)], o.warmup_epochs, o.lr)
+    lr_at = step_schedule([loader.dataset.views.batches(e) for e in range(o.epochs)], o.warmup_epochs, o.lr)
     finish, step, t0, acc = Finisher(recipe), 0, time.perf_counter(), {}
     try:
         for epoch in range(o.epochs):
-            loader.dataset.set_epoch(epoch)
-            stats, step = train_one_epoch(net, DistillationLoss("none"), loader, optimizer, dev, epoch, finish,
-                                          NoTargets(), lr_at, step, total=loader.dataset.views())
+            loader.dataset.views.set_epoch(epoch)
+            stats, step = train_one_epoch(net, DistillationLoss("none"), regroup(loader, o.batch_size), optimizer, dev,
+                                          epoch, finish,
+                                          NoTargets(), lr_at, step, total=loader.dataset.views.views())
             if eval_loader is not None:
                 acc = evaluate({"": lambda out: out}, eval_loader, dev, net)
             typer.echo(f"epoch {epoch}: loss {stats.loss:.4f}" + (f", val top-1 {acc['top1']:.2f}%" if acc else "")

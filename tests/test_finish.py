@@ -103,7 +103,7 @@ def test_digits_views_equal_timm_and_the_former_mixing(digits_dir):
     for epoch in (0, 1, 2):
         plan = replayer.plan(len(records), epoch, shard)
         batch, views = finished(replayer, plan, records, images)
-        assert batch.images.dtype == torch.uint8 and batch.partner_images is not None
+        assert batch.images[0].dtype == torch.uint8 and batch.partner_images is not None
         assert torch.equal(views, reference_views(replayer, plan, records, images))
         kinds.update(erased=int((batch.erase_boxes[:, 1] == 0).sum()), cutmix=int((batch.mix_boxes[:, 0] >= 0).sum()),
                      mixup=int(((batch.lams < 1) & (batch.mix_boxes[:, 0] < 0)).sum()), views=len(batch))
@@ -119,7 +119,7 @@ def test_deit_views_of_photographs_equal_timm_and_the_former_mixing():
     for epoch in range(3):
         plan = replayer.plan(len(records), epoch, "photos")
         batch, views = finished(replayer, plan, records, images)
-        assert views.shape[1:] == (3, 224, 224) and batch.images.shape[1:] == (224, 224, 3)
+        assert views.shape[1:] == (3, 224, 224) and batch.images[0].shape[1:] == (224, 224, 3)
         assert torch.equal(views, reference_views(replayer, plan, records, images))
         erased += int((batch.erase_boxes[:, 1] == 0).sum())
     assert erased > 0

@@ -93,6 +93,34 @@ def test_same_with_dataloader_workers(digits_dir, reference, workers):
     assert got == reference
 
 
+def test_same_views_when_images_are_decoded_in_groups(digits_dir, reference):
+    # a decode budget smaller than a unit's images: the items come group pair by group pair, the views are the same
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
+    got = {}
+    for epoch in EPOCHS:
+        ds = ReplayViews(m, recipe, 7, epoch, rank=0, world_size=1, decode_memory=16 * 32 * 32 * 4)
+        got.update(views_of(ds))
+    assert got == reference
+
+
+def test_decode_steps_make_every_item_once_within_the_budget():
+    from pipeline.decoding import decode_steps
+
+    rng = np.random.default_rng(0)
+    positions = rng.permutation(300)
+    items = [tuple(positions[i:i + 2]) for i in range(0, 300, 2)] * 3  # pairs, every position in three items
+    sizes = {p: int(rng.integers(1, 10)) for p in range(300)}
+    for budget in (10**6, 400, 100, 30):
+        steps = decode_steps(items, sizes, budget)
+        assert sorted(i for _, which in steps for i in which) == list(range(len(items)))
+        for held, which in steps:
+            assert all(p in held for i in which for p in items[i])
+            assert sum(sizes[p] for p in held) <= max(budget, 2 * max(sizes.values()))
+        decodes = sum(len(held) for held, _ in steps)
+        assert decodes == 300 if budget == 10**6 else 300 < decodes <= 300 * (len(steps) + 1)
+    assert len(decode_steps(items, sizes, 10**6)) == 1
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_same_views_across_simulated_ranks_in_equal_shares(digits_dir, reference, world_size):
     m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
@@ -206,8 +234,8 @@ def test_pairs_carry_their_views_and_mix_parameters(digits_dir):
             assert params.lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (16 * 16))
     assert kinds["mixup"] > 20 and kinds["cutmix"] > 20
     batch = ViewCollate(10, recipe.smoothing)([v for item in items for v in item])
-    assert batch.images.dtype == torch.uint8
-    assert torch.equal(batch.partner_images[0::2], batch.images[1::2])  # each view carries its partner's pixels
+    assert batch.images[0].dtype == torch.uint8
+    assert torch.equal(batch.partner_images[0][0::2], batch.images[0][1::2])  # each view carries its partner's pixels
     assert torch.allclose(batch.targets.sum(1), torch.ones(len(batch)))
     lam = batch.lams.float()
     own = batch.targets.gather(1, batch.labels.view(-1, 1)).squeeze(1)
@@ -215,7 +243,7 @@ def test_pairs_carry_their_views_and_mix_parameters(digits_dir):
     expected = torch.where(same, torch.tensor(0.9 + 0.01), lam * 0.9 + 0.01)
     assert torch.allclose(own, expected, atol=1e-6)
     # a view replayed alone (as verify does) equals the one made with its unit
-    assert torch.equal(rep.view_at(plan, records, 5).image, batch.images[5])
+    assert torch.equal(rep.view_at(plan, records, 5).image, batch.images[0][5])
 
 
 def test_global_generators_unchanged(digits_dir):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from pipeline.engine import train_one_epoch
 from pipeline.export import Preprocessing
 from pipeline.finish import Finisher
+from pipeline.loader import regroup
 from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
 from pipeline.models import create_classifier
@@ -24,7 +25,7 @@ def test_one_epoch_with_a_mixing_recipe_trains_on_the_mixed_targets(digits_dir):
     m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     assert recipe.mixes and recipe.smoothing > 0
     o = TrainTeacherOptions.from_mapping({"data": digits_dir, "recipe": "digits-ra", "batch_size": 128, "workers": 0})
-    batches = list(view_loader(m, recipe, o, torch.device("cpu")))
+    batches = list(regroup(view_loader(m, recipe, o, torch.device("cpu")), 128))
     used = []
 
     class Recording(DistillationLoss):

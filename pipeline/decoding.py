@@ -59,20 +59,19 @@ def decode_steps(items: Sequence[Sequence[int]], sizes: Mapping[int, int],
 
 class DecodedImages:
     """The images a worker holds decoded, by position: each step keeps the ones it needs again and decodes the
-    rest (an error names `origin` and the key)."""
+    rest (an error names `origin` and the key); `keep_all` keeps every image once decoded (a whole shard that fits
+    the budget, for all its epochs)."""
 
-    def __init__(self, records, origin: str):
-        self.records, self.origin, self.held = records, origin, {}
-        self.decodes = 0
+    def __init__(self, records, origin: str, keep_all: bool = False):
+        self.records, self.origin, self.keep_all, self.held = records, origin, keep_all, {}
 
     def hold(self, positions: Sequence[int]) -> dict:
-        """Hold exactly these positions decoded (others are dropped)."""
-        held = {}
+        """Hold these positions decoded (others are dropped unless `keep_all`)."""
+        held = dict(self.held) if self.keep_all else {}
         for p in positions:
             held[p] = self.held.get(p)
             if held[p] is None:
                 held[p] = replay.decode_image(self.records[p].data, f"{self.origin}{self.records[p].key}")
-                self.decodes += 1
         self.held = held
         return held
 

@@ -37,10 +37,11 @@ def autocast(device: torch.device):
 
 
 def set_threads(threads: int | None, workers: int) -> int:
-    """Compute threads of this process: `threads`, else the cores it may run on less its loader workers (each
-    worker runs one thread), at least 1; so main process and workers together do not oversubscribe the cores."""
+    """Compute threads of this process: `threads`, else its share of the cores it may run on (shared with the other
+    processes torchrun started on this machine) less its loader workers (each runs one thread), at least 1; so that
+    processes and workers together do not oversubscribe the cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = threads or max(1, cores - workers)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    n = threads or max(1, cores // local - workers)
     torch.set_num_threads(n)
     return n
-

@@ -203,9 +203,9 @@ class CacheViews(_Views):
     def __iter__(self) -> Iterator[View]:
         while (w := self.jobs.get()) is not None:
             records = read_shard(self.manifest, self.split, self.shards[w.shard_no])
-            images = DecodedImages(records, f"{self.shards[w.shard_no]}:")
-            if sum(decoded_size(r.data) for r in records) <= self.decode_memory:
-                images.hold(range(len(records)))  # the whole shard fits: decoded once for all its epochs
+            # the whole shard fits the budget: each image decoded once, as first needed, for all the shard's epochs
+            whole = sum(decoded_size(r.data) for r in records) <= self.decode_memory
+            images = DecodedImages(records, f"{self.shards[w.shard_no]}:", keep_all=whole)
             for epoch in w.epochs:
                 unit = self._unit(records, epoch, w.shard_no)
                 for item in self._unit_items(unit, records, range(unit.items), images):

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -126,21 +123,6 @@ def test_resume_gives_the_uninterrupted_result(digits_dir, store, tmp_path, work
     assert strip[0] == strip[1] and len(strip[0]) == 2
 
 
-def test_torchrun_two_processes(digits_dir, store, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29000 + os.getpid() % 500), "-m", "stages", "train-student", "--out", out, "--manifest", digits_dir,
-           "--cache", store, "--epochs", "1", "--recipe", "digits-ra", "--patch-size", "4", "--depth", "2",
-           "--embed-dim", "48", "--num-heads", "2", "--batch-size", "64", "--workers", "0", "--device", "cpu"]
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = json.loads((out / "log.jsonl").read_text().splitlines()[0])
-    ds = ReplayViews(Manifest.load(digits_dir), Recipe.load("digits-ra"), 0, 0, rank=0, world_size=2, batch_size=64)
-    assert log["images"] == 2 * ds.views()  # both ranks' equal shares of full batches, each view once
-    assert log["steps"] == ds.batches()
-
-
 def test_incomplete_store_lists_missing_units(digits_dir, store, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(store, partial)
@@ -154,30 +136,6 @@ def test_reuse_epochs_cycles_the_cached_epochs(digits_dir, store, tmp_path):
     run(opts(digits_dir, tmp_path / "run", cache=store, epochs=3, reuse_epochs=True, depth=1, embed_dim=32))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["view_epoch"] for r in log] == [0, 1, 0]
-
-
-def test_torchrun_five_uneven_shards_on_two_ranks_take_equal_steps(digits_dir, tmp_path):
-    from pipeline.shards import write_shards
-    from pipeline.sources import digits_source
-
-    five = tmp_path / "five"
-    m = write_shards(digits_source(0.2, seed=0, size=16), five, 300, 0, False)[0]
-    assert len(m.shards("train")) == 5 and len({m.shard_range("train", s)[1] - m.shard_range("train", s)[0]
-                                                  for s in m.shards("train")}) == 2
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(28500 + os.getpid() % 500), "-m", "stages", "train-student", "--out", out, "--manifest", five,
-           "--distillation", "none", "--epochs", "2", "--recipe", "digits-ra", "--patch-size", "4", "--depth", "1",
-           "--embed-dim", "32", "--num-heads", "2", "--batch-size", "64", "--workers", "0", "--device", "cpu"]
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for row in (json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()):
-        ranks = [ReplayViews(m, Recipe.load("digits-ra"), 0, row["epoch"], rank=r, world_size=2, batch_size=64)
-                 for r in range(2)]
-        assert ranks[0].views() == ranks[1].views() and ranks[0].batches() == ranks[1].batches() == row["steps"]
-        # odd views left unpaired (< 1 per shard), the remainder (< 1 pair per rank), a partial batch per rank
-        assert row["images"] == 2 * ranks[0].views() >= m.count("train") - 5 - 2 * 2 - 2 * 63
 
 
 def test_cached_and_online_kd_give_identical_logs_with_repeats(digits_dir, store, teacher_ckpt, tmp_path):

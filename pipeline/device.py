@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import nullcontext
 
 import torch
@@ -45,3 +46,12 @@ def set_threads(threads: int | None, workers: int) -> int:
     n = threads or max(1, cores // local - workers)
     torch.set_num_threads(n)
     return n
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (imports included), for start-up figures; 0 where /proc cannot say."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.device import autocast
+from pipeline.device import autocast, process_seconds
 from pipeline.distributed import sum_across_ranks
 from pipeline.errors import ReplayKDError
 from pipeline.finish import Finisher
@@ -48,7 +48,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
     `targets`, the loss from `criterion`.
 
     `lr_at(step)` sets the learning rate before each optimiser step; returns the epoch's stats and the next step.
-    `progress['step']`, when given, follows the step (for a message saying where a run stopped).
+    `progress['step']`, when given, follows the step (for a message saying where a run stopped), and
+    `progress['first_step']` says when this process finished its first step (seconds since it started).
     """
     model.train()
     plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -83,6 +84,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
             step += 1
             if progress is not None:
                 progress["step"] = step
+                progress.setdefault("first_step", process_seconds())
     finally:
         bar.close()  # before any error message: a left-open bar would share its line
     seconds = time.perf_counter() - t0

@@ -170,8 +170,9 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, eval_split: st
     if o.reuse_epochs and o.epochs > ds.view_epochs and rank == 0:
         typer.echo(f"--reuse-epochs: the cache holds {ds.view_epochs} epochs; student epoch e uses cached epoch "
                    f"e % {ds.view_epochs}")
+    start_epoch = progress["epoch"]
     try:
-        for epoch in range(progress["epoch"], o.epochs):
+        for epoch in range(start_epoch, o.epochs):
             progress["epoch"] = epoch
             ds.set_epoch(epoch)
             stats, step = train_one_epoch(model, criterion, regroup(loader, o.batch_size), optimizer, dev, epoch,
@@ -187,7 +188,9 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, eval_split: st
             rows.append({"epoch": epoch, "view_epoch": ds.plan().epoch, "steps": stats.steps, "loss": stats.loss,
                          "loss_base": stats.loss_base, "loss_distill": stats.loss_distill, "lr": stats.lr,
                          "images": stats.images, "train_seconds": stats.seconds,
-                         "images_per_s": stats.images_per_s, **acc})
+                         "images_per_s": stats.images_per_s, **acc,
+                         # this launch's start-up: from the process's start to its first optimiser step
+                         **({"startup_seconds": progress["first_step"]} if epoch == start_epoch else {})})
             rng_states = rng.all_states(dev)
             if rank == 0:
                 _checkpoint(folder, student, ema, manifest, eval_prep, optimizer, epoch, step, rows, rng_states,

@@ -33,7 +33,7 @@ DISTILLATION   ?= hard
 STUDENT_RUN    ?= $(RUN)/student-$(DISTILLATION)
 LAUNCH         := $(if $(filter 1,$(NPROC)),$(RKD),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) -m stages)
 
-.PHONY: venv test test-fast shards train-teacher teacher-cache train-student demo study bench pillow-simd readme clean
+.PHONY: venv test test-fast shards train-teacher teacher-cache train-student demo study bench bench-scale pillow-simd readme clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -112,10 +112,16 @@ bench: $(STAMP)
 	$(RKD) bench --out runs/bench --device $(DEVICE) --workers $(WORKERS) --pillow-simd $(PILLOW_SIMD) \
 		--real-cache $(STORE)
 
-# The README's results sections, from the last `make demo` and `make bench` (a run never edits tracked files).
+# ImageNet's shape on this machine (not in CI; about 3 GB of data under runs/bench/scale, kept for later runs).
+bench-scale: $(STAMP)
+	$(RKD) bench-scale --out runs/bench --workers $(WORKERS)
+
+# The README's results sections, from the last `make demo`, `make bench` and `make bench-scale` (a run never edits
+# tracked files).
 readme: $(STAMP)
 	$(RKD) report $(RUN) --readme README.md
 	$(RKD) bench --out runs/bench --render-only --readme README.md
+	test ! -f runs/bench/scale.json || $(RKD) bench-scale --out runs/bench --render-only --readme README.md
 
 clean:
 	rm -rf data runs $(PILLOW_SIMD)

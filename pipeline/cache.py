@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,7 +26,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 from pipeline.claims import CLAIMS, read_claim, this_process
 from pipeline.errors import ReplayKDError
 from pipeline.plan import max_unit_size, unit_size
-from pipeline.storage import LocalStorage
+from pipeline import storage as storages
+from pipeline.storage import Location
 
 if TYPE_CHECKING:
     from pipeline.manifest import Manifest
@@ -172,6 +171,13 @@ def _compressors(dtype: str):
             Crc32cCodec()]
 
 
+def _open_group(path: Location, mode: str) -> zarr.Group:
+    """The store's root group: a local folder, or a URL through zarr's fsspec store with this process's options."""
+    if storages.is_url(path):
+        return zarr.open_group(str(path), mode=mode, storage_options=storages.options(str(path)))
+    return zarr.open_group(str(path), mode=mode)
+
+
 def _dict_differences(stored: dict, wanted: dict) -> str:
     names = sorted(set(stored) | set(wanted))
     return ", ".join(f"{n} {stored.get(n)!r} vs {wanted.get(n)!r}" for n in names if stored.get(n) != wanted.get(n))
@@ -180,9 +186,9 @@ def _dict_differences(stored: dict, wanted: dict) -> str:
 class TeacherCache:
     """An open teacher cache: its config, shard layout, completed units, and unit reads/writes."""
 
-    def __init__(self, path: Path, group: zarr.Group):
-        self.path, self.group = Path(path), group
-        self.storage = LocalStorage(self.path)
+    def __init__(self, path: Location, group: zarr.Group):
+        self.path, self.group = storages.as_location(path), group
+        self.storage = storages.for_root(self.path)
         attrs = dict(group.attrs)
         found = str(attrs.get("format", ""))
         if not found.startswith(FORMAT_NAME + "/"):
@@ -207,23 +213,26 @@ class TeacherCache:
 
     # --- opening -----------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path, mode: str = "r") -> "TeacherCache":
+    def open(cls, path: Location, mode: str = "r") -> "TeacherCache":
         """Open an existing store (read-only by default); a missing or foreign path is a clear error."""
-        path = Path(path)
-        if not (path / "zarr.json").exists():
+        path = storages.as_location(path)
+        storage = storages.for_root(path)
+        if storage.read("zarr.json") is None:
             raise ReplayKDError(f"no teacher cache at {path} (run 'replaykd teacher-cache' first)")
-        if not cls._is_store(path) and LocalStorage(path).read(CHANGING) is not None:
+        if not cls._is_store(storage) and storage.read(CHANGING) is not None:
             raise ReplayKDError(f"{path} is being created by another run; try again when it has started")
-        return cls(path, zarr.open_group(str(path), mode=mode))
+        with storages.remote(path, "opening the store"):
+            return cls(path, _open_group(path, mode))
 
     @classmethod
-    def create_or_grow(cls, path: Path, request: CacheRequest, epochs: int, shards: list[str], counts: list[int],
+    def create_or_grow(cls, path: Location, request: CacheRequest, epochs: int, shards: list[str], counts: list[int],
                        repeats: int, paired: bool, epochs_per_file: int, extra_attrs: dict,
                        launch: str) -> "TeacherCache":
         """Create the store, or open one that fits `request` and grow it to `epochs` epochs. Of several processes
         doing this at once (independent runs, parts of a job array) one changes the store and the others wait for
         it; a creation interrupted by a kill is taken over."""
-        path, storage = Path(path), LocalStorage(Path(path))
+        path = storages.as_location(path)
+        storage = storages.for_root(path)
         deadline, took_over = time.time() + WAIT_SECONDS, False
         while not storage.create(CHANGING, json.dumps(dataclasses.asdict(this_process(launch))).encode()):
             holder = read_claim(storage, CHANGING)
@@ -236,30 +245,29 @@ class TeacherCache:
             else:
                 time.sleep(0.2)
         try:
-            if cls._is_store(path):
+            if cls._is_store(storage):
                 return cls._grow(path, request, epochs, shards, counts)
-            if not took_over and any(not (f.name == CHANGING or f.name.endswith(".partial")) for f in path.iterdir()):
+            if not took_over and any(not name.endswith(".partial") for name in storage.children("")):
                 raise ReplayKDError(f"{path} exists and is not a teacher cache; choose another --out")
             try:
-                cls._create(path, request.config(epochs), shards, counts, repeats, paired, epochs_per_file,
-                            extra_attrs)
+                with storages.remote(path, "creating the store"):
+                    cls._create(path, request.config(epochs), shards, counts, repeats, paired, epochs_per_file,
+                                extra_attrs)
             except BaseException:
-                for f in path.iterdir():  # leave nothing half-made: the folder held nothing of anyone's before
-                    if f.name != CHANGING:
-                        shutil.rmtree(f) if f.is_dir() else f.unlink()
+                storage.remove_all(keep=CHANGING)  # leave nothing half-made: it held nothing of anyone's before
                 raise
             return cls.open(path, mode="a")
         finally:
             storage.delete(CHANGING)
 
     @staticmethod
-    def _is_store(path: Path) -> bool:
-        """Whether `path` holds a store whose creation finished (its format is recorded, last)."""
-        meta = path / "zarr.json"
-        return meta.exists() and "format" in json.loads(meta.read_text()).get("attributes", {})
+    def _is_store(storage) -> bool:
+        """Whether `storage` holds a store whose creation finished (its format is recorded, last)."""
+        meta = storage.read("zarr.json")
+        return meta is not None and "format" in json.loads(meta).get("attributes", {})
 
     @classmethod
-    def _grow(cls, path: Path, request: CacheRequest, epochs: int, shards: list[str], counts: list[int]):
+    def _grow(cls, path: Location, request: CacheRequest, epochs: int, shards: list[str], counts: list[int]):
         cache = cls.open(path, mode="a")
         cache.require(request)
         if cache.shards != shards or cache.counts != counts:
@@ -272,10 +280,10 @@ class TeacherCache:
         return cache
 
     @staticmethod
-    def _create(path: Path, config: CacheConfig, shards: list[str], counts: list[int], repeats: int, paired: bool,
+    def _create(path: Location, config: CacheConfig, shards: list[str], counts: list[int], repeats: int, paired: bool,
                 epochs_per_file: int, extra_attrs: dict) -> None:
         # overwrite: a creation a kill interrupted is redone from the start (the lock file itself is not zarr's)
-        group = zarr.open_group(str(path), mode="a")
+        group = _open_group(path, "a")
         width = max(max_unit_size(n, repeats, paired) for n in counts)
         block = max(1, min(epochs_per_file, config.epochs))
         codec_chain = {}
@@ -337,7 +345,8 @@ class TeacherCache:
     def done(self) -> np.ndarray:
         """(epochs, shards) bool: which units are complete."""
         try:
-            return self.complete[:] != 0
+            with storages.remote(self.path, "reading the completion records"):
+                return self.complete[:] != 0
         except (ValueError, RuntimeError) as exn:
             raise DamagedUnit(f"cache {self.path}: its completion records are damaged ({exn}); run `replaykd cache "
                               f"repair {self.path}`") from exn
@@ -354,13 +363,18 @@ class TeacherCache:
     def write_unit(self, epoch: int, shard_no: int, data: UnitArrays) -> None:
         """Write one unit's arrays, then record it complete (the caller owns this data shard)."""
         n = self.unit_size(epoch, shard_no)
-        for name, values in data.arrays().items():
-            self.arrays[name][epoch, shard_no, :n] = ENCODED[name][1](values) if name in ENCODED else values
-        self.complete[epoch, shard_no] = 1
+        with storages.remote(self.path, f"writing unit (epoch {epoch}, shard {self.shards[shard_no]})"):
+            for name, values in data.arrays().items():
+                self.arrays[name][epoch, shard_no, :n] = ENCODED[name][1](values) if name in ENCODED else values
+            self.complete[epoch, shard_no] = 1
 
     def read_unit(self, epoch: int, shard_no: int, check_complete: bool = True) -> UnitArrays:
         """One completed unit's arrays, one row per slot; bytes that fail their checksum are a `DamagedUnit` error
         naming the unit and the array."""
+        with storages.remote(self.path, f"reading unit (epoch {epoch}, shard {self.shards[shard_no]})"):
+            return self._read_unit(epoch, shard_no, check_complete)
+
+    def _read_unit(self, epoch: int, shard_no: int, check_complete: bool) -> UnitArrays:
         if check_complete and not self.complete[epoch, shard_no]:
             raise ReplayKDError(f"{self.path}: unit (epoch {epoch}, shard {self.shards[shard_no]}) is not complete")
         n = self.unit_size(epoch, shard_no)
@@ -376,8 +390,8 @@ class TeacherCache:
         return UnitArrays(**{name: ENCODED[name][2](v) if name in ENCODED else v for name, v in stored.items()})
 
     def bytes_on_disk(self) -> int:
-        """Total size of the store's files."""
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Total size of the store's files (objects)."""
+        return self.storage.total_bytes()
 
     # --- integrity ---------------------------------------------------------------------------------
     def damage(self, progress=None) -> list[tuple[int | None, int, str]]:

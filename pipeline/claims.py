@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from pipeline.storage import LocalStorage
+from pipeline.storage import LocalStorage, ObjectStorage
 
 CLAIMS = "claims"  # the store's group of claim records
 
@@ -58,7 +58,7 @@ def this_process(launch: str) -> Claim:
                  time.time())
 
 
-def read_claim(storage: LocalStorage, key: str) -> Claim | None:
+def read_claim(storage: LocalStorage | ObjectStorage, key: str) -> Claim | None:
     """The claim record at `key` (a claim's group metadata, or a bare record), or None."""
     data = storage.read(key)
     if data is None:
@@ -70,7 +70,7 @@ def read_claim(storage: LocalStorage, key: str) -> Claim | None:
 class Claims:
     """This process's claims on a store's data shards."""
 
-    def __init__(self, storage: LocalStorage, launch: str, lease: float = LEASE_SECONDS):
+    def __init__(self, storage: LocalStorage | ObjectStorage, launch: str, lease: float = LEASE_SECONDS):
         self.storage, self.lease = storage, lease
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{launch}"
         self.launch = launch

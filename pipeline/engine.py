@@ -84,7 +84,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
             step += 1
             if progress is not None:
                 progress["step"] = step
-                progress.setdefault("first_step", process_seconds())
+                if "first_step" not in progress:
+                    progress["first_step"] = process_seconds()
+                    if show_progress:
+                        tqdm.write(f"first step {progress['first_step']:.1f} s after this process started")
     finally:
         bar.close()  # before any error message: a left-open bar would share its line
     seconds = time.perf_counter() - t0

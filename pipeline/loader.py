@@ -7,6 +7,7 @@ so a shuffled batch holds views of about twice as many images as it has rows.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import multiprocessing
 import signal
 from typing import Callable, Iterable, Iterator, Sequence
@@ -20,10 +21,11 @@ from pipeline.decoding import DecodedImages, decoded_size, steps_for
 from pipeline.errors import ReplayKDError
 from pipeline.manifest import Manifest
 from pipeline.plan import EpochPlan, Segment, UnitPlan
-from pipeline.reader import read_shard
+from pipeline.reader import read_ahead, read_shard
 from pipeline.recipe import Recipe
 from pipeline.records import TeacherTargets, View, ViewBatch
 from pipeline.replay import Replayer, decode_image
+from pipeline.storage import is_url
 
 # Runs in the loader worker once per unit: returns a function applied to each of its views (stage two attaches
 # the cached targets with it).
@@ -164,8 +166,17 @@ class ReplayViews(_Views):
         return self.plan(epoch).batches(self.world_size, self.batch_size)
 
     def _views(self, segments: list[Segment]) -> Iterator[View]:
-        for seg in segments:
-            records = read_shard(self.manifest, self.split, self.shards[seg.shard_no])
+        # from an object store, a segment's shard (and cache unit) are fetched while the one before is replayed: its
+        # latency is hidden, and a shard's bytes are held twice as long
+        prefetch = getattr(self.annotate, "prefetch", None)
+        depth = int(is_url(self.manifest.shard_root) or getattr(self.annotate, "remote", False))
+
+        def fetch(seg: Segment):
+            if prefetch is not None and depth:
+                prefetch(seg.epoch, seg.shard_no)
+            return read_shard(self.manifest, self.split, self.shards[seg.shard_no])
+
+        for seg, records in zip(segments, read_ahead(segments, fetch, depth)):
             unit = self._unit(records, seg.epoch, seg.shard_no)
             needed = set(unit.positions(seg.start, seg.stop))  # with r repeats, about 1/r of the shard's images
             records = [r if r.position in needed else dataclasses.replace(r, data=b"") for r in records]
@@ -201,8 +212,11 @@ class CacheViews(_Views):
         return self.expected
 
     def __iter__(self) -> Iterator[View]:
-        while (w := self.jobs.get()) is not None:
-            records = read_shard(self.manifest, self.split, self.shards[w.shard_no])
+        # from an object store, the next job's shard is fetched while this one's views are made
+        fetched = read_ahead(iter(self.jobs.get, None),
+                             lambda w: (w, read_shard(self.manifest, self.split, self.shards[w.shard_no])),
+                             int(is_url(self.manifest.shard_root)))
+        for w, records in fetched:
             # the whole shard fits the budget: each image decoded once, as first needed, for all the shard's epochs
             whole = sum(decoded_size(r.data) for r in records) <= self.decode_memory
             images = DecodedImages(records, f"{self.shards[w.shard_no]}:", keep_all=whole)
@@ -350,10 +364,13 @@ class EvalViews(IterableDataset):
                 yield self.transform(decode_image(r.data, f"{shard}:{r.key}")), r.label
 
 
-def quiet_worker(_: int) -> None:
+def setup_worker(_: int) -> None:
     """DataLoader worker set-up: leave Ctrl-C to the main process, which stops the workers and says where it
-    stopped (a worker's own KeyboardInterrupt would print a traceback per worker)."""
+    stopped (a worker's own KeyboardInterrupt would print a traceback per worker); and keep the objects inherited
+    from the main process out of the worker's garbage collections (each would walk them all: measured, a worker's
+    first object-store read took 0.70 s of CPU instead of 0.23 s after the main process had used the store)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.freeze()
 
 
 def stop_workers(*loaders) -> None:
@@ -370,5 +387,5 @@ def loader_settings(workers: int, prefetch: int, device: torch.device, seed: int
     per worker, and a generator of its own for the workers' seeds, so that starting a loader never draws from the
     global generator (whose state a resumed run restores: drawing from it would change what follows)."""
     return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": device.type == "cuda",
-            "prefetch_factor": prefetch if workers > 0 else None, "worker_init_fn": quiet_worker if workers else None,
+            "prefetch_factor": prefetch if workers > 0 else None, "worker_init_fn": setup_worker if workers else None,
             "generator": torch.Generator().manual_seed(seed)}

@@ -12,7 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ReplayKDError
+from pipeline import storage
 from pipeline.io import atomic_path, write_json_atomic
+from pipeline.storage import Location
 
 FORMAT = "replaykd.manifest/1"
 HEADER = "manifest.json"
@@ -56,10 +58,10 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
 class Manifest:
     """Class names, a row table per split, where the shards are, and the content hash."""
 
-    path: Path
+    path: Location
     classes: list[str]
     tables: dict[str, pa.Table]
-    shard_root: Path
+    shard_root: Location
     hash: str = ""
     info: dict = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # shard file -> bytes, where known
@@ -123,27 +125,32 @@ class Manifest:
     def check_files(self, split: str) -> None:
         """Refuse, before any work starts, a split whose shard files are missing or not the size recorded when the
         manifest was written (truncated or replaced); a shard changed in place is caught when it is read."""
-        problems = []
+        problems, found = [], storage.sizes(self.shard_root)  # one listing, for an object store too
         for shard in self.shards(split):
             path = self.shard_path(shard)
-            if not path.exists():
+            if shard not in found:
                 problems.append(f"{path} is missing")
-            elif shard in self.sizes and path.stat().st_size != self.sizes[shard]:
-                problems.append(f"{path} holds {path.stat().st_size} bytes, the manifest recorded {self.sizes[shard]}")
+            elif shard in self.sizes and found[shard] >= 0 and found[shard] != self.sizes[shard]:
+                problems.append(f"{path} holds {found[shard]} bytes, the manifest recorded {self.sizes[shard]}")
         if problems:
             raise ReplayKDError(f"{len(problems)} shard(s) of split '{split}' do not match manifest {self.path}: "
                                 + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
 
-    def shard_path(self, shard: str) -> Path:
-        """Where a shard file is on disk."""
-        return self.shard_root / shard
+    def shard_path(self, shard: str) -> Location:
+        """Where a shard file is: a local path or a URL."""
+        return storage.join(self.shard_root, shard)
 
     def header(self) -> dict:
         """The JSON header: identity, classes, counts and shard lists."""
-        try:
-            root = os.path.relpath(self.shard_root, self.path)
-        except ValueError:  # another drive on Windows
-            root = str(self.shard_root)
+        if storage.is_url(self.shard_root):
+            root = "." if self.shard_root == self.path else str(self.shard_root)
+        elif storage.is_url(self.path):
+            root = str(Path(self.shard_root).resolve())
+        else:
+            try:
+                root = os.path.relpath(self.shard_root, self.path)
+            except ValueError:  # another drive on Windows
+                root = str(self.shard_root)
         return {
             "format": FORMAT,
             "hash": self.hash,
@@ -162,6 +169,14 @@ class Manifest:
 
     def write(self) -> None:
         """Write the parquet tables, then the header (the header's presence marks a complete manifest)."""
+        if storage.is_url(self.path):
+            records = storage.for_root(self.path)
+            for split, t in self.tables.items():
+                sink = pa.BufferOutputStream()
+                pq.write_table(t, sink)
+                records.write(f"{split}.parquet", sink.getvalue().to_pybytes())
+            records.write(HEADER, (json.dumps(self.header(), indent=2) + "\n").encode())
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         for split, t in self.tables.items():
             with atomic_path(self.path / f"{split}.parquet") as tmp:
@@ -169,22 +184,33 @@ class Manifest:
         write_json_atomic(self.path / HEADER, self.header())
 
     @classmethod
-    def load(cls, path: Path, shard_root: Path | None = None) -> "Manifest":
-        """Read a manifest directory; `shard_root` overrides where the shards are looked for."""
-        path = Path(path)
-        if path.name == HEADER:
-            path = path.parent
-        header_file = path / HEADER
-        if not header_file.exists():
+    def load(cls, path: Location, shard_root: Location | None = None) -> "Manifest":
+        """Read a manifest folder (or URL); `shard_root` overrides where the shards are looked for."""
+        path = storage.as_location(str(path))
+        if storage.basename(path) == HEADER:
+            path = storage.parent(path)
+        records = storage.for_root(path)
+        header_file = storage.join(path, HEADER)
+        data = records.read(HEADER)
+        if data is None:
             raise ReplayKDError(f"no manifest at {path} (missing {HEADER}); run 'replaykd shards' or 'replaykd manifest'")
-        header = json.loads(header_file.read_text())
+        header = json.loads(data)
         if header.get("format") != FORMAT:
             raise ReplayKDError(f"{header_file} is not a {FORMAT} manifest")
         tables = {}
         for split in header["splits"]:
-            table = pq.read_table(path / f"{split}.parquet").cast(SCHEMA)
-            tables[split] = table
-        root = Path(shard_root) if shard_root is not None else (path / header["shard_root"]).resolve()
+            parquet = records.read(f"{split}.parquet")
+            if parquet is None:
+                raise ReplayKDError(f"manifest {path} lacks {split}.parquet (copied only in part?)")
+            tables[split] = pq.read_table(pa.BufferReader(parquet)).cast(SCHEMA)
+        if shard_root is not None:
+            root = storage.as_location(str(shard_root))
+        elif storage.is_url(header["shard_root"]) or header["shard_root"].startswith("/"):
+            root = storage.as_location(header["shard_root"])
+        elif storage.is_url(path):
+            root = path if header["shard_root"] in (".", "") else storage.join(path, header["shard_root"])
+        else:
+            root = (path / header["shard_root"]).resolve()
         sizes = {s["name"]: s["bytes"] for split in header["splits"].values() for s in split["shards"] if "bytes" in s}
         m = cls(path, header["classes"], tables, root, info=header.get("info", {}), sizes=sizes)
         if m.hash != header["hash"]:

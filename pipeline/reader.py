@@ -1,15 +1,19 @@
 """Read WebDataset shards: raw samples, and a shard checked row by row against its manifest."""
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import google_crc32c
 
+from pipeline import storage
 from pipeline.errors import ReplayKDError, ShardMismatch
 from pipeline.manifest import Manifest
+from pipeline.storage import Location
 
+T, R = TypeVar("T"), TypeVar("R")
 ZERO_BLOCK = bytes(512)
 # Extensions a sample's image field may have (a WebDataset field is named by its file's extension).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
@@ -54,7 +58,7 @@ def image_field(sample: TarSample, shard: str) -> str:
     raise ReplayKDError(f"{shard}: sample '{sample.key}' has no image field (fields: {', '.join(sample.fields)})")
 
 
-def tar_members(data: bytes, path: Path) -> Iterator[tuple[str, int, int]]:
+def tar_members(data: bytes, path: Location) -> Iterator[tuple[str, int, int]]:
     """(name, offset, size) of each regular file of an uncompressed tar, in order: ustar headers, with pax and GNU
     long names. Python's tarfile does the same several times slower (in particular with a pax header per member),
     and every byte read here is checked against the manifest afterwards."""
@@ -91,14 +95,15 @@ def tar_members(data: bytes, path: Path) -> Iterator[tuple[str, int, int]]:
         raise ShardMismatch(f"shard {path} is truncated: {len(data) - pos} stray bytes at its end")
 
 
-def iter_tar(path: Path, data: bytes | None = None) -> Iterator[TarSample]:
-    """Samples of one tar shard (its bytes, read from `path` unless given) in file order, grouped as WebDataset
-    does (key: the name up to the first dot of its last part; field: the rest); a broken tar is an error naming it."""
-    path = Path(path)
+def iter_tar(path: Location, data: bytes | None = None) -> Iterator[TarSample]:
+    """Samples of one tar shard (its bytes, read from `path` unless given: a file or an object URL)
+    in file order, grouped as WebDataset does (key: the name up to the first dot of its last part; field: the
+    rest); a broken tar is an error naming it."""
     if data is None:
-        if not path.exists():
-            raise ReplayKDError(f"shard not found: {path}")
-        data = path.read_bytes()
+        try:
+            data = storage.read_bytes(path)
+        except ReplayKDError as exn:
+            raise ReplayKDError(f"shard {exn}") from exn
     key, fields, spans = None, {}, {}
     for name, start, size in tar_members(data, path):
         base, slash, last = name.rpartition("/")
@@ -135,3 +140,24 @@ def read_shard(manifest: Manifest, split: str, shard: str) -> list[Record]:
     if len(out) < n:
         raise ShardMismatch(f"shard {path} is truncated: {len(out)} of {n} samples; first missing key '{rows['key'][len(out)]}'")
     return out
+
+
+def read_ahead(items: Iterable[T], read: Callable[[T], R], depth: int) -> Iterator[R]:
+    """`read(item)` of each item in order, with the next `depth` reads under way in a background thread while the
+    caller works on the current result (object storage: a shard's latency hidden behind the previous shard's work,
+    at the cost of holding `depth` more shards' bytes)."""
+    if depth < 1:
+        yield from map(read, items)
+        return
+    it = iter(items)
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        pending = deque(pool.submit(read, x) for _, x in zip(range(depth + 1), it))
+        while pending:
+            result = pending.popleft().result()
+            for x in (next(it, _END),):
+                if x is not _END:
+                    pending.append(pool.submit(read, x))
+            yield result
+
+
+_END = object()

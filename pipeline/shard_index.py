@@ -8,7 +8,6 @@ their lengths, it names the split and every count is checked against it.
 """
 from __future__ import annotations
 
-import glob as globlib
 import json
 import re
 from collections import defaultdict
@@ -18,8 +17,10 @@ from pathlib import Path
 from braceexpand import braceexpand
 from tqdm import tqdm
 
+from pipeline import storage
 from pipeline.errors import ReplayKDError
 from pipeline.reader import crc32c, image_field, iter_tar
+from pipeline.storage import Location
 
 # [prefix-]split-index.tar; the split is the last dash-separated part before the index
 SHARD_RE = re.compile(r"^(?:(?P<prefix>.+)-)?(?P<split>[^-]+)-(?P<index>\d+)\.tar$")
@@ -47,7 +48,7 @@ class IndexedSample:
 class ShardIndex:
     """The samples of existing shards by split (in shard then position order), their folder, classes and sizes."""
 
-    root: Path
+    root: Location
     classes: list[str]
     splits: dict[str, list[IndexedSample]]
     sizes: dict[str, int]
@@ -63,15 +64,15 @@ def split_of(name: str, info_splits: dict[str, str]) -> str:
     return m.group("split") if m else "train"
 
 
-def read_info(root: Path) -> dict:
+def read_info(root: Location) -> dict:
     """The data set's `_info.json` (timm's wds layout), or {}."""
     for name in INFO_FILES:
-        f = root / name
-        if f.exists():
+        data = storage.for_root(root).read(name)
+        if data is not None:
             try:
-                return json.loads(f.read_text())
+                return json.loads(data)
             except json.JSONDecodeError as exn:
-                raise ReplayKDError(f"{f} is not valid JSON: {exn}") from exn
+                raise ReplayKDError(f"{storage.join(root, name)} is not valid JSON: {exn}") from exn
     return {}
 
 
@@ -87,7 +88,7 @@ def _info_files(info: dict) -> tuple[dict[str, str], dict[str, int]]:
     return splits, lengths
 
 
-def _label(sample, path: Path) -> int:
+def _label(sample, path: Location) -> int:
     """The integer label: the `cls` field, else `label` in the `json` field (as the wds layouts carry it)."""
     try:
         if "cls" in sample.fields:
@@ -100,12 +101,13 @@ def _label(sample, path: Path) -> int:
 
 def index_shards(pattern: str, classes_file: Path | None = None, num_classes: int | None = None,
                  classes: list[str] | None = None) -> ShardIndex:
-    """Index the shards matched by `pattern` (one folder); classes as given, else from `classes_file`, else
-    classes.txt beside the shards, else `num_classes` numbered classes, else as many as the largest label needs."""
-    paths = sorted(p for p in map(Path, globlib.glob(pattern)) if p.is_file())
+    """Index the shards matched by `pattern` (one folder, local or an object-store URL, with globs and `{a..b}`
+    braces); classes as given, else from `classes_file`, else classes.txt beside the shards, else `num_classes`
+    numbered classes, else as many as the largest label needs."""
+    paths = storage.expand(pattern)
     if not paths:
         raise ReplayKDError(f"no shard files match {pattern!r}")
-    roots = {p.parent.resolve() for p in paths}
+    roots = {storage.parent(p) if storage.is_url(p) else p.parent.resolve() for p in paths}
     if len(roots) > 1:
         raise ReplayKDError(f"shards matched by {pattern!r} lie in several folders "
                             f"({', '.join(map(str, sorted(roots)))}); use one folder")
@@ -115,24 +117,25 @@ def index_shards(pattern: str, classes_file: Path | None = None, num_classes: in
     splits: dict[str, list[IndexedSample]] = defaultdict(list)
     sizes, first_seen = {}, {}
     for path in tqdm(paths, desc="index shards", unit="shard"):
-        data = path.read_bytes()
-        sizes[path.name] = len(data)
-        rows = splits[split_of(path.name, info_splits)]
+        name = storage.basename(path)
+        data = storage.read_bytes(path)
+        sizes[name] = len(data)
+        rows = splits[split_of(name, info_splits)]
         count = 0
         for position, sample in enumerate(iter_tar(path, data)):
             ext = image_field(sample, str(path))
-            seen = (split_of(path.name, info_splits), sample.key)
+            seen = (split_of(name, info_splits), sample.key)
             if seen in first_seen:
                 raise ReplayKDError(f"sample key '{sample.key}' appears twice in split '{seen[0]}' "
-                                    f"({first_seen[seen]} and {path.name}): each view's seed comes from its key, so "
+                                    f"({first_seen[seen]} and {name}): each view's seed comes from its key, so "
                                     "keys must be unique")
-            first_seen[seen] = path.name
+            first_seen[seen] = name
             offset, nbytes = sample.spans[ext]
-            rows.append(IndexedSample(sample.key, _label(sample, path), ext, path.name, position, offset, nbytes,
+            rows.append(IndexedSample(sample.key, _label(sample, path), ext, name, position, offset, nbytes,
                                       crc32c(sample.fields[ext])))
             count += 1
-        if path.name in info_lengths and info_lengths[path.name] != count:
-            raise ReplayKDError(f"shard {path} holds {count} samples, its _info.json says {info_lengths[path.name]} "
+        if name in info_lengths and info_lengths[name] != count:
+            raise ReplayKDError(f"shard {path} holds {count} samples, its _info.json says {info_lengths[name]} "
                                 "(truncated or changed)")
     needed = 1 + max(r.label for rows in splits.values() for r in rows)
     if classes is None:
@@ -142,11 +145,15 @@ def index_shards(pattern: str, classes_file: Path | None = None, num_classes: in
     return ShardIndex(root, classes, dict(splits), sizes, info, _sorted_warnings(splits))
 
 
-def _classes(root: Path, classes_file: Path | None, num_classes: int | None, needed: int) -> list[str]:
-    classes_file = Path(classes_file) if classes_file else root / CLASSES_FILE
-    if classes_file.exists():
-        classes = [c for c in classes_file.read_text().splitlines() if c]
-        where = str(classes_file)
+def _classes(root: Location, classes_file: Path | None, num_classes: int | None, needed: int) -> list[str]:
+    if classes_file:
+        text = Path(classes_file).read_text() if Path(classes_file).exists() else None
+    else:
+        text = storage.for_root(root).read(CLASSES_FILE)
+        text = text.decode() if text is not None else None
+    if text is not None:
+        classes = [c for c in text.splitlines() if c]
+        where = str(classes_file or storage.join(root, CLASSES_FILE))
     else:
         classes = [str(i) for i in range(num_classes or needed)]
         where = f"--num-classes {num_classes}"

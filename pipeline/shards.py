@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from pipeline import storage
 from pipeline.errors import ReplayKDError
 from pipeline.manifest import HEADER, Manifest, rows_to_table
 from pipeline.reader import crc32c
@@ -121,7 +123,32 @@ def _write_split(split: str, items, rng: np.random.Generator, folder: Path, shar
     return rows, skipped
 
 
-def scan_shards(pattern: str, out: Path, classes_file: Path | None = None,
+def publish(source: Source, url: str, shard_size: int, seed: int, skip_bad: bool,
+            overwrite: bool = False) -> tuple[Manifest, list[tuple[str, str]]]:
+    """`write_shards` to an object store: the data set is written in a local temporary folder ($TMPDIR), then
+    uploaded shard by shard, the manifest's header last, so readers never see a half-uploaded data set; with
+    `overwrite`, shards of an earlier data set there that this one does not replace are removed afterwards."""
+    records = storage.for_root(url)
+    before = [n for n in records.children("") if SHARD_RE.match(n) or n.endswith(".parquet")
+              or n in (HEADER, CLASSES_FILE, SKIPPED_FILE)]
+    if before and not overwrite:
+        raise ReplayKDError(f"{url} already holds a data set ({len(before)} files); pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="replaykd-shards-") as tmp:
+        local, skipped = write_shards(source, Path(tmp) / "out", shard_size, seed, skip_bad)
+        if HEADER in before:
+            records.delete(HEADER)  # the old data set is no longer whole from here on
+        files = sorted(Path(tmp, "out").iterdir(), key=lambda f: f.name == HEADER)  # the header last
+        fs, root = storage.filesystem(url)
+        for f in tqdm(files, desc="upload", unit="file"):
+            with storage.remote(storage.join(url, f.name), "uploading"):
+                fs.put_file(str(f), f"{root.rstrip('/')}/{f.name}")
+        for name in set(before) - {f.name for f in files}:
+            records.delete(name)
+    manifest = Manifest.load(url)
+    return manifest, skipped
+
+
+def scan_shards(pattern: str, out: storage.Location, classes_file: Path | None = None,
                 num_classes: int | None = None) -> tuple[Manifest, list[str]]:
     """A manifest for existing shards matched by `pattern` (splits from their names or `_info.json`); returns it and
     warnings about the shards (e.g. most shards hold a single class)."""
@@ -129,6 +156,7 @@ def scan_shards(pattern: str, out: Path, classes_file: Path | None = None,
     tables = {split: rows_to_table([dict(index=i, key=r.key, shard=r.shard, position=r.position, label=r.label,
                                          nbytes=r.nbytes, crc32c=r.crc32c, ext=r.ext) for i, r in enumerate(rows)])
               for split, rows in index.splits.items()}
-    manifest = Manifest(Path(out), index.classes, tables, index.root, info={"source": pattern}, sizes=index.sizes)
+    manifest = Manifest(storage.as_location(str(out)), index.classes, tables, index.root, info={"source": pattern},
+                        sizes=index.sizes)
     manifest.write()
     return manifest, index.warnings

@@ -169,6 +169,9 @@ def open_source(source: str, val_fraction: float, seed: int, digits_size: int = 
         raise ReplayKDError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if source == "digits":
         return digits_source(val_fraction, seed, digits_size)
+    if "://" in source or source.startswith("pipe:"):
+        raise ReplayKDError(f"SOURCE {source!r}: shards are re-shuffled from local files only; copy them here first "
+                            "(OUT may be a URL)")
     if any(c in source for c in "*?[") or source.endswith(".tar"):
         return shards_source(source, val_fraction, seed)
     if (Path(source) / "manifest.json").exists():

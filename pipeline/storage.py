@@ -1,15 +1,186 @@
-"""Whole-object storage under a root: a local folder (or, through fsspec, an object store URL).
+"""Where data lives: local paths, or object-store URLs (s3://, gs://, https://, hf://, ...) through fsspec.
 
-What stage one needs beyond Zarr's own reads and writes: small records created only if absent (claims: exactly
-one of several concurrent creators succeeds), replaced whole, read, listed and deleted. On a local file system a
-record is written to a temporary file and linked into place, so it appears whole or not at all, and a link fails
-where the name exists (the same rule Zarr's local store follows).
+Locations are `Path`s when local and `str` URLs otherwise; `join`, `read_bytes`, `sizes` and `Storage` take either.
+Object stores are reached with the options `configure` set for this process (a command's `--storage-options`) on
+top of what the ordinary environment gives (AWS_* variables and profiles, AWS_ENDPOINT_URL, GOOGLE_* ...): nothing
+here stores credentials anywhere. fsspec keeps one file-system instance per process (a forked loader worker makes
+its own), so locations are resolved afresh in each process rather than handed over open.
+
+A `Storage` holds whole records under a root (claims, locks, small JSON): created only if absent (of several
+concurrent creators exactly one succeeds), replaced whole, read, listed and deleted. Locally a record is written to
+a temporary file and linked into place; on S3 a create is a PUT with If-None-Match: * (S3, MinIO, R2 and Ceph honour
+it), a replace a plain PUT, both atomic per object.
 """
 from __future__ import annotations
 
 import os
+import posixpath
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+
+from pipeline.errors import ReplayKDError
+
+Location = Path | str
+
+_OPTIONS: dict = {}
+# Defaults for S3: botocore's standard retry mode (exponential backoff with jitter on throttling, 5xx and dropped
+# connections) and no cached listings (claims and locks are listed to see other processes' records).
+S3_DEFAULTS = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": 5}}, "use_listings_cache": False}
+
+
+def configure(options: dict | None) -> None:
+    """Set this process's storage options (fsspec keyword arguments, e.g. endpoint_url, key, secret, profile)."""
+    _OPTIONS.clear()
+    _OPTIONS.update(options or {})
+
+
+def options(url: str) -> dict:
+    """The fsspec options this process uses for `url` (also given to zarr's remote stores): the defaults, with the
+    configured options over them (botocore's `config_kwargs` merged key by key, so retries stay unless replaced)."""
+    protocol = url.split("://", 1)[0]
+    defaults = S3_DEFAULTS if protocol in ("s3", "s3a") else {}
+    merged = {**defaults, **_OPTIONS}
+    if "config_kwargs" in defaults and "config_kwargs" in _OPTIONS:
+        merged["config_kwargs"] = {**defaults["config_kwargs"], **_OPTIONS["config_kwargs"]}
+    return merged
+
+
+def is_url(location: Location) -> bool:
+    """Whether `location` is a URL (s3://...) rather than a local path."""
+    return isinstance(location, str) and "://" in location
+
+
+def as_location(value: Location) -> Location:
+    """A URL stays a string (Path would fold its '//'); anything else becomes a Path."""
+    refuse_pipes(str(value))
+    return value if is_url(str(value)) else Path(value)
+
+
+def refuse_pipes(value: str) -> None:
+    """WebDataset's `pipe:COMMAND` locations are not read here: say what is instead."""
+    if value.startswith("pipe:"):
+        raise ReplayKDError(f"{value!r}: pipe: commands are not supported; give the shards' URL (s3://, gs://, "
+                            "https://, read through fsspec) or a local path")
+
+
+def join(root: Location, *parts: str) -> Location:
+    """`root` / parts, for paths and URLs alike."""
+    if is_url(root):
+        return posixpath.join(str(root).rstrip("/"), *parts)
+    return Path(root).joinpath(*parts)
+
+
+def basename(location: Location) -> str:
+    """The last part of a path or URL."""
+    return posixpath.basename(str(location).rstrip("/")) if is_url(location) else Path(location).name
+
+
+def parent(location: Location) -> Location:
+    """The folder holding a path or URL."""
+    return posixpath.dirname(str(location).rstrip("/")) if is_url(location) else Path(location).parent
+
+
+def filesystem(url: str):
+    """(fsspec file system, path inside it) for `url`, with this process's options."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        return fsspec.core.url_to_fs(url, **options(url))
+    except ImportError as exn:
+        raise ReplayKDError(f"{url}: reading {protocol}:// needs a package that is not installed ({exn}); "
+                            f"pip install 'replaykd[s3]' (s3://) or 'replaykd[gcs]' (gs://)") from exn
+    except (TypeError, ValueError) as exn:
+        raise ReplayKDError(f"{url}: the storage options do not fit {protocol}:// ({exn}); check --storage-options")
+
+
+def _is_storage_error(exn: BaseException) -> bool:
+    if isinstance(exn, ReplayKDError):
+        return False
+    if isinstance(exn, OSError):
+        return True
+    module = type(exn).__module__.split(".")[0]
+    return module in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "fsspec", "google", "requests")
+
+
+def describe(exn: BaseException) -> str:
+    """What went wrong, in a user's words, for the error types object stores raise."""
+    name = type(exn).__name__
+    if isinstance(exn, FileNotFoundError):
+        return f"not found ({exn})"
+    if isinstance(exn, PermissionError):
+        return f"access denied ({exn}): check the credentials (AWS_ACCESS_KEY_ID/AWS_PROFILE, --storage-options)"
+    if name == "NoCredentialsError":
+        return ("no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or key/secret in "
+                "--storage-options")
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError"):
+        return f"cannot reach the server ({exn}); retried with backoff, then gave up"
+    return f"{name}: {exn}"
+
+
+@contextmanager
+def remote(location: Location, what: str):
+    """Turn a storage library's error inside the block into one `ReplayKDError` naming `location` and `what` failed
+    (for a URL: local file errors keep their own handling, e.g. a full disk's message)."""
+    try:
+        yield
+    except Exception as exn:
+        if not is_url(location) or not _is_storage_error(exn):
+            raise
+        raise ReplayKDError(f"{location}: {what} failed: {describe(exn)}") from exn
+
+
+def read_bytes(location: Location) -> bytes:
+    """A whole file's bytes: a local path, or an object URL (one GET)."""
+    if not is_url(location):
+        try:
+            return Path(location).read_bytes()
+        except FileNotFoundError:
+            raise ReplayKDError(f"{location}: not found") from None
+    fs, path = filesystem(location)
+    with remote(location, "reading"):
+        return fs.cat_file(path)
+
+
+def sizes(folder: Location) -> dict[str, int]:
+    """File name -> size of the files directly in `folder` (one listing for an object store)."""
+    if not is_url(folder):
+        return {f.name: f.stat().st_size for f in Path(folder).iterdir() if f.is_file()} if Path(folder).is_dir() \
+            else {}
+    fs, path = filesystem(folder)
+    with remote(folder, "listing"):
+        try:
+            # -1: a file whose listing gives no size (some HTTP servers)
+            return {posixpath.basename(e["name"].rstrip("/")): -1 if e.get("size") is None else int(e["size"])
+                    for e in fs.ls(path, detail=True) if e.get("type") == "file"}
+        except FileNotFoundError:
+            return {}
+
+
+def expand(pattern: str) -> list[Location]:
+    """The files a glob (with `{a..b}` braces) matches, local or in an object store, sorted."""
+    import glob as globlib
+
+    from braceexpand import braceexpand
+
+    refuse_pipes(pattern)
+    if not is_url(pattern):
+        return sorted({Path(p) for b in braceexpand(pattern) for p in globlib.glob(b) if Path(p).is_file()})
+    fs, _ = filesystem(pattern)
+    protocol = pattern.split("://", 1)[0]
+    found = set()
+    for b in braceexpand(pattern):
+        path = fs._strip_protocol(b)
+        with remote(b, "listing"):
+            names = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
+        found.update(f"{protocol}://{n}" for n in names)
+    return sorted(found)
+
+
+def for_root(root: Location) -> "LocalStorage | ObjectStorage":
+    """The record storage under `root`."""
+    return ObjectStorage(str(root)) if is_url(root) else LocalStorage(Path(root))
 
 
 class LocalStorage:
@@ -63,6 +234,93 @@ class LocalStorage:
                 break
 
     def children(self, prefix: str) -> list[str]:
-        """Names directly under `prefix`."""
+        """Names directly under `prefix` ('' for the root)."""
         folder = self._path(prefix)
         return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+    def remove_all(self, keep: str | None = None) -> None:
+        """Remove everything under the root but `keep` (a failed creation leaves nothing behind); without `keep`,
+        the root folder too."""
+        import shutil
+
+        if keep is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for f in self.root.iterdir() if self.root.is_dir() else ():
+            if f.name != keep:
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+
+    def total_bytes(self) -> int:
+        """Bytes of every file under the root."""
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+
+
+class ObjectStorage:
+    """Records under an object-store URL (one object each), through fsspec."""
+
+    def __init__(self, root: str):
+        self.root = str(root).rstrip("/")
+
+    def _fs(self, key: str = ""):
+        return filesystem(f"{self.root}/{key}" if key else self.root)
+
+    def read(self, key: str) -> bytes | None:
+        """The record's bytes, or None when absent."""
+        fs, path = self._fs(key)
+        with remote(f"{self.root}/{key}", "reading"):
+            try:
+                return fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+
+    def write(self, key: str, data: bytes) -> None:
+        """Create or replace a record whole (one PUT)."""
+        fs, path = self._fs(key)
+        with remote(f"{self.root}/{key}", "writing"):
+            fs.pipe_file(path, data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Create a record only if absent (a conditional PUT); True if this call created it."""
+        fs, path = self._fs(key)
+        with remote(f"{self.root}/{key}", "creating"):
+            try:
+                fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+            except TypeError as exn:  # a file system whose writes cannot be conditional
+                raise ReplayKDError(f"{self.root}: this storage cannot create an object only if it is absent "
+                                    f"({exn}); use s3:// (or a local or shared file system) for a cache") from exn
+
+    def delete(self, key: str) -> None:
+        """Remove a record (absent: nothing to do)."""
+        fs, path = self._fs(key)
+        with remote(f"{self.root}/{key}", "deleting"):
+            try:
+                fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+
+    def children(self, prefix: str) -> list[str]:
+        """Names directly under `prefix` ('' for the root)."""
+        fs, path = self._fs(prefix)
+        with remote(f"{self.root}/{prefix}", "listing"):
+            try:
+                names = fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+        return sorted(n for n in (posixpath.basename(n.rstrip("/")) for n in names) if not n.startswith("."))
+
+    def remove_all(self, keep: str | None = None) -> None:
+        """Remove every object under the root but `keep`."""
+        fs, path = self._fs()
+        with remote(self.root, "removing a half-made store"):
+            doomed = [p for p in fs.find(path) if posixpath.relpath(p, path) != keep]
+            if doomed:
+                fs.rm(doomed)
+
+    def total_bytes(self) -> int:
+        """Bytes of every object under the root."""
+        fs, path = self._fs()
+        with remote(self.root, "listing"):
+            return int(fs.du(path))

@@ -6,7 +6,6 @@ training loop and returns the batch's `TeacherTargets` on the images' device (or
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -14,8 +13,10 @@ import torch
 from pipeline.device import autocast
 from pipeline.errors import ReplayKDError
 from pipeline.records import TeacherTargets, View, ViewBatch
+from pipeline.storage import Location, as_location, is_url
 
 if TYPE_CHECKING:
+    from pipeline.cache import UnitArrays
     from pipeline.plan import UnitPlan
 
 
@@ -72,8 +73,8 @@ class CachedTargets(TargetSource):
 
     kind = "cache"
 
-    def __init__(self, store: Path, check: str = "all"):
-        self.store, self.every = Path(store), CHECK_EVERY[getattr(check, "value", check)]
+    def __init__(self, store: Location, check: str = "all"):
+        self.store, self.every = as_location(str(store)), CHECK_EVERY[getattr(check, "value", check)]
 
     def annotator(self) -> "CacheReader":
         return CacheReader(self.store)
@@ -86,18 +87,31 @@ class CachedTargets(TargetSource):
 
 
 class CacheReader:
-    """The worker side of `CachedTargets`: opens the store in the worker, reads each unit once."""
+    """The worker side of `CachedTargets`: opens the store in the worker, reads each unit once (ahead of its use,
+    from the loader's read-ahead thread, where the store is remote)."""
 
-    def __init__(self, store: Path):
-        self.store = Path(store)
+    def __init__(self, store: Location):
+        self.store = as_location(str(store))
+        self.remote = is_url(self.store)
         self._cache = None
+        self._ahead: dict[tuple[int, int], UnitArrays] = {}
 
-    def __call__(self, unit: "UnitPlan") -> Callable[[View], None]:
+    def _read(self, epoch: int, shard_no: int) -> "UnitArrays":
         from pipeline.cache import TeacherCache
 
         if self._cache is None:
             self._cache = TeacherCache.open(self.store)
-        data = self._cache.read_unit(unit.epoch, unit.shard_no)
+        # every unit was complete when the run started (`require(complete=True)`); its chunks' CRCs are still checked
+        return self._cache.read_unit(epoch, shard_no, check_complete=False)
+
+    def prefetch(self, epoch: int, shard_no: int) -> None:
+        """Read a unit before it is needed."""
+        self._ahead[epoch, shard_no] = self._read(epoch, shard_no)
+
+    def __call__(self, unit: "UnitPlan") -> Callable[[View], None]:
+        data = self._ahead.pop((unit.epoch, unit.shard_no), None)
+        if data is None:
+            data = self._read(unit.epoch, unit.shard_no)
         probs, classes = torch.from_numpy(data.probs), torch.from_numpy(data.classes)
 
         def attach(view: View) -> None:

@@ -122,6 +122,16 @@ def bench_markdown(r: dict) -> str:
                   f"workers each, default threads): {' and '.join(f'{v:.0f}' for v in cc['concurrent_images_per_s'])} "
                   f"img/s, against {cc['alone_images_per_s']:.0f} img/s alone: together "
                   f"**{cc['concurrent_total_over_alone']:.2f}x** one run alone."]
+    s3 = r.get("object_store")
+    if s3:
+        two, one = s3["stage_two_loader_views_per_s"], s3["stage_one_views_per_s"]
+        lines += ["", f"Object storage ({s3['server']}; DeiT recipe, {s3['images']} real photographs in "
+                  f"{s3['shards']} shards, {s3['workers']} workers): stage-two loader reading shards and cache from S3 "
+                  f"{two['s3']:.0f} views/s vs local files {two['local']:.0f}: **{s3['stage_two_s3_over_local']:.2f}x**; "
+                  f"stage one reading shards from S3 and writing its store there {one['s3']:.0f} views/s vs local "
+                  f"{one['local']:.0f}: **{s3['stage_one_s3_over_local']:.2f}x**. The server process kept "
+                  f"{s3['server_cores_busy']['stage_two']:.2f} and {s3['server_cores_busy']['stage_one']:.2f} of "
+                  "this machine's cores busy meanwhile (on a cluster it runs elsewhere)."]
     lines += ["", "| cache, k of 1000 classes (synthetic teacher) | raw bytes/view | stored bytes/view | reads (records/s, 1 process) |",
               "|---|---|---|---|"]
     lines += [f"| {c['k']} | {c['raw_bytes_per_view']} | {c['stored_bytes_per_view']:.1f} | {c['read_records_per_s']:.0f} |"
@@ -167,6 +177,22 @@ def loader_section(o: BenchOptions, work: Path) -> dict:
     return out
 
 
+def object_store_section(preset: Preset, workers: int, repeats: int, views: int, work: Path) -> dict | None:
+    """S3 against local files, on 2 x `views` real photographs in 4 shards (None where moto, the local S3 server, is
+    not installed: `pip install moto[server]`)."""
+    try:
+        import moto.server  # noqa: F401
+        import s3fs  # noqa: F401
+    except ImportError:
+        return None
+    from stages.object_store_bench import object_store_vs_local
+
+    data, images = work / "object-store-photographs", max(64, 2 * views)
+    if not (data / "manifest.json").exists():
+        write_shards(loader_bench.photo_source(images, (500, 375)), data, -(-images * 9 // 10 // 4), 0, False)
+    return object_store_vs_local(data, preset, workers, repeats, work)
+
+
 def bench(o: BenchOptions) -> None:
     """Measure the loader, stage one vs the bare teacher, stage two with/without KD, and cache size."""
     if o.render_only:
@@ -194,6 +220,7 @@ def bench(o: BenchOptions) -> None:
     if p.fresh:  # processes side by side: only where commands run in their own
         r["concurrent"] = measure.concurrent_students(*data[p.sources[0]][:1], p, p.students[0], o.workers, device,
                                                       work)
+    r["object_store"] = object_store_section(p, o.workers, o.repeats, o.views, work)
     r["cache_size"] = measure.cache_size_and_reads(work)
     real = o.real_cache if o.real_cache is not None and (o.real_cache / "zarr.json").exists() else None
     r["real_cache"] = measure.stored_bytes_per_view(real) if real else None

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from pipeline import storage
 from pipeline.errors import Interrupted, ReplayKDError, user_message
 from pipeline.io import read_yaml_mapping
 from pipeline.malloc import reuse_freed_memory
@@ -20,7 +21,8 @@ from stages import options as O
 
 app = typer.Typer(
     help="replaykd: offline knowledge distillation. Stage one caches a teacher's top-k targets for replayed "
-    "augmented views; stage two trains DeiT students on the identical views from that cache.",
+    "augmented views; stage two trains students (any timm classifier; DeiT with its distillation token) on the "
+    "identical views from that cache.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -43,6 +45,8 @@ def load_config(path: Path) -> dict:
 
 def _parameter(f: dataclasses.Field, hint) -> inspect.Parameter:
     base, _ = O._base(hint)
+    if base in (O.Location, dict):  # parsed by the options class: a URL must not become a Path, a mapping is JSON
+        base = hint = str
     required = f.default is dataclasses.MISSING
     meta = f.metadata
     if meta["argument"]:
@@ -82,6 +86,7 @@ def command(cls: type[O.Options], target: str, *, config_file: bool = False):
         # Arguments always come from the command line.
         values.update({f.name: kwargs[f.name] for f in dataclasses.fields(cls) if f.metadata["argument"]})
         opts = cls.from_mapping({k: v.value if isinstance(v, Enum) else v for k, v in values.items()}, where)
+        storage.configure(getattr(opts, "storage_options", None))
         module, function = target.split(":")
         getattr(importlib.import_module(module), function)(opts)
 
@@ -104,6 +109,7 @@ app.command("evaluate")(command(O.EvaluateOptions, "stages.evaluate:main"))
 app.command("report")(command(O.ReportOptions, "stages.report:report"))
 app.command("study-report")(command(O.StudyReportOptions, "stages.report:study"))
 app.command("bench")(command(O.BenchOptions, "stages.bench:bench"))
+app.command("bench-scale")(command(O.ScaleBenchOptions, "stages.scale_bench:bench_scale"))
 
 
 def main() -> None:

@@ -7,7 +7,9 @@ before a command starts. This module imports nothing heavy, so `replaykd --help`
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import shlex
 import sys
 import types
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipeline.errors import ReplayKDError
+from pipeline.storage import Location, as_location
 
 # DeiT's teacher, with its tag pinned: plain `regnety_160` resolves to another tag in timm.
 DEIT_TEACHER = "regnety_160.deit_in1k"
@@ -55,12 +58,28 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None
                                             "argument": argument})
 
 
+# Keys of storage options never written into a store, a run folder or a log (credentials).
+SECRET = re.compile(r"key|secret|token|password|credential|session", re.I)
+STORAGE_HELP = ("Options of the object store (fsspec/s3fs keyword arguments) as JSON, e.g. '{\"endpoint_url\": "
+                "\"http://minio:9000\", \"profile\": \"research\"}' (or a mapping under storage_options: in "
+                "--config, for the commands that take one); credentials otherwise come from the usual environment "
+                "(AWS_* variables, profiles, AWS_ENDPOINT_URL) and are never written anywhere.")
+
+
 def _base(hint) -> tuple[Any, bool]:
-    """(the type inside Optional[...], whether None is allowed)."""
+    """(the type inside Optional[...], whether None is allowed); a path-or-URL field's type is `Location`."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(hint))
+        optional = len(args) < len(typing.get_args(hint))
+        return (Location if set(args) == {Path, str} else args[0]), optional
     return hint, False
+
+
+def public(value):
+    """`value` without the entries of secret-looking keys, at any depth (what a config written to disk keeps)."""
+    if isinstance(value, dict):
+        return {k: public(v) for k, v in value.items() if not SECRET.search(str(k))}
+    return value
 
 
 def _convert(name: str, hint, value, where: str):
@@ -90,9 +109,17 @@ def _convert(name: str, hint, value, where: str):
             return float(value)
         if base is Path:
             return Path(value)
+        if base is Location:
+            return as_location(str(value))
+        if base is dict:
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         return base(value)
     except (TypeError, ValueError):
-        raise ReplayKDError(f"{flag} must be {getattr(base, '__name__', base)}, got {value!r} ({where})") from None
+        kind = "a JSON mapping" if base is dict else "a path or URL" if base is Location else getattr(base, "__name__", base)
+        raise ReplayKDError(f"{flag} must be {kind}, got {value!r} ({where})") from None
 
 
 def rerun_command(flag: str = "") -> str:
@@ -154,7 +181,7 @@ class Options:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
+            out[f.name] = v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else public(v)
         return out
 
     def plan(self) -> dict:
@@ -171,7 +198,9 @@ class ShardsOptions(Options):
                            "ROOT/<class>/<image>, or ROOT/train/... and ROOT/val/...; or existing shards to "
                            "re-shuffle (e.g. class-sorted ones): a quoted glob 'DIR/*.tar' or a folder with a "
                            "replaykd manifest", argument=True)
-    out: Path = opt(help="Folder for the shards ({split}-{index:06d}.tar) and the manifest.", argument=True)
+    out: Path | str = opt(help="Folder for the shards ({split}-{index:06d}.tar) and the manifest, or an object-store "
+                               "URL (s3://bucket/in1k: staged on local disk, then uploaded, the manifest last).",
+                          argument=True)
     shard_size: int = opt(1000, "Samples per shard.", min=1)
     seed: int = opt(0, "Seed of the train/val split and of the shuffle across shards.", min=0)
     val_fraction: float = opt(0.2, "Fraction of each class held out as 'val' when the source has no val/ folder; "
@@ -179,6 +208,7 @@ class ShardsOptions(Options):
     skip_bad: bool = opt(False, "Skip images that fail to decode instead of stopping (listed in OUT/skipped.txt).")
     overwrite: bool = opt(False, "Replace shards and manifest already in OUT (only files this tool writes).")
     digits_size: int = opt(32, "Side in pixels of the PNGs written for the digits source.", min=8)
+    storage_options: dict | None = opt(None, STORAGE_HELP)
 
 
 @dataclass
@@ -189,12 +219,14 @@ class ManifestOptions(Options):
                                "'imagenet-1k-wds/imagenet1k-*.tar' (splits from the names, prefix-SPLIT-NNNN.tar, or "
                                "from _info.json). Each sample needs an image field and an integer 'cls' (or 'label' "
                                "in its 'json').", argument=True)
-    out: Path = opt(help="Folder for the manifest (parquet per split + manifest.json).", argument=True)
+    out: Path | str = opt(help="Folder (or object-store URL) for the manifest (parquet per split + manifest.json).",
+                          argument=True)
     classes: Path | None = opt(None, "Text file with one class name per line (default: classes.txt beside the "
                                      "shards, else the label numbers).")
     num_classes: int | None = opt(None, "How many classes the labels index into, when no class names are given "
                                         "(default: the largest label + 1; ImageNet-1k: 1000).", min=1)
     overwrite: bool = opt(False, "Replace a manifest already in OUT.")
+    storage_options: dict | None = opt(None, STORAGE_HELP)
 
 
 @dataclass
@@ -255,13 +287,15 @@ class TrainTeacherOptions(Options):
 class TeacherCacheOptions(Options):
     """Stage one: cache the teacher's top-k targets for every view of every epoch. Resumable; torchrun-parallel."""
 
-    out: Path = opt(help="Zarr store to create, resume or grow.")
+    out: Path | str = opt(help="Zarr store to create, resume or grow: a folder, or an object-store URL "
+                               "(s3://bucket/caches/in1k.zarr).")
     checkpoint: Path | None = opt(None, "Teacher weights in a local .pth or .safetensors file (plain, or wrapped in "
                                         "'model'/'state_dict'); default: --teacher's pretrained weights from the "
                                         "Hugging Face cache.")
-    manifest: Path = opt(Path("data/digits"), "Dataset folder with manifest.json (from 'replaykd shards' or "
-                                              "'replaykd manifest').")
-    shards: Path | None = opt(None, "Folder of the shards, when not where the manifest says.")
+    manifest: Path | str = opt(Path("data/digits"), "Dataset folder (or URL) with manifest.json (from 'replaykd "
+                                                     "shards' or 'replaykd manifest').")
+    shards: Path | str | None = opt(None, "Folder (or URL) of the shards, when not where the manifest says.")
+    storage_options: dict | None = opt(None, STORAGE_HELP)
     split: str = opt("train", "Split to cache.")
     recipe: str = opt("deit", "Augmentation recipe: a name under manifests/recipes/ or a YAML file.")
     teacher: str = opt(DEIT_TEACHER, "The teacher: a timm name with its pretrained tag (DeiT's is "
@@ -296,7 +330,8 @@ class TeacherCacheOptions(Options):
 class CacheInfoOptions(Options):
     """Identity (teacher, manifest, recipe, seed), completeness and size of a store."""
 
-    store: Path = opt(help="Teacher cache (Zarr store).", argument=True)
+    store: Path | str = opt(help="Teacher cache (Zarr store): a folder or URL.", argument=True)
+    storage_options: dict | None = opt(None, STORAGE_HELP)
     json_out: bool = opt(False, "Print JSON instead of text.", flags=("--json",))
 
 
@@ -305,7 +340,8 @@ class CacheVerifyOptions(Options):
     """Remake random views, check their fingerprints, re-run the teacher and compare targets; with --full, also read
     every stored byte and check its CRC-32C. Exit 1 on a mismatch or damage."""
 
-    store: Path = opt(help="Teacher cache (Zarr store).", argument=True)
+    store: Path | str = opt(help="Teacher cache (Zarr store): a folder or URL.", argument=True)
+    storage_options: dict | None = opt(None, STORAGE_HELP)
     samples: int = opt(64, "Random cached views to remake and re-run through the teacher (memory stays that of one "
                            "shard, whatever the number).", min=0)
     full: bool = opt(False, "Also read every completed unit's every chunk and check its checksum (all bytes of the "
@@ -324,7 +360,8 @@ class CacheRepairOptions(Options):
     shard files are removed and their units marked missing), so the teacher-cache command that built the store
     rebuilds them."""
 
-    store: Path = opt(help="Teacher cache (Zarr store).", argument=True)
+    store: Path | str = opt(help="Teacher cache (Zarr store): a folder or URL.", argument=True)
+    storage_options: dict | None = opt(None, STORAGE_HELP)
 
 
 @dataclass
@@ -338,8 +375,10 @@ class StudentOptions(Options):
         "distillation", "alpha", "tau", "cache", "online_teacher", "reuse_epochs", "clip_grad", "model_ema")
 
     out: Path = opt(help="Run folder: config.yaml, log.jsonl, summary.csv, checkpoints, curves.png, summary.json.")
-    manifest: Path = opt(Path("data/digits"), "Dataset folder with manifest.json.")
-    cache: Path | None = opt(None, "Teacher cache from stage one (its manifest, recipe, seed and split must match).")
+    manifest: Path | str = opt(Path("data/digits"), "Dataset folder (or URL) with manifest.json.")
+    cache: Path | str | None = opt(None, "Teacher cache from stage one, a folder or URL (its manifest, recipe, seed and "
+                                         "split must match).")
+    storage_options: dict | None = opt(None, STORAGE_HELP)
     online_teacher: str | None = opt(None, "Run this timm teacher in the loop instead of reading a cache (DeiT's "
                                            "way; the baseline): a name with its tag, or hf-hub:ORG/NAME[@REV].")
     teacher_checkpoint: Path | None = opt(None, "Weights of --online-teacher in a local file (default: its pretrained "
@@ -432,7 +471,8 @@ class EvaluateOptions(Options):
 
     checkpoint: Path = opt(help="Exported weights (a run's checkpoint.safetensors or checkpoint-ema.safetensors, "
                                 "with the .json beside them).")
-    manifest: Path = opt(Path("data/digits"), "Dataset folder with manifest.json.")
+    manifest: Path | str = opt(Path("data/digits"), "Dataset folder (or URL) with manifest.json.")
+    storage_options: dict | None = opt(None, STORAGE_HELP)
     split: str = opt("val", "Split to evaluate ('validation' is used when the manifest has no 'val').")
     batch_size: int = opt(256, "Batch size.", min=1)
     workers: int = opt(2, "DataLoader worker processes.", min=0)
@@ -480,3 +520,19 @@ class BenchOptions(Options):
     def validate(self) -> None:
         if self.preset is not None and self.preset not in ("small", "imagenet", "smoke"):
             raise ReplayKDError(f"--preset must be small, imagenet or smoke, got {self.preset!r}")
+
+
+@dataclass
+class ScaleBenchOptions(Options):
+    """ImageNet's shape on this machine: a synthetic ImageNet-1k-shaped data set (tiny JPEGs) and a 300-epoch store,
+    the commands users run timed in fresh processes, an ImageNet-21k-shaped manifest through the plan and the store
+    layout, and loader workers' private memory at 224 px; into OUT/scale.json and scale.md."""
+
+    out: Path = opt(Path("runs/bench"), "Folder for scale.json and scale.md; the data (about 3 GB) goes under "
+                                        "OUT/scale/ and is reused by later runs.")
+    window: float = opt(60.0, "Seconds each stage runs after its start-up before it is stopped (its rate is "
+                              "measured over this window, not a full epoch).", min=5.0)
+    workers: int = opt(2, "Loader workers of the timed commands.", min=1)
+    recipe: str = opt("digits", "Recipe of the timed commands (the data's images are 16 px).")
+    readme: Path | None = opt(None, "Also rewrite this README's scale section (between its scale:start/end markers).")
+    render_only: bool = opt(False, "Measure nothing: rewrite scale.md (and --readme) from OUT/scale.json.")

@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import typer
 
+from pipeline import storage
 from pipeline.errors import ReplayKDError
 from pipeline.manifest import HEADER
-from pipeline.shards import SKIPPED_FILE, prepare_out, scan_shards, write_shards
+from pipeline.shards import SKIPPED_FILE, prepare_out, publish, scan_shards, write_shards
 from pipeline.sources import open_source
 from stages.options import ManifestOptions, ShardsOptions
 
 
 def shards(o: ShardsOptions) -> None:
     """Write SOURCE as shuffled WebDataset shards with a parquet manifest (images copied byte for byte)."""
-    prepare_out(o.out, o.overwrite)  # refuse early, before the source is read
+    remote = storage.is_url(o.out)
+    if not remote:
+        prepare_out(o.out, o.overwrite)  # refuse early, before the source is read
     src = open_source(o.source, o.val_fraction, o.seed, o.digits_size)
-    manifest, skipped = write_shards(src, o.out, o.shard_size, o.seed, o.skip_bad, o.overwrite)
+    write = publish if remote else write_shards
+    manifest, skipped = write(src, o.out, o.shard_size, o.seed, o.skip_bad, o.overwrite)
     counts = ", ".join(f"{s} {manifest.count(s)} in {len(manifest.shards(s))} shards" for s in manifest.tables)
     typer.echo(f"wrote {counts} to {o.out}; {len(manifest.classes)} classes; manifest {manifest.hash[:16]}")
     if src.non_images:
@@ -22,13 +26,13 @@ def shards(o: ShardsOptions) -> None:
     if skipped:
         shown = "; ".join(f"{origin} ({why})" for origin, why in skipped[:5])
         typer.echo(f"skipped {len(skipped)} images that failed to decode (--skip-bad): {shown}"
-                   + (" ..." if len(skipped) > 5 else "") + f"; all listed in {o.out / SKIPPED_FILE}")
+                   + (" ..." if len(skipped) > 5 else "") + f"; all listed in {storage.join(o.out, SKIPPED_FILE)}")
 
 
 def manifest(o: ManifestOptions) -> None:
     """Build the manifest of shards that already exist, without rewriting them."""
-    if (o.out / HEADER).exists() and not o.overwrite:
-        raise ReplayKDError(f"{o.out / HEADER} exists; pass --overwrite to replace it")
+    if storage.for_root(o.out).read(HEADER) is not None and not o.overwrite:
+        raise ReplayKDError(f"{storage.join(o.out, HEADER)} exists; pass --overwrite to replace it")
     if o.classes is not None and not o.classes.exists():
         raise ReplayKDError(f"classes file not found: {o.classes}")
     m, warnings = scan_shards(o.shard_glob, o.out, o.classes, o.num_classes)

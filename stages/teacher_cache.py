@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from pipeline.loader import Batched, CacheViews, ViewCollate, loader_settings, r
 from pipeline.manifest import Manifest
 from pipeline.recipe import Recipe
 from pipeline.records import TeacherTargets
-from pipeline.storage import LocalStorage
+from pipeline import storage as storages
 from pipeline.work import Dealer, Participant, deal, preference, remaining
 from stages.options import TeacherCacheOptions, rerun_command
 
@@ -71,7 +70,7 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
     created = False
     if rank == 0:
         hints = {"created": now(), "versions": library_versions(), "recipe_name": recipe.name,
-                 "data_path": str(Path(o.manifest).resolve()), "options": o.to_config(),
+                 "data_path": str(o.manifest if storages.is_url(o.manifest) else Path(o.manifest).resolve()), "options": o.to_config(),
                  "checkpoint_path": str(Path(o.checkpoint).resolve()) if o.checkpoint else None,
                  "created_by": launch}
         cache = TeacherCache.create_or_grow(o.out, request, o.epochs, manifest.shards(o.split),
@@ -84,7 +83,7 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
     barrier()  # every rank has read the same store before any writes: their shares agree
     shares = deal([sum(cache.unit_size(e, w.shard_no) for e in w.epochs) for w in work], me.count)
     expected = sum(cache.unit_size(e, work[i].shard_no) for i in shares[me.index] for e in work[i].epochs)
-    claims = Claims(LocalStorage(cache.path), launch)
+    claims = Claims(storages.for_root(cache.path), launch)
     mine = {"started": now(), "views_written": 0, "views_seen": 0, "majority_hits": 0, "part": me.index,
             "parts": me.count, "device": str(dev), "share_views": expected}
     try:
@@ -96,7 +95,7 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
                           ) from None
     except ReplayKDError as exn:
         if created and world == 1 and not isinstance(exn, (WriteFailed, Interrupted)) and not claims.others_active():
-            shutil.rmtree(o.out, ignore_errors=True)
+            storages.for_root(cache.path).remove_all()
             raise ReplayKDError(f"{exn} (the store this run had created at {o.out} was removed)") from exn
         raise
     finally:

@@ -33,6 +33,8 @@ def test_bench_writes_every_section(tmp_path):
     assert r["stage_one"]["teacher_cache_views_per_s"] > 0 and decodes["repeats"] == 3
     assert decodes["stage_one"] == pytest.approx(1 / decodes["epochs"], rel=0.05)  # decode once per shard
     assert decodes["stage_two"] == pytest.approx(1 / 3, rel=0.05)  # one decode serves the 3 repeats
+    s3 = r["object_store"]  # the same loader and stage one on a local S3 server
+    assert s3["stage_two_loader_views_per_s"]["s3"] > 0 and s3["stage_one_s3_over_local"] > 0
     assert r["coverage"]["balanced"]["3"] == 1.0 and r["coverage"]["deit_rasampler_8_ranks"]["3"] < 0.8
     s2 = r["stage_two"][0]
     assert s2["cached_over_no_kd"] > 0 and s2["flop_bound_online_cost"] > 1.0

@@ -45,9 +45,9 @@ def test_reported_speed_is_the_runs_mean_and_resume_says_where(digits_dir, store
     mean = sum(r["images"] for r in log) / sum(r["train_seconds"] for r in log)
     assert summary["images_per_s"] == pytest.approx(mean) and summary["last_epoch_images_per_s"] == log[-1]["images_per_s"]
     assert f"{mean:.0f} img/s (mean over 2 epochs, training only)" in proc.stdout
-    # each launch's first epoch says how long that launch took to reach its first step (imports, workers, ...)
-    assert [("startup_seconds" in r) for r in log] == [True, True]
-    assert all(0 < r["startup_seconds"] < 120 for r in log)
+    # each launch's first epoch says how long that launch took to reach its first step (here: since pytest started)
+    assert [("startup_seconds" in r) for r in log] == [True, True] and all(r["startup_seconds"] > 0 for r in log)
+    assert f"first step {log[1]['startup_seconds']:.1f} s after this process started" in proc.stdout
 
 
 def test_options_that_cannot_apply_fail_before_anything_is_written(digits_dir, teacher_ckpt, tmp_path):

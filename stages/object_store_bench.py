@@ -1,0 +1,149 @@
+"""The bench's object-store section: stage two's loader and stage one reading shards and cache from an S3 API server
+on this machine (moto's server mode, in its own process) against the same files on local disk, side by side."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from pipeline import storage
+from pipeline.loader import Batched, ReplayViews, ViewCollate, loader_settings
+from pipeline.manifest import Manifest
+from pipeline.models import create_classifier
+from pipeline.recipe import Recipe
+from pipeline.targets import CachedTargets
+from stages.measure import cache_args, interleaved, replaykd
+
+BUCKET = "bench"
+ONE_EPOCHS = 3
+
+
+class S3Server:
+    """moto's S3 server in a child process on a free port of 127.0.0.1, with one bucket."""
+
+    def __enter__(self) -> "S3Server":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench"}
+        import s3fs
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                s3fs.S3FileSystem(**self.options, skip_instance_cache=True).mkdir(BUCKET)
+                break
+            except Exception:  # not listening yet
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (it shares this machine's cores with what is measured)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def upload(self, folder: Path, prefix: str) -> str:
+        """Copy a local folder (recursively) into the bucket; its URL."""
+        import s3fs
+
+        s3fs.S3FileSystem(**self.options).put(str(folder), f"{BUCKET}/{prefix}", recursive=True)
+        return f"s3://{BUCKET}/{prefix}"
+
+
+def loader_views_per_s(manifest: Manifest, recipe: Recipe, store, workers: int, batch_size: int = 64) -> float:
+    """Views/s of the stage-two loader with the cache's targets attached, over its second epoch (the first starts
+    the workers)."""
+    ds = ReplayViews(manifest, recipe, 0, 0, rank=0, world_size=1, shuffle_buffer=256,
+                     annotate=CachedTargets(store).annotator())
+    loader = DataLoader(Batched(ds, batch_size, ViewCollate(manifest.num_classes, recipe.smoothing), partial=True),
+                        batch_size=None,
+                        **loader_settings(workers, 2, torch.device("cpu")))  # as train-student's
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        t0, n = time.perf_counter(), 0
+        for batch in loader:
+            n += len(batch)
+    return n / (time.perf_counter() - t0)
+
+
+def object_store_vs_local(data: Path, preset, workers: int, repeats: int, work: Path) -> dict:
+    """Stage two's loader (shards and cache read) and stage one's loop (shards read, store written) on S3 vs local
+    files, DeiT's recipe on real photographs: views/s side by side and their ratios (S3 / local)."""
+    recipe, manifest = Recipe.load("deit"), Manifest.load(data)
+    # a tiny teacher at 32 px: the loop is then bound by reading and replaying, which is what storage changes
+    small = dataclasses.replace(preset, recipe="deit", teacher="regnety_002", teacher_input=32, teacher_batch=64)
+    ckpt = work / f"regnety_002-{manifest.num_classes}.safetensors"
+    if not ckpt.exists():
+        save_file(create_classifier("regnety_002", manifest.num_classes).state_dict(), str(ckpt))
+    local_store = work / "s3-bench-store.zarr"
+    shutil.rmtree(local_store, ignore_errors=True)
+    replaykd("teacher-cache", *cache_args(data, ckpt, small, local_store, 2, workers, "cpu"), fresh=preset.fresh)
+    with S3Server() as server_process:
+        shards_url = server_process.upload(data, "shards")
+        store_url = server_process.upload(local_store, "store.zarr")
+        storage.configure(server_process.options)
+        try:
+            local, remote = manifest, Manifest.load(data, shard_root=shards_url)
+            rates, server = {"local": [], "s3": []}, {"two": [], "one": []}
+
+            def two(kind, manifest, store):
+                def go():
+                    c0, t0 = server_cpu(), time.perf_counter()
+                    rates[kind].append(loader_views_per_s(manifest, recipe, store, workers))
+                    if kind == "s3":
+                        server["two"].append((server_cpu() - c0) / (time.perf_counter() - t0))
+                return go
+
+            server_cpu = server_process.cpu_seconds
+            interleaved({"local": two("local", local, local_store), "s3": two("s3", remote, store_url)}, repeats)
+            stage_two = {k: statistics.median(v) for k, v in rates.items()}
+            one = {"local": [], "s3": []}
+            flag = ["--storage-options", json.dumps(server_process.options)]
+
+            def cache_run(kind):
+                def go():
+                    out = work / "s3-bench-one.zarr" if kind == "local" else f"s3://{BUCKET}/one-{len(one[kind])}.zarr"
+                    shutil.rmtree(work / "s3-bench-one.zarr", ignore_errors=True)
+                    # several epochs per shard read, as in a long run (whose fixed costs, the store's creation and
+                    # the last writes, weigh less still)
+                    args = cache_args(data, ckpt, small, out, ONE_EPOCHS, workers, "cpu")
+                    if kind == "s3":
+                        args += ["--shards", shards_url, *flag]
+                    c0, t0 = server_cpu(), time.perf_counter()
+                    s = json.loads(replaykd("teacher-cache", *args, "--json", fresh=preset.fresh))
+                    one[kind].append(s["this_process"]["loop_views_per_s"])
+                    if kind == "s3":
+                        server["one"].append((server_cpu() - c0) / (time.perf_counter() - t0))
+                return go
+
+            interleaved({"local": cache_run("local"), "s3": cache_run("s3")}, repeats)
+            stage_one = {k: statistics.median(v) for k, v in one.items()}
+        finally:
+            storage.configure(None)
+    return {"server": "moto (S3 API) in its own process on 127.0.0.1, sharing this machine's cores",
+            "recipe": "deit", "images": local.count("train"), "shards": len(local.shards("train")),
+            "workers": workers,
+            "stage_two_loader_views_per_s": stage_two, "stage_two_s3_over_local": stage_two["s3"] / stage_two["local"],
+            "stage_one_epochs": ONE_EPOCHS, "stage_one_views_per_s": stage_one, "stage_one_s3_over_local": stage_one["s3"] / stage_one["local"],
+            # the server's CPU use while it served (cores busy on average): on a cluster it runs elsewhere
+            "server_cores_busy": {"stage_two": statistics.median(server["two"]),
+                                  "stage_one": statistics.median(server["one"])}}

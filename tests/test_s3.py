@@ -1,0 +1,172 @@
+"""Shards, manifests and caches on object storage, against a real S3 API server (moto's server mode) on 127.0.0.1:
+s3fs, zarr's FsspecStore and every replaykd command run as they would against AWS, MinIO or Ceph."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import s3fs
+from moto.server import ThreadedMotoServer
+
+from pipeline import storage
+from pipeline.cache import TeacherCache
+from pipeline.errors import ReplayKDError
+from pipeline.manifest import Manifest
+from pipeline.shards import write_shards
+from pipeline.sources import digits_source
+from tests.conftest import CLI, arrays, run_cli
+from tests.test_teacher_cache import assert_same_arrays
+
+SECRET = "not-a-real-secret-3f9a"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A fresh S3 server on a free port of 127.0.0.1 with one bucket; yields (endpoint, storage options JSON)."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = {"endpoint_url": endpoint, "key": "replaykd-test", "secret": SECRET}
+    s3fs.S3FileSystem(**options).mkdir("bucket")
+    yield endpoint, options
+    server.stop()
+    storage.configure(None)
+
+
+def upload(options: dict, folder, prefix: str) -> None:
+    fs = s3fs.S3FileSystem(**options)
+    for f in sorted(folder.iterdir()):
+        if f.suffix == ".tar" or f.name == "classes.txt":
+            fs.put_file(str(f), f"bucket/{prefix}/{f.name}")
+
+
+def test_storage_records_on_s3(s3):
+    _, options = s3
+    storage.configure(options)
+    records = storage.for_root("s3://bucket/records")
+    assert records.read("a/b") is None and records.children("a") == []
+    assert records.create("a/b", b"first") and not records.create("a/b", b"second")  # If-None-Match: one creator wins
+    assert records.read("a/b") == b"first" and records.children("a") == ["b"] and records.children("") == ["a"]
+    records.write("a/b", b"third")
+    assert records.read("a/b") == b"third" and records.total_bytes() == 5
+    records.delete("a/b")
+    records.delete("a/b")  # absent: nothing to do
+    assert records.read("a/b") is None
+    with pytest.raises(ReplayKDError, match=r"s3://no-such-bucket/x: reading failed: not found"):
+        storage.read_bytes("s3://no-such-bucket/x")
+
+
+def test_shards_written_to_s3_are_the_local_data_set(s3, tmp_path):
+    _, options = s3
+    run_cli("shards", "digits", "s3://bucket/published", "--shard-size", "500", "--digits-size", "16",
+            "--storage-options", json.dumps(options))
+    local, _ = write_shards(digits_source(0.2, seed=0, size=16), tmp_path / "local", 500, 0, False)
+    remote = Manifest.load("s3://bucket/published")
+    assert remote.hash == local.hash and remote.shard_root == "s3://bucket/published"
+    remote.check_files("train")
+    again = run_cli("shards", "digits", "s3://bucket/published", "--storage-options", json.dumps(options), check=False)
+    assert again.returncode == 2 and "already holds a data set" in again.stderr
+
+
+def test_both_stages_on_s3_equal_the_local_runs(s3, digits_dir, teacher_ckpt, store, tmp_path):
+    endpoint, options = s3
+    upload(options, digits_dir, "digits")
+    flag = ["--storage-options", json.dumps(options)]
+    manifest = tmp_path / "manifest"  # a local manifest of shards in a bucket (braces and globs both expand)
+    run_cli("manifest", "s3://bucket/digits/{train,val}-*.tar", manifest, *flag)
+    m = Manifest.load(manifest)
+    assert m.hash == Manifest.load(digits_dir).hash and m.shard_root == "s3://bucket/digits"
+
+    # stage one into a store in the bucket, SIGKILLed once some units are written, then rerun
+    out = "s3://bucket/caches/digits.zarr"
+    args = ["teacher-cache", "--manifest", manifest, "--checkpoint", teacher_ckpt, "--out", out, "--recipe",
+            "digits-ra", "--teacher", "regnety_002", "--epochs", "2", "--topk", "5", "--workers", "1",
+            "--batch-size", "16", "--device", "cpu", "--epochs-per-file", "2"]
+    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "replaykd-test",
+           "AWS_SECRET_ACCESS_KEY": SECRET}  # the ordinary environment, no --storage-options
+    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    fs = s3fs.S3FileSystem(**options, use_listings_cache=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and not fs.glob("bucket/caches/digits.zarr/complete/c/*/*"):
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.5))
+    assert proc.poll() is None, f"the run finished before it could be killed: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    storage.configure(options)
+    assert TeacherCache.open(out).missing(), "the kill came after every unit was written"
+    run_cli(*args, *flag)
+    storage.configure(options)
+    assert not TeacherCache.open(out).missing()
+    assert_same_arrays(arrays(out), arrays(store))
+    stored = fs.cat_file("bucket/caches/digits.zarr/zarr.json").decode()
+    assert SECRET not in stored
+
+    info = run_cli("cache", "info", out, *flag).stdout
+    assert f"store {out}" in info and "units missing 0" in info
+    verify = run_cli("cache", "verify", out, "--full", *flag).stdout
+    assert "all intact" in verify and "fingerprints OK" in verify
+
+    # stage two from the bucket (shards and cache, read in loader workers) logs what the local run logs
+    student = ["--recipe", "digits-ra", "--patch-size", "4", "--depth", "2", "--embed-dim", "48", "--num-heads", "2",
+               "--batch-size", "64", "--epochs", "1", "--workers", "2", "--device", "cpu", "--eval-split", "none"]
+    run_cli("train-student", "--out", tmp_path / "local", "--manifest", digits_dir, "--cache", store, *student)
+    run_cli("train-student", "--out", tmp_path / "s3", "--manifest", manifest, "--cache", out, *student, *flag)
+    logs = [[{k: v for k, v in json.loads(r).items() if "seconds" not in k and "per_s" not in k}
+             for r in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("local", "s3")]
+    assert logs[0] == logs[1] and logs[0][0]["steps"] > 0
+    config = (tmp_path / "s3" / "config.yaml").read_text()
+    assert endpoint in config and SECRET not in config  # the options are recorded without their credentials
+
+
+def test_a_server_that_goes_away_is_one_named_error(digits_dir, tmp_path):
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # few retries, short timeouts: the default (5 attempts with backoff) takes ~10 s to give up
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "k", "secret": "s",
+               "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1}}
+    plain = {k: options[k] for k in ("endpoint_url", "key", "secret")}
+    s3fs.S3FileSystem(**plain).mkdir("gone")  # (moto's servers of one process share their buckets)
+    fs = s3fs.S3FileSystem(**plain)
+    for f in sorted(digits_dir.glob("train-*.tar")):
+        fs.put_file(str(f), f"gone/{f.name}")
+    storage.configure(options)
+    m = Manifest.load(digits_dir, shard_root="s3://gone")
+    m.check_files("train")
+    server.stop()
+    t0 = time.time()
+    with pytest.raises(ReplayKDError, match=r"s3://gone/train-000000.tar: reading failed: cannot reach the "
+                                            r"server"):
+        storage.read_bytes(m.shard_path("train-000000.tar"))
+    assert time.time() - t0 < 30
+    proc = run_cli("cache", "info", "s3://gone/cache.zarr", "--storage-options", json.dumps(options), check=False)
+    assert proc.returncode == 2 and "s3://gone/cache.zarr" in proc.stderr and "cannot reach the server" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    storage.configure(None)
+
+
+def test_locations_keep_urls_whole_and_configs_drop_secrets():
+    from pathlib import Path
+
+    from stages.options import TeacherCacheOptions, public
+
+    assert storage.as_location("s3://b/x.zarr") == "s3://b/x.zarr" and storage.as_location("a/b") == Path("a/b")
+    assert storage.join("s3://b/d/", "t.tar") == "s3://b/d/t.tar" and storage.join(Path("d"), "t.tar") == Path("d/t.tar")
+    assert storage.parent("s3://b/d/t.tar") == "s3://b/d" and storage.basename("s3://b/d/t.tar") == "t.tar"
+    assert public({"endpoint_url": "http://x", "key": "k", "client_kwargs": {"aws_secret_access_key": "s",
+                                                                             "region_name": "r"}}) == \
+        {"endpoint_url": "http://x", "client_kwargs": {"region_name": "r"}}
+    o = TeacherCacheOptions.from_mapping({"out": "s3://b/c.zarr", "storage_options": '{"profile": "p", "token": "t"}'})
+    assert o.out == "s3://b/c.zarr" and o.storage_options == {"profile": "p", "token": "t"}
+    assert o.to_config()["storage_options"] == {"profile": "p"}
+    with pytest.raises(ReplayKDError, match="--storage-options must be a JSON mapping"):
+        TeacherCacheOptions.from_mapping({"out": "x", "storage_options": "[1]"})

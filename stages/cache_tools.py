@@ -1,7 +1,6 @@
-"""`replaykd cache info | verify | repair`: what a store is, whether it is still right, and dropping damage."""
+"""`replaykd cache verify | repair`: whether a store is still right, and dropping damage."""
 from __future__ import annotations
 
-import json
 import shlex
 from itertools import groupby
 from pathlib import Path
@@ -13,7 +12,7 @@ from tqdm import tqdm
 
 from pipeline import teacher as teachers
 from pipeline.cache import CacheRequest, TeacherCache
-from pipeline.cache_report import launch_id, summarize
+from pipeline.cache_report import launch_id
 from pipeline.claims import Claims
 from pipeline.device import autocast, pick_device
 from pipeline.errors import ReplayKDError
@@ -23,21 +22,10 @@ from pipeline.manifest import Manifest
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
 from pipeline.replay import Replayer
-from stages.options import CacheInfoOptions, CacheRepairOptions, CacheVerifyOptions
+from stages.options import CacheRepairOptions, CacheVerifyOptions
 
 # Views re-run through the teacher at once by verify.
 VERIFY_BATCH = 64
-
-
-def info(o: CacheInfoOptions) -> None:
-    """Print a store's identity, completeness and size."""
-    cache = TeacherCache.open(o.store)
-    s = summarize(cache)
-    if o.json_out:
-        extra = {k: cache.attrs.get(k) for k in ("created", "versions", "codecs", "options")}
-        typer.echo(json.dumps({**s.as_dict(), "teacher_identity": cache.config.teacher, **extra}, indent=2))
-    else:
-        typer.echo(s.text())
 
 
 def open_sources(cache: TeacherCache, data: Path | None, checkpoint: Path | None):

@@ -164,7 +164,8 @@ def store_layout(store: Path) -> dict:
     """The store's file count and the bytes of its metadata (zarr.json) and of everything."""
     files = [f for f in store.rglob("*") if f.is_file()]
     return {"store_files": len(files), "metadata_bytes": sum(f.stat().st_size for f in files if f.name == "zarr.json"),
-            "store_bytes": sum(f.stat().st_size for f in files)}
+            "store_bytes": sum(f.stat().st_size for f in files),
+            "store_files_written": sum("/c/" in f.as_posix() for f in files)}
 
 
 def plan_seconds(counts: list[int], repeats: int, paired: bool, epochs: int = 3) -> float:
@@ -296,8 +297,9 @@ def scale_markdown(r: dict) -> str:
         f"| stage one, views/s over {one['window_s']:.0f} s (not a full epoch) | {one['views_per_s']:.0f} |",
         f"| stage one peak memory: main / a worker resident / a worker private | {one['main_rss_mb']} / "
         f"{one['worker_rss_mb']} / {one['worker_private_mb']} MB |",
-        f"| store: files, metadata (zarr.json) bytes, all bytes | {r['store_files']:,}, {r['metadata_bytes']:,}, "
-        f"{r['store_bytes']:,} |",
+        f"| store after stage one's window: files, metadata (zarr.json) bytes, all bytes | {r['store_files']:,}, "
+        f"{r['metadata_bytes']:,}, {r['store_bytes']:,} |",
+        f"| store files once all {r['epochs']} epochs are written (from its layout) | {r['store_files_complete']:,} |",
         f"| `replaykd cache info` (`cache_info_s`) | {r['cache_info_s']:.1f} s |",
         f"| train-student: launch to its first optimiser step (`student_startup_s`) | {r['student_startup_s']:.1f} s |",
         f"| stage two, images/s over {two['window_s']:.0f} s (not a full epoch) | {two['images_per_s']:.0f} |",
@@ -363,6 +365,10 @@ def bench_scale(o: ScaleBenchOptions) -> None:
                       "rerun_first_unit_s": rerun["ready_s"],
                       **{k: first[k] for k in ("main_rss_mb", "worker_rss_mb", "worker_private_mb")}}
     r.update(store_layout(store))
+    # a finished store's files: per data shard, one file per array and block of epochs, and its completion records
+    done = TeacherCache.open(store)
+    r["store_files_complete"] = r["store_files"] - r["store_files_written"] + len(done.shards) * (
+        len(done.arrays) * -(-done.config.epochs // done.epochs_per_file) + 1)
     r["cache_info_s"], _ = timed("cache", "info", store)
 
     fill_epoch(store, 0)

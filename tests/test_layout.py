@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,3 +46,10 @@ def test_pipeline_modules_form_no_import_circle_and_never_import_the_stages():
 
 def test_records_import_no_behaviour_module():
     assert imports(ROOT / "pipeline" / "records.py") == set()
+
+
+def test_cache_info_imports_neither_torch_nor_timm():
+    # `replaykd cache info` answers in about a second: importing torch and timm alone takes several
+    code = "import sys, stages.cache_info; print(sorted({'torch', 'timm'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

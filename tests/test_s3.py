@@ -64,6 +64,21 @@ def test_storage_records_on_s3(s3):
         storage.read_bytes("s3://no-such-bucket/x")
 
 
+def test_missing_credentials_are_named(s3, monkeypatch):
+    endpoint, _ = s3
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup on this machine
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    storage.configure({"endpoint_url": endpoint, "skip_instance_cache": True})
+    try:
+        with pytest.raises(ReplayKDError, match=r"s3://bucket/records/a: reading failed: no credentials"):
+            storage.read_bytes("s3://bucket/records/a")
+    finally:
+        storage.configure(None)
+
+
 def test_shards_written_to_s3_are_the_local_data_set(s3, tmp_path):
     _, options = s3
     run_cli("shards", "digits", "s3://bucket/published", "--shard-size", "500", "--digits-size", "16",

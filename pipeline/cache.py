@@ -217,9 +217,10 @@ class TeacherCache:
         """Open an existing store (read-only by default); a missing or foreign path is a clear error."""
         path = storages.as_location(path)
         storage = storages.for_root(path)
-        if storage.read("zarr.json") is None:
+        meta = storage.read("zarr.json")
+        if meta is None:
             raise ReplayKDError(f"no teacher cache at {path} (run 'replaykd teacher-cache' first)")
-        if not cls._is_store(storage) and storage.read(CHANGING) is not None:
+        if not cls._is_store(meta) and storage.read(CHANGING) is not None:
             raise ReplayKDError(f"{path} is being created by another run; try again when it has started")
         with storages.remote(path, "opening the store"):
             return cls(path, _open_group(path, mode))
@@ -245,7 +246,7 @@ class TeacherCache:
             else:
                 time.sleep(0.2)
         try:
-            if cls._is_store(storage):
+            if cls._is_store(storage.read("zarr.json")):
                 return cls._grow(path, request, epochs, shards, counts)
             if not took_over and any(not name.endswith(".partial") for name in storage.children("")):
                 raise ReplayKDError(f"{path} exists and is not a teacher cache; choose another --out")
@@ -261,9 +262,8 @@ class TeacherCache:
             storage.delete(CHANGING)
 
     @staticmethod
-    def _is_store(storage) -> bool:
-        """Whether `storage` holds a store whose creation finished (its format is recorded, last)."""
-        meta = storage.read("zarr.json")
+    def _is_store(meta: bytes | None) -> bool:
+        """Whether a store's root metadata says its creation finished (its format is recorded, last)."""
         return meta is not None and "format" in json.loads(meta).get("attributes", {})
 
     @classmethod
@@ -351,9 +351,14 @@ class TeacherCache:
             raise DamagedUnit(f"cache {self.path}: its completion records are damaged ({exn}); run `replaykd cache "
                               f"repair {self.path}`") from exn
 
-    def completed(self, shard_no: int) -> list[int]:
-        """Epochs of `shard_no` whose data is complete."""
-        return np.flatnonzero(self.done()[:, shard_no]).tolist()
+    def completed(self, shard_no: int) -> np.ndarray:
+        """(epochs,) bool: which units of one data shard are complete (its one completion file, not the store's)."""
+        try:
+            with storages.remote(self.path, "reading the completion records"):
+                return self.complete[:, shard_no] != 0
+        except (ValueError, RuntimeError) as exn:
+            raise DamagedUnit(f"cache {self.path}: the completion records of {self.shards[shard_no]} are damaged "
+                              f"({exn}); run `replaykd cache repair {self.path}`") from exn
 
     def missing(self, epochs: int | None = None) -> list[tuple[int, int]]:
         """(epoch, shard_no) units not yet complete among the first `epochs` epochs."""

@@ -72,7 +72,7 @@ class Claims:
 
     def __init__(self, storage: LocalStorage | ObjectStorage, launch: str, lease: float = LEASE_SECONDS):
         self.storage, self.lease = storage, lease
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{launch}"
+        self.holder = this_process(launch).holder
         self.launch = launch
         self.held: dict[int, str] = {}  # shard_no -> key of the claim record held
         self.lock = threading.Lock()

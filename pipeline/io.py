@@ -57,6 +57,14 @@ def replace_section(path: Path, section: str, body: str) -> bool:
     return True
 
 
+def publish_markdown(folder: Path, name: str, markdown: str, readme: Path | None) -> None:
+    """Write FOLDER/NAME.md (atomically) from NAME.json's figures and, with `readme`, its NAME section."""
+    with atomic_path(Path(folder) / f"{name}.md") as tmp:
+        tmp.write_text(markdown)
+    if readme is not None:
+        replace_section(readme, name, f"From `{folder}/{name}.json`:\n\n{markdown}")
+
+
 def read_yaml_mapping(path: Path, what: str, holds: str) -> dict:
     """The mapping in a YAML file; an error names the file as `what` and says the mapping `holds` what."""
     import yaml  # here, not at the top: the CLI imports this module and --help stays light

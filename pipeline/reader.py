@@ -151,12 +151,12 @@ def read_ahead(items: Iterable[T], read: Callable[[T], R], depth: int) -> Iterat
         return
     it = iter(items)
     with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
-        pending = deque(pool.submit(read, x) for _, x in zip(range(depth + 1), it))
+        pending = deque(pool.submit(read, x) for _, x in zip(range(depth), it))
         while pending:
             result = pending.popleft().result()
-            for x in (next(it, _END),):
-                if x is not _END:
-                    pending.append(pool.submit(read, x))
+            x = next(it, _END)
+            if x is not _END:
+                pending.append(pool.submit(read, x))
             yield result
 
 

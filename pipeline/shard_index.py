@@ -120,11 +120,12 @@ def index_shards(pattern: str, classes_file: Path | None = None, num_classes: in
         name = storage.basename(path)
         data = storage.read_bytes(path)
         sizes[name] = len(data)
-        rows = splits[split_of(name, info_splits)]
+        split = split_of(name, info_splits)
+        rows = splits[split]
         count = 0
         for position, sample in enumerate(iter_tar(path, data)):
             ext = image_field(sample, str(path))
-            seen = (split_of(name, info_splits), sample.key)
+            seen = (split, sample.key)
             if seen in first_seen:
                 raise ReplayKDError(f"sample key '{sample.key}' appears twice in split '{seen[0]}' "
                                     f"({first_seen[seen]} and {name}): each view's seed comes from its key, so "

@@ -91,7 +91,6 @@ class Dealer:
                  jobs, workers: int, depth: int):
         self.work, self.order, self.claims, self.todo, self.jobs = work, list(order), claims, todo, jobs
         self.workers, self.depth, self._stop = max(1, workers), depth, threading.Event()
-        self.taken: list[ShardWork] = []
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="dealer", daemon=True)
         self.thread.start()
@@ -106,8 +105,7 @@ class Dealer:
                 shard_no = self.work[i].shard_no
                 epochs = self.todo(shard_no) if self.claims.take(shard_no) else ()
                 if epochs:
-                    self.taken.append(ShardWork(shard_no, epochs))
-                    self.jobs.put(self.taken[-1])
+                    self.jobs.put(ShardWork(shard_no, epochs))
                 elif shard_no in self.claims.held:
                     self.claims.release(shard_no)
         except BaseException as exn:  # noqa: BLE001 - reported by the main thread

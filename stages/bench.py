@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from pipeline.device import device_name, pick_device
 from pipeline.errors import ReplayKDError
-from pipeline.io import atomic_path, replace_section, write_json_atomic
+from pipeline.io import publish_markdown, write_json_atomic
 from pipeline.manifest import Manifest
 from pipeline.models import create_classifier
 from pipeline.reader import read_shard
@@ -232,8 +232,5 @@ def bench(o: BenchOptions) -> None:
 def publish(o: BenchOptions, r: dict) -> None:
     """bench.md (and the README's bench section, if asked) from the results."""
     md = bench_markdown(r)
-    with atomic_path(o.out / "bench.md") as tmp:
-        tmp.write_text(md)
-    if o.readme is not None:
-        replace_section(o.readme, "bench", f"From `{o.out}/bench.json`:\n\n{md}")
+    publish_markdown(o.out, "bench", md, o.readme)
     typer.echo(md)

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 
 from pipeline.cache import CacheRequest, TeacherCache, UnitArrays
 from pipeline.errors import ReplayKDError
-from pipeline.io import atomic_path, replace_section, write_json_atomic
+from pipeline.io import publish_markdown, write_json_atomic
 from pipeline.manifest import Manifest
 from pipeline.models import create_classifier
 from pipeline.plan import EpochPlan, max_unit_size
@@ -31,6 +32,7 @@ from pipeline.recipe import Recipe
 from pipeline.shards import write_shards
 from pipeline.sources import Source, SourceItem
 from pipeline.teacher import TeacherIdentity
+from stages.measure import replaykd
 from stages.options import ScaleBenchOptions
 
 IN1K = {"train": 1_281_167, "val": 50_000, "classes": 1000, "shard": 1000}
@@ -117,10 +119,8 @@ class PeakMemory:
 def timed(*args) -> tuple[float, str]:
     """Seconds a replaykd command takes in a fresh process (its start included), and its stdout."""
     t0 = time.perf_counter()
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"replaykd {' '.join(map(str, args))} failed: {proc.stderr[-2000:]}")
-    return time.perf_counter() - t0, proc.stdout
+    out = replaykd(*args)
+    return time.perf_counter() - t0, out
 
 
 def run_for(args: list, seconds: float, ready) -> dict:
@@ -154,9 +154,8 @@ def newest_completion(store: Path) -> float:
     return max((f.stat().st_mtime for f in (store / "complete").rglob("c/*/*")), default=0.0)
 
 
-def views_done(store: Path) -> int:
-    """Views of the units recorded complete (read from the store's files, as another process sees them)."""
-    cache = TeacherCache.open(store)
+def views_done(cache: TeacherCache) -> int:
+    """Views of the units recorded complete."""
     return sum(cache.unit_size(int(e), int(s)) for e, s in np.argwhere(cache.done()))
 
 
@@ -345,16 +344,14 @@ def bench_scale(o: ScaleBenchOptions) -> None:
     if not ckpt.exists():
         save_file(create_classifier("regnety_002", 1000).state_dict(), str(ckpt))
     store = work / "in1k.zarr"
-    if store.exists():
-        import shutil
-
-        shutil.rmtree(store)
+    shutil.rmtree(store, ignore_errors=True)
     cache = ["teacher-cache", "--manifest", indexed, "--checkpoint", ckpt, "--teacher", "regnety_002",
              "--teacher-input-size", 32, "--recipe", o.recipe, "--epochs", 300, "--topk", 10, "--workers", o.workers,
              "--device", "cpu", "--out", store]
     launched = time.time()
     first = run_for(cache, o.window, lambda _: newest_completion(store) > launched)
-    views, unit = views_done(store), TeacherCache.open(store).unit_size(0, 0)
+    built = TeacherCache.open(store)  # as another process sees it
+    views, unit = views_done(built), built.unit_size(0, 0)
     r["teacher_cache_startup_s"] = first["ready_s"]
     relaunched = time.time()
     rerun = run_for(cache, 2, lambda _: newest_completion(store) > relaunched)
@@ -366,17 +363,13 @@ def bench_scale(o: ScaleBenchOptions) -> None:
                       **{k: first[k] for k in ("main_rss_mb", "worker_rss_mb", "worker_private_mb")}}
     r.update(store_layout(store))
     # a finished store's files: per data shard, one file per array and block of epochs, and its completion records
-    done = TeacherCache.open(store)
-    r["store_files_complete"] = r["store_files"] - r["store_files_written"] + len(done.shards) * (
-        len(done.arrays) * -(-done.config.epochs // done.epochs_per_file) + 1)
+    r["store_files_complete"] = r["store_files"] - r["store_files_written"] + len(built.shards) * (
+        len(built.arrays) * -(-built.config.epochs // built.epochs_per_file) + 1)
     r["cache_info_s"], _ = timed("cache", "info", store)
 
     fill_epoch(store, 0)
     run = work / "student"
-    if run.exists():
-        import shutil
-
-        shutil.rmtree(run)
+    shutil.rmtree(run, ignore_errors=True)
     student = ["train-student", "--manifest", indexed, "--cache", store, "--recipe", o.recipe, "--epochs", 1,
                "--student", "deit_tiny_distilled_patch16_224", "--img-size", recipe.input_size, "--patch-size", 4,
                "--depth", 2, "--embed-dim", 48, "--num-heads", 3, "--batch-size", 128, "--workers", o.workers,
@@ -400,8 +393,5 @@ def bench_scale(o: ScaleBenchOptions) -> None:
 def publish(o: ScaleBenchOptions, r: dict) -> None:
     """scale.md (and the README's scale section, if asked) from the figures."""
     md = scale_markdown(r)
-    with atomic_path(o.out / "scale.md") as tmp:
-        tmp.write_text(md)
-    if o.readme is not None:
-        replace_section(o.readme, "scale", f"From `{o.out}/scale.json`:\n\n{md}")
+    publish_markdown(o.out, "scale", md, o.readme)
     typer.echo(md)

@@ -81,8 +81,9 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
     cache = TeacherCache.open(o.out, mode="a")
     work = remaining(cache.done(), o.epochs)
     barrier()  # every rank has read the same store before any writes: their shares agree
-    shares = deal([sum(cache.unit_size(e, w.shard_no) for e in w.epochs) for w in work], me.count)
-    expected = sum(cache.unit_size(e, work[i].shard_no) for i in shares[me.index] for e in work[i].epochs)
+    weights = [sum(cache.unit_size(e, w.shard_no) for e in w.epochs) for w in work]
+    shares = deal(weights, me.count)
+    expected = sum(weights[i] for i in shares[me.index])
     claims = Claims(storages.for_root(cache.path), launch)
     mine = {"started": now(), "views_written": 0, "views_seen": 0, "majority_hits": 0, "part": me.index,
             "parts": me.count, "device": str(dev), "share_views": expected}
@@ -114,7 +115,7 @@ def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, reci
     claims.renew_in_background()
 
     def todo(shard_no: int) -> tuple[int, ...]:
-        epochs = tuple(int(e) for e in np.flatnonzero(~cache.done()[:o.epochs, shard_no]))
+        epochs = tuple(int(e) for e in np.flatnonzero(~cache.completed(shard_no)[:o.epochs]))
         pending[shard_no] = len(epochs)
         return epochs
 

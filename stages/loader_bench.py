@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import pipeline.replay as replay_mod
+from pipeline.augment import crop_box
 from pipeline.finish import Finisher
 from pipeline.loader import ReplayViews, ViewCollate
 from pipeline.manifest import Manifest
@@ -97,9 +99,9 @@ def per_core(recipe: Recipe, jpegs: list[tuple[str, bytes]], rounds: int) -> dic
     times: dict[str, list[float]] = {"timm": [], "replay": []}
     views = 0
     timer = StepTimer()
-    replayer.pil_steps = [timer.wrap(type(s).__name__, s) for s in replayer.pil_steps]
-    if replayer.erasing is not None:
-        replayer.erasing._erase = timer.wrap("erase draws", replayer.erasing._erase)
+    steps = replayer.augmentation.steps  # each a partial over its timm transform
+    replayer.augmentation.steps = [timer.wrap(type(s.args[-1]).__name__, s) for s in steps]
+    replayer.augmentation.erase = timer.wrap("erase draws", replayer.augmentation.erase)
     fingerprint = replay_mod.fingerprint
     replay_mod.fingerprint = timer.wrap("fingerprint", fingerprint)
     extra = Counter()
@@ -188,15 +190,9 @@ def full_loader(data: Path, recipe: Recipe, workers: int, batch_size: int = 64, 
 def draft_eligible(recipe: Recipe, size: tuple[int, int], samples: int = 2000) -> float:
     """The share of decoded images that reduced-size JPEG decoding (1/2 scale) could serve without changing a
     pixel's source: every repeat's RandomResizedCrop box at least twice the output on both sides."""
-    replayer = Replayer(recipe, 0)
-    crop = replayer.pil_steps[0]
-    image = Image.new("RGB", size)
     served = 0
-    with replay_mod.seeded_globals() as reseed:
-        for i in range(samples):
-            boxes = []
-            for repeat in range(recipe.repeats):
-                reseed(replay_mod.view_seed(0, i, "eligible", repeat))
-                boxes.append(crop.get_params(image, crop.scale, crop.ratio))
-            served += all(h >= 2 * recipe.input_size and w >= 2 * recipe.input_size for _, _, h, w in boxes)
+    for i in range(samples):
+        boxes = [crop_box(*size, recipe.scale, recipe.ratio, random.Random(replay_mod.view_seed(0, i, "eligible", r)))
+                 for r in range(recipe.repeats)]
+        served += all(h >= 2 * recipe.input_size and w >= 2 * recipe.input_size for _, _, h, w in boxes)
     return served / samples

@@ -16,7 +16,8 @@ from pipeline.manifest import Manifest
 from pipeline.reader import Record, read_shard
 from pipeline.recipe import Recipe
 from pipeline.records import MixParams
-from pipeline.replay import Replayer, decode_image, seeded_globals, view_seed
+from pipeline.replay import Replayer, decode_image, view_seed
+from tests.timm_reference import seeded_globals
 
 
 def reference_mix(a: torch.Tensor, b: torch.Tensor, p: MixParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +43,7 @@ def reference_views(replayer: Replayer, plan, records, images) -> torch.Tensor:
         slots = [plan.slots[s] for s in plan.item_slots(item)]
         floats = []
         for s in slots:
-            with seeded_globals() as reseed:
-                reseed(view_seed(replayer.run_seed, plan.epoch, records[s.position].key, s.repeat))
+            with seeded_globals(view_seed(replayer.run_seed, plan.epoch, records[s.position].key, s.repeat)):
                 floats.append(whole(images[s.position]))
         if len(slots) == 2:
             members = [(records[s.position].key, s.repeat) for s in slots]

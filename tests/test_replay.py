@@ -170,16 +170,18 @@ def test_other_seed_and_epoch_change_views(digits_dir, reference):
     assert sum(other[k][0] != reference[k][0] for k in same) >= 0.99 * len(same)
 
 
-def test_the_recipe_really_augments(digits_dir):
+def test_the_recipe_really_augments(digits_dir, monkeypatch):
+    import pipeline.augment as augment
+
     m = Manifest.load(digits_dir)
     recipe = dataclasses.replace(Recipe.load("digits-ra"), mix_prob=0.0)
     rep = Replayer(recipe, run_seed=3)
-    crop, flip, rand_aug = rep.pil_steps[:3]
+    steps = rep.augmentation.steps
     boxes, flips, ops = [], [], Counter()
-    get_params = crop.get_params
-    crop.get_params = lambda *a: boxes.append(get_params(*a)) or boxes[-1]
-    rep.pil_steps[1] = lambda img: _record_flip(flip, img, flips)
-    for op in rand_aug.ops:
+    crop_box = augment.crop_box
+    monkeypatch.setattr(augment, "crop_box", lambda *a: boxes.append(crop_box(*a)) or boxes[-1])
+    steps[1] = lambda img, d, flip=steps[1]: _record_flip(flip, img, d, flips)
+    for op in steps[2].args[-1].ops:
         op.aug_fn = _recording(op.name, op.aug_fn, ops)
     rec = read_shard(m, "train", m.shards("train")[0])[0]
     image = decode_image(rec.data, rec.key)
@@ -194,8 +196,8 @@ def test_the_recipe_really_augments(digits_dir):
     assert len({fingerprint(pixels, erase, MixParams(), -1) for pixels, erase, _ in views}) == 100  # repeats differ too
 
 
-def _record_flip(flip, img, log):
-    out = flip(img)
+def _record_flip(flip, img, d, log):
+    out = flip(img, d)
     log.append(out is not img)
     return out
 

@@ -20,6 +20,7 @@ from pipeline.manifest import Manifest
 from pipeline.shards import write_shards
 from pipeline.sources import digits_source
 from tests.conftest import CLI, arrays, run_cli
+from tests.flaky_proxy import FlakyProxy
 from tests.test_teacher_cache import assert_same_arrays
 
 SECRET = "not-a-real-secret-3f9a"
@@ -185,3 +186,25 @@ def test_locations_keep_urls_whole_and_configs_drop_secrets():
     assert o.to_config()["storage_options"] == {"profile": "p"}
     with pytest.raises(ReplayKDError, match="--storage-options must be a JSON mapping"):
         TeacherCacheOptions.from_mapping({"out": "x", "storage_options": "[1]"})
+
+
+@pytest.mark.slow
+def test_stage_one_through_a_flaky_endpoint_equals_the_local_build(s3, digits_dir, teacher_ckpt, store, tmp_path):
+    # botocore retries the failed requests with a jittered back-off drawn from Python's `random`, in the threads
+    # that read shards ahead and write units, while the views are made beside them
+    endpoint, options = s3
+    upload(options, digits_dir, "flaky")
+    with FlakyProxy(endpoint, every=20) as proxy:
+        flaky = {**options, "endpoint_url": proxy.endpoint}
+        flag = ["--storage-options", json.dumps(flaky)]
+        manifest = tmp_path / "manifest"
+        run_cli("manifest", "s3://bucket/flaky/{train,val}-*.tar", manifest, *flag)
+        out = "s3://bucket/caches/flaky.zarr"
+        t0 = time.time()
+        run_cli("teacher-cache", "--manifest", manifest, "--checkpoint", teacher_ckpt, "--out", out, "--recipe",
+                "digits-ra", "--teacher", "regnety_002", "--epochs", "2", "--topk", "5", "--workers", "0",
+                "--batch-size", "64", "--device", "cpu", "--epochs-per-file", "2", *flag)
+        print(f"flaky build: {time.time() - t0:.1f} s, {proxy.count} requests, {proxy.failed} failed on purpose")
+        storage.configure(options)
+        assert_same_arrays(arrays(out), arrays(store))
+        assert proxy.failed > 5

@@ -1,0 +1,197 @@
+"""Views drawn from the view's own generators: bit-identical to timm's transforms seeded in a quiet process, and
+untouched by any other thread drawing from the process-wide generators meanwhile."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+from timm.data import Mixup
+from torch.utils.data import DataLoader
+from timm.data.auto_augment import AugmentOp
+from timm.data.mixup import cutmix_bbox_and_lam
+
+from pipeline import loader
+from pipeline.augment import Augmentation, _check_op, draw_mix, draws
+from pipeline.errors import ReplayKDError
+from pipeline.finish import normalise_table
+from pipeline.manifest import Manifest
+from pipeline.reader import read_shard
+from pipeline.recipe import Recipe
+from pipeline.replay import Replayer, decode_image
+from pipeline.targets import CachedTargets
+from stages.options import StudentOptions
+from stages.teacher_cache import run as build_cache
+from stages.train_student import run as train_student
+from tests.conftest import arrays, options
+from tests.test_finish import photographs
+from tests.test_teacher_cache import assert_same_arrays
+from tests.timm_reference import seeded_globals
+
+VARIANTS = {
+    "deit": {},
+    "random interpolation": {"interpolation": "random"},
+    "colour jitter, no RandAugment": {"auto_augment": None, "color_jitter": 0.4},
+    "erasing per channel, up to 3 boxes": {"re_mode": "rand", "re_count": 3, "re_prob": 0.9},
+    "constant erasing": {"re_mode": "const", "re_prob": 0.9},
+    "AutoAugment": {"auto_augment": "original"},
+    "RandAugment, 3 weighted ops, uniform magnitude": {"auto_augment": "rand-m7-n3-mstd101-tweights"},
+    "RandAugment 3a, weighted": {"auto_augment": "rand-m9-n2-t3aw"},
+    "RandAugment, plain": {"auto_augment": "rand-m9-n2"},
+}
+
+
+def finished(recipe: Recipe, pixels: torch.Tensor, erase) -> torch.Tensor:
+    """The float view: timm's per-level values of each pixel, with the erasing boxes written in."""
+    table = normalise_table(recipe)
+    x = torch.stack([table[c][pixels[..., c].long()] for c in range(3)])
+    for e in erase:
+        x[:, e.top:e.top + e.height, e.left:e.left + e.width] = e.values
+    return x
+
+
+@pytest.fixture(scope="module")
+def images(digits_dir):
+    m = Manifest.load(digits_dir)
+    digits = [decode_image(r.data, r.key) for r in read_shard(m, "train", m.shards("train")[0])[:6]]
+    photos = [decode_image(r.data, r.key) for r in photographs(6)]
+    return {"digits": digits, "photos": photos}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_view_is_timms_transform_seeded_quietly(images, variant):
+    for name, size, pictures in (("digits-ra", 16, images["digits"]), ("deit", 64, images["photos"])):
+        recipe = dataclasses.replace(Recipe.load(name), input_size=size, **VARIANTS[variant])
+        whole, ours = recipe.train_transform(), Augmentation(recipe)
+        erased = 0
+        for seed in range(40):
+            image = pictures[seed % len(pictures)]
+            with seeded_globals(seed):
+                expected = whole(image)
+            d = draws(seed)
+            pixels = ours.pixels(image, d)
+            erase = ours.erase(pixels, d)
+            erased += bool(erase)
+            assert torch.equal(finished(recipe, pixels, erase), expected), (variant, name, seed)
+        assert erased > 0 or recipe.re_prob == 0
+
+
+def test_mix_parameters_are_timms_mixup_seeded_quietly():
+    recipe = Recipe.load("deit")
+    mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=recipe.mix_prob,
+                  switch_prob=recipe.switch_prob, num_classes=10)
+    kinds = set()
+    for seed in range(300):
+        with seeded_globals(seed):
+            lam, use_cutmix = mixup._params_per_batch()
+            box = None
+            if use_cutmix:
+                box, lam = cutmix_bbox_and_lam((37, 53), lam, correct_lam=True)
+                box = tuple(int(v) for v in box)
+        got = draw_mix(recipe, 37, 53, draws(seed).np)
+        assert (got.lam, got.box) == (float(lam), box), seed
+        kinds.add(box is None)
+    assert kinds == {True, False}
+    half = dataclasses.replace(recipe, mix_prob=0.5, mixup=0.0)
+    assert sum(draw_mix(half, 8, 8, draws(s).np).lam == 1.0 for s in range(200)) in range(70, 131)
+
+
+def test_steps_whose_draws_cannot_be_replayed_are_refused_by_name():
+    with pytest.raises(ReplayKDError, match="GaussianBlurRand draws from Python's global generator"):
+        _check_op(AugmentOp("GaussianBlurRand", prob=0.5, magnitude=5))
+    with pytest.raises(ReplayKDError, match="augmentation step AugMixAugment"):
+        Augmentation(dataclasses.replace(Recipe.load("deit"), auto_augment="augmix-m5-w4-d2"))
+
+
+class Noise:
+    """A thread drawing from Python's, numpy's and torch's process-wide generators in a tight loop (as botocore's
+    retry back-off draws from `random` in object-store threads), reseeding them now and then."""
+
+    def __init__(self):
+        self.stop, self.draws = threading.Event(), 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            random.random()
+            np.random.random()
+            torch.rand(1)
+            self.draws += 1
+            if self.draws % 1000 == 0:
+                random.seed(self.draws)
+                np.random.seed(self.draws)
+                torch.manual_seed(self.draws)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def test_views_do_not_depend_on_another_thread_drawing(digits_dir):
+    m = Manifest.load(digits_dir)
+    records = read_shard(m, "train", m.shards("train")[0])
+    images = {r.position: decode_image(r.data, r.key) for r in records}
+    replayer = Replayer(Recipe.load("digits-ra"), run_seed=3)
+    plan = replayer.plan(len(records), 0, m.shards("train")[0])
+
+    def made():
+        return [(v.fingerprint, v.lam, v.box) for item in replayer.items(plan, records, images) for v in item]
+
+    quiet = made()
+    with Noise() as noise:
+        noisy = made()
+    assert noise.draws > 100  # the thread really drew while the views were made
+    assert noisy == quiet and len(quiet) == len(plan.slots)
+
+
+def noisy_worker(worker_id: int, setup=loader.setup_worker) -> None:
+    """A loader worker's set-up with a noisy thread of its own beside the views it makes."""
+    setup(worker_id)
+    Noise().thread.start()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stage_one_beside_a_noisy_thread_equals_a_quiet_build(digits_dir, teacher_ckpt, store, tmp_path, monkeypatch,
+                                                              workers):
+    monkeypatch.setattr(loader, "setup_worker", noisy_worker)
+    with Noise() as noise:
+        build_cache(options(digits_dir, teacher_ckpt, tmp_path / "noisy", workers=workers))
+    assert noise.draws > 1000
+    assert_same_arrays(arrays(tmp_path / "noisy"), arrays(store))
+
+
+def stage_two_batches(digits_dir, store, workers: int) -> list:
+    """One epoch of stage two's batches as train-student loads them (views made in the loader workers, each
+    fingerprint checked against the cache): keys, fingerprints, mix weights and cached targets."""
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
+    source = CachedTargets(store, "all")
+    ds = loader.ReplayViews(m, recipe, 0, 1, rank=0, world_size=1, annotate=source.annotator(), fingerprint_every=1,
+                            batch_size=64, shuffle_buffer=256)
+    batches = DataLoader(loader.Batched(ds, 64, loader.ViewCollate(10, recipe.smoothing)), batch_size=None,
+                         **loader.loader_settings(workers, 2, torch.device("cpu")))
+    return [(b.keys, b.fingerprints.tolist(), b.lams.tolist(), b.teacher.probs.tolist(), b.teacher.classes.tolist())
+            for b in batches]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stage_two_beside_a_noisy_thread_replays_the_quiet_views(digits_dir, store, tmp_path, monkeypatch, workers):
+    quiet = stage_two_batches(digits_dir, store, workers)
+    monkeypatch.setattr(loader, "setup_worker", noisy_worker)
+    with Noise() as noise:
+        assert stage_two_batches(digits_dir, store, workers) == quiet
+        # and the whole command, every replayed view checked against the cache
+        train_student(StudentOptions.from_mapping(dict(
+            out=tmp_path / "run", manifest=digits_dir, cache=store, epochs=1, recipe="digits-ra", patch_size=4, depth=2,
+            embed_dim=48, num_heads=2, batch_size=64, workers=workers, device="cpu", check_fingerprints="all",
+            eval_split="none")))
+    assert noise.draws > 1000 and len(quiet) > 10

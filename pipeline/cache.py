@@ -10,6 +10,11 @@ a file. Every chunk ends in a CRC-32C (Zarr's crc32c codec), checked on every re
 naming the unit and the array, never wrong targets. Zarr's local store writes each file atomically, and a unit's
 completion is recorded (in the `complete` array, one file per data shard) only after its data, so a run killed at
 any point resumes to arrays identical to an uninterrupted run's. Readers trust completed units only.
+
+A completion record holds, per array, a CRC-32C of the unit's stored values as written. Zarr reads a chunk that is
+absent (a file deleted, lost in a copy, or never written) as its fill value, zeros, which no chunk checksum can
+catch; so every read compares the values it got with the record, and a unit whose data is missing, short or not
+the data its record names is an error naming the unit, the array and the file, never class 0 with probability 0.
 """
 from __future__ import annotations
 
@@ -17,15 +22,16 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 
-from pipeline.claims import CLAIMS, read_claim, this_process
+from pipeline.claims import CHANGING, CLAIMS, Claims, newest
 from pipeline.errors import ReplayKDError
 from pipeline.plan import max_unit_size, unit_size
+from pipeline.reader import crc32c
 from pipeline import storage as storages
 from pipeline.storage import Location
 
@@ -35,11 +41,11 @@ if TYPE_CHECKING:
     from pipeline.teacher import TeacherIdentity
 
 FORMAT_NAME = "replaykd.teacher-cache"
-FORMAT_VERSION = 4  # 4: CRC-32C per chunk, the teacher's identity and preprocessing, the views' fields only
+# 4: CRC-32C per chunk, the teacher's identity and preprocessing, the views' fields only; 5: completion records
+# hold each array's CRC-32C (a chunk that is absent reads as zeros: now refused)
+FORMAT_VERSION = 5
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 COMPLETE = "complete"
-# Held (a claim record, created only if absent) while a process creates or grows the store's arrays.
-CHANGING = ".replaykd-changing"
 WAIT_SECONDS = 600.0
 # Epochs per file of the completion array: one small file per data shard for any realistic run.
 COMPLETE_EPOCHS = 1024
@@ -107,6 +113,20 @@ class UnitArrays:
         """The given rows (an index or a mask)."""
         return UnitArrays(**{name: arr[rows] for name, arr in self.arrays().items()})
 
+    def stored(self) -> dict[str, np.ndarray]:
+        """name -> the values as the store holds them (probabilities as bit-pattern deltas)."""
+        return {name: ENCODED[name][1](v) if name in ENCODED else v for name, v in self.arrays().items()}
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, np.ndarray]) -> "UnitArrays":
+        """The inverse of `stored`."""
+        return cls(**{name: ENCODED[name][2](v) if name in ENCODED else v for name, v in stored.items()})
+
+
+def digest(values: np.ndarray) -> int:
+    """A stored array's entry in a completion record: its CRC-32C with bit 32 set (0 means not written)."""
+    return (1 << 32) | crc32c(np.ascontiguousarray(values).view(np.uint8))
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -157,7 +177,11 @@ class CacheRequest:
 
 
 class DamagedUnit(ReplayKDError):
-    """Stored bytes of a unit fail their checksum (or do not decode)."""
+    """Stored bytes of a unit fail their checksum, do not decode, or are missing."""
+
+
+class LostClaim(ReplayKDError):
+    """Another process took over a data shard this one was writing."""
 
 
 def _compressors(dtype: str):
@@ -220,7 +244,9 @@ class TeacherCache:
         meta = storage.read("zarr.json")
         if meta is None:
             raise ReplayKDError(f"no teacher cache at {path} (run 'replaykd teacher-cache' first)")
-        if not cls._is_store(meta) and storage.read(CHANGING) is not None:
+        finished = cls._is_store(path, meta)
+        lock = newest(storage, CHANGING) if not finished else None
+        if lock is not None and lock[1] is not None and not lock[1].stale(time.time()):
             raise ReplayKDError(f"{path} is being created by another run; try again when it has started")
         with storages.remote(path, "opening the store"):
             return cls(path, _open_group(path, mode))
@@ -228,43 +254,69 @@ class TeacherCache:
     @classmethod
     def create_or_grow(cls, path: Location, request: CacheRequest, epochs: int, shards: list[str], counts: list[int],
                        repeats: int, paired: bool, epochs_per_file: int, extra_attrs: dict,
-                       launch: str) -> "TeacherCache":
-        """Create the store, or open one that fits `request` and grow it to `epochs` epochs. Of several processes
-        doing this at once (independent runs, parts of a job array) one changes the store and the others wait for
-        it; a creation interrupted by a kill is taken over."""
+                       claims: Claims) -> "TeacherCache":
+        """Create the store, or open one that fits `request` and grow it to `epochs` epochs, and record that this
+        process has it open (`claims`, on the store's root). Of several processes doing this at once (independent
+        runs, parts of a job array) one changes the store and the others wait for it; a creation interrupted by a
+        kill is taken over."""
         path = storages.as_location(path)
-        storage = storages.for_root(path)
-        deadline, took_over = time.time() + WAIT_SECONDS, False
-        while not storage.create(CHANGING, json.dumps(dataclasses.asdict(this_process(launch))).encode()):
-            holder = read_claim(storage, CHANGING)
-            if holder is not None and holder.stale(time.time()):
-                storage.delete(CHANGING)  # its process was killed: take over (a partial creation is redone)
-                took_over = True
-            elif time.time() > deadline:
-                raise ReplayKDError(f"{path} is being created or grown by {holder.holder if holder else 'another run'} "
-                                    f"for over {WAIT_SECONDS:.0f} s; try again when it is done")
-            else:
-                time.sleep(0.2)
+        storage = claims.storage
+        deadline = time.time() + WAIT_SECONDS
+        while not claims.take(CHANGING):
+            if time.time() > deadline:
+                found = claims.current(CHANGING)
+                holder = found[1].holder if found is not None and found[1] is not None else "another run"
+                raise ReplayKDError(f"{path} is being created or grown by {holder} for over {WAIT_SECONDS:.0f} s; "
+                                    "try again when it is done")
+            time.sleep(0.2)
         try:
-            if cls._is_store(storage.read("zarr.json")):
-                return cls._grow(path, request, epochs, shards, counts)
-            if not took_over and any(not name.endswith(".partial") for name in storage.children("")):
-                raise ReplayKDError(f"{path} exists and is not a teacher cache; choose another --out")
-            try:
-                with storages.remote(path, "creating the store"):
-                    cls._create(path, request.config(epochs), shards, counts, repeats, paired, epochs_per_file,
-                                extra_attrs)
-            except BaseException:
-                storage.remove_all(keep=CHANGING)  # leave nothing half-made: it held nothing of anyone's before
-                raise
-            return cls.open(path, mode="a")
+            if cls._is_store(path, storage.read("zarr.json")):
+                cache = cls._grow(path, request, epochs, shards, counts)
+            else:
+                foreign = [n for n in storage.children("") if n != CLAIMS and not n.endswith(".partial")]
+                if foreign and not claims.took_over(CHANGING):  # a creation killed half-way is redone
+                    raise ReplayKDError(f"{path} exists and is not a teacher cache; choose another --out")
+                try:
+                    with storages.remote(path, "creating the store"):
+                        cls._create(path, request.config(epochs), shards, counts, repeats, paired, epochs_per_file,
+                                    extra_attrs)
+                except BaseException:
+                    storage.remove_all(keep=claims.key(CHANGING))  # nothing half-made: it held nothing of anyone's
+                    raise
+                cache = cls.open(path, mode="a")
+            claims.open()  # before the lock goes: nobody removes a store this process has open
+            return cache
         finally:
-            storage.delete(CHANGING)
+            claims.release(CHANGING)
+
+    def remove_if_unused(self, claims: Claims) -> bool:
+        """Remove the store if it holds no completed unit and no other live process has it open (a first run that
+        failed before it finished anything leaves nothing behind); True if it was removed. `claims` are this
+        process's on the store, all released here."""
+        removed = False
+        if claims.take(CHANGING):  # else another process is creating or growing it: it is theirs too
+            try:
+                removed = not self.done().any() and not claims.others_active()
+            except ReplayKDError:
+                removed = False
+            if removed:  # everything but the lock, then the lock: nobody else can take it meanwhile
+                lock = claims.key(CHANGING)
+                claims.abandon()
+                self.storage.remove_all(keep=lock)
+                self.storage.delete(lock)
+                self.storage.discard_root()
+        claims.release_all()
+        return removed
 
     @staticmethod
-    def _is_store(meta: bytes | None) -> bool:
+    def _is_store(path: Location, meta: bytes | None) -> bool:
         """Whether a store's root metadata says its creation finished (its format is recorded, last)."""
-        return meta is not None and "format" in json.loads(meta).get("attributes", {})
+        try:
+            return meta is not None and "format" in json.loads(meta).get("attributes", {})
+        except (ValueError, AttributeError):
+            raise ReplayKDError(f"{storages.join(path, 'zarr.json')} is not JSON (damaged or cut short), so the store "
+                                "cannot be opened: copy it again, or delete it and rerun the teacher-cache command "
+                                "that made it") from None
 
     @classmethod
     def _grow(cls, path: Location, request: CacheRequest, epochs: int, shards: list[str], counts: list[int]):
@@ -296,9 +348,10 @@ class TeacherCache:
                                      compressors=_compressors(dtype), fill_value=0, overwrite=True,
                                      dimension_names=("epoch", "shard", "slot", "k")[: 3 + per_class])
             codec_chain[name] = arr.metadata.to_dict()["codecs"]
-        group.create_array(COMPLETE, shape=(config.epochs, len(shards)), dtype="uint8", chunks=(COMPLETE_EPOCHS, 1),
-                           compressors=[Crc32cCodec()], fill_value=0, overwrite=True,
-                           dimension_names=("epoch", "shard"))
+        # one entry per (epoch, shard, array): its digest once the unit is written; one file per data shard
+        group.create_array(COMPLETE, shape=(config.epochs, len(shards), len(codec_chain)), dtype="uint64",
+                           chunks=(COMPLETE_EPOCHS, 1, len(codec_chain)), compressors=[Crc32cCodec()], fill_value=0,
+                           overwrite=True, dimension_names=("epoch", "shard", "array"))
         group.require_group(CLAIMS)
         group.attrs.update({"format": FORMAT, "config": dataclasses.asdict(config),  # written last: now it is a store
                             "layout": {"shards": shards, "counts": counts, "repeats": repeats, "paired": paired,
@@ -346,7 +399,7 @@ class TeacherCache:
         """(epochs, shards) bool: which units are complete."""
         try:
             with storages.remote(self.path, "reading the completion records"):
-                return self.complete[:] != 0
+                return (self.complete[:] != 0).all(axis=-1)
         except (ValueError, RuntimeError) as exn:
             raise DamagedUnit(f"cache {self.path}: its completion records are damaged ({exn}); run `replaykd cache "
                               f"repair {self.path}`") from exn
@@ -355,7 +408,7 @@ class TeacherCache:
         """(epochs,) bool: which units of one data shard are complete (its one completion file, not the store's)."""
         try:
             with storages.remote(self.path, "reading the completion records"):
-                return self.complete[:, shard_no] != 0
+                return (self.complete[:, shard_no] != 0).all(axis=-1)
         except (ValueError, RuntimeError) as exn:
             raise DamagedUnit(f"cache {self.path}: the completion records of {self.shards[shard_no]} are damaged "
                               f"({exn}); run `replaykd cache repair {self.path}`") from exn
@@ -365,34 +418,65 @@ class TeacherCache:
         epochs = self.config.epochs if epochs is None else min(epochs, self.config.epochs)
         return [(int(e), int(s)) for e, s in np.argwhere(~self.done()[:epochs, :])]
 
-    def write_unit(self, epoch: int, shard_no: int, data: UnitArrays) -> None:
-        """Write one unit's arrays, then record it complete (the caller owns this data shard)."""
+    def write_unit(self, epoch: int, shard_no: int, data: UnitArrays,
+                   still_mine: Callable[[], bool] | None = None) -> None:
+        """Write one unit's arrays, then record it complete with their digests. The caller owns this data shard;
+        `still_mine`, asked before the arrays are written and again right before the completion is recorded, says
+        whether it still does (a process taken for gone stops rather than writing beside the new holder)."""
         n = self.unit_size(epoch, shard_no)
+        stored = data.stored()
+
+        def check_claim() -> None:
+            if still_mine is not None and not still_mine():
+                raise LostClaim(f"this process no longer holds data shard {self.shards[shard_no]} of {self.path}: "
+                                "another process took it over (this one was taken for gone); stopping rather than "
+                                "writing beside it")
+
         with storages.remote(self.path, f"writing unit (epoch {epoch}, shard {self.shards[shard_no]})"):
-            for name, values in data.arrays().items():
-                self.arrays[name][epoch, shard_no, :n] = ENCODED[name][1](values) if name in ENCODED else values
-            self.complete[epoch, shard_no] = 1
+            check_claim()
+            for name, values in stored.items():
+                self.arrays[name][epoch, shard_no, :n] = values
+            check_claim()
+            self.complete[epoch, shard_no] = [digest(v) for v in stored.values()]
 
-    def read_unit(self, epoch: int, shard_no: int, check_complete: bool = True) -> UnitArrays:
-        """One completed unit's arrays, one row per slot; bytes that fail their checksum are a `DamagedUnit` error
-        naming the unit and the array."""
+    def read_unit(self, epoch: int, shard_no: int) -> UnitArrays:
+        """One completed unit's arrays, one row per slot. Bytes that fail their checksum, and values that are not
+        the ones its completion record names (a file missing or short), are a `DamagedUnit` error naming the unit,
+        the array and the file; a unit not complete is an error too."""
         with storages.remote(self.path, f"reading unit (epoch {epoch}, shard {self.shards[shard_no]})"):
-            return self._read_unit(epoch, shard_no, check_complete)
-
-    def _read_unit(self, epoch: int, shard_no: int, check_complete: bool) -> UnitArrays:
-        if check_complete and not self.complete[epoch, shard_no]:
+            problems, stored = self._check_unit(epoch, shard_no)
+        if problems is None:
             raise ReplayKDError(f"{self.path}: unit (epoch {epoch}, shard {self.shards[shard_no]}) is not complete")
-        n = self.unit_size(epoch, shard_no)
-        stored = {}
-        for name, arr in self.arrays.items():
+        if problems:
+            name, why = problems[0]
+            raise DamagedUnit(f"cache {self.path}: unit (epoch {epoch}, shard {self.shards[shard_no]}) is damaged: "
+                              f"array '{name}' {why}. Run `replaykd cache repair {self.path}` (it drops the damaged "
+                              "units), then the teacher-cache command that built the store to rebuild them")
+        return UnitArrays.from_stored(stored)
+
+    def _check_unit(self, epoch: int, shard_no: int) -> tuple[list[tuple[str, str]] | None, dict[str, np.ndarray]]:
+        """(problems, stored values) of one unit: problems None when it is not complete, else (array, what is wrong)
+        for each array that fails its checksum or differs from its completion record."""
+        record = self.complete[epoch, shard_no]
+        if not record.all():
+            return None, {}
+        n, problems, stored = self.unit_size(epoch, shard_no), [], {}
+        for (name, arr), expected in zip(self.arrays.items(), record.tolist()):
             try:
                 stored[name] = arr[epoch, shard_no, :n]
             except (ValueError, RuntimeError) as exn:  # zarr's checksum mismatch, or a chunk that does not decode
-                raise DamagedUnit(
-                    f"cache {self.path}: unit (epoch {epoch}, shard {self.shards[shard_no]}) is damaged: array "
-                    f"'{name}' fails its checksum ({exn}). Run `replaykd cache repair {self.path}` (it drops the "
-                    "damaged units), then the teacher-cache command that built the store to rebuild them") from exn
-        return UnitArrays(**{name: ENCODED[name][2](v) if name in ENCODED else v for name, v in stored.items()})
+                problems.append((name, f"fails its checksum in {self._file(arr, epoch, shard_no)} ({exn})"))
+                continue
+            if digest(stored[name]) != expected:
+                key = self._file(arr, epoch, shard_no)
+                state = "is missing" if not self.storage.exists(key) else "is shorter than written, or holds other data"
+                problems.append((name, f"does not hold the data written for it: its file {key} {state}"))
+        return problems, stored
+
+    def _file(self, arr: zarr.Array, epoch: int, shard_no: int) -> str:
+        """The store key of the Zarr shard file that holds a unit's chunk of `arr`."""
+        coords = (epoch // self.epochs_per_file, shard_no) + (0,) * (arr.ndim - 2)
+        return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
 
     def bytes_on_disk(self) -> int:
         """Total size of the store's files (objects)."""
@@ -401,21 +485,18 @@ class TeacherCache:
     # --- integrity ---------------------------------------------------------------------------------
     def damage(self, progress=None) -> list[tuple[int | None, int, str]]:
         """Read every completed unit's every chunk, one unit at a time: (epoch, shard_no, array) of each one that
-        fails its checksum or does not decode (epoch None: the shard's completion records themselves)."""
+        fails its checksum, does not decode or is not the data its completion record names (epoch None: the
+        shard's completion records themselves)."""
         found = []
         for s in range(len(self.shards)):
             try:
-                epochs = np.flatnonzero(self.complete[:, s]).tolist()
+                epochs = np.flatnonzero(self.complete[:, s].any(axis=-1)).tolist()
             except (ValueError, RuntimeError):
                 found.append((None, s, COMPLETE))
                 continue
             for e in epochs:
-                n = self.unit_size(e, s)
-                for name, arr in self.arrays.items():
-                    try:
-                        arr[e, s, :n]
-                    except (ValueError, RuntimeError):
-                        found.append((e, s, name))
+                problems, _ = self._check_unit(e, s)
+                found += [(e, s, name) for name, _ in ([(COMPLETE, "")] if problems is None else problems)]
                 if progress is not None:
                     progress()
         return found
@@ -428,15 +509,15 @@ class TeacherCache:
         blocks = sorted({(e // epf, s) for e, s, _ in damaged if e is not None})
         whole = sorted({s for e, s, _ in damaged if e is None})
         blocks += [(b, s) for s in whole for b in range(-(-self.config.epochs // epf)) if (b, s) not in blocks]
-        for b, s in blocks:
-            for arr in self.arrays.values():
-                coords = (b, s) + (0,) * (arr.ndim - 2)
-                self.storage.delete(f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}")
+        # completion first: a repair killed midway leaves units missing (rebuilt later), never complete without data
         for s in {s for _, s in blocks}:
-            column = np.zeros(self.config.epochs, np.uint8)
+            column = np.zeros(self.complete.shape[::2], np.uint64)
             if s not in whole:
                 column = self.complete[:, s]
                 for b, _ in (x for x in blocks if x[1] == s):
                     column[b * epf:(b + 1) * epf] = 0
             self.complete[:, s] = column
+        for b, s in blocks:
+            for arr in self.arrays.values():
+                self.storage.delete(self._file(arr, b * epf, s))
         return blocks

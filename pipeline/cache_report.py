@@ -1,8 +1,9 @@
 """What a store is and what built it: identity, completeness, size, and the figures of the runs that wrote it.
 
 Every process that writes units records its own figures in the store (a small Zarr group under `runs/`, one per
-process, so no two writers share a file); `cache info` shows the store's totals over all of them and the last
-launch's, labelled apart.
+process, so no two writers share a file); `cache info` shows the store's totals and the last launch's, labelled
+apart. The totals' views are those the store holds (a launch that is killed records nothing, yet its completed units
+stay); their time and rates are the recorded processes'.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import numpy as np
 from pipeline.cache import TeacherCache
 
 RUNS = "runs"
+# Why a store's totals can exceed what its launches recorded.
+KILLED = "a launch that is killed records no figures"
 
 
 def launch_id() -> str:
@@ -101,10 +104,17 @@ class CacheSummary:
         for label, r in (("store totals", self.totals), ("last launch", self.last_launch)):
             if not r:
                 continue
-            lines.append(f"{label}: {r['views_written']} views written by {r['processes']} process(es)"
+            recorded = r.get("views_recorded", r["views_written"])
+            if not r["processes"]:
+                lines.append(f"{label}: {r['views_written']} views written; no launch recorded figures ({KILLED})")
+                continue
+            lines.append(f"{label}: {r['views_written']} views written"
+                         + (f", {recorded} of them" if recorded != r["views_written"] else "")
+                         + f" by {r['processes']} process(es)"
                          + (f" in {r['launches']} launch(es)" if "launches" in r else "")
+                         + (f" ({KILLED})" if recorded != r["views_written"] else "")
                          + f", {r['process_seconds']:.1f} process-seconds"
-                         + (f" ({r['views_written'] / r['process_seconds']:.0f} views/s per process)"
+                         + (f" ({recorded / r['process_seconds']:.0f} views/s per process)"
                             if r["process_seconds"] > 0 else "")
                          + (f", teacher top-1 vs majority label {r['teacher_top1_vs_majority']:.2f}%"
                             if r.get("teacher_top1_vs_majority") is not None else "")
@@ -125,8 +135,11 @@ def summarize(cache: TeacherCache) -> CacheSummary:
     last = [r for r in records if records and r["launch"] == records[-1]["launch"]]
     last_launch = _totals(last)
     last_launch.pop("launches", None)
+    recorded = _totals(records) or {"processes": 0, "launches": 0, "views_written": 0}
+    # the views the store holds, whatever was recorded: a killed launch's units stay, its figures were never written
+    totals = {**recorded, "views_written": views, "views_recorded": recorded["views_written"]}
     return CacheSummary(str(cache.path), c.teacher["name"], c.teacher["sha256"][:16], c.teacher["input_size"],
                         c.manifest_hash[:16], c.split, cache.attrs.get("recipe_name"), c.views_hash[:16], c.run_seed,
                         c.epochs, c.topk, c.num_classes, len(cache.shards), int((~done).sum()), views, size,
-                        size / views if views else None, _totals(records), last_launch)
+                        size / views if views else None, totals, last_launch)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -46,7 +47,8 @@ class WriteFailed(ReplayKDError):
 class UnitWriter:
     """Writes completed units on a background thread, off the teacher's compute path. Any failure of a write ends
     the run with its message at the next `put` or at `close` (a full queue never waits on a thread that died).
-    `owns(shard_no)`, checked before each unit, says whether this process still holds the shard's claim;
+    `owns(shard_no)`, asked before each unit and again right before its completion is recorded, says whether this
+    process still holds the shard's claim;
     `written(epoch, shard_no)` is told of each unit written."""
 
     POLL_SECONDS = 0.5
@@ -62,11 +64,7 @@ class UnitWriter:
         while (job := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    if self.owns is not None and not self.owns(job[1]):
-                        raise ReplayKDError(f"this process no longer holds data shard {self.cache.shards[job[1]]} of "
-                                            f"{self.cache.path}: another process took it over (this one was taken "
-                                            "for gone); stopping rather than writing beside it")
-                    self.cache.write_unit(*job)
+                    self.cache.write_unit(*job, still_mine=None if self.owns is None else partial(self.owns, job[1]))
                     if self.written is not None:
                         self.written(job[0], job[1])
                 except BaseException as exn:  # noqa: BLE001 - any failure must reach the main thread

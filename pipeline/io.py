@@ -1,14 +1,16 @@
-"""Files: crash-safe writes (write beside the target, then rename into place) and the YAML and JSON-lines reads
-that options, recipes and run logs share."""
+"""Files: crash-safe writes (write beside the target, then rename into place), whether an output can be written at
+all, and the YAML and JSON-lines reads that options, recipes and run logs share."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import ReplayKDError
+from pipeline.storage import is_url
 
 
 def _umask() -> int:
@@ -34,6 +36,25 @@ def atomic_path(path: Path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_writable(out, flag: str) -> None:
+    """Refuse, naming `flag` and the path, a local output this process cannot write (a read-only mount, no
+    permission, a file where a folder must be), before a command writes anything; a URL is left to its store."""
+    if is_url(out):
+        return
+    out = Path(out)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ReplayKDError(f"{flag} {out} cannot be written: {existing} is a file, not a folder")
+    # Only a real write tells: root passes every permission check, yet a read-only mount (EROFS) or a kernel file
+    # system (EPERM) still refuses; the probe folder goes at once.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".replaykd-write-check-", dir=existing))
+    except OSError as exn:
+        raise ReplayKDError(f"{flag} {out} cannot be written: {exn.strerror or exn} in {existing}") from None
 
 
 def write_json_atomic(path: Path, obj) -> None:

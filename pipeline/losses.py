@@ -44,17 +44,21 @@ class DistillationLoss(nn.Module):
 
     A distilled DeiT gives (cls, dist) logits: the class head learns the labels, the distillation head the teacher.
     Any other student gives one tensor of logits, which learns both. hard: CE(kd head, teacher's top-1 class). soft:
-    KL(dense teacher at tau || softmax(kd / tau)) * tau^2, reduced as 'batchmean' (sum over classes, mean over the
-    batch) like timm's distillation tasks; DeiT's original divides by batch * classes instead, a constant factor C
-    smaller. none: labels only (both heads of a two-headed student).
+    KL(dense teacher at tau || softmax(kd / tau)) * tau^2, summed over the batch and the classes and divided by
+    batch * classes with `soft_scale` 'deit' (DeiT's losses.py), or by the batch only with 'batchmean' (timm's
+    distillation tasks), C times larger. none: labels only (both heads of a two-headed student).
     """
 
-    def __init__(self, mode: str = "hard", alpha: float = 0.5, tau: float = 1.0, num_classes: int = 1000):
+    def __init__(self, mode: str = "hard", alpha: float = 0.5, tau: float = 1.0, num_classes: int = 1000,
+                 soft_scale: str = "deit"):
         super().__init__()
-        mode = getattr(mode, "value", mode)
+        mode, soft_scale = getattr(mode, "value", mode), getattr(soft_scale, "value", soft_scale)
         if mode not in ("hard", "soft", "none"):
             raise ValueError(f"distillation must be hard, soft or none, got {mode!r}")
+        if soft_scale not in ("deit", "batchmean"):
+            raise ValueError(f"soft_scale must be deit or batchmean, got {soft_scale!r}")
         self.mode, self.alpha, self.tau, self.num_classes = mode, alpha, tau, num_classes
+        self.soft_scale = soft_scale
 
     def forward(self, outputs, target: torch.Tensor, teacher: TeacherTargets | None = None) -> LossParts:
         """Loss parts for the student's logits: (cls, dist) for a distilled DeiT, else one tensor."""
@@ -70,5 +74,6 @@ class DistillationLoss(nn.Module):
         else:
             q = dense_target(teacher.probs, teacher.classes, self.num_classes, self.tau)
             log_p = F.log_softmax(kd_logits.float() / self.tau, dim=-1)
-            distill = F.kl_div(log_p, q, reduction="batchmean") * (self.tau ** 2)
+            divisor = log_p.numel() if self.soft_scale == "deit" else log_p.shape[0]
+            distill = F.kl_div(log_p, q, reduction="sum") * (self.tau ** 2) / divisor
         return LossParts((1 - self.alpha) * base + self.alpha * distill, base, distill)

@@ -194,9 +194,16 @@ class Manifest:
         data = records.read(HEADER)
         if data is None:
             raise ReplayKDError(f"no manifest at {path} (missing {HEADER}); run 'replaykd shards' or 'replaykd manifest'")
-        header = json.loads(data)
-        if header.get("format") != FORMAT:
+        again = "copy it again from where it was made, or make it again ('replaykd shards' or 'replaykd manifest')"
+        try:
+            header = json.loads(data)
+        except ValueError:
+            raise ReplayKDError(f"{header_file} is not JSON (damaged or cut short); {again}") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ReplayKDError(f"{header_file} is not a {FORMAT} manifest")
+        missing = [k for k in ("hash", "classes", "shard_root", "splits") if k not in header]
+        if missing:
+            raise ReplayKDError(f"{header_file} lacks {', '.join(missing)} (incomplete); {again}")
         tables = {}
         for split in header["splits"]:
             parquet = records.read(f"{split}.parquet")

@@ -30,8 +30,9 @@ def read_checkpoint(checkpoint: Path) -> dict:
         raise ReplayKDError(f"cannot read checkpoint {checkpoint}: {exn}") from exn
 
 
-def load_weights(model: nn.Module, state: dict, checkpoint: Path) -> None:
-    """Load `state` (read from `checkpoint`) strictly; a misfit is an error listing the keys."""
+def load_weights(model: nn.Module, state: dict, checkpoint: Path, name: str) -> None:
+    """Load `state` (read from `checkpoint`) strictly into `model` (timm's `name`); a misfit is an error listing the
+    keys."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -40,18 +41,25 @@ def load_weights(model: nn.Module, state: dict, checkpoint: Path) -> None:
         def show(keys):
             return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
         raise ReplayKDError(
-            f"checkpoint {checkpoint} does not fit {type(model).__name__}: missing keys: {show(missing)}; "
+            f"checkpoint {checkpoint} does not fit {name}: missing keys: {show(missing)}; "
             f"unexpected keys: {show(unexpected)}; wrong shapes: "
             + (", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:5]) or "none"))
     model.load_state_dict(state, strict=True)
 
 
 def check_model_name(name: str) -> None:
-    """Refuse a name timm does not know, listing near names."""
-    arch = name.split("hf-hub:", 1)[-1] if name.startswith("hf-hub:") else name
-    if name.startswith("hf-hub:") or timm.is_model(arch):
+    """Refuse a name timm does not know, listing near names, or a tag its architecture does not have, listing its
+    tags."""
+    if name.startswith("hf-hub:"):
         return
-    near = timm.list_models(f"*{arch.split('.')[0].split('_')[0]}*")[:8]
+    if timm.is_model(name):
+        base, tag = timm.models.split_model_name_tag(name)
+        tagged = timm.models.get_arch_pretrained_cfgs(base)
+        if tag and name not in tagged:
+            raise ReplayKDError(f"timm model {base} has no tag {tag!r} (it has: {', '.join(tagged) or 'none'}); name "
+                                "one of these")
+        return
+    near = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
     raise ReplayKDError(f"unknown timm model {name!r}; similar: {', '.join(near) or 'none'}")
 
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline.augment import Augmentation, draw_mix, draws
-from pipeline.errors import ReplayKDError
+from pipeline.errors import BadImage
 from pipeline.finish import normalise_table
 from pipeline.plan import TAG_PAIR, TAG_VIEW, Slot, UnitPlan, derive_seed, plan_unit
 from pipeline.reader import crc32c, crc32c_extend
@@ -53,7 +53,7 @@ def decode_image(data: bytes, origin: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
     except Exception as exn:
-        raise ReplayKDError(f"cannot decode image {origin}: {exn}") from exn
+        raise BadImage.of(origin, exn) from exn
 
 
 def decode_positions(records: Sequence["Record"], positions: Iterable[int], origin: str = "") -> dict[int, Image.Image]:

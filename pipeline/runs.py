@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from pipeline.errors import ReplayKDError
-from pipeline.io import atomic_path, read_jsonl, write_json_atomic
+from pipeline.io import atomic_path, read_jsonl, read_yaml_mapping, write_json_atomic
 
 CONFIG, LOG, CSV, STATE, SUMMARY = "config.yaml", "log.jsonl", "summary.csv", "train_state.pt", "summary.json"
 WEIGHTS, EMA_WEIGHTS = "checkpoint.safetensors", "checkpoint-ema.safetensors"
@@ -54,11 +54,22 @@ class RunFolder:
     def summary(self) -> dict | None:
         """The finished run's summary, or None while it is not finished."""
         f = self.path / SUMMARY
-        return json.loads(f.read_text()) if f.exists() else None
+        if not f.exists():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except ValueError:
+            raise ReplayKDError(f"{f} is not JSON (damaged): the finished run's summary cannot be read; delete it and "
+                                f"run the run's train-student command with --resume, which writes it again from {STATE}"
+                                ) from None
 
     def config(self) -> dict:
         """The resolved options the run was started with."""
-        return yaml.safe_load((self.path / CONFIG).read_text())
+        f = self.path / CONFIG
+        if not f.exists():
+            raise ReplayKDError(f"{f} is missing, so the options {self.path} was started with are unknown: put it back "
+                                "from a copy of the run folder, or start the run again in another --out")
+        return read_yaml_mapping(f, "run options", "option names to values")
 
     def log(self) -> list[dict]:
         """The finished epochs' log lines."""
@@ -74,14 +85,23 @@ class RunFolder:
         if self.has_state() or (self.path / SUMMARY).exists():
             raise ReplayKDError(f"{self.path} holds a run already; pass --resume to continue it, or choose another --out")
 
-    def check_resume(self, plan: dict) -> None:
-        """Refuse to resume a run that is not there, or one started with another plan (options that fix it)."""
+    def check_resume(self, plan: dict, batching: dict) -> None:
+        """Refuse to resume a run that is not there, one started with another plan (options that fix it), or one
+        whose `batching` options (those that decide which views share a batch) changed."""
         if not self.has_state():
             raise ReplayKDError(f"nothing to resume in {self.path} (no {STATE}); start the run without --resume")
         saved = self.config()
         diff = [f"{k} ({saved.get(k)!r} then, {v!r} now)" for k, v in plan.items() if saved.get(k) != v]
         if diff:
             raise ReplayKDError(f"--resume with a different plan than {self.path} was started with: {', '.join(diff)}")
+        changed = {"--" + k.replace("_", "-"): (saved.get(k), v) for k, v in batching.items() if saved.get(k) != v}
+        if changed:
+            what = ", ".join(f"{flag} {'unset' if old is None else old} then, {'unset' if new is None else new} now"
+                             for flag, (old, new) in changed.items())
+            again = " ".join(f"without {flag}" if old is None else f"{flag} {old}" for flag, (old, _) in changed.items())
+            raise ReplayKDError(f"--resume of {self.path} with other loader options than it was started with ({what}): "
+                                "they decide which views share a batch, so the resumed run would not reproduce the "
+                                f"uninterrupted one; resume with the old values ({again})")
 
     def create(self, config: dict) -> None:
         """Start the folder: the resolved options and an empty log (any half-started run's files are replaced)."""
@@ -120,7 +140,12 @@ class RunFolder:
 
     def restore(self) -> dict:
         """The last checkpoint's state, on the CPU (each rank moves what it takes to its own device)."""
-        return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
+        f = self.path / STATE
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exn:  # torch's own messages suggest unsafe loading; what matters is that it is damaged
+            raise ReplayKDError(f"{f} cannot be read (damaged or cut short), so the run cannot continue from it: "
+                                "start it again without --resume in another --out") from exn
 
     def finish(self, summary: dict) -> dict:
         """Write the summary (the run is done) and return it."""

@@ -112,6 +112,9 @@ def index_shards(pattern: str, classes_file: Path | None = None, num_classes: in
         raise ReplayKDError(f"shards matched by {pattern!r} lie in several folders "
                             f"({', '.join(map(str, sorted(roots)))}); use one folder")
     root = roots.pop()
+    where = "the class names given"
+    if classes is None:  # read before the shards: a contradiction is refused before a long indexing
+        classes, where = _named_classes(root, classes_file, num_classes)
     info = read_info(root)
     info_splits, info_lengths = _info_files(info)
     splits: dict[str, list[IndexedSample]] = defaultdict(list)
@@ -140,27 +143,29 @@ def index_shards(pattern: str, classes_file: Path | None = None, num_classes: in
                                 "(truncated or changed)")
     needed = 1 + max(r.label for rows in splits.values() for r in rows)
     if classes is None:
-        classes = _classes(root, classes_file, num_classes, needed)
-    elif len(classes) < needed:
-        raise ReplayKDError(f"the shards use label {needed - 1} but only {len(classes)} classes are named")
+        classes = [str(i) for i in range(num_classes or needed)]
+    if len(classes) < needed:
+        raise ReplayKDError(f"the shards use label {needed - 1} but there are only {len(classes)} classes (from "
+                            f"{where}); labels must be below the number of classes")
     return ShardIndex(root, classes, dict(splits), sizes, info, _sorted_warnings(splits))
 
 
-def _classes(root: Location, classes_file: Path | None, num_classes: int | None, needed: int) -> list[str]:
+def _named_classes(root: Location, classes_file: Path | None, num_classes: int | None) -> tuple[list[str] | None, str]:
+    """The class names of `classes_file`, else of classes.txt beside the shards (None: neither), and where they
+    come from; a --num-classes that contradicts them is refused."""
     if classes_file:
         text = Path(classes_file).read_text() if Path(classes_file).exists() else None
     else:
         text = storage.for_root(root).read(CLASSES_FILE)
         text = text.decode() if text is not None else None
-    if text is not None:
-        classes = [c for c in text.splitlines() if c]
-        where = str(classes_file or storage.join(root, CLASSES_FILE))
-    else:
-        classes = [str(i) for i in range(num_classes or needed)]
-        where = f"--num-classes {num_classes}"
-    if len(classes) < needed:
-        raise ReplayKDError(f"{where} names {len(classes)} classes but the shards use label {needed - 1}")
-    return classes
+    if text is None:
+        return None, f"--num-classes {num_classes}"
+    classes = [c for c in text.splitlines() if c]
+    where = str(classes_file or storage.join(root, CLASSES_FILE))
+    if num_classes is not None and num_classes != len(classes):
+        raise ReplayKDError(f"{where} has {len(classes)} class names but --num-classes is {num_classes}: give one "
+                            "that agrees with it, or drop --num-classes (the names fix the count)")
+    return classes, where
 
 
 def _sorted_warnings(splits: dict[str, list[IndexedSample]]) -> list[str]:

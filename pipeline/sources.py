@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import ReplayKDError
+from pipeline.errors import BadImage, ReplayKDError
 from pipeline.reader import IMAGE_EXTS
 
 
@@ -58,7 +58,7 @@ def check_image(data: bytes, origin: str) -> None:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
     except Exception as exn:  # PIL raises many types for bad files
-        raise ReplayKDError(f"cannot decode image {origin}: {exn}") from exn
+        raise BadImage.of(origin, exn) from exn
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

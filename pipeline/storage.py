@@ -9,7 +9,8 @@ its own), so locations are resolved afresh in each process rather than handed ov
 A `Storage` holds whole records under a root (claims, locks, small JSON): created only if absent (of several
 concurrent creators exactly one succeeds), replaced whole, read, listed and deleted. Locally a record is written to
 a temporary file and linked into place; on S3 a create is a PUT with If-None-Match: * (S3, MinIO, R2 and Ceph honour
-it), a replace a plain PUT, both atomic per object.
+it), on GCS an upload with ifGenerationMatch=0, a replace a plain PUT, all atomic per object. Other back-ends cannot
+create atomically, and are refused for writing caches (reading works everywhere).
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from pipeline.errors import ReplayKDError
 Location = Path | str
 
 _OPTIONS: dict = {}
+# Back-ends whose create-only-if-absent is one conditional request: S3's PUT with If-None-Match: * (s3fs; AWS,
+# MinIO, R2, Ceph) and Google Cloud Storage's ifGenerationMatch=0 (gcsfs); both raise FileExistsError when it fails.
+ATOMIC_CREATE = ("s3", "s3a", "gs", "gcs")
 # Defaults for S3: botocore's standard retry mode (exponential backoff with jitter on throttling, 5xx and dropped
 # connections) and no cached listings (claims and locks are listed to see other processes' records).
 S3_DEFAULTS = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": 5}}, "use_listings_cache": False}
@@ -192,12 +196,31 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def _staged(self, key: str, data: bytes) -> Path:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    def _place(self, key: str, data: bytes, link: bool) -> bool:
+        """Put `data` at `key` in one step: linked (only if absent; False when it was there) or moved over it.
+        The bytes are staged at the root (a folder nothing removes while the store is in use; the hidden file lives
+        for one call), and the record's folder is made right before the step (a record deleted beside it may remove
+        the folder meanwhile: then it is made again)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{uuid.uuid4().hex}.partial"
         tmp.write_bytes(data)
-        return tmp
+        path = self._path(key)
+        try:
+            for _ in range(100):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    if link:
+                        os.link(tmp, path)
+                    else:
+                        os.replace(tmp, path)
+                    return True
+                except FileExistsError:
+                    return False
+                except FileNotFoundError:  # its folder went between the two steps
+                    continue
+            raise ReplayKDError(f"{path}: its folder keeps disappearing; is another program deleting it?")
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def read(self, key: str) -> bytes | None:
         """The record's bytes, or None when absent."""
@@ -206,20 +229,17 @@ class LocalStorage:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def exists(self, key: str) -> bool:
+        """Whether a record (or any file) is at `key`."""
+        return self._path(key).is_file()
+
     def write(self, key: str, data: bytes) -> None:
         """Create or replace a record whole."""
-        os.replace(self._staged(key, data), self._path(key))
+        self._place(key, data, link=False)
 
     def create(self, key: str, data: bytes) -> bool:
         """Create a record only if absent; True if this call created it (one of concurrent creators wins)."""
-        tmp = self._staged(key, data)
-        try:
-            os.link(tmp, self._path(key))
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink()
+        return self._place(key, data, link=True)
 
     def delete(self, key: str) -> None:
         """Remove a record (absent: nothing to do), and the folders it leaves empty."""
@@ -238,17 +258,28 @@ class LocalStorage:
         folder = self._path(prefix)
         return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
 
-    def remove_all(self, keep: str | None = None) -> None:
-        """Remove everything under the root but `keep` (a failed creation leaves nothing behind); without `keep`,
-        the root folder too."""
-        import shutil
+    def remove_all(self, keep: str) -> None:
+        """Remove every file under the root but the record `keep`, and the folders left empty."""
+        kept = self._path(keep)
+        for f in sorted(self.root.rglob("*"), reverse=True):  # a folder's files before the folder
+            if f.is_dir():
+                try:
+                    f.rmdir()
+                except OSError:  # it holds `keep`
+                    pass
+            elif f != kept:
+                f.unlink()
 
-        if keep is None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            return
-        for f in self.root.iterdir() if self.root.is_dir() else ():
-            if f.name != keep:
-                shutil.rmtree(f) if f.is_dir() else f.unlink()
+    def discard_root(self) -> None:
+        """Remove the root folder if nothing is left in it."""
+        try:
+            self.root.rmdir()
+        except OSError:  # not empty, or gone
+            pass
+
+    def require_atomic_create(self) -> None:
+        """Nothing to check: a hard link is created only if absent, in one step, on local and network file
+        systems alike."""
 
     def total_bytes(self) -> int:
         """Bytes of every file under the root."""
@@ -273,14 +304,31 @@ class ObjectStorage:
             except FileNotFoundError:
                 return None
 
+    def exists(self, key: str) -> bool:
+        """Whether an object is at `key`."""
+        fs, path = self._fs(key)
+        with remote(f"{self.root}/{key}", "looking up"):
+            return fs.exists(path)
+
     def write(self, key: str, data: bytes) -> None:
         """Create or replace a record whole (one PUT)."""
         fs, path = self._fs(key)
         with remote(f"{self.root}/{key}", "writing"):
             fs.pipe_file(path, data)
 
+    def require_atomic_create(self) -> None:
+        """Refuse a back-end whose create-only-if-absent is not one atomic request (fsspec's default checks, then
+        writes: two processes could both claim one data shard and lose each other's chunks)."""
+        protocol = self.root.split("://", 1)[0]
+        if protocol not in ATOMIC_CREATE:
+            raise ReplayKDError(f"{self.root}: {protocol}:// cannot create an object only if it is absent in one "
+                                "request (fsspec checks, then writes), so two processes could both take one data "
+                                "shard and lose each other's data; write caches to s3://, gs:// or a local or "
+                                "shared file system (they can be read from anywhere)")
+
     def create(self, key: str, data: bytes) -> bool:
-        """Create a record only if absent (a conditional PUT); True if this call created it."""
+        """Create a record only if absent (one conditional PUT); True if this call created it."""
+        self.require_atomic_create()
         fs, path = self._fs(key)
         with remote(f"{self.root}/{key}", "creating"):
             try:
@@ -288,9 +336,6 @@ class ObjectStorage:
                 return True
             except FileExistsError:
                 return False
-            except TypeError as exn:  # a file system whose writes cannot be conditional
-                raise ReplayKDError(f"{self.root}: this storage cannot create an object only if it is absent "
-                                    f"({exn}); use s3:// (or a local or shared file system) for a cache") from exn
 
     def delete(self, key: str) -> None:
         """Remove a record (absent: nothing to do)."""
@@ -311,13 +356,16 @@ class ObjectStorage:
                 return []
         return sorted(n for n in (posixpath.basename(n.rstrip("/")) for n in names) if not n.startswith("."))
 
-    def remove_all(self, keep: str | None = None) -> None:
-        """Remove every object under the root but `keep`."""
+    def remove_all(self, keep: str) -> None:
+        """Remove every object under the root but the record `keep`."""
         fs, path = self._fs()
         with remote(self.root, "removing a half-made store"):
             doomed = [p for p in fs.find(path) if posixpath.relpath(p, path) != keep]
             if doomed:
                 fs.rm(doomed)
+
+    def discard_root(self) -> None:
+        """Nothing to do: an object store has no folders."""
 
     def total_bytes(self) -> int:
         """Bytes of every object under the root."""

@@ -101,8 +101,7 @@ class CacheReader:
 
         if self._cache is None:
             self._cache = TeacherCache.open(self.store)
-        # every unit was complete when the run started (`require(complete=True)`); its chunks' CRCs are still checked
-        return self._cache.read_unit(epoch, shard_no, check_complete=False)
+        return self._cache.read_unit(epoch, shard_no)
 
     def prefetch(self, epoch: int, shard_no: int) -> None:
         """Read a unit before it is needed."""

@@ -203,9 +203,10 @@ def _from_checkpoint(name: str, checkpoint: Path, input_size: int | None) -> Loa
     probe = create_classifier(name, 1, **info.get("model_args", {}))
     classes = info.get("num_classes") or classifier_rows(probe, state)
     if classes is None:
+        load_weights(probe, state, checkpoint, name)  # weights of another model: named by its missing/unexpected keys
         raise ReplayKDError(f"cannot tell how many classes checkpoint {checkpoint} has (no classifier weights)")
     model = create_classifier(name, classes, **info.get("model_args", {}))
-    load_weights(model, state, checkpoint)
+    load_weights(model, state, checkpoint, name)
     if "pretrained_cfg" in info:
         prep = Preprocessing.of(info["pretrained_cfg"])
     else:

@@ -45,8 +45,16 @@ class Participant:
             except ValueError:
                 raise ReplayKDError(f"--part must be I/N (e.g. 0/4), got {part!r}") from None
         elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-            i = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-            n = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+            slurm = []
+            for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"):
+                value = os.environ.get(name, "0")
+                try:
+                    slurm.append(int(value))
+                except ValueError:
+                    raise ReplayKDError(f"{name}={value!r} is not an integer (a Slurm job array sets it to a task "
+                                        "number): unset it, or pass --part I/N") from None
+            task, low, n = slurm
+            i = task - low
         else:
             i, n = 0, 1
         if not 0 <= i < n:
@@ -115,5 +123,6 @@ class Dealer:
                 self.jobs.put(None)
 
     def stop(self) -> None:
-        """Claim nothing more (the run is ending early)."""
+        """Claim nothing more, and wait until the dealing thread has stopped (so every claim it took is known)."""
         self._stop.set()
+        self.thread.join()

@@ -11,9 +11,9 @@ import typer
 from tqdm import tqdm
 
 from pipeline import teacher as teachers
-from pipeline.cache import CacheRequest, TeacherCache
+from pipeline.cache import CacheRequest, DamagedUnit, TeacherCache
 from pipeline.cache_report import launch_id
-from pipeline.claims import Claims
+from pipeline.claims import CHANGING, Claims
 from pipeline.device import autocast, pick_device
 from pipeline.errors import ReplayKDError
 from pipeline.finish import Finisher
@@ -50,7 +50,8 @@ def verify(o: CacheVerifyOptions) -> None:
         bar = tqdm(total=int(cache.done().sum()), desc="check every chunk", unit="unit")
         damaged = cache.damage(progress=lambda: bar.update())
         bar.close()
-        problems += [f"damaged: {_where(cache, e, s)} array '{a}' fails its checksum" for e, s, a in damaged]
+        problems += [f"damaged: {_where(cache, e, s)} array '{a}' fails its checksum or is not the data written for "
+                     "it (a file missing or short)" for e, s, a in damaged]
         typer.echo(f"read every chunk of {o.store}: " + (f"{len(damaged)} damaged" if damaged else "all intact"))
         if damaged:
             problems.append(f"run `replaykd cache repair {o.store}`, then the teacher-cache command that built it")
@@ -67,6 +68,20 @@ def _where(cache: TeacherCache, epoch: int | None, shard_no: int) -> str:
             else f"completion records of shard {cache.shards[shard_no]}")
 
 
+def pick_views(units: list[tuple[int, int, int]], samples: int, seed: int) -> list[tuple[int, int, int]]:
+    """`samples` distinct views drawn uniformly from `units` (epoch, shard_no, views), or all of them when they hold
+    fewer; as (shard_no, epoch, slot), sorted: shard by shard."""
+    sizes = np.array([n for _, _, n in units], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    chosen = np.random.default_rng(seed).choice(int(ends[-1]), size=min(samples, int(ends[-1])), replace=False)
+    picks = []
+    for view in chosen:
+        u = int(np.searchsorted(ends, view, side="right"))
+        epoch, shard_no, _ = units[u]
+        picks.append((shard_no, epoch, int(view - (ends[u] - sizes[u]))))
+    return sorted(picks)
+
+
 def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
     """Remake `o.samples` random completed views, shard by shard (one shard in memory at a time), compare their
     fingerprints and re-run the teacher on them."""
@@ -75,9 +90,7 @@ def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
     done = [(e, s) for e, s in zip(*cache.done().nonzero())]
     if not done:
         raise ReplayKDError(f"{o.store} has no completed units to verify")
-    rng = np.random.default_rng(o.seed)
-    picks = sorted({(int(s), int(e), int(rng.integers(cache.unit_size(e, s))))
-                    for e, s in (done[i] for i in rng.integers(len(done), size=o.samples))})
+    picks = pick_views([(int(e), int(s), cache.unit_size(e, s)) for e, s in done], o.samples, o.seed)
     dev = pick_device(o.device)
     teacher = loaded.wrap(recipe.mean, recipe.std, dev)
     replayer, finish, collate = Replayer(recipe, c.run_seed), Finisher(recipe), ViewCollate(c.num_classes, 0.0)
@@ -87,7 +100,11 @@ def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
         records = read_shard(manifest, c.split, shard)
         views, stored = [], []
         for _, epoch, slot in shard_picks:
-            unit = cache.read_unit(epoch, shard_no)
+            try:
+                unit = cache.read_unit(epoch, shard_no)
+            except DamagedUnit as exn:
+                problems.append(str(exn))
+                continue
             v = replayer.view_at(replayer.plan(len(records), epoch, shard, shard_no), records, slot)
             if v.fingerprint != unit.fingerprint[slot]:
                 problems.append(f"epoch {epoch} key '{v.key}' repeat {v.repeat}: fingerprint "
@@ -105,7 +122,9 @@ def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
     if max_diff > o.atol:
         problems.append(f"teacher probabilities differ by up to {max_diff:.4g} (> --atol {o.atol})")
     fingerprints_ok = not any("fingerprint" in p for p in problems)
-    typer.echo(f"verified {n} views of {o.store}: fingerprints {'OK' if fingerprints_ok else 'MISMATCH'}, teacher "
+    typer.echo(f"verified {n} views of {o.store}"
+               + (f" (every view it holds: fewer than --samples {o.samples})" if len(picks) < o.samples else "")
+               + f": fingerprints {'OK' if fingerprints_ok else 'MISMATCH'}, teacher "
                f"top-1 agreement {100 * agree / max(1, n):.1f}%, max |prob difference| {max_diff:.2e}")
     return problems
 
@@ -113,12 +132,24 @@ def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
 def repair(o: CacheRepairOptions) -> None:
     """Find damaged units (every chunk's checksum), drop their Zarr shard files, and say how to rebuild them."""
     cache = TeacherCache.open(o.store, mode="a")
-    busy = Claims(cache.storage, launch_id()).others_active()
-    if busy:
-        raise ReplayKDError(f"{o.store} is being built right now (by {busy[0].holder}, {len(busy)} claim(s)); repair "
-                            "it when that run has stopped")
-    bar = tqdm(total=int((cache.complete[:] != 0).sum()) if _complete_readable(cache) else None,
-               desc="check every chunk", unit="unit")
+    cache.storage.require_atomic_create()
+    claims = Claims(cache.storage, launch_id())
+    try:
+        busy = claims.others_active() if claims.take(CHANGING) else ["a run that is creating or growing it"]
+        if busy:
+            raise ReplayKDError(f"{o.store} is being built right now (by {getattr(busy[0], 'holder', busy[0])}); "
+                                "repair it when that run has stopped")
+        _repair(cache, o)
+    finally:
+        claims.release_all()
+
+
+def _repair(cache: TeacherCache, o: CacheRepairOptions) -> None:
+    try:
+        total = int(cache.done().sum())
+    except DamagedUnit:  # the completion records themselves: damage() names them
+        total = None
+    bar = tqdm(total=total, desc="check every chunk", unit="unit")
     damaged = cache.damage(progress=lambda: bar.update())
     bar.close()
     if not damaged:
@@ -133,11 +164,3 @@ def repair(o: CacheRepairOptions) -> None:
     command = "replaykd teacher-cache " + " ".join(flags) if flags else "the teacher-cache command that built it"
     typer.echo(f"dropped {len(blocks)} Zarr shard file group(s) ({cache.epochs_per_file} epochs of one data shard "
                f"each); {len(cache.missing())} units are now missing. Rebuild them with:\n  {command}")
-
-
-def _complete_readable(cache: TeacherCache) -> bool:
-    try:
-        cache.complete[:]
-        return True
-    except (ValueError, RuntimeError):
-        return False

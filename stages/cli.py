@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from pipeline import storage
-from pipeline.errors import Interrupted, ReplayKDError, user_message
+from pipeline.errors import Interrupted, ReplayKDError
 from pipeline.io import read_yaml_mapping
 from pipeline.malloc import reuse_freed_memory
 from stages import options as O
@@ -45,26 +45,35 @@ def load_config(path: Path) -> dict:
 
 def _parameter(f: dataclasses.Field, hint) -> inspect.Parameter:
     base, _ = O._base(hint)
-    if base in (O.Location, dict):  # parsed by the options class: a URL must not become a Path, a mapping is JSON
+    # Parsed by the options class: a URL must not become a Path, a mapping is JSON, and a bad choice gets the
+    # project's one-line error (typer's own is a usage box).
+    choices = [m.value for m in base] if isinstance(base, type) and issubclass(base, Enum) else None
+    if base in (O.Location, dict) or choices:
         base = hint = str
+    metavar = f"<{'|'.join(choices)}>" if choices else None
     required = f.default is dataclasses.MISSING
     meta = f.metadata
     if meta["argument"]:
-        info = typer.Argument(... if required else f.default, help=meta["help"], show_default=not required,
-                              metavar=f.name.upper())
+        info = typer.Argument(... if required else _plain(f.default), help=meta["help"], show_default=not required,
+                              metavar=metavar or f.name.upper())
     else:
         # Required options are checked after --config is read, so the command line may leave them to the file.
         text = meta["help"] + (" [required]" if required else "")
-        default = None if required else f.default
+        default = None if required else _plain(f.default)
         decls = meta["flags"] or ()
         if base is bool and not decls:
             flag = f.name.replace("_", "-")
             decls = (f"--{flag}/--no-{flag}",) if default else (f"--{flag}",)
-        info = typer.Option(default, *decls, help=text, show_default=not required and default is not None)
+        info = typer.Option(default, *decls, help=text, show_default=not required and default is not None,
+                            metavar=metavar)
         hint = Optional[base]
     if base is bool:
         hint = bool
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint)
+
+
+def _plain(value):
+    return value.value if isinstance(value, Enum) else value
 
 
 def command(cls: type[O.Options], target: str, *, config_file: bool = False):
@@ -126,5 +135,5 @@ def main() -> None:
     except ReplayKDError as exn:
         if os.environ.get("REPLAYKD_DEBUG"):
             raise
-        typer.secho(f"error: {user_message(exn)}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {exn}", fg=typer.colors.RED, err=True)
         sys.exit(2)

@@ -18,7 +18,9 @@ import torch
 
 import pipeline.replay as replay_mod
 from pipeline import teacher as teachers
+from pipeline import storage as storages
 from pipeline.cache import CacheRequest, TeacherCache, UnitArrays
+from pipeline.claims import Claims
 from pipeline.cache_report import summarize
 from pipeline.device import autocast, pick_device
 from pipeline.errors import ReplayKDError
@@ -232,8 +234,10 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
         teacher = teachers.TeacherIdentity("synthetic", "synthetic", None, None, "synthetic", 1000, (0.5,) * 3,
                                            (0.5,) * 3, 224, "bicubic")
         request = CacheRequest("synthetic", "train", {}, "synthetic", "synthetic", 0, 1000, "pillow", teacher, k)
+        claims = Claims(storages.for_root(store), "bench")
         cache = TeacherCache.create_or_grow(store, request, 1, shards, [per_shard] * len(shards), 1, False, 1, {},
-                                            "bench")
+                                            claims)
+        claims.release_all()
         for s in range(len(shards)):
             # a confident teacher: one class ~6 logits above N(0, 1.5) noise over 1000 classes
             logits = torch.from_numpy(rng.normal(0, 1.5, (per_shard, 1000)).astype(np.float32))

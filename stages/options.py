@@ -42,6 +42,13 @@ class Distillation(str, Enum):
     none = "none"
 
 
+class SoftScale(str, Enum):
+    """What soft distillation's summed KL term is divided by."""
+
+    deit = "deit"
+    batchmean = "batchmean"
+
+
 class FingerprintCheck(str, Enum):
     """How many replayed views stage two checks against the cache's fingerprints."""
 
@@ -372,7 +379,11 @@ class StudentOptions(Options):
     PLAN: ClassVar[tuple[str, ...]] = (
         "manifest", "split", "recipe", "seed", "init_seed", "epochs", "student", "img_size", "patch_size", "depth",
         "embed_dim", "num_heads", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr", "drop_path",
-        "distillation", "alpha", "tau", "cache", "online_teacher", "reuse_epochs", "clip_grad", "model_ema")
+        "distillation", "alpha", "tau", "soft_scale", "cache", "online_teacher", "reuse_epochs", "clip_grad",
+        "model_ema")
+    # Loader options that decide which views share a batch: a resume that changed them would not reproduce the
+    # uninterrupted run.
+    BATCHING: ClassVar[tuple[str, ...]] = ("workers", "shuffle_buffer", "decode_memory")
 
     out: Path = opt(help="Run folder: config.yaml, log.jsonl, summary.csv, checkpoints, curves.png, summary.json.")
     manifest: Path | str = opt(Path("data/digits"), "Dataset folder (or URL) with manifest.json.")
@@ -411,6 +422,11 @@ class StudentOptions(Options):
     alpha: float = opt(0.5, "Weight of the distillation term.", min=0.0, max=1.0)
     tau: float | None = opt(None, "Temperature of soft distillation (default 1.0; only with --distillation soft).",
                             min=1e-3)
+    soft_scale: SoftScale = opt(SoftScale.deit, "What soft distillation's KL term (tau^2 x the KL summed over the "
+                                "batch and the classes) is divided by; only --distillation soft uses it. deit: batch "
+                                "x classes, as DeiT's losses.py (facebookresearch/deit); batchmean: the batch only, "
+                                "as timm's distillation tasks (reduction='batchmean'), a term C times larger for C "
+                                "classes against the same --alpha.")
     batch_size: int = opt(256, "Batch size per process (even for a mixing recipe: views come in pairs). Each rank "
                                "takes only full batches, as DeiT.", min=1)
     lr: float = opt(5e-4, "Base learning rate, scaled by batch_size * processes / 512 (DeiT).", min=0.0)

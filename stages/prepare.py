@@ -5,6 +5,7 @@ import typer
 
 from pipeline import storage
 from pipeline.errors import ReplayKDError
+from pipeline.io import check_writable
 from pipeline.manifest import HEADER
 from pipeline.shards import SKIPPED_FILE, prepare_out, publish, scan_shards, write_shards
 from pipeline.sources import open_source
@@ -16,6 +17,7 @@ def shards(o: ShardsOptions) -> None:
     remote = storage.is_url(o.out)
     if not remote:
         prepare_out(o.out, o.overwrite)  # refuse early, before the source is read
+        check_writable(o.out, "OUT")
     src = open_source(o.source, o.val_fraction, o.seed, o.digits_size)
     write = publish if remote else write_shards
     manifest, skipped = write(src, o.out, o.shard_size, o.seed, o.skip_bad, o.overwrite)
@@ -35,6 +37,7 @@ def manifest(o: ManifestOptions) -> None:
         raise ReplayKDError(f"{storage.join(o.out, HEADER)} exists; pass --overwrite to replace it")
     if o.classes is not None and not o.classes.exists():
         raise ReplayKDError(f"classes file not found: {o.classes}")
+    check_writable(o.out, "OUT")
     m, warnings = scan_shards(o.shard_glob, o.out, o.classes, o.num_classes)
     counts = ", ".join(f"{s} {m.count(s)} in {len(m.shards(s))} shards" for s in m.tables)
     typer.echo(f"manifest of {counts} written to {o.out}; {m.num_classes} classes; hash {m.hash[:16]}")

@@ -53,7 +53,8 @@ def to_markdown(r: dict) -> str:
              f"- Teacher: `{t['model']}` at {t['input_size']} px, {t['epochs']} epochs: val top-1 **{t['val_top1']:.2f}%** ({t['seconds']:.0f} s)",
              f"- Cache: {c['epochs']} epochs x top-{c['topk']}: {c['views']} views, {c['bytes'] / 1e6:.2f} MB, "
              f"**{c['bytes_per_view']:.1f} bytes/view**" + (
-                 f"; built at {c['views_written'] / c['process_seconds']:.0f} views/s in {c['process_seconds']:.0f} s, "
+                 f"; built at {c['views_recorded'] / c['process_seconds']:.0f} views/s in "
+                 f"{c['process_seconds']:.0f} s, "
                  f"teacher top-1 on the mixed views vs their majority label {c['teacher_top1_vs_majority']:.1f}%"
                  if c.get("process_seconds") else ""), "",
              "| student run | top-1 | cls head | dist head | epochs | images/s | time |", "|---|---|---|---|---|---|---|"]

@@ -22,7 +22,9 @@ import typer
 from PIL import Image
 from safetensors.torch import save_file
 
+from pipeline import storage as storages
 from pipeline.cache import CacheRequest, TeacherCache, UnitArrays
+from pipeline.claims import Claims
 from pipeline.errors import ReplayKDError
 from pipeline.io import publish_markdown, write_json_atomic
 from pipeline.manifest import Manifest
@@ -219,8 +221,10 @@ def in21k_layout(work: Path, recipe: Recipe) -> dict:
     request = CacheRequest.of(m, "train", recipe, 0, teacher, 10)
     t0 = time.perf_counter()
     if not store.exists():
+        claims = Claims(storages.for_root(store), "bench-scale")
         TeacherCache.create_or_grow(store, request, 300, m.shards("train"), counts, recipe.repeats, recipe.mixes, 8,
-                                    {}, "bench-scale")
+                                    {}, claims)
+        claims.release_all()
     created = time.perf_counter() - t0
     t0 = time.perf_counter()
     TeacherCache.open(store).done()

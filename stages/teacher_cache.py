@@ -13,14 +13,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import teacher as teachers
-from pipeline.cache import CacheRequest, TeacherCache, UnitArrays
+from pipeline.cache import CacheRequest, LostClaim, TeacherCache, UnitArrays
 from pipeline.cache_report import CacheSummary, launch_id, now, record_run, summarize
 from pipeline.cache_writer import UnitBuffers, UnitWriter, WriteFailed
 from pipeline.claims import Claims
 from pipeline.device import autocast, pick_device, set_threads
 from pipeline.distributed import barrier, init_distributed, is_main_process
-from pipeline.errors import Interrupted, ReplayKDError
+from pipeline.errors import BadImage, Interrupted, ReplayKDError
 from pipeline.finish import Finisher
+from pipeline.io import check_writable
 from pipeline.loader import Batched, CacheViews, ViewCollate, loader_settings, regroup
 from pipeline.manifest import Manifest
 from pipeline.recipe import Recipe
@@ -51,12 +52,14 @@ def main(o: TeacherCacheOptions) -> None:
 
 def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
     """Build (or resume, or grow) the cache; returns its summary and this process's figures. Every input is checked
-    before the store is created; a first run that fails on bad data leaves no store behind."""
+    before the store is created; a failure keeps every finished unit and says how to continue (a store this run
+    created is removed only while it holds no finished unit and nobody else has it open)."""
     t0 = time.perf_counter()
     dev = pick_device(o.device)
     rank, world = init_distributed(dev)
     me = Participant.of(o.part, rank, world)
     set_threads(o.threads, o.workers)
+    check_writable(o.out, "--out")
     manifest, recipe = Manifest.load(o.manifest, shard_root=o.shards), Recipe.load(o.recipe)
     if o.topk > manifest.num_classes:
         raise ReplayKDError(f"--topk must be between 1 and the number of classes ({manifest.num_classes}), got {o.topk}")
@@ -67,6 +70,8 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
     manifest.check_files(o.split)
     request = CacheRequest.of(manifest, o.split, recipe, o.seed, loaded.identity, o.topk)
     launch = launch_id()
+    claims = Claims(storages.for_root(o.out), launch)
+    claims.storage.require_atomic_create()
     created = False
     if rank == 0:
         hints = {"created": now(), "versions": library_versions(), "recipe_name": recipe.name,
@@ -75,16 +80,17 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
                  "created_by": launch}
         cache = TeacherCache.create_or_grow(o.out, request, o.epochs, manifest.shards(o.split),
                                             manifest.shard_counts(o.split), recipe.repeats, recipe.mixes,
-                                            o.epochs_per_file, hints, launch)
+                                            o.epochs_per_file, hints, claims)
         created = cache.attrs.get("created_by") == launch
     barrier()
     cache = TeacherCache.open(o.out, mode="a")
+    claims.open()
+    claims.renew_in_background()
     work = remaining(cache.done(), o.epochs)
     barrier()  # every rank has read the same store before any writes: their shares agree
     weights = [sum(cache.unit_size(e, w.shard_no) for e in w.epochs) for w in work]
     shares = deal(weights, me.count)
     expected = sum(weights[i] for i in shares[me.index])
-    claims = Claims(storages.for_root(cache.path), launch)
     mine = {"started": now(), "views_written": 0, "views_seen": 0, "majority_hits": 0, "part": me.index,
             "parts": me.count, "device": str(dev), "share_views": expected}
     try:
@@ -95,10 +101,9 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
                           f"({len(cache.missing(o.epochs))} units still missing). Continue with: {rerun_command()}"
                           ) from None
     except ReplayKDError as exn:
-        if created and world == 1 and not isinstance(exn, (WriteFailed, Interrupted)) and not claims.others_active():
-            storages.for_root(cache.path).remove_all()
-            raise ReplayKDError(f"{exn} (the store this run had created at {o.out} was removed)") from exn
-        raise
+        if isinstance(exn, (Interrupted, WriteFailed, LostClaim)):  # their messages say what is kept and what next
+            raise
+        raise ReplayKDError(_failed(exn, o, cache, created and cache.remove_if_unused(claims))) from exn
     finally:
         claims.release_all()
     mine.update(finished=now(), seconds=time.perf_counter() - t0)
@@ -107,12 +112,27 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
     return summarize(cache), mine
 
 
+def _failed(exn: ReplayKDError, o: TeacherCacheOptions, cache: TeacherCache, removed: bool) -> str:
+    """A failed run's message: what failed (the shard and key, for bad data), what the store keeps, how to go on."""
+    text = str(exn).rstrip(".")
+    if removed:
+        return f"{text}. The store this run had created at {o.out} held no finished unit and was removed"
+    try:
+        done = int(cache.done()[:o.epochs].sum())
+    except ReplayKDError:
+        done = None
+    kept = f"{o.out} keeps every unit finished so far" + (f" ({done} of {o.epochs * len(cache.shards)})" if done
+                                                          is not None else "")
+    fix = (". An image that does not decode: replace the shard, or write the data set's shards again without such "
+           "images (`replaykd shards SOURCE OUT --skip-bad`), then continue" if isinstance(exn, BadImage) else "")
+    return f"{text}. {kept}{fix}. Continue with: {rerun_command()}"
+
+
 def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, recipe: Recipe, teacher, dev, work,
            order: list[int], claims: Claims, expected: int, rank: int, world: int, mine: dict) -> None:
     """Claim data shards in `order`, make their missing units' views, run the teacher, write whole units."""
     jobs = multiprocessing.get_context("fork").Queue()
     pending: dict[int, int] = {}  # shard_no -> units still to write
-    claims.renew_in_background()
 
     def todo(shard_no: int) -> tuple[int, ...]:
         epochs = tuple(int(e) for e in np.flatnonzero(~cache.completed(shard_no)[:o.epochs]))
@@ -153,7 +173,7 @@ def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, reci
                 bar.update(len(majority))
         failed = False
     finally:
-        dealer.stop()
+        dealer.stop()  # joined before the claims are released: it claims nothing after that
         bar.close()
         writer.close(check=not failed)
     if dealer.error is not None:

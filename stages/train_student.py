@@ -20,6 +20,7 @@ from pipeline.engine import evaluate, train_one_epoch
 from pipeline.errors import Interrupted, ReplayKDError
 from pipeline.export import Preprocessing, export
 from pipeline.finish import Finisher
+from pipeline.io import check_writable
 from pipeline.loader import (
     Batched,
     EvalViews,
@@ -99,8 +100,9 @@ def run(o: StudentOptions) -> dict:
             typer.echo(f"{o.out} is a finished run ({finished['epochs']} epochs); nothing to resume, its results are "
                        "unchanged")
         return finished
+    check_writable(o.out, "--out")
     if resume:
-        folder.check_resume(o.plan())
+        folder.check_resume(o.plan(), {k: getattr(o, k) for k in o.BATCHING})
     elif not restarted:
         folder.check_new()
     check_available([s for s, on in (("tensorboard", o.log_tensorboard), ("wandb", o.log_wandb)) if on])
@@ -109,6 +111,9 @@ def run(o: StudentOptions) -> dict:
     student = build_student(o.student, manifest.num_classes, recipe.input_size, o.distillation is not Distillation.none,
                             o.drop_path, {k: getattr(o, k) for k in ("img_size", "patch_size", "depth", "embed_dim",
                                                                      "num_heads")})
+    if student.name != o.student and rank == 0:
+        typer.echo(f"--distillation none: training {student.name}, DeiT's baseline without the distillation token, "
+                   f"in place of {o.student} (summary.json and the checkpoint's JSON name {student.name})")
     rng.seed_rank(o.init_seed, rank)
     student.model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.preserve_format)
     lr = o.lr * o.batch_size * world / 512  # DeiT's linear scaling
@@ -157,7 +162,7 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, eval_split: st
            ds: ReplayViews, schedule: dict, student: Student, optimizer, ema, lr: float, rows: list[dict],
            progress: dict, dev: torch.device, rank: int, world: int, folder: RunFolder, t_start: float) -> dict:
     model = torch.nn.parallel.DistributedDataParallel(student.model) if world > 1 else student.model
-    criterion = DistillationLoss(o.distillation, o.alpha, o.tau or 1.0, manifest.num_classes)
+    criterion = DistillationLoss(o.distillation, o.alpha, o.tau or 1.0, manifest.num_classes, o.soft_scale)
     collate, finish = ViewCollate(manifest.num_classes, recipe.smoothing), Finisher(recipe)
     lr_at = step_schedule(schedule["steps_per_epoch"], o.warmup_epochs, lr, o.min_lr)
     loader = DataLoader(Batched(ds, o.batch_size, collate), batch_size=None,

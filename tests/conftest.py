@@ -100,3 +100,28 @@ def store(tmp_path_factory, digits_dir, teacher_ckpt):
     assert summary.units_missing == 0 and mine["views_written"] == summary.views_cached == views
     assert views > 1.95 * Manifest.load(digits_dir).count("train")  # about N views per epoch
     return out
+
+
+SECRET = "not-a-real-secret-3f9a"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A fresh S3 server on a free port of 127.0.0.1 with one bucket; yields (endpoint, storage options JSON)."""
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from pipeline import storage
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = {"endpoint_url": endpoint, "key": "replaykd-test", "secret": SECRET}
+    s3fs.S3FileSystem(**options).mkdir("bucket")
+    yield endpoint, options
+    server.stop()
+    storage.configure(None)

@@ -3,9 +3,10 @@ untouched by any other thread drawing from the process-wide generators meanwhile
 from __future__ import annotations
 
 import dataclasses
-import json
+import multiprocessing
 import random
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -109,22 +110,28 @@ def test_steps_whose_draws_cannot_be_replayed_are_refused_by_name():
 
 class Noise:
     """A thread drawing from Python's, numpy's and torch's process-wide generators in a tight loop (as botocore's
-    retry back-off draws from `random` in object-store threads), reseeding them now and then."""
+    retry back-off draws from `random` in object-store threads), reseeding them now and then; `draws` counts its
+    rounds (in `counter`, shared with forked processes, when given)."""
 
-    def __init__(self):
-        self.stop, self.draws = threading.Event(), 0
+    def __init__(self, counter=None):
+        self.stop = threading.Event()
+        self.counter = counter if counter is not None else multiprocessing.RawValue("q", 0)
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def draws(self) -> int:
+        return self.counter.value
 
     def _run(self):
         while not self.stop.is_set():
             random.random()
             np.random.random()
             torch.rand(1)
-            self.draws += 1
-            if self.draws % 1000 == 0:
-                random.seed(self.draws)
-                np.random.seed(self.draws)
-                torch.manual_seed(self.draws)
+            self.counter.value += 1
+            if self.counter.value % 1000 == 0:
+                random.seed(self.counter.value)
+                np.random.seed(self.counter.value)
+                torch.manual_seed(self.counter.value)
 
     def __enter__(self):
         self.thread.start()
@@ -133,6 +140,30 @@ class Noise:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+
+
+WORKER_DRAWS = multiprocessing.get_context("fork").RawValue("q", 0)  # the loader workers' noisy threads' rounds
+
+
+def noisy_worker(worker_id: int, setup=loader.setup_worker) -> None:
+    """A loader worker's set-up with a noisy thread of its own beside the views it makes."""
+    setup(worker_id)
+    Noise(WORKER_DRAWS).thread.start()
+
+
+@contextmanager
+def noise_where_views_are_made(workers: int, monkeypatch):
+    """A noisy thread in the process that makes the views: this one (no loader workers), else each loader worker.
+    (Not in this one while workers are forked: a thread holding torch's generator lock at a fork leaves the child
+    waiting on it forever, a hazard of forking beside threads that draw from torch, not of the replay.) Yields a
+    function that says how many rounds the noisy threads drew."""
+    if workers:
+        WORKER_DRAWS.value = 0
+        monkeypatch.setattr(loader, "setup_worker", noisy_worker)
+        yield lambda: WORKER_DRAWS.value
+    else:
+        with Noise() as noise:
+            yield lambda: noise.draws
 
 
 def test_views_do_not_depend_on_another_thread_drawing(digits_dir):
@@ -152,20 +183,13 @@ def test_views_do_not_depend_on_another_thread_drawing(digits_dir):
     assert noisy == quiet and len(quiet) == len(plan.slots)
 
 
-def noisy_worker(worker_id: int, setup=loader.setup_worker) -> None:
-    """A loader worker's set-up with a noisy thread of its own beside the views it makes."""
-    setup(worker_id)
-    Noise().thread.start()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stage_one_beside_a_noisy_thread_equals_a_quiet_build(digits_dir, teacher_ckpt, store, tmp_path, monkeypatch,
                                                               workers):
-    monkeypatch.setattr(loader, "setup_worker", noisy_worker)
-    with Noise() as noise:
+    with noise_where_views_are_made(workers, monkeypatch) as draws:
         build_cache(options(digits_dir, teacher_ckpt, tmp_path / "noisy", workers=workers))
-    assert noise.draws > 1000
+        assert draws() > 1000
     assert_same_arrays(arrays(tmp_path / "noisy"), arrays(store))
 
 
@@ -186,12 +210,11 @@ def stage_two_batches(digits_dir, store, workers: int) -> list:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stage_two_beside_a_noisy_thread_replays_the_quiet_views(digits_dir, store, tmp_path, monkeypatch, workers):
     quiet = stage_two_batches(digits_dir, store, workers)
-    monkeypatch.setattr(loader, "setup_worker", noisy_worker)
-    with Noise() as noise:
+    with noise_where_views_are_made(workers, monkeypatch) as draws:
         assert stage_two_batches(digits_dir, store, workers) == quiet
         # and the whole command, every replayed view checked against the cache
         train_student(StudentOptions.from_mapping(dict(
             out=tmp_path / "run", manifest=digits_dir, cache=store, epochs=1, recipe="digits-ra", patch_size=4, depth=2,
             embed_dim=48, num_heads=2, batch_size=64, workers=workers, device="cpu", check_fingerprints="all",
             eval_split="none")))
-    assert noise.draws > 1000 and len(quiet) > 10
+        assert draws() > 1000 and len(quiet) > 10

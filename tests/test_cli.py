@@ -46,13 +46,13 @@ def test_help_imports_nothing_heavy():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--distillation", "foo"], "'foo' is not one of 'hard', 'soft', 'none'"),
+    (["--distillation", "foo"], "error: --distillation must be one of hard, soft, none, got 'foo'"),
     (["--batch-size", "0", "--cache", "C"], "--batch-size must be at least 1, got 0"),
     (["--cache", "C", "--distillation", "none"], "--cache would not be used"),
     (["--cache", "C", "--topk", "3"], "--topk applies to --online-teacher only"),
     (["--distillation", "none", "--reuse-epochs"], "--reuse-epochs cycles a cache's epochs; without --cache"),
     (["--cache", "C", "--tau", "2"], "--tau is the temperature of soft distillation; --distillation hard does not"),
-    (["--device", "tpu", "--cache", "C"], "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
+    (["--device", "tpu", "--cache", "C"], "error: --device must be one of auto, cpu, cuda, got 'tpu'"),
 ])
 def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, message):
     out = tmp_path / "run"

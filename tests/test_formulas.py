@@ -39,8 +39,8 @@ def test_hard_distillation_is_deits(batch):
 def test_soft_distillation_is_deits_times_the_class_count(batch, tau):
     cls, dist, teacher, target = batch
     # with k = C the sparse target holds the whole (float16-rounded) softmax, so only the reduction differs
-    got = DistillationLoss("soft", alpha=1.0, tau=tau, num_classes=C)((cls, dist), target,
-                                                                     TeacherTargets.from_logits(teacher, C))
+    got = DistillationLoss("soft", alpha=1.0, tau=tau, num_classes=C, soft_scale="batchmean")(
+        (cls, dist), target, TeacherTargets.from_logits(teacher, C))
     deit = F.kl_div(F.log_softmax(dist / tau, dim=1), F.log_softmax(teacher / tau, dim=1), reduction="sum",
                     log_target=True) * (tau * tau) / dist.numel()
     assert got.loss.item() == pytest.approx(deit.item() * C, rel=2e-3)
@@ -60,8 +60,8 @@ def test_one_head_students_learn_labels_and_teacher_on_that_head(batch, tau):
     assert torch.allclose(hard.loss, 0.75 * soft_target_ce(logits, target)
                           + 0.25 * F.cross_entropy(logits, teacher.argmax(1)))
     # soft with the whole distribution: timm's LogitDistillationTask kd_loss (batchmean KL at tau, times tau^2)
-    soft = DistillationLoss("soft", alpha=0.4, tau=tau, num_classes=C)(logits, target,
-                                                                       TeacherTargets.from_logits(teacher, C))
+    soft = DistillationLoss("soft", alpha=0.4, tau=tau, num_classes=C, soft_scale="batchmean")(
+        logits, target, TeacherTargets.from_logits(teacher, C))
     timm_kd = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(teacher / tau, -1), reduction="batchmean",
                        log_target=True) * tau ** 2
     assert soft.loss.item() == pytest.approx((0.6 * soft_target_ce(logits, target) + 0.4 * timm_kd).item(), rel=2e-3)

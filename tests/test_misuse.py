@@ -132,23 +132,6 @@ def test_written_files_respect_the_umask(digits_dir, store, tmp_path):
         os.umask(old)
 
 
-def test_views_grid_shows_the_views_that_exist_and_says_what_it_holds(digits_dir, tmp_path):
-    out = tmp_path / "views.png"
-    proc = run_cli("views", digits_dir, "--recipe", "digits-ra", "--epochs", "0-2", "--samples", "3", "--cell", "32",
-                   "--out", out)
-    assert "a sample is in 1 epoch of every 3, as 3 views" in proc.stdout and "'e2 r1 63%'" in proc.stdout
-    grid = np.asarray(Image.open(out).convert("L"))
-    row = 6 + 32 + 24  # gap, cell, two caption lines
-    assert grid.shape[0] == 6 + 3 * row
-    label_w = grid.shape[1] - 3 * (32 + 6) - 6  # three views per row: each sample is in one of the three epochs
-    for i in range(3):
-        y = 6 + i * row
-        assert (grid[y + 10:y + 20, :label_w] < 128).any()  # row label (key and class)
-        for k in range(3):  # every cell holds a view with a caption under it: none is empty
-            x = label_w + k * 38
-            assert grid[y:y + 32, x:x + 32].std() > 0 and (grid[y + 33:y + 56, x:x + 32] < 200).any()
-
-
 def test_progress_total_is_the_epochs_views(digits_dir):
     from torch.utils.data import DataLoader
 

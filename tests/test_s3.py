@@ -3,7 +3,6 @@ s3fs, zarr's FsspecStore and every replaykd command run as they would against AW
 from __future__ import annotations
 
 import json
-import logging
 import random
 import signal
 import subprocess
@@ -19,27 +18,9 @@ from pipeline.errors import ReplayKDError
 from pipeline.manifest import Manifest
 from pipeline.shards import write_shards
 from pipeline.sources import digits_source
-from tests.conftest import CLI, arrays, run_cli
+from tests.conftest import CLI, SECRET, arrays, run_cli
 from tests.flaky_proxy import FlakyProxy
 from tests.test_teacher_cache import assert_same_arrays
-
-SECRET = "not-a-real-secret-3f9a"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A fresh S3 server on a free port of 127.0.0.1 with one bucket; yields (endpoint, storage options JSON)."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    options = {"endpoint_url": endpoint, "key": "replaykd-test", "secret": SECRET}
-    s3fs.S3FileSystem(**options).mkdir("bucket")
-    yield endpoint, options
-    server.stop()
-    storage.configure(None)
-
 
 def upload(options: dict, folder, prefix: str) -> None:
     fs = s3fs.S3FileSystem(**options)

@@ -123,6 +123,19 @@ def test_resume_gives_the_uninterrupted_result(digits_dir, store, tmp_path, work
     assert strip[0] == strip[1] and len(strip[0]) == 2
 
 
+def test_resume_refuses_other_loader_options(digits_dir, tmp_path):
+    # they decide which views share a batch: a resume with others would not reproduce the uninterrupted run
+    kw = dict(distillation="none", epochs=2, depth=1, embed_dim=32)
+    assert run(opts(digits_dir, tmp_path / "run", stop_after=1, **kw)) == {"stopped_after": 1}
+    with pytest.raises(ReplayKDError, match=r"--workers 0 then, 2 now\): they decide which views share a batch, so "
+                                            r"the resumed run would not reproduce the uninterrupted one; resume with "
+                                            r"the old values \(--workers 0\)"):
+        run(opts(digits_dir, tmp_path / "run", resume=True, workers=2, **kw))
+    with pytest.raises(ReplayKDError, match=r"\(--shuffle-buffer 256 then, unset now, --decode-memory 96 then, 64 now\)"
+                                            r".* \(--shuffle-buffer 256 --decode-memory 96\)"):
+        run(opts(digits_dir, tmp_path / "run", resume=True, shuffle_buffer=None, decode_memory=64, **kw))
+
+
 def test_incomplete_store_lists_missing_units(digits_dir, store, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(store, partial)

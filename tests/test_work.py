@@ -1,6 +1,7 @@
 """Stage one's dealing of what is left, and claims: one writer per data shard among any number of processes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,10 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.claims import Claim, Claims
+from pipeline.claims import CHANGING, Claim, Claims, this_process
 from pipeline.errors import ReplayKDError
 from pipeline.storage import LocalStorage
 from pipeline.work import Participant, deal, preference, remaining
+from tests.conftest import run_cli
 
 
 def test_deal_balances_by_weight():
@@ -94,7 +96,7 @@ def test_a_dead_holders_claim_is_replaced_and_the_old_holder_stops(tmp_path):
 
 
 def test_a_claim_on_another_host_is_stale_after_its_lease(tmp_path):
-    fresh = Claim("elsewhere:1:x", "elsewhere", 1, "x", time.time())
+    fresh = Claim("elsewhere:1:x:t", "elsewhere", "elsewhere/boot/pid:[1]", 1, 5, "x", time.time())
     assert not fresh.stale(time.time(), lease=60)
     assert fresh.stale(time.time() + 61, lease=60)
     storage = LocalStorage(tmp_path)
@@ -106,6 +108,87 @@ def test_a_claim_on_another_host_is_stale_after_its_lease(tmp_path):
     assert short.take(5) and not short.others_active()  # an expired one does not
 
 
+def test_a_container_with_this_host_name_is_not_judged_by_its_pid():
+    # another container on this host, or another machine with the same name: its pid means nothing here
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    mine = this_process("x")
+    there = dataclasses.replace(mine, machine=mine.machine + "-other-pid-namespace", pid=int(dead.stdout))
+    assert not there.stale(time.time(), lease=60) and there.stale(time.time() + 61, lease=60)
+    here = dataclasses.replace(there, machine=mine.machine)
+    assert here.stale(time.time(), lease=60)  # the same machine: its process is known to be gone
+    reused = dataclasses.replace(mine, started=mine.started - 1)  # this pid, but another process's start
+    assert reused.stale(time.time(), lease=60) and not mine.stale(time.time(), lease=60)
+
+
+def _stale_lock(storage, name: str) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim = dataclasses.replace(this_process("killed"), pid=int(dead.stdout), holder="killed")
+    storage.write(f"claims/{name}-g0/zarr.json", json.dumps({"zarr_format": 3, "node_type": "group",
+                                                            "attributes": vars(claim)}).encode())
+
+
+def test_of_waiters_on_a_stale_lock_exactly_one_takes_it_over(tmp_path):
+    for attempt in range(5):
+        storage = LocalStorage(tmp_path / str(attempt))
+        _stale_lock(storage, CHANGING)
+        waiters = [Claims(storage, f"w{i}") for i in range(6)]
+        won, barrier = [], threading.Barrier(len(waiters))
+
+        def wait(c):
+            barrier.wait()
+            if c.take(CHANGING):
+                won.append(c)
+
+        threads = [threading.Thread(target=wait, args=(c,)) for c in waiters]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and won[0].took_over(CHANGING) and won[0].holds(CHANGING)
+        assert not any(c.take(CHANGING) for c in waiters if c is not won[0])  # the new holder is live
+
+
+def test_a_holder_stalled_past_its_lease_stops_before_marking_a_unit_complete(tmp_path):
+    from pipeline.cache import LostClaim, TeacherCache, UnitArrays
+
+    storage = LocalStorage(tmp_path / "s")
+    cache = TeacherCache.create_or_grow(tmp_path / "s", _request(topk=5), 2, ["a.tar"], [10], 1, False, 2, {},
+                                        Claims(storage, "creator"))
+    stalled = Claims(storage, "stalled", lease=0.3)
+    assert stalled.take(0)
+    data = UnitArrays.zeros(10, 5, 10)
+    data.probs[:] = 0.1
+    cache.write_unit(0, 0, data, still_mine=lambda: stalled.holds(0))  # while it holds the shard
+    assert cache.missing() == [(1, 0)]
+    time.sleep(0.4)  # no renewal for longer than the lease: another process takes the shard over
+    other = Claims(storage, "other", lease=0.3)
+    assert other.take(0) and other.holds(0) and not stalled.holds(0)
+    checks = []
+
+    def taken_over_between_writes():  # the new holder takes over while the stalled one writes its arrays
+        checks.append(1)
+        return len(checks) == 1 or stalled.holds(0)
+
+    with pytest.raises(LostClaim, match="no longer holds data shard a.tar"):
+        cache.write_unit(1, 0, data, still_mine=taken_over_between_writes)
+    assert len(checks) == 2 and cache.missing() == [(1, 0)]  # its arrays went in, its completion did not
+
+
+def test_writing_a_cache_needs_a_backend_that_creates_only_if_absent_in_one_step(digits_dir, teacher_ckpt):
+    from pipeline.storage import for_root
+
+    # fsspec's memory file system creates "only if absent" by checking, then writing: refused by name
+    with pytest.raises(ReplayKDError, match="memory:// cannot create an object only if it is absent in one request"):
+        for_root("memory://caches/x.zarr").create("claims/s0-g0/zarr.json", b"{}")
+    proc = run_cli("teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--teacher",
+                   "regnety_002", "--recipe", "digits-ra", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                   "--out", "memory://caches/x.zarr", check=False)
+    assert proc.returncode == 2 and "memory:// cannot create an object only if it is absent" in proc.stderr
+    import fsspec
+
+    assert not fsspec.filesystem("memory").exists("caches/x.zarr")  # refused before anything was written
+
+
 def _request(topk=5):
     from pipeline.cache import CacheRequest
     from pipeline.teacher import TeacherIdentity
@@ -115,7 +198,7 @@ def _request(topk=5):
 
 
 def test_concurrent_creators_make_one_store_and_a_killed_creation_is_taken_over(tmp_path):
-    from pipeline.cache import CHANGING, TeacherCache
+    from pipeline.cache import TeacherCache
 
     path, made, errors = tmp_path / "store", [], []
     barrier = threading.Barrier(6)
@@ -124,7 +207,8 @@ def test_concurrent_creators_make_one_store_and_a_killed_creation_is_taken_over(
         barrier.wait()
         try:
             made.append(TeacherCache.create_or_grow(path, _request(), 2 + i % 2, ["a.tar", "b.tar"], [10, 7], 1,
-                                                    False, 2, {"created_by": f"l{i}"}, f"l{i}"))
+                                                    False, 2, {"created_by": f"l{i}"},
+                                                    Claims(LocalStorage(path), f"l{i}")))
         except Exception as exn:  # noqa: BLE001 - reported below
             errors.append(exn)
 
@@ -136,28 +220,28 @@ def test_concurrent_creators_make_one_store_and_a_killed_creation_is_taken_over(
     assert not errors and len(made) == 6
     cache = TeacherCache.open(path)
     assert cache.config.epochs == 3 and cache.arrays["probs"].shape[0] == 3  # grown by the runs that asked for 3
-    assert cache.attrs["created_by"] in {f"l{i}" for i in range(6)} and not (path / CHANGING).exists()
+    assert cache.attrs["created_by"] in {f"l{i}" for i in range(6)}
+    assert Claims(LocalStorage(path), "x").current(CHANGING)[1].renewed == 0.0  # the lock is given up
     # a creation killed half-way (its lock left by a process that is gone) is redone by the next run
     other = tmp_path / "killed"
-    other.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (other / CHANGING).write_text(json.dumps({"holder": "h", "host": __import__("socket").gethostname(),
-                                              "pid": int(dead.stdout), "launch": "x", "renewed": time.time()}))
+    _stale_lock(LocalStorage(other), CHANGING)
     (other / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
-    TeacherCache.create_or_grow(other, _request(), 2, ["a.tar"], [10], 1, False, 2, {}, "me")
+    TeacherCache.create_or_grow(other, _request(), 2, ["a.tar"], [10], 1, False, 2, {}, Claims(LocalStorage(other), "me"))
     assert TeacherCache.open(other).config.epochs == 2
     unrelated = tmp_path / "unrelated"
     unrelated.mkdir()
     (unrelated / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
     with pytest.raises(ReplayKDError, match="exists and is not a teacher cache"):
-        TeacherCache.create_or_grow(unrelated, _request(), 2, ["a.tar"], [10], 1, False, 2, {}, "me")
+        TeacherCache.create_or_grow(unrelated, _request(), 2, ["a.tar"], [10], 1, False, 2, {},
+                                    Claims(LocalStorage(unrelated), "me"))
 
 
 def test_a_writer_failure_of_any_kind_ends_the_run_with_its_message(tmp_path):
     from pipeline.cache import TeacherCache, UnitArrays
     from pipeline.cache_writer import UnitWriter, WriteFailed
 
-    cache = TeacherCache.create_or_grow(tmp_path / "s", _request(topk=5), 2, ["a.tar"], [10], 1, False, 2, {}, "x")
+    cache = TeacherCache.create_or_grow(tmp_path / "s", _request(topk=5), 2, ["a.tar"], [10], 1, False, 2, {},
+                                        Claims(LocalStorage(tmp_path / "s"), "x"))
     writer = UnitWriter(cache, depth=1)
     wrong = UnitArrays.zeros(10, 3, 10)  # k = 3 in a store of k = 5: zarr refuses the shape (a ValueError)
     outcome = []

@@ -71,11 +71,11 @@ def kill_a_worker_when(agent: subprocess.Popen, ready, timeout: int = 300) -> No
     os.kill(workers[-1], signal.SIGKILL)
 
 
-def two_nodes(args: list) -> list[subprocess.Popen]:
+def two_nodes(args: list, *launch) -> list[subprocess.Popen]:
     """Two torchrun "nodes" of one process each on this host, meeting by c10d rendezvous on localhost."""
     port, run_id = free_port(), f"replaykd-{os.getpid()}-{time.time_ns()}"
     return [start(torchrun("--nnodes", 2, "--nproc-per-node", 1, "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                           f"127.0.0.1:{port}", "--rdzv-id", run_id) + args) for _ in range(2)]
+                           f"127.0.0.1:{port}", "--rdzv-id", run_id, *launch) + args) for _ in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,18 @@ def test_an_elastic_restart_resumes_to_the_uninterrupted_result(digits_dir, stor
         train(StudentOptions.from_mapping({"out": unfinished, "manifest": digits_dir, "cache": store, "resume": True,
                                            **dict(zip([a[2:].replace("-", "_") for a in STUDENT[::2]],
                                                       STUDENT[1::2]))}))
+
+
+def test_two_nodes_resume_when_only_one_nodes_worker_is_killed(digits_dir, store, reference, tmp_path):
+    # the killed node restarts with TORCHELASTIC_RESTART_COUNT=1, the other with 0 (a membership change): the group
+    # must still meet (it used to wait forever under keys named by each node's own count)
+    out = tmp_path / "one-node"
+    nodes = two_nodes(["train-student", "--out", out, "--manifest", digits_dir, "--cache", store, *STUDENT],
+                      "--max-restarts", 1)
+    kill_a_worker_when(nodes[1], lambda: (out / "train_state.pt").exists())  # after epoch 0's checkpoint
+    outs = finish(*nodes, timeout=300)
+    assert any(f"resuming {out} at epoch 1 of 2" in o for o in outs)
+    assert sha256(out / "checkpoint.safetensors") == sha256(reference / "checkpoint.safetensors")
 
 
 def test_stage_one_on_two_nodes_finishes_what_is_left_in_equal_shares(store, digits_dir, teacher_ckpt, tmp_path):

@@ -294,17 +294,17 @@ class TeacherCache:
         failed before it finished anything leaves nothing behind); True if it was removed. `claims` are this
         process's on the store, all released here."""
         removed = False
-        if claims.take(CHANGING):  # else another process is creating or growing it: it is theirs too
-            try:
-                removed = not self.done().any() and not claims.others_active()
-            except ReplayKDError:
-                removed = False
+        try:
+            # not while another process creates or grows it; not when the store cannot say (out of reach)
+            removed = claims.take(CHANGING) and not self.done().any() and not claims.others_active()
             if removed:  # everything but the lock, then the lock: nobody else can take it meanwhile
                 lock = claims.key(CHANGING)
                 claims.abandon()
                 self.storage.remove_all(keep=lock)
                 self.storage.delete(lock)
                 self.storage.discard_root()
+        except ReplayKDError:
+            pass
         claims.release_all()
         return removed
 

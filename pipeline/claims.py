@@ -221,7 +221,10 @@ class Claims:
             try:
                 self.storage.write(key, _group_json(dataclasses.replace(this_process(self.launch), renewed=0.0)))
             except (OSError, ReplayKDError):  # a full disk: deleting it frees the name too
-                self.storage.delete(key)
+                try:
+                    self.storage.delete(key)
+                except (OSError, ReplayKDError):  # a store out of reach: the record goes stale by its lease
+                    pass
 
     def open(self) -> None:
         """Record that this process has the store open for writing (held until `release_all`)."""

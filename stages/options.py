@@ -130,8 +130,15 @@ def _convert(name: str, hint, value, where: str):
 
 
 def rerun_command(flag: str = "") -> str:
-    """How to run this command again (with `flag` added when missing), for messages that say how to continue."""
-    argv = sys.argv[1:]
+    """How to run this command again (with `flag` added when missing), for messages that say how to continue; the
+    secret-looking keys of --storage-options are left out (credentials come from the environment instead)."""
+    argv = list(sys.argv[1:])
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--storage-options":
+            try:
+                argv[i + 1] = json.dumps(public(json.loads(argv[i + 1])))
+            except ValueError:
+                argv[i + 1] = "..."
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "the same torchrun command" + (f" with {flag}" if flag and flag not in argv else "")
     return shlex.join(["replaykd", *argv, *([flag] if flag and flag not in argv else [])])

@@ -6,6 +6,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -167,6 +168,17 @@ def test_locations_keep_urls_whole_and_configs_drop_secrets():
     assert o.to_config()["storage_options"] == {"profile": "p"}
     with pytest.raises(ReplayKDError, match="--storage-options must be a JSON mapping"):
         TeacherCacheOptions.from_mapping({"out": "x", "storage_options": "[1]"})
+    # nor does the command a message says to rerun
+    from stages.options import rerun_command
+
+    argv = sys.argv
+    sys.argv = ["replaykd", "teacher-cache", "--storage-options", json.dumps({"endpoint_url": "http://x", "key": "k",
+                                                                                  "secret": SECRET})]
+    try:
+        again = rerun_command()
+    finally:
+        sys.argv = argv
+    assert SECRET not in again and "http://x" in again and '"key"' not in again
 
 
 @pytest.mark.slow

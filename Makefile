@@ -33,7 +33,7 @@ DISTILLATION   ?= hard
 STUDENT_RUN    ?= $(RUN)/student-$(DISTILLATION)
 LAUNCH         := $(if $(filter 1,$(NPROC)),$(RKD),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) -m stages)
 
-.PHONY: venv test test-fast shards train-teacher teacher-cache train-student demo study bench bench-scale pillow-simd readme clean
+.PHONY: venv test test-fast shards train-teacher teacher-cache train-student demo-start demo study bench bench-scale pillow-simd readme clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,8 +75,12 @@ NONE_RUN   := $(RUN)/student-none
 STUDENT_COMMON = --manifest $(DATA) --recipe $(RECIPE) --seed $(SEED) --epochs $(EPOCHS) --student $(STUDENT) \
 	$(STUDENT_ARGS) --batch-size $(STUDENT_BATCH) --lr $(LR) --workers $(WORKERS) --device $(DEVICE)
 
-# The whole pipeline on digits: shards -> teacher -> cache -> three students on the same views -> report.
-demo: teacher-cache
+# The whole pipeline on digits: shards -> teacher -> cache -> three students on the same views -> report. The report's
+# demo_seconds run from demo-start (this invocation's first step) to the report.
+demo-start:
+	mkdir -p $(RUN) && date +%s.%N > $(RUN)/demo-start
+
+demo: demo-start teacher-cache
 	$(MAKE) train-student DISTILLATION=hard
 	test -f $(ONLINE_RUN)/summary.json || $(RKD) train-student $(STUDENT_COMMON) --online-teacher $(TEACHER) \
 		--teacher-checkpoint $(TEACHER_CKPT) --out $(ONLINE_RUN) $(if $(wildcard $(ONLINE_RUN)/train_state.pt),--resume,)

@@ -30,7 +30,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 
 from pipeline.claims import CHANGING, CLAIMS, Claims, newest
 from pipeline.errors import ReplayKDError
-from pipeline.plan import max_unit_size, unit_size
+from pipeline.plan import PAIR_GROUP, max_unit_size, unit_size
 from pipeline.reader import crc32c
 from pipeline import storage as storages
 from pipeline.storage import Location
@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 
 FORMAT_NAME = "replaykd.teacher-cache"
 # 4: CRC-32C per chunk, the teacher's identity and preprocessing, the views' fields only; 5: completion records
-# hold each array's CRC-32C (a chunk that is absent reads as zeros: now refused)
-FORMAT_VERSION = 5
+# hold each array's CRC-32C (a chunk that is absent reads as zeros: now refused); 6: pairs for Mixup/CutMix drawn
+# inside pairing groups of ~64 samples (other views than format 5's)
+FORMAT_VERSION = 6
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 COMPLETE = "complete"
 WAIT_SECONDS = 600.0
@@ -355,7 +356,7 @@ class TeacherCache:
         group.require_group(CLAIMS)
         group.attrs.update({"format": FORMAT, "config": dataclasses.asdict(config),  # written last: now it is a store
                             "layout": {"shards": shards, "counts": counts, "repeats": repeats, "paired": paired,
-                                       "slots": width, "epochs_per_file": block},
+                                       "pair_group": PAIR_GROUP, "slots": width, "epochs_per_file": block},
                             "codecs": json.loads(json.dumps(codec_chain, default=list)), **extra_attrs})
 
     # --- does it fit ---------------------------------------------------------------------------------

@@ -6,10 +6,14 @@ times, as r views with their own seeds. So every sample is seen exactly r times 
 samples of an epoch at random instead), and an epoch keeps about N views. r = 1 is plain training: every sample
 once per epoch.
 
-Pairs for Mixup/CutMix are drawn over a unit's views: a seeded permutation, consecutive pairs, and a fix-up that
-never leaves a sample's own repeats as partners while another partner exists. With an odd count the last view is
-left out, so every view of a mixing recipe is mixed and batches hold whole pairs. A unit's views, in this order, are
-its slots: the teacher cache stores one row per slot.
+Pairs for Mixup/CutMix are drawn inside pairing groups, as timm pairs the views of one batch: a unit's chosen
+samples are cut into groups of at most PAIR_GROUP samples (sizes within one of each other), and each group's views
+(its samples with all their repeats) get a seeded permutation, consecutive pairs, and a fix-up that never leaves a
+sample's own repeats as partners while another partner exists. With an odd count the last view is left out, so every
+view of a mixing recipe is mixed and batches hold whole pairs. A group's images are all a loader worker needs to
+decode to make its pairs, so a unit whose images do not fit the worker's decode budget is still decoded once, group
+by group (`pipeline/decoding.py`). A unit's views, group after group in this order, are its slots: the teacher cache
+stores one row per slot.
 
 The order of units is reshuffled every epoch, then the epoch's items (pairs, or single views when the recipe does not
 mix) are split into equal contiguous ranges, one per rank (the remainder, fewer than `world` items, is left out of
@@ -31,6 +35,9 @@ from pipeline.errors import ReplayKDError
 
 # Domain tags keep the seed streams of views, pairs, permutations, sample choice and unit order apart.
 TAG_VIEW, TAG_PAIR, TAG_PERM, TAG_CHOICE, TAG_ORDER = 1, 2, 3, 4, 5
+# Samples of a unit whose views are paired among themselves (with their repeats): a batch's worth of DeiT's views
+# per GPU, and ~50 MB of decoded ImageNet photographs, well within a loader worker's decode budget.
+PAIR_GROUP = 64
 
 
 def derive_seed(run_seed: int, epoch: int, tag: int, *names: str) -> int:
@@ -61,7 +68,7 @@ def chosen_positions(n: int, repeats: int, run_seed: int, epoch: int, shard: str
 def unit_size(n: int, repeats: int, epoch: int, paired: bool) -> int:
     """How many views (slots) the unit of a shard of `n` samples holds in `epoch` (without building it)."""
     views = repeats * len(range(epoch % repeats, n, repeats))
-    return views - (views % 2 if paired else 0)
+    return views - (views % 2 if paired else 0)  # only the last pairing group can hold an odd number of views
 
 
 def max_unit_size(n: int, repeats: int, paired: bool) -> int:
@@ -116,11 +123,28 @@ class UnitPlan:
         return sorted({self.slots[s].position for s in range(start * self.group, stop * self.group)})
 
 
+def _group_bounds(count: int) -> list[int]:
+    """Where a unit's `count` chosen samples are cut into pairing groups: the fewest groups of about PAIR_GROUP,
+    near-equal, each of an even size but the last (so that, as without groups, at most one view is left out)."""
+    parts = max(1, -(-count // PAIR_GROUP))
+    return [2 * split_range(count // 2, parts, i)[0] for i in range(parts)] + [count]
+
+
+def pairing_groups(positions: list[int]) -> list[list[int]]:
+    """`positions` cut, in order, into pairing groups."""
+    bounds = _group_bounds(len(positions))
+    return [positions[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 def plan_unit(n: int, repeats: int, paired: bool, run_seed: int, epoch: int, shard: str, shard_no: int) -> UnitPlan:
-    """The unit of shard `shard` (n samples) in `epoch`: its chosen samples, their repeats, paired."""
-    views = [Slot(p, r) for p in chosen_positions(n, repeats, run_seed, epoch, shard) for r in range(repeats)]
+    """The unit of shard `shard` (n samples) in `epoch`: its chosen samples, their repeats, paired within groups."""
+    chosen = chosen_positions(n, repeats, run_seed, epoch, shard)
     rng = np.random.default_rng(derive_seed(run_seed, epoch, TAG_PERM, shard))
-    slots = pair_up(views, rng) if paired else [views[i] for i in rng.permutation(len(views))]
+    if not paired:
+        views = [Slot(p, r) for p in chosen for r in range(repeats)]
+        return UnitPlan(epoch, shard_no, shard, tuple(views[i] for i in rng.permutation(len(views))), paired)
+    slots = [s for group in pairing_groups(chosen) for s in pair_up([Slot(p, r) for p in group for r in range(repeats)],
+                                                                    rng)]
     return UnitPlan(epoch, shard_no, shard, tuple(slots), paired)
 
 

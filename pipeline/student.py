@@ -3,7 +3,7 @@
 A distilled DeiT keeps its two heads and DeiT's loss (class token on the labels, distillation token on the teacher);
 any other model learns both from its one head, as timm's logit distillation does. Without distillation a distilled
 DeiT is replaced by DeiT's own baseline, the same model without its distillation token (the architecture DeiT's table
-compares against).
+compares against), unless it is asked to stay itself: then both heads learn the labels.
 """
 from __future__ import annotations
 
@@ -63,13 +63,14 @@ class TwoHeads(nn.Module):
         return torch.stack([self.student.head(feats[:, 0]), self.student.head_dist(feats[:, 1])])
 
 
-def build_student(name: str, num_classes: int, view_size: int, distill: bool, drop_path: float,
+def build_student(name: str, num_classes: int, view_size: int, baseline: bool, drop_path: float,
                   overrides: dict) -> Student:
-    """The student `name` for `view_size` px views, with the constructor `overrides` the user gave (None: not given).
-    Every option is checked against the model before a run starts: one it does not take, a size it cannot see, a
-    shape timm refuses, a patch that does not divide the views."""
+    """The student `name` (with `baseline`, a distilled DeiT is replaced by DeiT's baseline) for `view_size` px views,
+    with the constructor `overrides` the user gave (None: not given). Every option is checked against the model
+    before a run starts: one it does not take, a size it cannot see, a shape timm refuses, a patch that does not
+    divide the views."""
     check_model_name(name)
-    built = name if distill else baseline_name(name)
+    built = baseline_name(name) if baseline else name
     given = {k: v for k, v in overrides.items() if v is not None}
     if "img_size" in given and given["img_size"] != view_size:
         raise ReplayKDError(f"--img-size {given['img_size']} differs from the recipe's input_size {view_size}: the "

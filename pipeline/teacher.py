@@ -252,3 +252,14 @@ def check_input(teacher: Teacher, view_size: int) -> None:
         raise ReplayKDError(f"the teacher cannot take {view_size} px views resized to {side} px: {exn}") from exn
     finally:
         teacher.train(training)
+
+
+def prepare(name: str, checkpoint: Path | None, input_size: int | None, num_classes: int, classes: list[str] | None,
+            view_mean, view_std, view_size: int, device: torch.device) -> tuple[LoadedTeacher, Teacher]:
+    """The teacher `name` loaded (see `load`), checked against the data set's classes, wrapped for the views on
+    `device`, and checked to take `view_size` px views: what a stage that runs a teacher needs before it starts."""
+    loaded = load(name, checkpoint, input_size)
+    check_fits(loaded, num_classes, classes)
+    teacher = loaded.wrap(view_mean, view_std, device)
+    check_input(teacher, view_size)
+    return loaded, teacher

@@ -1,7 +1,6 @@
 """`replaykd cache verify | repair`: whether a store is still right, and dropping damage."""
 from __future__ import annotations
 
-import shlex
 from itertools import groupby
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pipeline.manifest import Manifest
 from pipeline.reader import read_shard
 from pipeline.recipe import Recipe
 from pipeline.replay import Replayer
-from stages.options import CacheRepairOptions, CacheVerifyOptions
+from stages.options import CacheRepairOptions, CacheVerifyOptions, TeacherCacheOptions, command_line
 
 # Views re-run through the teacher at once by verify.
 VERIFY_BATCH = 64
@@ -158,9 +157,8 @@ def _repair(cache: TeacherCache, o: CacheRepairOptions) -> None:
     for e, s, a in damaged:
         typer.echo(f"damaged: {_where(cache, e, s)} array '{a}'")
     blocks = cache.drop(damaged)
-    options = cache.attrs.get("options") or {}
-    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
-             for k, v in options.items() if v is not None and v is not False and k != "json_out"]
-    command = "replaykd teacher-cache " + " ".join(flags) if flags else "the teacher-cache command that built it"
+    options = {k: v for k, v in (cache.attrs.get("options") or {}).items() if k != "json_out"}
+    command = (command_line("teacher-cache", TeacherCacheOptions, options) if options
+               else "the teacher-cache command that built it")
     typer.echo(f"dropped {len(blocks)} Zarr shard file group(s) ({cache.epochs_per_file} epochs of one data shard "
                f"each); {len(cache.missing())} units are now missing. Rebuild them with:\n  {command}")

@@ -117,8 +117,8 @@ app.command("train-student")(command(O.StudentOptions, "stages.train_student:mai
 app.command("evaluate")(command(O.EvaluateOptions, "stages.evaluate:main"))
 app.command("report")(command(O.ReportOptions, "stages.report:report"))
 app.command("study-report")(command(O.StudyReportOptions, "stages.report:study"))
-app.command("bench")(command(O.BenchOptions, "stages.bench:bench"))
-app.command("bench-scale")(command(O.ScaleBenchOptions, "stages.scale_bench:bench_scale"))
+app.command("bench")(command(O.BenchOptions, "stages.bench.command:bench"))
+app.command("bench-scale")(command(O.ScaleBenchOptions, "stages.bench.scale:bench_scale"))
 
 
 def main() -> None:

@@ -65,6 +65,33 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None
                                             "argument": argument})
 
 
+# The loader options train-teacher, teacher-cache and train-student share: one flag, help and bounds each, so the
+# commands cannot drift apart (a command picks its own default where they differ).
+def workers_opt(default: int):
+    """The --workers field of a command that makes views, with that command's default."""
+    return opt(default, "DataLoader worker processes making the views, per process (kept for the whole run).", min=0)
+
+
+def prefetch_opt():
+    """The --prefetch field of a command that makes views."""
+    return opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
+
+
+def threads_opt():
+    """The --threads field of a command that computes beside its loader workers."""
+    return opt(None, "Compute threads of this process (default: the cores it may use less its loader workers, at "
+                     "least 1).", min=1)
+
+
+def decode_memory_opt():
+    """The --decode-memory field of a command that makes views."""
+    return opt(96, "MB of decoded images each loader worker holds at most: an image decoded once serves all the views "
+                   "made from it while they fit (stage one: every epoch of its shard; stage two and train-teacher: "
+                   "its repeats), else a unit's pairing groups (about 64 samples, mixing partners inside) are decoded "
+                   "one after another, each image still once; only a budget below one group's images decodes some "
+                   "again.", min=1)
+
+
 # Keys of storage options never written into a store, a run folder or a log (credentials).
 SECRET = re.compile(r"key|secret|token|password|credential|session", re.I)
 STORAGE_HELP = ("Options of the object store (fsspec/s3fs keyword arguments) as JSON, e.g. '{\"endpoint_url\": "
@@ -129,19 +156,50 @@ def _convert(name: str, hint, value, where: str):
         raise ReplayKDError(f"{flag} must be {kind}, got {value!r} ({where})") from None
 
 
+def _shell(words: list) -> str:
+    """`replaykd WORDS...`, quoted for a POSIX shell."""
+    return shlex.join(["replaykd", *map(str, words)])
+
+
+def _flag_value(value) -> str:
+    """An option's value as its flag takes it: mappings as JSON, without secret-looking keys (credentials come from
+    the environment instead)."""
+    return json.dumps(public(value)) if isinstance(value, (dict, list)) else str(value)
+
+
+def command_line(command: str, cls: type[Options], values: dict) -> str:
+    """The replaykd command line that runs `command` (e.g. 'teacher-cache', whose options are `cls`) with `values`
+    (field name -> value, as `Options.to_config` records them): unset options and switches at their default are left
+    out."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    words = command.split()
+    for name, value in values.items():
+        f = fields.get(name)
+        flag = (f.metadata["flags"] or ("",))[0] if f is not None else ""
+        flag = flag or "--" + name.replace("_", "-")
+        if value is None or (value is False and (f is None or f.default is not True)):
+            continue
+        words += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, _flag_value(value)]
+    return _shell(words)
+
+
 def rerun_command(flag: str = "") -> str:
     """How to run this command again (with `flag` added when missing), for messages that say how to continue; the
-    secret-looking keys of --storage-options are left out (credentials come from the environment instead)."""
+    secret-looking keys of --storage-options are left out."""
     argv = list(sys.argv[1:])
-    for i, arg in enumerate(argv[:-1]):
-        if arg == "--storage-options":
-            try:
-                argv[i + 1] = json.dumps(public(json.loads(argv[i + 1])))
-            except ValueError:
-                argv[i + 1] = "..."
+    for i, arg in enumerate(argv):
+        given, inline, text = arg.partition("=")
+        if given != "--storage-options" or (not inline and i + 1 == len(argv)):
+            continue
+        at, text = (i, text) if inline else (i + 1, argv[i + 1])
+        try:
+            shown = _flag_value(json.loads(text))
+        except ValueError:
+            shown = "..."
+        argv[at] = f"--storage-options={shown}" if inline else shown
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return "the same torchrun command" + (f" with {flag}" if flag and flag not in argv else "")
-    return shlex.join(["replaykd", *argv, *([flag] if flag and flag not in argv else [])])
+    return _shell([*argv, *([flag] if flag and flag not in argv else [])])
 
 
 @dataclass
@@ -281,11 +339,10 @@ class TrainTeacherOptions(Options):
     seed: int = opt(0, "Seed of the initialisation and of the views.", min=0)
     eval_split: str = opt("val", "Split to evaluate on each epoch ('validation' is used when the manifest has no "
                                  "'val'); 'none' to train without evaluation.")
-    workers: int = opt(2, "DataLoader worker processes (kept for the whole run).", min=0)
-    prefetch: int = opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
-    decode_memory: int = opt(96, "MB of decoded images each loader worker holds at most.", min=1)
-    threads: int | None = opt(None, "Compute threads of this process (default: the cores it may use less its loader "
-                                    "workers, at least 1).", min=1)
+    workers: int = workers_opt(2)
+    prefetch: int = prefetch_opt()
+    decode_memory: int = decode_memory_opt()
+    threads: int | None = threads_opt()
     device: Device = opt(Device.auto, "Where to train: auto (a GPU when there is one), cpu or cuda.")
     out: Path = opt(Path("runs/teacher/teacher.safetensors"), "Where to write the weights (safetensors); a .json "
                     "beside it says how timm loads them (name, classes, preprocessing) and holds the accuracy, a "
@@ -322,17 +379,13 @@ class TeacherCacheOptions(Options):
     topk: int = opt(10, "Teacher probabilities kept per view (sorted, float16) with their class indices.", min=1)
     seed: int = opt(0, "Run seed: views depend on (seed, epoch, sample key) only.", min=0)
     batch_size: int = opt(256, "Views per teacher forward.", min=1)
-    workers: int = opt(4, "DataLoader worker processes making views (each decodes a shard once for all epochs).",
-                       min=0)
-    prefetch: int = opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
-    threads: int | None = opt(None, "Compute threads of this process (default: the cores it may use less its loader "
-                                    "workers, at least 1).", min=1)
+    workers: int = workers_opt(4)
+    prefetch: int = prefetch_opt()
+    threads: int | None = threads_opt()
     device: Device = opt(Device.auto, "Where the teacher runs: auto, cpu or cuda (bf16 autocast and channels_last "
                                       "on GPU).")
     epochs_per_file: int = opt(8, "Epochs of one data shard stored per Zarr shard file (fewer, larger files).", min=1)
-    decode_memory: int = opt(96, "MB of decoded images each loader worker holds at most: a shard decoded once "
-                                 "serves all its epochs when it fits, else each epoch's images, else groups of "
-                                 "them (decoded again).", min=1)
+    decode_memory: int = decode_memory_opt()
     part: str | None = opt(None, "This launch's part of a job run as N independent launches, I/N (default: a Slurm "
                                  "job array's SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT, else 0/1). Each part "
                                  "(and each torchrun rank within it) deals itself a balanced share of what is left, "
@@ -386,8 +439,8 @@ class StudentOptions(Options):
     PLAN: ClassVar[tuple[str, ...]] = (
         "manifest", "split", "recipe", "seed", "init_seed", "epochs", "student", "img_size", "patch_size", "depth",
         "embed_dim", "num_heads", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr", "drop_path",
-        "distillation", "alpha", "tau", "soft_scale", "cache", "online_teacher", "reuse_epochs", "clip_grad",
-        "model_ema")
+        "distillation", "keep_distillation_token", "alpha", "tau", "soft_scale", "cache", "online_teacher",
+        "reuse_epochs", "clip_grad", "model_ema")
     # Loader options that decide which views share a batch: a resume that changed them would not reproduce the
     # uninterrupted run.
     BATCHING: ClassVar[tuple[str, ...]] = ("workers", "shuffle_buffer", "decode_memory")
@@ -426,6 +479,9 @@ class StudentOptions(Options):
     num_heads: int | None = opt(None, "Override the attention heads of a ViT student.", min=1)
     distillation: Distillation = opt(Distillation.hard, "hard (DeiT's: CE to the teacher's top-1), soft (KL at "
                                                         "--tau to the densified top-k) or none (labels only).")
+    keep_distillation_token: bool = opt(False, "With --distillation none, train the distilled DeiT itself, both "
+                                               "heads on the labels, instead of DeiT's baseline: the same model as a "
+                                               "KD run, to compare like for like (what distillation alone changes).")
     alpha: float = opt(0.5, "Weight of the distillation term.", min=0.0, max=1.0)
     tau: float | None = opt(None, "Temperature of soft distillation (default 1.0; only with --distillation soft).",
                             min=1e-3)
@@ -449,13 +505,10 @@ class StudentOptions(Options):
     shuffle_buffer: int | None = opt(None, "Views shuffled through a buffer of this size in each loader worker "
                                            "(default: 1024, fewer where views are large: as many as fit in 32 MB; "
                                            "0: none).", min=0)
-    decode_memory: int = opt(96, "MB of decoded images each loader worker holds at most: an image decoded once "
-                                 "serves all its views while they fit, else images are decoded again in groups.",
-                             min=1)
-    workers: int = opt(4, "DataLoader worker processes per process (kept for the whole run).", min=0)
-    prefetch: int = opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
-    threads: int | None = opt(None, "Compute threads of this process (default: the cores it may use less its loader "
-                                    "workers, at least 1).", min=1)
+    decode_memory: int = decode_memory_opt()
+    workers: int = workers_opt(4)
+    prefetch: int = prefetch_opt()
+    threads: int | None = threads_opt()
     device: Device = opt(Device.auto, "Where to train: auto, cpu or cuda (bf16 autocast and channels_last on GPU).")
     log_tensorboard: bool = opt(False, "Also log each epoch's figures to TensorBoard, in OUT/tensorboard (needs "
                                        "the tensorboard package: pip install 'replaykd[tensorboard]').")
@@ -479,6 +532,9 @@ class StudentOptions(Options):
                 if getattr(self, name) is not None:
                     why = "the cache fixes the teacher and its k" if self.cache is not None else "there is no teacher"
                     raise ReplayKDError(f"--{name.replace('_', '-')} applies to --online-teacher only ({why})")
+        if self.keep_distillation_token and not none:
+            raise ReplayKDError("--keep-distillation-token applies to --distillation none (a KD run keeps the token "
+                                "already): drop it")
         if self.reuse_epochs and self.cache is None:
             raise ReplayKDError("--reuse-epochs cycles a cache's epochs; without --cache every epoch has its own "
                                 "views already: drop it")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from stages.options import ReportOptions, StudyReportOptions
 ARMS = {"cache": "hard KD, targets from the cache", "online": "hard KD, online teacher", "labels": "no KD (labels only)"}
 HEADS = ("top1", "cls_top1", "dist_top1")  # the model's own prediction, then a distilled DeiT's heads
 
+DEMO_START = "demo-start"
 STUDENTS = {"student-hard": ARMS["cache"], "student-online": ARMS["online"], "student-none": ARMS["labels"]}
 
 
@@ -37,8 +39,10 @@ def collect(run: Path) -> dict:
                               "model": f"{s['student']} img {cache.config.views['input_size']} patch "
                                        f"{cfg['patch_size']} depth {cfg['depth']} dim {cfg['embed_dim']}"}
     finished = max((run / name / "summary.json").stat().st_mtime for name in students) if students else None
+    started = run / DEMO_START  # written by `make demo` as its first step
     return {"date": datetime.fromtimestamp(finished, timezone.utc).isoformat(timespec="seconds") if finished else None,
             "reported": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(),
+            "demo_seconds": time.time() - float(started.read_text()) if started.exists() else None,
             "teacher": {"model": teacher["model"], "input_size": teacher["pretrained_cfg"]["input_size"][-1],
                         "val_top1": teacher["val_top1"], "epochs": teacher["epochs"], "seconds": teacher["seconds"]},
             "cache": {"epochs": c.epochs, "topk": c.topk, "views": c.views_cached, "bytes": c.bytes_on_disk,
@@ -49,7 +53,8 @@ def collect(run: Path) -> dict:
 def to_markdown(r: dict) -> str:
     """The report as a markdown table."""
     t, c = r["teacher"], r["cache"]
-    lines = [f"# replaykd demo report (runs finished {r['date']}, {r['device']}, `make demo`)", "",
+    took = f", {r['demo_seconds'] / 60:.1f} min from its first step to this report" if r.get("demo_seconds") else ""
+    lines = [f"# replaykd demo report (runs finished {r['date']}, {r['device']}, `make demo`{took})", "",
              f"- Teacher: `{t['model']}` at {t['input_size']} px, {t['epochs']} epochs: val top-1 **{t['val_top1']:.2f}%** ({t['seconds']:.0f} s)",
              f"- Cache: {c['epochs']} epochs x top-{c['topk']}: {c['views']} views, {c['bytes'] / 1e6:.2f} MB, "
              f"**{c['bytes_per_view']:.1f} bytes/view**" + (

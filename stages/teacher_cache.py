@@ -63,10 +63,8 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
     manifest, recipe = Manifest.load(o.manifest, shard_root=o.shards), Recipe.load(o.recipe)
     if o.topk > manifest.num_classes:
         raise ReplayKDError(f"--topk must be between 1 and the number of classes ({manifest.num_classes}), got {o.topk}")
-    loaded = teachers.load(o.teacher, o.checkpoint, o.teacher_input_size)
-    teachers.check_fits(loaded, manifest.num_classes, manifest.classes)
-    teacher = loaded.wrap(recipe.mean, recipe.std, dev)
-    teachers.check_input(teacher, recipe.input_size)
+    loaded, teacher = teachers.prepare(o.teacher, o.checkpoint, o.teacher_input_size, manifest.num_classes,
+                                       manifest.classes, recipe.mean, recipe.std, recipe.input_size, dev)
     manifest.check_files(o.split)
     request = CacheRequest.of(manifest, o.split, recipe, o.seed, loaded.identity, o.topk)
     launch = launch_id()

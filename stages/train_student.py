@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import typer
@@ -38,11 +39,35 @@ from pipeline.recipe import Recipe
 from pipeline.runs import EMA_WEIGHTS, WEIGHTS, RunFolder, mean_rate, schedule_differences
 from pipeline.schedule import step_schedule
 from pipeline.sinks import MetricSinks, check_available
-from pipeline.student import Student, build_student
+from pipeline.student import Student, baseline_name, build_student
 from pipeline.targets import CachedTargets, NoTargets, OnlineTargets, TargetSource
 from stages.options import Distillation, StudentOptions, rerun_command
 
 ONLINE_TOPK = 10
+
+
+@dataclass
+class StudentRun:
+    """A student run as `run` sets it up before its first epoch (fresh or resumed), for the epochs that follow."""
+
+    options: StudentOptions
+    manifest: Manifest
+    recipe: Recipe
+    eval_split: str | None
+    source: TargetSource
+    dataset: ReplayViews
+    schedule: dict  # what resume compares: world size, batch size, steps of each epoch
+    student: Student
+    optimizer: torch.optim.Optimizer
+    ema: ModelEmaV3 | None
+    lr: float  # the peak, after DeiT's linear scaling
+    rows: list[dict]  # the log: one row per finished epoch
+    progress: dict  # epoch and step now, for the message of an interrupted run
+    device: torch.device
+    rank: int
+    world: int
+    folder: RunFolder
+    started: float  # perf_counter at the process's start of the run
 
 
 def target_source(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: torch.device) -> tuple[TargetSource, int]:
@@ -59,10 +84,8 @@ def target_source(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: to
     topk = o.topk or min(ONLINE_TOPK, manifest.num_classes)
     if topk > manifest.num_classes:
         raise ReplayKDError(f"--topk {topk} is more than the dataset's {manifest.num_classes} classes")
-    loaded = teachers.load(o.online_teacher, o.teacher_checkpoint, o.teacher_input_size)
-    teachers.check_fits(loaded, manifest.num_classes, manifest.classes)
-    teacher = loaded.wrap(recipe.mean, recipe.std, dev)
-    teachers.check_input(teacher, recipe.input_size)
+    _, teacher = teachers.prepare(o.online_teacher, o.teacher_checkpoint, o.teacher_input_size, manifest.num_classes,
+                                  manifest.classes, recipe.mean, recipe.std, recipe.input_size, dev)
     return OnlineTargets(teacher, topk), o.epochs
 
 
@@ -108,9 +131,12 @@ def run(o: StudentOptions) -> dict:
     check_available([s for s, on in (("tensorboard", o.log_tensorboard), ("wandb", o.log_wandb)) if on])
     source, view_epochs = target_source(o, manifest, recipe, dev)
     torch.manual_seed(o.init_seed)  # the same initial weights on every rank
-    student = build_student(o.student, manifest.num_classes, recipe.input_size, o.distillation is not Distillation.none,
-                            o.drop_path, {k: getattr(o, k) for k in ("img_size", "patch_size", "depth", "embed_dim",
-                                                                     "num_heads")})
+    if o.keep_distillation_token and baseline_name(o.student) == o.student:
+        raise ReplayKDError(f"--keep-distillation-token applies to a distilled DeiT student; {o.student} has no "
+                            "distillation token: drop it")
+    baseline = o.distillation is Distillation.none and not o.keep_distillation_token
+    student = build_student(o.student, manifest.num_classes, recipe.input_size, baseline, o.drop_path,
+                            {k: getattr(o, k) for k in ("img_size", "patch_size", "depth", "embed_dim", "num_heads")})
     if student.name != o.student and rank == 0:
         typer.echo(f"--distillation none: training {student.name}, DeiT's baseline without the distillation token, "
                    f"in place of {o.student} (summary.json and the checkpoint's JSON name {student.name})")
@@ -147,8 +173,8 @@ def run(o: StudentOptions) -> dict:
         folder.create(o.to_config())
     progress = {"epoch": start_epoch, "step": step}
     try:
-        return _train(o, manifest, recipe, eval_split, source, ds, schedule, student, optimizer, ema, lr, rows,
-                      progress, dev, rank, world, folder, t_start)
+        return _train(StudentRun(o, manifest, recipe, eval_split, source, ds, schedule, student, optimizer, ema, lr,
+                                 rows, progress, dev, rank, world, folder, t_start))
     except KeyboardInterrupt:
         raise Interrupted(f"train-student stopped in epoch {progress['epoch']} (step {progress['step']}); "
                           + (f"{o.out} holds its epochs before that. Continue with: {rerun_command('--resume')}"
@@ -158,49 +184,47 @@ def run(o: StudentOptions) -> dict:
             folder.discard_if_empty()
 
 
-def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, eval_split: str | None, source: TargetSource,
-           ds: ReplayViews, schedule: dict, student: Student, optimizer, ema, lr: float, rows: list[dict],
-           progress: dict, dev: torch.device, rank: int, world: int, folder: RunFolder, t_start: float) -> dict:
-    model = torch.nn.parallel.DistributedDataParallel(student.model) if world > 1 else student.model
-    criterion = DistillationLoss(o.distillation, o.alpha, o.tau or 1.0, manifest.num_classes, o.soft_scale)
-    collate, finish = ViewCollate(manifest.num_classes, recipe.smoothing), Finisher(recipe)
-    lr_at = step_schedule(schedule["steps_per_epoch"], o.warmup_epochs, lr, o.min_lr)
+def _train(r: StudentRun) -> dict:
+    """Train from `r.progress`'s epoch to the last, evaluating and checkpointing each; the summary (rank 0)."""
+    o, ds, dev = r.options, r.dataset, r.device
+    model = torch.nn.parallel.DistributedDataParallel(r.student.model) if r.world > 1 else r.student.model
+    criterion = DistillationLoss(o.distillation, o.alpha, o.tau or 1.0, r.manifest.num_classes, o.soft_scale)
+    collate, finish = ViewCollate(r.manifest.num_classes, r.recipe.smoothing), Finisher(r.recipe)
+    lr_at = step_schedule(r.schedule["steps_per_epoch"], o.warmup_epochs, r.lr, o.min_lr)
     loader = DataLoader(Batched(ds, o.batch_size, collate), batch_size=None,
                         **loader_settings(o.workers, o.prefetch, dev, o.init_seed))
-    eval_loader = None if eval_split is None else DataLoader(
-        EvalViews(manifest, recipe.eval_transform(), eval_split), batch_size=o.batch_size,
+    eval_loader = None if r.eval_split is None else DataLoader(
+        EvalViews(r.manifest, r.recipe.eval_transform(), r.eval_split), batch_size=o.batch_size,
         **loader_settings(min(o.workers, 2), o.prefetch, dev, o.init_seed))
-    eval_prep = Preprocessing(recipe.mean, recipe.std, recipe.input_size, recipe.interpolation, recipe.eval_crop_pct)
-    sinks = MetricSinks(o.out, o.log_tensorboard, o.log_wandb, o.wandb_project, o.to_config()) if rank == 0 else None
-    if o.reuse_epochs and o.epochs > ds.view_epochs and rank == 0:
+    sinks = MetricSinks(o.out, o.log_tensorboard, o.log_wandb, o.wandb_project, o.to_config()) if r.rank == 0 else None
+    if o.reuse_epochs and o.epochs > ds.view_epochs and r.rank == 0:
         typer.echo(f"--reuse-epochs: the cache holds {ds.view_epochs} epochs; student epoch e uses cached epoch "
                    f"e % {ds.view_epochs}")
-    start_epoch = progress["epoch"]
+    start_epoch = r.progress["epoch"]
     try:
         for epoch in range(start_epoch, o.epochs):
-            progress["epoch"] = epoch
+            r.progress["epoch"] = epoch
             ds.set_epoch(epoch)
-            stats, step = train_one_epoch(model, criterion, regroup(loader, o.batch_size), optimizer, dev, epoch,
-                                          finish, source, lr_at,
-                                          progress["step"], o.clip_grad, ema, total=ds.views(),
-                                          show_progress=rank == 0, progress=progress)
+            stats, step = train_one_epoch(model, criterion, regroup(loader, o.batch_size), r.optimizer, dev, epoch,
+                                          finish, r.source, lr_at,
+                                          r.progress["step"], o.clip_grad, r.ema, total=ds.views(),
+                                          show_progress=r.rank == 0, progress=r.progress)
             acc = {}
             if eval_loader is not None:
-                acc = evaluate(student.heads(), eval_loader, dev, student.eval_model())
-                if ema is not None:
+                acc = evaluate(r.student.heads(), eval_loader, dev, r.student.eval_model())
+                if r.ema is not None:
                     acc.update({f"ema_{k}": v for k, v in
-                                evaluate(student.heads(), eval_loader, dev, student.eval_model(ema.module)).items()})
-            rows.append({"epoch": epoch, "view_epoch": ds.plan().epoch, "steps": stats.steps, "loss": stats.loss,
-                         "loss_base": stats.loss_base, "loss_distill": stats.loss_distill, "lr": stats.lr,
-                         "images": stats.images, "train_seconds": stats.seconds,
-                         "images_per_s": stats.images_per_s, **acc,
-                         # this launch's start-up: from the process's start to its first optimiser step
-                         **({"startup_seconds": progress["first_step"]} if epoch == start_epoch else {})})
+                                evaluate(r.student.heads(), eval_loader, dev, r.student.eval_model(r.ema.module)).items()})
+            r.rows.append({"epoch": epoch, "view_epoch": ds.plan().epoch, "steps": stats.steps, "loss": stats.loss,
+                           "loss_base": stats.loss_base, "loss_distill": stats.loss_distill, "lr": stats.lr,
+                           "images": stats.images, "train_seconds": stats.seconds,
+                           "images_per_s": stats.images_per_s, **acc,
+                           # this launch's start-up: from the process's start to its first optimiser step
+                           **({"startup_seconds": r.progress["first_step"]} if epoch == start_epoch else {})})
             rng_states = rng.all_states(dev)
-            if rank == 0:
-                _checkpoint(folder, student, ema, manifest, eval_prep, optimizer, epoch, step, rows, rng_states,
-                            schedule)
-                sinks.log(rows[-1])
+            if r.rank == 0:
+                _checkpoint(r, epoch, step, rng_states)
+                sinks.log(r.rows[-1])
                 typer.echo(f"epoch {epoch}: loss {stats.loss:.4f} (base {stats.loss_base:.4f}, distill "
                            f"{stats.loss_distill:.4f})" + (f", top-1 {acc['top1']:.2f}" if acc else "")
                            + f", {stats.images_per_s:.0f} img/s")
@@ -211,24 +235,25 @@ def _train(o: StudentOptions, manifest: Manifest, recipe: Recipe, eval_split: st
         stop_workers(loader, eval_loader)
         if sinks is not None:
             sinks.close()
-    if rank != 0:
-        return {"rank": rank}
-    summary = {"run": str(folder.path), "distillation": o.distillation.value, "source": source.kind,
-               "student": student.name, "epochs": o.epochs, "device": str(dev), "processes": world,
-               "wall_seconds": time.perf_counter() - t_start, **rows[-1], "images_per_s": mean_rate(rows),
-               "images_per_s_is": f"mean over {len(rows)} epochs, training only",
-               "last_epoch_images_per_s": rows[-1]["images_per_s"]}
-    plot_curves(folder.path / "log.jsonl", folder.path / "curves.png")
-    return folder.finish(summary)
+    if r.rank != 0:
+        return {"rank": r.rank}
+    summary = {"run": str(r.folder.path), "distillation": o.distillation.value, "source": r.source.kind,
+               "student": r.student.name, "epochs": o.epochs, "device": str(dev), "processes": r.world,
+               "wall_seconds": time.perf_counter() - r.started, **r.rows[-1], "images_per_s": mean_rate(r.rows),
+               "images_per_s_is": f"mean over {len(r.rows)} epochs, training only",
+               "last_epoch_images_per_s": r.rows[-1]["images_per_s"]}
+    plot_curves(r.folder.path / "log.jsonl", r.folder.path / "curves.png")
+    return r.folder.finish(summary)
 
 
-def _checkpoint(folder: RunFolder, student: Student, ema, manifest: Manifest, eval_prep: Preprocessing, optimizer,
-                epoch: int, step: int, rows: list[dict], rng_states: list[dict], schedule: dict) -> None:
+def _checkpoint(r: StudentRun, epoch: int, step: int, rng_states: list[dict]) -> None:
     """The weights a timm user loads (and their EMA), then the state resume reads, then the log from that state."""
+    student, ema, recipe = r.student, r.ema, r.recipe
+    eval_prep = Preprocessing(recipe.mean, recipe.std, recipe.input_size, recipe.interpolation, recipe.eval_crop_pct)
     for model, name in ((student.model, WEIGHTS), *(((ema.module, EMA_WEIGHTS),) if ema is not None else ())):
-        export(model, folder.path / name, student.name, student.model_args, manifest.classes, eval_prep,
+        export(model, r.folder.path / name, student.name, student.model_args, r.manifest.classes, eval_prep,
                epoch=epoch, trained_by="replaykd train-student")
-    folder.save({"epoch": epoch, "step": step, "rows": rows, "schedule": schedule,
-                 "model": {k: v.detach().cpu() for k, v in student.model.state_dict().items()},
-                 "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                 "rng": rng_states})
+    r.folder.save({"epoch": epoch, "step": step, "rows": r.rows, "schedule": r.schedule,
+                   "model": {k: v.detach().cpu() for k, v in student.model.state_dict().items()},
+                   "optimizer": r.optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                   "rng": rng_states})

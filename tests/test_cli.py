@@ -53,6 +53,7 @@ def test_help_imports_nothing_heavy():
     (["--distillation", "none", "--reuse-epochs"], "--reuse-epochs cycles a cache's epochs; without --cache"),
     (["--cache", "C", "--tau", "2"], "--tau is the temperature of soft distillation; --distillation hard does not"),
     (["--device", "tpu", "--cache", "C"], "error: --device must be one of auto, cpu, cuda, got 'tpu'"),
+    (["--cache", "C", "--keep-distillation-token"], "--keep-distillation-token applies to --distillation none"),
 ])
 def test_bad_options_exit_2_before_anything_is_written(tmp_path, args, message):
     out = tmp_path / "run"
@@ -81,3 +82,21 @@ def test_config_file_then_flags(tmp_path):
     cfg.write_text("epochs: 3\n")
     proc = run_cli("train-student", "--config", cfg, check=False)
     assert proc.returncode == 2 and "missing option --out" in proc.stderr
+
+
+def test_the_commands_messages_give_run_as_typed_and_without_secrets(monkeypatch):
+    # the rebuild command `cache repair` prints, from the options recorded in the store
+    recorded = O.TeacherCacheOptions.from_mapping({
+        "out": "s3://b/my cache.zarr", "json_out": True, "part": None,
+        "storage_options": '{"endpoint_url": "http://x", "key": "K", "client_kwargs": {"region_name": "r"}}'})
+    line = O.command_line("teacher-cache", O.TeacherCacheOptions, recorded.to_config())
+    assert line.startswith("replaykd teacher-cache --out 's3://b/my cache.zarr' ") and " --json" in line
+    assert "--part" not in line and '"K"' not in line and '"key"' not in line
+    assert '--storage-options \'{"endpoint_url": "http://x", "client_kwargs": {"region_name": "r"}}\'' in line
+    # the command a failed or stopped run says to rerun: the same quoting, either spelling of --storage-options
+    for spelling in (["--storage-options", '{"profile": "p", "secret": "S"}'],
+                     ['--storage-options={"profile": "p", "secret": "S"}']):
+        monkeypatch.setattr(sys, "argv", ["replaykd", "train-student", "--out", "a b", *spelling])
+        again = O.rerun_command("--resume")
+        assert '"secret"' not in again and '"S"' not in again and '"profile": "p"' in again
+        assert again.startswith("replaykd train-student --out 'a b' ") and again.endswith(" --resume")

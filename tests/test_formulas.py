@@ -137,7 +137,7 @@ def test_probability_encoding_is_exact_and_small_for_sorted_rows():
 
 def test_draft_decoding_reach_depends_on_the_image_size():
     from pipeline.recipe import Recipe
-    from stages.loader_bench import draft_eligible
+    from stages.bench.loader import draft_eligible
 
     deit = Recipe.load("deit")
     assert draft_eligible(deit, (500, 375), 300) == 0.0  # a 375 px side is under twice 224: no crop qualifies

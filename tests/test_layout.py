@@ -53,3 +53,22 @@ def test_cache_info_imports_neither_torch_nor_timm():
     code = "import sys, stages.cache_info; print(sorted({'torch', 'timm'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_command_imports_another_command_or_the_benchmarks():
+    # stages/*.py are the commands (their options module and the CLI that derives them aside); the benchmarks,
+    # which run commands to measure them, live in stages/bench/
+    shared = {"__init__", "__main__", "cli", "options"}
+    commands = sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem not in shared)
+    assert commands and not any("bench" in c for c in commands)
+    forbidden = {f"stages.{c}" for c in commands} | {"stages.bench"}
+    for command in commands:
+        found = set()
+        for node in ast.walk(ast.parse((ROOT / "stages" / f"{command}.py").read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = ".".join(filter(None, ["stages" if node.level else None, node.module]))
+                found.update([module] + [f"{module}.{a.name}" for a in node.names])
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        bad = sorted(n for n in found if any(n == f or n.startswith(f + ".") for f in forbidden))
+        assert not bad, f"stages/{command}.py imports {', '.join(bad)}"

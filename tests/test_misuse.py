@@ -150,6 +150,8 @@ def test_progress_total_is_the_epochs_views(digits_dir):
     (["--patch-size", "5"], "--patch-size 5 does not divide the 16 px views"),
     (["--student", "test_resnet", "--depth", "2"], "--depth does not apply to test_resnet"),
     (["--student", "no_such_model"], "unknown timm model 'no_such_model'"),
+    (["--student", "test_resnet", "--keep-distillation-token", True],
+     "--keep-distillation-token applies to a distilled DeiT student; test_resnet has no distillation token"),
 ])
 def test_student_options_are_checked_against_the_student_before_a_run(digits_dir, tmp_path, args, message):
     from pipeline.errors import ReplayKDError

@@ -5,7 +5,17 @@ from collections import Counter
 
 import pytest
 
-from pipeline.plan import EpochPlan, chosen_positions, max_unit_size, plan_unit, split_range, unit_order, unit_size
+from pipeline.plan import (
+    PAIR_GROUP,
+    EpochPlan,
+    chosen_positions,
+    max_unit_size,
+    pairing_groups,
+    plan_unit,
+    split_range,
+    unit_order,
+    unit_size,
+)
 
 
 @pytest.mark.parametrize("n, repeats", [(200, 3), (37, 3), (10, 4), (5, 1), (1, 3)])
@@ -36,6 +46,23 @@ def test_pairs_never_hold_one_samples_own_repeats(n, repeats):
         for i in range(0, len(unit.slots), 2):
             a, b = unit.slots[i], unit.slots[i + 1]
             assert a.position != b.position or len(samples) == 1
+
+
+@pytest.mark.parametrize("n, repeats", [(1000, 3), (1000, 1), (200, 3), (65, 1), (131, 1)])
+def test_pairs_lie_inside_pairing_groups_of_about_64_samples(n, repeats):
+    for epoch in range(3):
+        chosen = chosen_positions(n, repeats, 5, epoch, "s")
+        groups = pairing_groups(chosen)
+        assert [p for g in groups for p in g] == chosen
+        assert max(map(len, groups)) <= PAIR_GROUP + 1 and max(map(len, groups)) - min(map(len, groups)) <= 3
+        assert all(len(g) % 2 == 0 for g in groups[:-1])  # so at most one view of the unit is left out
+        group_of = {p: i for i, g in enumerate(groups) for p in g}
+        unit = plan_unit(n, repeats, True, 5, epoch, "s", 0)
+        assert len(unit.slots) == unit_size(n, repeats, epoch, True) >= len(chosen) * repeats - 1
+        for i in range(0, len(unit.slots), 2):
+            assert group_of[unit.slots[i].position] == group_of[unit.slots[i + 1].position]
+        # the slots are the groups one after the other: a worker's range of items needs few groups' images
+        assert [group_of[s.position] for s in unit.slots] == sorted(group_of[s.position] for s in unit.slots)
 
 
 def test_pairs_are_random_not_fixed():

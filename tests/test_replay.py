@@ -103,21 +103,47 @@ def test_same_views_when_images_are_decoded_in_groups(digits_dir, reference):
     assert got == reference
 
 
+def test_a_unit_larger_than_the_budget_is_still_decoded_once(digits_dir, reference, monkeypatch):
+    # a budget that holds one pairing group's images (~34 digits of 1 KB) but not a unit's (~67): group by group
+    import pipeline.decoding as decoding
+
+    decoded = Counter()
+    decode = decoding.replay.decode_image
+    monkeypatch.setattr(decoding.replay, "decode_image", lambda data, origin: decoded.update([origin]) or
+                        decode(data, origin))
+    m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
+    got = {}
+    for epoch in EPOCHS:
+        got.update(views_of(ReplayViews(m, recipe, 7, epoch, rank=0, world_size=1, decode_memory=40 * 16 * 16 * 4)))
+    assert got == reference
+    assert set(decoded.values()) == {1} and len(decoded) == len({(k, e) for k, e, _ in reference}) > 0
+
+
 def test_decode_steps_make_every_item_once_within_the_budget():
     from pipeline.decoding import decode_steps
 
     rng = np.random.default_rng(0)
     positions = rng.permutation(300)
-    items = [tuple(positions[i:i + 2]) for i in range(0, 300, 2)] * 3  # pairs, every position in three items
+    items = []  # 15 pairing groups of 20 samples: pairs inside a group, each sample in three items (its repeats)
+    for g in range(15):
+        group = positions[20 * g:20 * (g + 1)]
+        for _ in range(3):
+            order = rng.permutation(group)
+            items += [tuple(order[i:i + 2]) for i in range(0, 20, 2)]
+    items = [items[i] for i in rng.permutation(len(items))]  # the order of items does not matter
     sizes = {p: int(rng.integers(1, 10)) for p in range(300)}
-    for budget in (10**6, 400, 100, 30):
+    largest = max(sum(sizes[p] for p in positions[20 * g:20 * (g + 1)]) for g in range(15))
+    for budget in (10**6, 400, largest, 30):
         steps = decode_steps(items, sizes, budget)
         assert sorted(i for _, which in steps for i in which) == list(range(len(items)))
         for held, which in steps:
             assert all(p in held for i in which for p in items[i])
             assert sum(sizes[p] for p in held) <= max(budget, 2 * max(sizes.values()))
         decodes = sum(len(held) for held, _ in steps)
-        assert decodes == 300 if budget == 10**6 else 300 < decodes <= 300 * (len(steps) + 1)
+        if budget >= largest:  # whole groups at a time: every image decoded once
+            assert decodes == 300
+        else:  # groups larger than the budget, in parts: some images again, at most once per part pair
+            assert 300 < decodes <= 300 * (len(steps) + 1)
     assert len(decode_steps(items, sizes, 10**6)) == 1
 
 

@@ -136,6 +136,17 @@ def test_resume_refuses_other_loader_options(digits_dir, tmp_path):
         run(opts(digits_dir, tmp_path / "run", resume=True, shuffle_buffer=None, decode_memory=64, **kw))
 
 
+def test_labels_only_keeps_the_distilled_deit_when_asked(digits_dir, tmp_path):
+    # the same model as a KD run, both heads on the labels: the bench's like-for-like reference for the cache's cost
+    kw = dict(distillation="none", epochs=1, depth=1, embed_dim=32)
+    s = run(opts(digits_dir, tmp_path / "kept", keep_distillation_token=True, **kw))
+    assert s["student"] == "deit_tiny_distilled_patch16_224" and s["source"] == "labels"
+    assert {"cls_top1", "dist_top1"} <= set(s) and s["loss_distill"] > 0  # the distillation head learns the labels
+    weights = load_file(str(tmp_path / "kept" / "checkpoint.safetensors"))
+    assert "dist_token" in weights and "head_dist.weight" in weights
+    assert run(opts(digits_dir, tmp_path / "swapped", **kw))["student"] == "deit_tiny_patch16_224"  # DeiT's baseline
+
+
 def test_incomplete_store_lists_missing_units(digits_dir, store, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(store, partial)

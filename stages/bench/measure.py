@@ -1,15 +1,12 @@
 """The measurements behind `replaykd bench`, each side by side with its baseline (interleaved, medians)."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import queue
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,31 +29,7 @@ from pipeline.recipe import Recipe
 from pipeline.runs import RunFolder, mean_rate
 from pipeline.student import build_student
 from pipeline.work import ShardWork
-
-
-def replaykd(*args, fresh: bool = True) -> str:
-    """Run a replaykd command in a fresh process, as a user would (or, not `fresh`, through the same entry point in
-    this process, when only the bench's own code is being checked); its stdout (a failure is an error)."""
-    args = [str(a) for a in args]
-    if fresh:
-        proc = subprocess.run([sys.executable, "-m", "stages", *args], capture_output=True, text=True)
-        code, out, err = proc.returncode, proc.stdout, proc.stderr
-    else:
-        from stages.cli import main
-
-        stdout, stderr, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
-        sys.argv = ["replaykd", *args]
-        try:
-            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-                main()
-        except SystemExit as exn:
-            code = exn.code if isinstance(exn.code, int) else int(exn.code is not None)
-        finally:
-            sys.argv = argv
-        out, err = stdout.getvalue(), stderr.getvalue()
-    if code:
-        raise ReplayKDError(f"replaykd {args[0]} failed during the bench:\n{err[-3000:]}")
-    return out
+from stages.bench.runner import CLI, replaykd
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
@@ -171,7 +144,8 @@ def flops(fn) -> int:
 
 def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int, device: str, repeats: int,
                      work: Path) -> dict:
-    """Student images/s with no KD, KD from the cache and KD from the online teacher; and the FLOP bound."""
+    """Student images/s on labels only (the same distilled student, and DeiT's baseline without the distillation
+    token), with KD from the cache and with KD from the online teacher; and the FLOP bound."""
     store = work / "stage-two-store"
     replaykd("teacher-cache", *cache_args(data, ckpt, preset, store, preset.epochs, workers, device),
              fresh=preset.fresh)  # creates or finds it
@@ -180,7 +154,9 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
               *[a for k in ("patch_size", "depth", "embed_dim", "num_heads") if student.get(k)
                 for a in (f"--{k.replace('_', '-')}", student[k])]]
     size = ["--teacher-input-size", preset.teacher_input] if preset.teacher_input else []
-    variants = {"no_kd": ["--distillation", "none"], "cache_kd": ["--cache", store],
+    variants = {"no_kd": ["--distillation", "none"],
+                "no_kd_same_student": ["--distillation", "none", "--keep-distillation-token"],
+                "cache_kd": ["--cache", store],
                 "online_kd": ["--online-teacher", preset.teacher, "--teacher-checkpoint", ckpt, *size]}
     rates: dict[str, list[float]] = {k: [] for k in variants}
 
@@ -194,7 +170,7 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
     med = {k: statistics.median(v) for k, v in rates.items()}
     m, rec = Manifest.load(data), Recipe.load(preset.recipe)
     dev = pick_device(device)
-    net = build_student(student["student"], m.num_classes, rec.input_size, True, 0.1,
+    net = build_student(student["student"], m.num_classes, rec.input_size, False, 0.1,
                         {k: student.get(k) for k in ("patch_size", "depth", "embed_dim", "num_heads")}).model.to(dev)
     teacher = teachers.load(preset.teacher, ckpt, preset.teacher_input).wrap(rec.mean, rec.std, dev)
     x = torch.randn(2, 3, rec.input_size, rec.input_size, device=dev)  # FLOPs are linear in the batch
@@ -203,6 +179,9 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
         t_f = flops(lambda: teacher(x)) // 2
     return {"student": describe(student), "teacher": preset.teacher, "batch_size": preset.batch, "device": str(dev),
             **{f"{k}_images_per_s": v for k, v in med.items()},
+            # P1, what the cache costs: the same model, its distillation head fed from the cache or by the labels
+            "p1_same_student": med["cache_kd"] / med["no_kd_same_student"],
+            # DeiT's comparison: the distilled model against its baseline, a model without the distillation token
             "cached_over_no_kd": med["cache_kd"] / med["no_kd"], "cached_over_online": med["cache_kd"] / med["online_kd"],
             "student_fwd_bwd_flops_per_image": s_fb, "teacher_fwd_flops_per_image": t_f, "flop_bound_online_cost": (s_fb + t_f) / s_fb}
 
@@ -271,7 +250,7 @@ def concurrent_students(data: Path, preset, student: dict, workers: int, device:
     for out in outs:
         shutil.rmtree(out, ignore_errors=True)
     replaykd(*common, "--out", outs[0])
-    procs = [subprocess.Popen([sys.executable, "-m", "stages", *map(str, common), "--out", str(out)],
+    procs = [subprocess.Popen([*CLI, *map(str, common), "--out", str(out)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for out in outs[1:]]
     for proc in procs:
         if proc.wait():

@@ -27,6 +27,8 @@ from pipeline.manifest import Manifest
 from pipeline.reader import Record
 from pipeline.recipe import Recipe
 from pipeline.replay import Replayer, decode_image, decode_positions
+from pipeline.shards import write_shards
+from stages.bench.memory import PeakMemory
 from pipeline.sources import Source, SourceItem
 
 
@@ -160,9 +162,9 @@ def load_jpegs(folder: Path) -> list[tuple[str, bytes]]:
 def per_core_elsewhere(pythonpath: Path, recipe: str, folder: Path, rounds: int) -> dict:
     """`per_core` on the JPEGs in `folder`, in a fresh process whose imports come first from `pythonpath` (another
     Pillow build installed there with `pip install --target`)."""
-    code = ("import json; from pipeline.recipe import Recipe; from stages.loader_bench import load_jpegs, per_core; "
+    code = ("import json; from pipeline.recipe import Recipe; from stages.bench.loader import load_jpegs, per_core; "
             f"print(json.dumps(per_core(Recipe.load({recipe!r}), load_jpegs({str(folder)!r}), {rounds})))")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository, holding pipeline/ and stages/
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": f"{pythonpath}:{root}"})
     if proc.returncode:
@@ -196,3 +198,61 @@ def draft_eligible(recipe: Recipe, size: tuple[int, int], samples: int = 2000) -
                  for r in range(recipe.repeats)]
         served += all(h >= 2 * recipe.input_size and w >= 2 * recipe.input_size for _, _, h, w in boxes)
     return served / samples
+
+
+def shard_size_loader(work: Path, timm_views_per_s: float, images: int = 1000, epochs: int = 2) -> dict:
+    """The stage-two loader at ImageNet's shard size: `images` real photographs (500x375 JPEGs) in one shard, DeiT's
+    recipe, one loader worker (one core) at the default decode budget, in a fresh process; its views/s against timm's
+    ordinary path on one core (`timm_views_per_s`, measured on the same kind of photographs), the worker's peak private
+    MB, and image decodes per view (1 / repeats where each chosen sample is decoded once for all its repeats)."""
+    data = work / f"photographs-{images}"
+    if not (data / "manifest.json").exists():
+        write_shards(photo_source(images * 10 // 9 + 1, (500, 375)), data, images, 0, False)
+    code = f"from stages.bench.loader import _one_worker; _one_worker({str(data)!r}, {epochs})"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"})
+    peaks = PeakMemory(proc.pid)
+    out, err = proc.communicate()
+    private = peaks.stop()["worker_private_mb"]
+    if proc.returncode:
+        raise RuntimeError(f"the shard-size loader bench failed:\n{err[-2000:]}")
+    r = json.loads(out.strip().splitlines()[-1])
+    return {**r, "timm_views_per_s": timm_views_per_s, "replay_over_timm": r["views_per_s"] / timm_views_per_s,
+            "worker_private_mb": private, "pillow": pillow_build()}
+
+
+def _one_worker(data: str, epochs: int) -> None:
+    """Epochs of the stage-two loader with one worker at the defaults (run by `shard_size_loader`): prints its
+    median views/s over the epochs after the first (which starts the worker) and decodes per view."""
+    import multiprocessing
+
+    from pipeline.loader import Batched, loader_settings, shuffle_views
+    from pipeline.malloc import reuse_freed_memory
+
+    reuse_freed_memory()
+    decodes = multiprocessing.get_context("fork").Value("q", 0)
+    real = replay_mod.decode_image
+
+    def counting(*args):
+        with decodes.get_lock():
+            decodes.value += 1
+        return real(*args)
+
+    replay_mod.decode_image = counting  # every loader decode goes through replay.decode_positions
+    m, recipe = Manifest.load(data), Recipe.load("deit")
+    ds = ReplayViews(m, recipe, 0, 0, rank=0, world_size=1, shuffle_buffer=shuffle_views(recipe, None), batch_size=256)
+    loader = DataLoader(Batched(ds, 256, ViewCollate(m.num_classes, recipe.smoothing)), batch_size=None,
+                        **loader_settings(1, 2, torch.device("cpu")))
+    rates, views, counted = [], 0, 0
+    for epoch in range(epochs + 1):
+        ds.set_epoch(epoch)
+        before, t0, n = decodes.value, time.perf_counter(), 0
+        for batch in loader:
+            n += len(batch)
+        if epoch:
+            rates.append(n / (time.perf_counter() - t0))
+            views, counted = views + n, counted + decodes.value - before
+    print(json.dumps({"images": sum(m.shard_counts("train")), "shards": len(m.shards("train")), "recipe": recipe.name,
+                      "repeats": recipe.repeats, "workers": 1, "decode_memory_mb": ds.decode_memory // 2**20,
+                      "views_per_s": statistics.median(rates), "decodes_per_view": counted / views}))

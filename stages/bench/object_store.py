@@ -23,7 +23,8 @@ from pipeline.manifest import Manifest
 from pipeline.models import create_classifier
 from pipeline.recipe import Recipe
 from pipeline.targets import CachedTargets
-from stages.measure import cache_args, interleaved, replaykd
+from stages.bench.measure import cache_args, interleaved
+from stages.bench.runner import replaykd
 
 BUCKET = "bench"
 ONE_EPOCHS = 3

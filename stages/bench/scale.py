@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -34,14 +33,15 @@ from pipeline.recipe import Recipe
 from pipeline.shards import write_shards
 from pipeline.sources import Source, SourceItem
 from pipeline.teacher import TeacherIdentity
-from stages.measure import replaykd
+from stages.bench.loader import photo_source
+from stages.bench.memory import PeakMemory
+from stages.bench.runner import CLI, replaykd
 from stages.options import ScaleBenchOptions
 
 IN1K = {"train": 1_281_167, "val": 50_000, "classes": 1000, "shard": 1000}
 IN21K = {"train": 14_197_122, "classes": 21_841, "shard": 1000}
 # Where the simulated runs take their plan from: 8 ranks of 10 loader workers, DeiT's per-GPU batch.
 RANKS, WORKERS_PER_RANK, BATCH = 8, 10, 128
-CLI = [sys.executable, "-m", "stages"]
 
 
 def tiny_jpegs(count: int = 256, side: int = 16) -> list[bytes]:
@@ -61,61 +61,6 @@ def imagenet_shaped(train: int, val: int, classes: int) -> Source:
     splits = {split: [SourceItem(key=f"{split}{i:08d}", label=i % classes, ext="jpg", data=pool[i % len(pool)])
                       for i in range(n)] for split, n in (("train", train), ("val", val))}
     return Source("imagenet-shaped", [f"n{c:08d}" for c in range(classes)], splits)
-
-
-def children(pid: int) -> list[int]:
-    """Child processes of `pid`."""
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            out += [int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
-def memory_mb(pid: int) -> tuple[float, float]:
-    """(resident, private) MB of a process now (private: pages no other process shares, smaps_rollup)."""
-    rss = private = 0
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Rss:"):
-                rss = int(line.split()[1])
-            elif line.startswith(("Private_Clean:", "Private_Dirty:")):
-                private += int(line.split()[1])
-    except OSError:
-        pass
-    return rss / 1024, private / 1024
-
-
-class PeakMemory:
-    """Samples a process and its children every 50 ms: peak resident MB of the process, and the largest peak
-    resident and private MB of any one child (a loader worker)."""
-
-    def __init__(self, pid: int):
-        self.pid, self.main_rss, self.worker_rss, self.worker_private = pid, 0.0, 0.0, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.main_rss = max(self.main_rss, memory_mb(self.pid)[0])
-            try:
-                kids = children(self.pid)
-            except OSError:
-                kids = []
-            for kid in kids:
-                rss, private = memory_mb(kid)
-                self.worker_rss, self.worker_private = max(self.worker_rss, rss), max(self.worker_private, private)
-            time.sleep(0.05)
-
-    def stop(self) -> dict:
-        """The peaks, in MB."""
-        self._stop.set()
-        self._thread.join()
-        return {"main_rss_mb": round(self.main_rss), "worker_rss_mb": round(self.worker_rss),
-                "worker_private_mb": round(self.worker_private)}
 
 
 def timed(*args) -> tuple[float, str]:
@@ -239,14 +184,12 @@ def in21k_layout(work: Path, recipe: Recipe) -> dict:
 def worker_private_memory(work: Path) -> dict:
     """Peak private MB of a loader worker (2 workers) in stage one and stage two at the defaults, DeiT's recipe at
     224 px on real photographs (500x375 JPEGs) in one shard of 1000, measured in a separate process each."""
-    from stages import loader_bench
-
     data = work / "photographs-1000"
     if not (data / "manifest.json").exists():
-        write_shards(loader_bench.photo_source(1112, (500, 375)), data, 1000, 0, False)
+        write_shards(photo_source(1112, (500, 375)), data, 1000, 0, False)
     out = {}
     for stage in ("stage_one", "stage_two"):
-        proc = subprocess.Popen([sys.executable, "-c", f"from stages.scale_bench import _loader_epoch; "
+        proc = subprocess.Popen([sys.executable, "-c", f"from stages.bench.scale import _loader_epoch; "
                                  f"_loader_epoch({str(data)!r}, {stage!r})"], stdout=subprocess.PIPE, text=True)
         peaks = PeakMemory(proc.pid)
         proc.communicate()

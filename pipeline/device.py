@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 
 from pipeline.errors import ReplayKDError
+from pipeline.threads import share
 
 
 def pick_device(spec: str) -> torch.device:
@@ -37,50 +38,13 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def set_threads(threads: int | None, workers: int) -> int:
-    """Compute threads of this process: `threads`, else its share of the cores that are idle when it starts (shared
-    with the other processes torchrun started on this machine), at least 1.
-
-    Loader workers are not subtracted: at small sizes they need a fraction of a core, and a core they leave idle is
-    lost to a process that counted it theirs (measured on 2 cores: one demo student with 2 workers trained at 518 img/s
-    on 1 thread, 611 on 2). What other runs already keep busy is left to them, so two runs started one after the
-    other do not both take every core."""
-    cores = _cores()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    n = threads or max(1, min(len(cores), round(idle_cores(cores))) // local)
-    torch.set_num_threads(n)
+def set_threads(threads: int | None) -> int:
+    """Set this process's compute threads to `threads`, else to its share of the cores now (`pipeline.threads.share`);
+    called again at each epoch, it follows runs that started or ended since. The number set."""
+    n = share(threads)
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
     return n
-
-
-def _cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-
-
-def idle_cores(cores: list[int], seconds: float = 0.25) -> float:
-    """How many of `cores` were idle over the next `seconds` (from /proc/stat; all of them where it cannot say)."""
-    def ticks() -> dict[int, tuple[int, int]]:
-        out = {}
-        with open("/proc/stat") as f:
-            for line in f:
-                name, *values = line.split()
-                if name.startswith("cpu") and name[3:].isdigit():
-                    v = [int(x) for x in values]
-                    out[int(name[3:])] = (v[3] + v[4], sum(v[:8]))  # idle + iowait, total (less guest time)
-        return out
-
-    try:
-        before = ticks()
-        time.sleep(seconds)
-        after = ticks()
-    except (OSError, ValueError, IndexError):
-        return float(len(cores))
-    idle = 0.0
-    for c in cores:
-        if c in before and c in after and after[c][1] > before[c][1]:
-            idle += (after[c][0] - before[c][0]) / (after[c][1] - before[c][1])
-        else:
-            idle += 1.0
-    return idle
 
 
 def process_seconds() -> float:

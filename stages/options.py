@@ -79,8 +79,9 @@ def prefetch_opt():
 
 def threads_opt():
     """The --threads field of a command that computes beside its loader workers."""
-    return opt(None, "Compute threads of this process (default: the cores it may use less its loader workers, at "
-                     "least 1).", min=1)
+    return opt(None, "Compute threads of this process (default: its share of the cores among the replaykd processes "
+                     "computing on this machine, taken again each epoch: all of them for one run alone, half each "
+                     "for two; at least 1).", min=1)
 
 
 def decode_memory_opt():

@@ -107,7 +107,7 @@ def run(o: StudentOptions) -> dict:
     t_start = time.perf_counter()
     dev = pick_device(o.device)
     rank, world = init_distributed(dev)
-    set_threads(o.threads, o.workers)
+    set_threads(o.threads)
     manifest, recipe = Manifest.load(o.manifest), Recipe.load(o.recipe)
     eval_split = manifest.eval_split(o.eval_split)
     folder = RunFolder(o.out)
@@ -205,6 +205,7 @@ def _train(r: StudentRun) -> dict:
         for epoch in range(start_epoch, o.epochs):
             r.progress["epoch"] = epoch
             ds.set_epoch(epoch)
+            set_threads(o.threads)  # follow runs started or ended since the last epoch
             stats, step = train_one_epoch(model, criterion, regroup(loader, o.batch_size), r.optimizer, dev, epoch,
                                           finish, r.source, lr_at,
                                           r.progress["step"], o.clip_grad, r.ema, total=ds.views(),

@@ -73,7 +73,7 @@ def main(o: TrainTeacherOptions) -> None:
     """Train, evaluate each epoch, and write the weights with the .json timm loads them by (and the accuracy) and a
     .yaml of these options."""
     dev = pick_device(o.device)
-    set_threads(o.threads, o.workers)
+    set_threads(o.threads)
     torch.manual_seed(o.seed)
     manifest, recipe = Manifest.load(o.data), Recipe.load(o.recipe)
     eval_split = manifest.eval_split(o.eval_split)
@@ -93,6 +93,7 @@ def main(o: TrainTeacherOptions) -> None:
     try:
         for epoch in range(o.epochs):
             loader.dataset.views.set_epoch(epoch)
+            set_threads(o.threads)  # follow runs started or ended since the last epoch
             stats, step = train_one_epoch(net, DistillationLoss("none"), regroup(loader, o.batch_size), optimizer, dev,
                                           epoch, finish,
                                           NoTargets(), lr_at, step, total=loader.dataset.views.views())

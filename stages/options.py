@@ -423,9 +423,13 @@ class TeacherCacheOptions(Options):
 
 @dataclass
 class CacheInfoOptions(Options):
-    """Identity (teacher, manifest, recipe, seed), completeness and size of a store."""
+    """Identity (teacher, manifest, recipe, seed), completeness and size of a store; given several stores, also
+    whether they hold the same views (so train-student can combine them) and how often their teachers' top-1
+    agree."""
 
-    store: Path | str = opt(help="Teacher cache (Zarr store): a folder or URL.", argument=True)
+    stores: list[Path | str] = opt(help="Teacher caches (Zarr stores): folders or URLs, one or more.", argument=True)
+    units: int = opt(256, "With several stores: units (epoch, shard) of each pair read to compare their top-1, "
+                          "spread evenly over the units both hold (0: every one).", min=0)
     storage_options: dict | None = opt(None, STORAGE_HELP)
     json_out: bool = opt(False, "Print JSON instead of text.", flags=("--json",))
 

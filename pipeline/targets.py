@@ -54,11 +54,8 @@ class OnlineTargets(TargetSource):
 
     kind = "online"
 
-    def __init__(self, teachers: torch.nn.Module | Sequence[torch.nn.Module], topk: int | Sequence[int],
-                 weights: Sequence[float] = (1.0,)):
-        self.teachers = list(teachers) if isinstance(teachers, Sequence) else [teachers]
-        self.topks = list(topk) if isinstance(topk, Sequence) else [topk] * len(self.teachers)
-        self.weights = tuple(weights)
+    def __init__(self, teachers: Sequence[torch.nn.Module], topks: Sequence[int], weights: Sequence[float] = (1.0,)):
+        self.teachers, self.topks, self.weights = list(teachers), list(topks), tuple(weights)
 
     def __call__(self, batch: ViewBatch, images: torch.Tensor) -> TeacherTargets | TeacherEnsemble:
         with torch.no_grad(), autocast(images.device):

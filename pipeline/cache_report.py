@@ -1,4 +1,5 @@
-"""What a store is and what built it: identity, completeness, size, and the figures of the runs that wrote it.
+"""What a store is and what built it: identity, completeness, size, and the figures of the runs that wrote it; and,
+for several stores, whether they hold the same views and how often their teachers' top-1 agree on them.
 
 Every process that writes units records its own figures in the store (a small Zarr group under `runs/`, one per
 process, so no two writers share a file); `cache info` shows the store's totals and the last launch's, labelled
@@ -143,3 +144,72 @@ def summarize(cache: TeacherCache) -> CacheSummary:
                         c.epochs, c.topk, c.num_classes, len(cache.shards), int((~done).sum()), views, size,
                         size / views if views else None, totals, last_launch)
 
+
+# What decides a store's views (with its data shards' layout): stores that agree on all hold the same views.
+VIEW_FIELDS = (("manifest_hash", "manifest"), ("split", "split"), ("views_hash", "recipe (views)"),
+               ("run_seed", "run seed"), ("num_classes", "classes"), ("image_library", "image library"))
+
+
+@dataclass
+class CacheComparison:
+    """Two stores side by side: whether they hold the same views (else what differs), and over units both hold
+    (complete in both, within the epochs both hold; at most a given number, spread evenly) how often their
+    teachers' top-1 classes agree, on the views whose fingerprints agree."""
+
+    first: str
+    second: str
+    differences: list[str]
+    epochs: int
+    units_in_common: int
+    units_compared: int
+    views_compared: int
+    fingerprints_differ: int
+    top1_agree: float | None
+
+    @property
+    def shared_views(self) -> bool:
+        """Whether both stores hold targets for exactly the same views."""
+        return not self.differences
+
+    def as_dict(self) -> dict:
+        """Plain JSON values."""
+        return {**dataclasses.asdict(self), "shared_views": self.shared_views}
+
+    def text(self) -> str:
+        """One human-readable line."""
+        pair = f"{self.first} and {self.second}"
+        if not self.shared_views:
+            return (f"{pair} do not share views ({'; '.join(self.differences)}): their targets are for other views "
+                    "and cannot be combined")
+        line = (f"{pair} share views (same manifest, split, recipe, seed, classes, image library; they can be "
+                f"combined: train-student --cache {self.first} --cache {self.second})")
+        if not self.views_compared:
+            return line + f"; no unit is complete in both within the {self.epochs} epochs both hold"
+        line += (f"; top-1 agrees on {self.top1_agree:.2f}% of {self.views_compared} views ({self.units_compared} of "
+                 f"the {self.units_in_common} units both hold, epochs 0-{self.epochs - 1})")
+        if self.fingerprints_differ:
+            line += f"; {self.fingerprints_differ} views have other fingerprints in the two stores (left out)"
+        return line
+
+
+def compare(a: TeacherCache, b: TeacherCache, units: int = 0) -> CacheComparison:
+    """Whether `a` and `b` hold the same views and, if so, how often their top-1 agree over at most `units` units
+    both hold (0: every one), read as stage two reads them (each chunk's checksum checked)."""
+    differences = [f"{what} {getattr(a.config, name)!r} vs {getattr(b.config, name)!r}"
+                   for name, what in VIEW_FIELDS if getattr(a.config, name) != getattr(b.config, name)]
+    layout = ("shards", "counts", "repeats", "paired")
+    if not differences and any(getattr(a, n) != getattr(b, n) for n in layout):
+        differences.append("data shards' layout")
+    epochs = min(a.config.epochs, b.config.epochs)
+    common = [] if differences else np.argwhere(a.done()[:epochs] & b.done()[:epochs]).tolist()
+    chosen = common if not units or len(common) <= units else \
+        [common[i] for i in np.linspace(0, len(common) - 1, units).round().astype(int)]
+    agree = views = differ = 0
+    for epoch, shard_no in chosen:
+        x, y = a.read_unit(epoch, shard_no), b.read_unit(epoch, shard_no)
+        same = x.fingerprint == y.fingerprint
+        agree += int((x.classes[same, 0] == y.classes[same, 0]).sum())
+        views += int(same.sum())
+        differ += int((~same).sum())
+    return CacheComparison(str(a.path), str(b.path), differences, epochs, len(common), len(chosen), views, differ,
+                           100 * agree / views if views else None)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.records import TeacherTargets
+from pipeline.records import TeacherEnsemble, TeacherTargets
 
 
 @dataclass
@@ -27,10 +27,34 @@ def dense_target(probs: torch.Tensor, classes: torch.Tensor, num_classes: int, t
     rest = (1.0 - probs.sum(-1, keepdim=True)).clamp_min(0.0)
     fill = rest / max(1, num_classes - k)
     dense = fill.expand(-1, num_classes).clone().scatter_(1, classes.long(), probs)
-    if tau != 1.0:
-        dense = dense.clamp_min(1e-12).pow(1.0 / tau)
-        dense = dense / dense.sum(-1, keepdim=True)
-    return dense
+    return temper(dense, tau)
+
+
+def temper(dense: torch.Tensor, tau: float) -> torch.Tensor:
+    """A dense distribution at temperature `tau`, q ∝ p^(1/tau), as softmax(logits / tau) would be (tau 1: as it
+    is)."""
+    if tau == 1.0:
+        return dense
+    dense = dense.clamp_min(1e-12).pow(1.0 / tau)
+    return dense / dense.sum(-1, keepdim=True)
+
+
+def ensemble_dense(teacher: TeacherEnsemble, num_classes: int) -> torch.Tensor:
+    """The weighted mean of the members' distributions, each made dense from its own top-k as one teacher's is,
+    summed in the members' order (the cached and the online ensemble add the same numbers the same way)."""
+    mean = None
+    for member, weight in zip(teacher.members, teacher.weights):
+        part = weight * dense_target(member.probs, member.classes, num_classes)
+        mean = part if mean is None else mean + part
+    return mean
+
+
+def top_class(dense: torch.Tensor) -> torch.Tensor:
+    """Each row's arg-max; among equal maxima the lowest class index, on every device and in every path (the
+    ensemble's hard target: its members' top-k rows can tie exactly, being float16)."""
+    best = dense.max(-1, keepdim=True).values
+    index = torch.arange(dense.shape[-1], device=dense.device).expand_as(dense)
+    return torch.where(dense == best, index, dense.shape[-1]).amin(-1)
 
 
 def soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -60,8 +84,10 @@ class DistillationLoss(nn.Module):
         self.mode, self.alpha, self.tau, self.num_classes = mode, alpha, tau, num_classes
         self.soft_scale = soft_scale
 
-    def forward(self, outputs, target: torch.Tensor, teacher: TeacherTargets | None = None) -> LossParts:
-        """Loss parts for the student's logits: (cls, dist) for a distilled DeiT, else one tensor."""
+    def forward(self, outputs, target: torch.Tensor,
+                teacher: TeacherTargets | TeacherEnsemble | None = None) -> LossParts:
+        """Loss parts for the student's logits: (cls, dist) for a distilled DeiT, else one tensor. An ensemble's
+        hard target is its mean's arg-max (`top_class`), its soft target the mean itself."""
         base_logits, kd_logits = outputs if isinstance(outputs, (tuple, list)) else (outputs, outputs)
         base = soft_target_ce(base_logits, target)
         if self.mode == "none":
@@ -69,10 +95,13 @@ class DistillationLoss(nn.Module):
                 return LossParts(base, base, torch.zeros((), device=base.device))
             distill = soft_target_ce(kd_logits, target)
             return LossParts(0.5 * (base + distill), base, distill)
+        ensemble = isinstance(teacher, TeacherEnsemble)
         if self.mode == "hard":
-            distill = F.cross_entropy(kd_logits.float(), teacher.classes[:, 0].long())
+            top = top_class(ensemble_dense(teacher, self.num_classes)) if ensemble else teacher.classes[:, 0]
+            distill = F.cross_entropy(kd_logits.float(), top.long())
         else:
-            q = dense_target(teacher.probs, teacher.classes, self.num_classes, self.tau)
+            q = (temper(ensemble_dense(teacher, self.num_classes), self.tau) if ensemble
+                 else dense_target(teacher.probs, teacher.classes, self.num_classes, self.tau))
             log_p = F.log_softmax(kd_logits.float() / self.tau, dim=-1)
             divisor = log_p.numel() if self.soft_scale == "deit" else log_p.shape[0]
             distill = F.kl_div(log_p, q, reduction="sum") * (self.tau ** 2) / divisor

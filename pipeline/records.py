@@ -36,6 +36,29 @@ class TeacherTargets:
         return TeacherTargets(self.probs.pin_memory(), self.classes.pin_memory())
 
 
+@dataclass
+class TeacherEnsemble:
+    """Several teachers' top-k targets of the same views (each with its own k) and each teacher's weight: the
+    teacher they make is the weighted mean of their distributions (`pipeline/losses.py`)."""
+
+    members: tuple[TeacherTargets, ...]
+    weights: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """One teacher of a student run as the run's files name it: its timm name (with its tag, or an hf-hub id), the
+    weights file it was loaded from (None: its pretrained weights), their sha256, the cache its targets were read
+    from (None: it ran online), its k and its weight in the mean."""
+
+    name: str
+    file: str | None
+    sha256: str
+    cache: str | None
+    topk: int
+    weight: float
+
+
 @dataclass(frozen=True)
 class MixParams:
     """How a pair is mixed: own-image weight `lam` and, for CutMix, the pasted box (y0, y1, x0, x1)."""

@@ -2,17 +2,18 @@
 
 Each source is one small class with the same two hooks: `annotator()` runs in the loader workers (only the cache
 uses it: it reads each unit once and attaches the rows to the views), and `__call__(batch, images)` runs in the
-training loop and returns the batch's `TeacherTargets` on the images' device (or None: labels only).
+training loop and returns the batch's `TeacherTargets` on the images' device (or None: labels only). Several
+caches, or several online teachers, make one teacher: a `TeacherEnsemble` of their targets and weights.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from pipeline.device import autocast
 from pipeline.errors import ReplayKDError
-from pipeline.records import TeacherTargets, View, ViewBatch
+from pipeline.records import TeacherEnsemble, TeacherTargets, View, ViewBatch
 from pipeline.storage import Location, as_location, is_url
 
 if TYPE_CHECKING:
@@ -48,16 +49,24 @@ class NoTargets(TargetSource):
 
 
 class OnlineTargets(TargetSource):
-    """DeiT's way: the teacher runs on each batch of (mixed) views in the training loop."""
+    """DeiT's way: the teacher runs on each batch of (mixed) views in the training loop. Several teachers make an
+    ensemble, each truncated to its own top-k as its cache would store it."""
 
     kind = "online"
 
-    def __init__(self, teacher: torch.nn.Module, topk: int):
-        self.teacher, self.topk = teacher, topk
+    def __init__(self, teachers: Sequence[torch.nn.Module], topks: Sequence[int], weights: Sequence[float] = (1.0,)):
+        self.teachers, self.topks, self.weights = list(teachers), list(topks), tuple(weights)
 
-    def __call__(self, batch: ViewBatch, images: torch.Tensor) -> TeacherTargets:
+    def __call__(self, batch: ViewBatch, images: torch.Tensor) -> TeacherTargets | TeacherEnsemble:
         with torch.no_grad(), autocast(images.device):
-            return TeacherTargets.from_logits(self.teacher(images), self.topk)
+            rows = tuple(TeacherTargets.from_logits(t(images), k) for t, k in zip(self.teachers, self.topks))
+        return rows[0] if len(rows) == 1 else TeacherEnsemble(rows, self.weights)
+
+
+def _locations(stores: Location | Sequence[Location]) -> list[Location]:
+    """One store or several, as a list."""
+    many = isinstance(stores, Sequence) and not isinstance(stores, str)
+    return [as_location(str(s)) for s in (stores if many else [stores])]
 
 
 # Fingerprint checks: every view, one in 16, or none.
@@ -68,58 +77,74 @@ class CachedTargets(TargetSource):
     """Stage two: each view's targets come from the teacher cache, read in the loader workers.
 
     A worker reads a unit (epoch, shard) once, then for each of its views compares the replayed fingerprint with the
-    stored one (a mismatch names the key) and attaches the view's stored rows.
+    stored one (a mismatch names the key) and attaches the view's stored rows. With several caches (an ensemble)
+    every cache's fingerprint is compared, and a view's rows from all of them travel side by side as one row of
+    k1 + k2 + ... columns (one tensor through the loader, as for one cache), split again here.
     """
 
     kind = "cache"
 
-    def __init__(self, store: Location, check: str = "all"):
-        self.store, self.every = as_location(str(store)), CHECK_EVERY[getattr(check, "value", check)]
+    def __init__(self, stores: Location | Sequence[Location], check: str = "all", weights: Sequence[float] = (1.0,)):
+        self.stores = _locations(stores)
+        self.every = CHECK_EVERY[getattr(check, "value", check)]
+        self.weights, self.topks = tuple(weights), []
+        if len(self.stores) > 1:  # each cache's k, to split a view's rows again
+            from pipeline.cache import TeacherCache
+
+            self.topks = [TeacherCache.open(s).config.topk for s in self.stores]
 
     def annotator(self) -> "CacheReader":
-        return CacheReader(self.store)
+        return CacheReader(self.stores)
 
     def fingerprint_every(self) -> int:
         return self.every
 
-    def __call__(self, batch: ViewBatch, images: torch.Tensor) -> TeacherTargets:
-        return batch.teacher.to(images.device)
+    def __call__(self, batch: ViewBatch, images: torch.Tensor) -> TeacherTargets | TeacherEnsemble:
+        rows = batch.teacher.to(images.device)
+        if len(self.stores) == 1:
+            return rows
+        members = zip(rows.probs.split(self.topks, dim=1), rows.classes.split(self.topks, dim=1))
+        return TeacherEnsemble(tuple(TeacherTargets(p, c) for p, c in members), self.weights)
 
 
 class CacheReader:
-    """The worker side of `CachedTargets`: opens the store in the worker, reads each unit once (ahead of its use,
-    from the loader's read-ahead thread, where the store is remote)."""
+    """The worker side of `CachedTargets`: opens the stores in the worker, reads each unit of each once (ahead of
+    its use, from the loader's read-ahead thread, where a store is remote)."""
 
-    def __init__(self, store: Location):
-        self.store = as_location(str(store))
-        self.remote = is_url(self.store)
-        self._cache = None
-        self._ahead: dict[tuple[int, int], UnitArrays] = {}
+    def __init__(self, stores: Location | Sequence[Location]):
+        self.stores = _locations(stores)
+        self.remote = any(is_url(s) for s in self.stores)
+        self._caches = None
+        self._ahead: dict[tuple[int, int], list[UnitArrays]] = {}
 
-    def _read(self, epoch: int, shard_no: int) -> "UnitArrays":
+    def _read(self, epoch: int, shard_no: int) -> list["UnitArrays"]:
         from pipeline.cache import TeacherCache
 
-        if self._cache is None:
-            self._cache = TeacherCache.open(self.store)
-        return self._cache.read_unit(epoch, shard_no)
+        if self._caches is None:
+            self._caches = [TeacherCache.open(s) for s in self.stores]
+        return [cache.read_unit(epoch, shard_no) for cache in self._caches]
 
     def prefetch(self, epoch: int, shard_no: int) -> None:
         """Read a unit before it is needed."""
         self._ahead[epoch, shard_no] = self._read(epoch, shard_no)
 
     def __call__(self, unit: "UnitPlan") -> Callable[[View], None]:
-        data = self._ahead.pop((unit.epoch, unit.shard_no), None)
-        if data is None:
-            data = self._read(unit.epoch, unit.shard_no)
-        probs, classes = torch.from_numpy(data.probs), torch.from_numpy(data.classes)
+        units = self._ahead.pop((unit.epoch, unit.shard_no), None)
+        if units is None:
+            units = self._read(unit.epoch, unit.shard_no)
+        probs = [torch.from_numpy(data.probs) for data in units]
+        classes = [torch.from_numpy(data.classes) for data in units]
+        probs, classes = (probs[0], classes[0]) if len(units) == 1 else (torch.cat(probs, 1), torch.cat(classes, 1))
 
         def attach(view: View) -> None:
             s = view.slot
-            if view.fingerprint is not None and view.fingerprint != data.fingerprint[s]:
-                raise ReplayKDError(
-                    f"view of key '{view.key}' (epoch {unit.epoch}, shard {unit.shard}, repeat {view.repeat}) does not "
-                    f"match the cache: fingerprint {view.fingerprint:08x} replayed, {int(data.fingerprint[s]):08x} "
-                    f"stored. The shard, the recipe or the augmentation libraries changed since {self.store} was built")
+            for store, data in zip(self.stores, units):
+                if view.fingerprint is not None and view.fingerprint != data.fingerprint[s]:
+                    raise ReplayKDError(
+                        f"view of key '{view.key}' (epoch {unit.epoch}, shard {unit.shard}, repeat {view.repeat}) does "
+                        f"not match the cache {store}: fingerprint {view.fingerprint:08x} replayed, "
+                        f"{int(data.fingerprint[s]):08x} stored. The shard, the recipe or the augmentation libraries "
+                        f"changed since {store} was built")
             view.teacher = TeacherTargets(probs[s], classes[s])
 
         return attach

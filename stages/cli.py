@@ -9,7 +9,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -44,6 +44,8 @@ def load_config(path: Path) -> dict:
 
 
 def _parameter(f: dataclasses.Field, hint) -> inspect.Parameter:
+    if O.list_item(hint) is not None:  # a flag given once per value (or arguments), parsed by the options class
+        return _list_parameter(f, O.list_item(hint))
     base, _ = O._base(hint)
     # Parsed by the options class: a URL must not become a Path, a mapping is JSON, and a bad choice gets the
     # project's one-line error (typer's own is a usage box).
@@ -70,6 +72,19 @@ def _parameter(f: dataclasses.Field, hint) -> inspect.Parameter:
     if base is bool:
         hint = bool
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint)
+
+
+def _list_parameter(f: dataclasses.Field, item) -> inspect.Parameter:
+    meta = f.metadata
+    if meta["argument"]:
+        info = typer.Argument(..., help=meta["help"], metavar=f.name.upper())
+    else:
+        base, _ = O._base(item)
+        metavar = f"<{base.__name__}>" if base in (int, float) else "<str>"
+        info = typer.Option(None, *(meta["flags"] or ()), help=meta["help"] + " [repeatable]", show_default=False,
+                            metavar=metavar)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
+                             annotation=List[str] if meta["argument"] else Optional[List[str]])
 
 
 def _plain(value):

@@ -24,6 +24,8 @@ from pipeline.storage import Location, as_location
 
 # DeiT's teacher, with its tag pinned: plain `regnety_160` resolves to another tag in timm.
 DEIT_TEACHER = "regnety_160.deit_in1k"
+# How far --cache-weights may sum from 1.
+WEIGHT_TOLERANCE = 1e-6
 
 
 class Device(str, Enum):
@@ -102,7 +104,8 @@ STORAGE_HELP = ("Options of the object store (fsspec/s3fs keyword arguments) as 
 
 
 def _base(hint) -> tuple[Any, bool]:
-    """(the type inside Optional[...], whether None is allowed); a path-or-URL field's type is `Location`."""
+    """(the type inside Optional[...], whether None is allowed); a path-or-URL field's type is `Location`; a list
+    field's stays `list[item]`."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional = len(args) < len(typing.get_args(hint))
@@ -117,13 +120,27 @@ def public(value):
     return value
 
 
+def list_item(hint) -> Any | None:
+    """The item type of a list field (a flag given once per value, in order), or None for any other field."""
+    base, _ = _base(hint)
+    return typing.get_args(base)[0] if typing.get_origin(base) is list else None
+
+
 def _convert(name: str, hint, value, where: str):
     base, optional = _base(hint)
     flag = "--" + name.replace("_", "-")
+    item = list_item(hint)
+    if item is not None and value is not None:
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if item in (int, float):  # numbers may also come comma-separated: --cache-weights 0.5,0.5
+            values = [part for v in values for part in (v.split(",") if isinstance(v, str) else [v])]
+        value = [_convert(name, item, v, where) for v in values] or None
     if value is None:
         if optional:
             return None
         raise ReplayKDError(f"{flag} needs a value ({where})")
+    if item is not None:
+        return value
     if isinstance(base, type) and issubclass(base, Enum):
         try:
             return base(getattr(value, "value", value))
@@ -180,6 +197,9 @@ def command_line(command: str, cls: type[Options], values: dict) -> str:
         flag = flag or "--" + name.replace("_", "-")
         if value is None or (value is False and (f is None or f.default is not True)):
             continue
+        if f is not None and list_item(cls.hints()[name]) is not None:  # the flag once per value, in order
+            words += [w for v in (value if isinstance(value, list) else [value]) for w in (flag, _flag_value(v))]
+            continue
         words += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, _flag_value(value)]
     return _shell(words)
 
@@ -235,25 +255,33 @@ class Options:
         return opts
 
     def check_bounds(self) -> None:
-        """Every numeric option within its field's bounds."""
+        """Every numeric option (each value of a list option) within its field's bounds."""
         for f in dataclasses.fields(self):
-            value, lo, hi = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("max")
-            if value is None or isinstance(value, (bool, Enum)) or not isinstance(value, (int, float)):
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if lo is not None and value < lo:
-                raise ReplayKDError(f"{flag} must be at least {lo}, got {value}")
-            if hi is not None and value > hi:
-                raise ReplayKDError(f"{flag} must be at most {hi}, got {value}")
+            lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            given = getattr(self, f.name)
+            for value in given if isinstance(given, list) else [given]:
+                if value is None or isinstance(value, (bool, Enum)) or not isinstance(value, (int, float)):
+                    continue
+                flag = "--" + f.name.replace("_", "-")
+                if lo is not None and value < lo:
+                    raise ReplayKDError(f"{flag} must be at least {lo}, got {value}")
+                if hi is not None and value > hi:
+                    raise ReplayKDError(f"{flag} must be at most {hi}, got {value}")
 
     def validate(self) -> None:
         """Checks across options (a combination that cannot apply is an error that says why)."""
 
     def to_config(self) -> dict:
-        """Every option as plain YAML values (what `--config` reads back)."""
+        """Every option as plain YAML values (what `--config` reads back). A list option of one value is written as
+        that value, as before such options took several: a one-teacher run's config (and so its resume) is
+        unchanged."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if isinstance(v, list):
+                v = [str(x) if isinstance(x, Path) else x for x in v]
+                out[f.name] = v[0] if len(v) == 1 else v
+                continue
             out[f.name] = v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else public(v)
         return out
 
@@ -396,9 +424,13 @@ class TeacherCacheOptions(Options):
 
 @dataclass
 class CacheInfoOptions(Options):
-    """Identity (teacher, manifest, recipe, seed), completeness and size of a store."""
+    """Identity (teacher, manifest, recipe, seed), completeness and size of a store; given several stores, also
+    whether they hold the same views (so train-student can combine them) and how often their teachers' top-1
+    agree."""
 
-    store: Path | str = opt(help="Teacher cache (Zarr store): a folder or URL.", argument=True)
+    stores: list[Path | str] = opt(help="Teacher caches (Zarr stores): folders or URLs, one or more.", argument=True)
+    units: int = opt(256, "With several stores: units (epoch, shard) of each pair read to compare their top-1, "
+                          "spread evenly over the units both hold (0: every one).", min=0)
     storage_options: dict | None = opt(None, STORAGE_HELP)
     json_out: bool = opt(False, "Print JSON instead of text.", flags=("--json",))
 
@@ -441,23 +473,35 @@ class StudentOptions(Options):
         "manifest", "split", "recipe", "seed", "init_seed", "epochs", "student", "img_size", "patch_size", "depth",
         "embed_dim", "num_heads", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr", "drop_path",
         "distillation", "keep_distillation_token", "alpha", "tau", "soft_scale", "cache", "online_teacher",
-        "reuse_epochs", "clip_grad", "model_ema")
+        "cache_weights", "reuse_epochs", "clip_grad", "model_ema")
     # Loader options that decide which views share a batch: a resume that changed them would not reproduce the
     # uninterrupted run.
     BATCHING: ClassVar[tuple[str, ...]] = ("workers", "shuffle_buffer", "decode_memory")
 
     out: Path = opt(help="Run folder: config.yaml, log.jsonl, summary.csv, checkpoints, curves.png, summary.json.")
     manifest: Path | str = opt(Path("data/digits"), "Dataset folder (or URL) with manifest.json.")
-    cache: Path | str | None = opt(None, "Teacher cache from stage one, a folder or URL (its manifest, recipe, seed and "
-                                         "split must match).")
+    cache: list[Path | str] | None = opt(None, "Teacher cache from stage one, a folder or URL (its manifest, recipe, "
+                                               "seed and split must match). Repeat it to distil from several "
+                                               "teachers: the teacher is the weighted mean of the caches' "
+                                               "distributions (each made dense from its top-k); the caches must hold "
+                                               "the same views (manifest, split, recipe, seed, classes), their k, "
+                                               "teachers and epochs may differ (the run uses the epochs all hold).")
+    cache_weights: list[float] | None = opt(None, "Weight of each teacher in the mean, in the order of --cache (or "
+                                                  "of --online-teacher), comma-separated, e.g. 0.5,0.5: one per "
+                                                  "teacher, none negative, summing to 1 (default: equal).", min=0.0)
     storage_options: dict | None = opt(None, STORAGE_HELP)
-    online_teacher: str | None = opt(None, "Run this timm teacher in the loop instead of reading a cache (DeiT's "
-                                           "way; the baseline): a name with its tag, or hf-hub:ORG/NAME[@REV].")
-    teacher_checkpoint: Path | None = opt(None, "Weights of --online-teacher in a local file (default: its pretrained "
-                                                "weights from the Hugging Face cache).")
-    teacher_input_size: int | None = opt(None, "Side the online teacher sees (default: its own).", min=1)
-    topk: int | None = opt(None, "Top-k of the online teacher's targets, as a cache would store them (default 10; "
-                                 "only with --online-teacher: a cache fixes its own k).", min=1)
+    online_teacher: list[str] | None = opt(None, "Run this timm teacher in the loop instead of reading a cache "
+                                                 "(DeiT's way; the baseline): a name with its tag, or "
+                                                 "hf-hub:ORG/NAME[@REV]. Repeat it for an ensemble, as several "
+                                                 "--cache would be (the same targets, view for view).")
+    teacher_checkpoint: list[Path] | None = opt(None, "Weights of --online-teacher in a local file (default: its "
+                                                      "pretrained weights from the Hugging Face cache); with several "
+                                                      "online teachers, one per teacher, in order.")
+    teacher_input_size: list[int] | None = opt(None, "Side the online teacher sees (default: its own); with several "
+                                                     "online teachers, one per teacher, in order.", min=1)
+    topk: list[int] | None = opt(None, "Top-k of the online teacher's targets, as a cache would store them (default "
+                                       "10; only with --online-teacher: a cache fixes its own k); with several online "
+                                       "teachers, one for all or one per teacher, in order.", min=1)
     split: str = opt("train", "Training split.")
     eval_split: str = opt("val", "Split to evaluate on after each epoch ('validation' is used when the manifest has "
                                  "no 'val'); 'none' to train without evaluation.")
@@ -527,12 +571,22 @@ class StudentOptions(Options):
                                 "(or choose --distillation hard/soft)")
         if not none and (self.cache is None) == (self.online_teacher is None):
             raise ReplayKDError("give exactly one of --cache (stage two) and --online-teacher (teacher in the loop), "
-                                "or --distillation none")
+                                "or --distillation none" + (": an ensemble's teachers are all cached or all online"
+                                                            if self.cache is not None else ""))
         if self.online_teacher is None:
             for name in ("teacher_checkpoint", "teacher_input_size", "topk"):
                 if getattr(self, name) is not None:
                     why = "the cache fixes the teacher and its k" if self.cache is not None else "there is no teacher"
                     raise ReplayKDError(f"--{name.replace('_', '-')} applies to --online-teacher only ({why})")
+        else:
+            n = len(self.online_teacher)
+            for name, counts in (("teacher_checkpoint", (n,)), ("teacher_input_size", (n,)), ("topk", (1, n))):
+                given = getattr(self, name)
+                if given is not None and len(given) not in counts:
+                    each = "one for all or one per teacher" if len(counts) > 1 else "one per teacher"
+                    raise ReplayKDError(f"--{name.replace('_', '-')} has {len(given)} values for {n} online "
+                                        f"teachers (--online-teacher): {each}, in order")
+        self._check_weights()
         if self.keep_distillation_token and not none:
             raise ReplayKDError("--keep-distillation-token applies to --distillation none (a KD run keeps the token "
                                 "already): drop it")
@@ -542,6 +596,30 @@ class StudentOptions(Options):
         if self.tau is not None and self.distillation is not Distillation.soft:
             raise ReplayKDError(f"--tau is the temperature of soft distillation; --distillation "
                                 f"{self.distillation.value} does not use it: drop it (or use --distillation soft)")
+
+    def _check_weights(self) -> None:
+        """--cache-weights: one per teacher, none negative, summing to 1 (within 1e-6), and only with several."""
+        w = self.cache_weights
+        if w is None:
+            return
+        flag = "--cache" if self.cache is not None else "--online-teacher"
+        teachers = self.cache or self.online_teacher or []
+        shown = ",".join(f"{x:g}" for x in w)
+        if len(teachers) < 2:
+            raise ReplayKDError("--cache-weights weighs several teachers (--cache or --online-teacher given more than "
+                                f"once); {'one ' + flag + ' has' if teachers else 'this run has'} nothing to weigh: "
+                                "drop it")
+        if len(w) != len(teachers):
+            raise ReplayKDError(f"--cache-weights {shown} has {len(w)} values for {len(teachers)} teachers "
+                                f"({flag} given {len(teachers)} times): one per teacher, in order")
+        if abs(sum(w) - 1.0) > WEIGHT_TOLERANCE:
+            raise ReplayKDError(f"--cache-weights {shown} sum to {sum(w):g}, not 1: the teacher is their weighted "
+                                "mean")
+
+    def teacher_weights(self) -> list[float]:
+        """Each teacher's weight in the mean: --cache-weights, else equal."""
+        n = len(self.cache or self.online_teacher or [])
+        return list(self.cache_weights) if self.cache_weights is not None else [1.0 / n] * n
 
 
 @dataclass

@@ -2,9 +2,11 @@
 cache (or from an online teacher, or none)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import typer
@@ -36,6 +38,7 @@ from pipeline.losses import DistillationLoss
 from pipeline.manifest import Manifest
 from pipeline.plots import plot_curves
 from pipeline.recipe import Recipe
+from pipeline.records import TeacherRecord
 from pipeline.runs import EMA_WEIGHTS, WEIGHTS, RunFolder, mean_rate, schedule_differences
 from pipeline.schedule import step_schedule
 from pipeline.sinks import MetricSinks, check_available
@@ -55,6 +58,7 @@ class StudentRun:
     recipe: Recipe
     eval_split: str | None
     source: TargetSource
+    teachers: tuple[TeacherRecord, ...]  # who the teacher is (several: an ensemble), for the run's files
     dataset: ReplayViews
     schedule: dict  # what resume compares: world size, batch size, steps of each epoch
     student: Student
@@ -70,23 +74,44 @@ class StudentRun:
     started: float  # perf_counter at the process's start of the run
 
 
-def target_source(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: torch.device) -> tuple[TargetSource, int]:
-    """Where the teacher's targets come from, and how many epochs of views it holds (a cache's, else the run's)."""
+def target_source(o: StudentOptions, manifest: Manifest, recipe: Recipe,
+                  dev: torch.device) -> tuple[TargetSource, int, tuple[TeacherRecord, ...]]:
+    """Where the teacher's targets come from, how many epochs of views it holds (those all its caches hold, else the
+    run's), and who its teachers are. Several caches must each fit this run (data, split, recipe, seed, classes),
+    so they hold the same views; each is refused by name otherwise, before anything is written."""
     if o.distillation is Distillation.none:
-        return NoTargets(), o.epochs
+        return NoTargets(), o.epochs, ()
+    weights = o.teacher_weights()
     if o.cache is not None:
-        cache = TeacherCache.open(o.cache)
-        if o.epochs > cache.config.epochs and not o.reuse_epochs:
-            raise ReplayKDError(f"{o.epochs} epochs asked for but {cache.path} holds {cache.config.epochs}; grow the "
-                                "cache (teacher-cache --epochs N) or pass --reuse-epochs to cycle the cached epochs")
-        cache.require(CacheRequest.of(manifest, o.split, recipe, o.seed), epochs=o.epochs, complete=True)
-        return CachedTargets(o.cache, o.check_fingerprints), cache.config.epochs
-    topk = o.topk or min(ONLINE_TOPK, manifest.num_classes)
-    if topk > manifest.num_classes:
-        raise ReplayKDError(f"--topk {topk} is more than the dataset's {manifest.num_classes} classes")
-    _, teacher = teachers.prepare(o.online_teacher, o.teacher_checkpoint, o.teacher_input_size, manifest.num_classes,
-                                  manifest.classes, recipe.mean, recipe.std, recipe.input_size, dev)
-    return OnlineTargets(teacher, topk), o.epochs
+        caches = [TeacherCache.open(path) for path in o.cache]
+        fewest = min(caches, key=lambda c: c.config.epochs)
+        held = fewest.config.epochs
+        if o.epochs > held and not o.reuse_epochs:
+            common = " (a run uses the epochs all its caches hold)" if len(caches) > 1 else ""
+            raise ReplayKDError(f"{o.epochs} epochs asked for but {fewest.path} holds {held}{common}; grow the cache "
+                                "(teacher-cache --epochs N) or pass --reuse-epochs to cycle the cached epochs")
+        request = CacheRequest.of(manifest, o.split, recipe, o.seed)
+        for cache in caches:
+            cache.require(request, epochs=min(o.epochs, held), complete=True)
+        records = tuple(TeacherRecord(c.config.teacher["name"], c.attrs.get("checkpoint_path"),
+                                      c.config.teacher["sha256"], str(c.path), c.config.topk, w)
+                        for c, w in zip(caches, weights))
+        return CachedTargets(o.cache, o.check_fingerprints, weights), held, records
+    count = len(o.online_teacher)
+    given = o.topk or [None]  # one k for all teachers, or one each
+    topks = [k or min(ONLINE_TOPK, manifest.num_classes) for k in (given * count if len(given) == 1 else given)]
+    nets, records = [], []
+    for i, (name, k, weight) in enumerate(zip(o.online_teacher, topks, weights)):
+        if k > manifest.num_classes:
+            raise ReplayKDError(f"--topk {k} is more than the dataset's {manifest.num_classes} classes")
+        checkpoint = o.teacher_checkpoint[i] if o.teacher_checkpoint else None
+        loaded, net = teachers.prepare(name, checkpoint, o.teacher_input_size[i] if o.teacher_input_size else None,
+                                       manifest.num_classes, manifest.classes, recipe.mean, recipe.std,
+                                       recipe.input_size, dev)
+        nets.append(net)
+        records.append(TeacherRecord(loaded.identity.name, str(Path(checkpoint).resolve()) if checkpoint else None,
+                                     loaded.identity.sha256, None, k, weight))
+    return OnlineTargets(nets, topks, weights), o.epochs, tuple(records)
 
 
 def main(o: StudentOptions) -> None:
@@ -129,7 +154,7 @@ def run(o: StudentOptions) -> dict:
     elif not restarted:
         folder.check_new()
     check_available([s for s, on in (("tensorboard", o.log_tensorboard), ("wandb", o.log_wandb)) if on])
-    source, view_epochs = target_source(o, manifest, recipe, dev)
+    source, view_epochs, teacher_records = target_source(o, manifest, recipe, dev)
     torch.manual_seed(o.init_seed)  # the same initial weights on every rank
     if o.keep_distillation_token and baseline_name(o.student) == o.student:
         raise ReplayKDError(f"--keep-distillation-token applies to a distilled DeiT student; {o.student} has no "
@@ -173,8 +198,8 @@ def run(o: StudentOptions) -> dict:
         folder.create(o.to_config())
     progress = {"epoch": start_epoch, "step": step}
     try:
-        return _train(StudentRun(o, manifest, recipe, eval_split, source, ds, schedule, student, optimizer, ema, lr,
-                                 rows, progress, dev, rank, world, folder, t_start))
+        return _train(StudentRun(o, manifest, recipe, eval_split, source, teacher_records, ds, schedule, student,
+                                 optimizer, ema, lr, rows, progress, dev, rank, world, folder, t_start))
     except KeyboardInterrupt:
         raise Interrupted(f"train-student stopped in epoch {progress['epoch']} (step {progress['step']}); "
                           + (f"{o.out} holds its epochs before that. Continue with: {rerun_command('--resume')}"
@@ -239,7 +264,7 @@ def _train(r: StudentRun) -> dict:
     if r.rank != 0:
         return {"rank": r.rank}
     summary = {"run": str(r.folder.path), "distillation": o.distillation.value, "source": r.source.kind,
-               "student": r.student.name, "epochs": o.epochs, "device": str(dev), "processes": r.world,
+               **_teachers(r), "student": r.student.name, "epochs": o.epochs, "device": str(dev), "processes": r.world,
                "wall_seconds": time.perf_counter() - r.started, **r.rows[-1], "images_per_s": mean_rate(r.rows),
                "images_per_s_is": f"mean over {len(r.rows)} epochs, training only",
                "last_epoch_images_per_s": r.rows[-1]["images_per_s"]}
@@ -253,8 +278,13 @@ def _checkpoint(r: StudentRun, epoch: int, step: int, rng_states: list[dict]) ->
     eval_prep = Preprocessing(recipe.mean, recipe.std, recipe.input_size, recipe.interpolation, recipe.eval_crop_pct)
     for model, name in ((student.model, WEIGHTS), *(((ema.module, EMA_WEIGHTS),) if ema is not None else ())):
         export(model, r.folder.path / name, student.name, student.model_args, r.manifest.classes, eval_prep,
-               epoch=epoch, trained_by="replaykd train-student")
+               epoch=epoch, trained_by="replaykd train-student", **_teachers(r))
     r.folder.save({"epoch": epoch, "step": step, "rows": r.rows, "schedule": r.schedule,
                    "model": {k: v.detach().cpu() for k, v in student.model.state_dict().items()},
                    "optimizer": r.optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                    "rng": rng_states})
+
+
+def _teachers(r: StudentRun) -> dict:
+    """The run's teachers as its summary and checkpoint JSON name them (nothing for a run on labels only)."""
+    return {"teachers": [dataclasses.asdict(t) for t in r.teachers]} if r.teachers else {}

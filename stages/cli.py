@@ -138,10 +138,11 @@ app.command("bench-scale")(command(O.ScaleBenchOptions, "stages.bench.scale:benc
 
 def main() -> None:
     """Console entry point: user errors become one clear line and exit code 2 (REPLAYKD_DEBUG=1: the traceback)."""
-    # OpenMP threads that wait by sleeping, not spinning: a spinning thread keeps its core from whatever else runs
-    # there (a loader worker, another run, any niced job), and 2 threads on 2 cores then collapse (measured: 680 img/s
-    # alone, 102 beside one niced busy process; 335 with passive waits). Read when torch loads, so set before.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP threads that spin briefly before they sleep: a thread spinning long (libgomp's default) keeps its core
+    # from whatever else runs there, and 2 threads on 2 cores then collapse beside any other job (the demo student,
+    # 2 threads: 628 img/s alone, 102 beside one niced busy loop; 10,000 spins: 610 and 285; passive waits: 504 and
+    # 388). Read when torch loads its OpenMP, so set before.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     reuse_freed_memory()
     try:
         app()

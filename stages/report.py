@@ -6,15 +6,21 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 import typer
+from timm.data import create_transform, resolve_data_config
+from torch.utils.data import DataLoader
 
 from pipeline.cache import TeacherCache
 from pipeline.cache_report import summarize
 from pipeline.device import device_name
 from pipeline.errors import ReplayKDError
+from pipeline.export import load_exported
 from pipeline.io import atomic_path, replace_section, write_json_atomic
+from pipeline.loader import EvalViews
+from pipeline.manifest import Manifest
 from pipeline.plots import plot_comparison
-from pipeline.runs import RunFolder
+from pipeline.runs import WEIGHTS, RunFolder
 from stages.options import ReportOptions, StudyReportOptions
 
 ARMS = {"cache": "hard KD, targets from the cache", "online": "hard KD, online teacher", "labels": "no KD (labels only)"}
@@ -38,6 +44,8 @@ def collect(run: Path) -> dict:
             students[name] = {"what": what, **{k: s.get(k) for k in (*HEADS, "epochs", "wall_seconds", "images_per_s")},
                               "model": f"{s['student']} img {cache.config.views['input_size']} patch "
                                        f"{cfg['patch_size']} depth {cfg['depth']} dim {cfg['embed_dim']}"}
+    gain = paired_gain(run / "student-hard", run / "student-none") if {"student-hard", "student-none"} <= set(students) \
+        else None
     finished = max((run / name / "summary.json").stat().st_mtime for name in students) if students else None
     started = run / DEMO_START  # written by `make demo` as its first step
     return {"date": datetime.fromtimestamp(finished, timezone.utc).isoformat(timespec="seconds") if finished else None,
@@ -47,7 +55,33 @@ def collect(run: Path) -> dict:
                         "val_top1": teacher["val_top1"], "epochs": teacher["epochs"], "seconds": teacher["seconds"]},
             "cache": {"epochs": c.epochs, "topk": c.topk, "views": c.views_cached, "bytes": c.bytes_on_disk,
                       "bytes_per_view": c.bytes_per_view, **c.totals},
-            "students": students}
+            "students": students, "kd_gain": gain}
+
+
+def predictions(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, true) class of every image of a finished student run's evaluation split, from its exported weights
+    loaded through timm (a distilled DeiT's prediction: the average of its heads, as timm's eval mode gives)."""
+    cfg = RunFolder(run).config()
+    manifest = Manifest.load(cfg["manifest"])
+    model, _ = load_exported(run / WEIGHTS, torch.device("cpu"))
+    views = EvalViews(manifest, create_transform(**resolve_data_config(model=model)),
+                      manifest.eval_split(cfg.get("eval_split", "val")), rank=0, world_size=1)
+    out, truth = [], []
+    with torch.inference_mode():
+        for images, labels in DataLoader(views, batch_size=256):
+            out.append(model(images).argmax(-1))
+            truth.append(labels)
+    return torch.cat(out), torch.cat(truth)
+
+
+def paired_gain(kd: Path, labels_only: Path) -> dict:
+    """The KD run's top-1 minus the labels-only run's, image by image on the same evaluation images, with the standard
+    error of that mean difference: how far a gain this size stands above what the choice of images alone moves."""
+    (a, truth), (b, _) = predictions(kd), predictions(labels_only)
+    d = (a == truth).double() - (b == truth).double()
+    n = len(d)
+    return {"images": n, "top1_points": 100 * d.mean().item(), "standard_error": 100 * (d.var() / n).sqrt().item(),
+            "only_kd_right": int((d > 0).sum()), "only_labels_right": int((d < 0).sum())}
 
 
 def to_markdown(r: dict) -> str:
@@ -73,6 +107,14 @@ def to_markdown(r: dict) -> str:
         lines += ["", "Cached and online hard KD reached " + ("identical accuracies: the cached targets are the online "
                   "teacher's, view for view." if same else "different accuracies (expected only across machines or GPUs).")
                   + f" Cached KD trained at {hard['images_per_s'] / online['images_per_s']:.2f}x the online run's images/s."]
+    g = r.get("kd_gain")
+    if g:
+        lines += ["", f"KD gain, cached hard KD over no KD on the same {g['images']} validation images: "
+                  f"**{g['top1_points']:+.2f} ± {g['standard_error']:.2f}** top-1 points (± the standard error of the "
+                  f"per-image difference: {g['only_kd_right']} images only the KD student gets right, "
+                  f"{g['only_labels_right']} only the labels-only one; "
+                  + (f"{abs(g['top1_points']) / g['standard_error']:.1f} standard errors" if g["standard_error"]
+                     else "the same images right") + "). Seed-to-seed spread: `make study`."]
     if r["students"]:
         lines += ["", f"Students: {', '.join(sorted({s['model'] for s in r['students'].values()}))}; top-1 is each "
                   "model's own prediction (a distilled DeiT's: the average of its heads). Curves: `curves.png` (and each "

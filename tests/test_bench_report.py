@@ -56,10 +56,18 @@ def test_report_states_what_the_runs_measured(tmp_path, digits_dir, store, teach
     s = run(StudentOptions.from_mapping(dict(out=demo / "student-hard", manifest=digits_dir, cache=store,
                                              recipe="digits-ra", epochs=1, patch_size=4, depth=2, embed_dim=32,
                                              num_heads=2, batch_size=128, workers=0, device="cpu")))
+    none = run(StudentOptions.from_mapping(dict(out=demo / "student-none", manifest=digits_dir, distillation="none",
+                                                recipe="digits-ra", epochs=1, patch_size=4, depth=2, embed_dim=32,
+                                                num_heads=2, batch_size=128, workers=0, device="cpu")))
     readme = tmp_path / "README.md"
     readme.write_text(README)
     run_cli("report", demo, "--readme", readme)
     md = (demo / "report.md").read_text()
+    # the KD gain image by image: the exported weights loaded through timm agree with the runs' own evaluation
+    g = json.loads((demo / "report.json").read_text())["kd_gain"]
+    assert abs(g["top1_points"] - (s["top1"] - none["top1"])) < 1e-6
+    assert g["only_kd_right"] - g["only_labels_right"] == round(g["top1_points"] * g["images"] / 100)
+    assert g["standard_error"] > 0 and f"{g['top1_points']:+.2f} ± {g['standard_error']:.2f}" in md
     teacher = json.loads((demo / "teacher" / "teacher.json").read_text())
     assert f"{teacher['val_top1']:.2f}%" in md
     assert f"| {s['top1']:.2f} | {s['cls_top1']:.2f} | {s['dist_top1']:.2f} |" in md

@@ -208,7 +208,8 @@ def shard_size_loader(work: Path, timm_views_per_s: float, images: int = 1000, e
     data = work / f"photographs-{images}"
     if not (data / "manifest.json").exists():
         write_shards(photo_source(images * 10 // 9 + 1, (500, 375)), data, images, 0, False)
-    code = f"from stages.bench.loader import _one_worker; _one_worker({str(data)!r}, {epochs})"
+    batch = min(256, max(8, images // 4))  # DeiT's per-GPU batch; a smoke run's few images still fill batches
+    code = f"from stages.bench.loader import _one_worker; _one_worker({str(data)!r}, {epochs}, {batch})"
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"})
@@ -222,7 +223,7 @@ def shard_size_loader(work: Path, timm_views_per_s: float, images: int = 1000, e
             "worker_private_mb": private, "pillow": pillow_build()}
 
 
-def _one_worker(data: str, epochs: int) -> None:
+def _one_worker(data: str, epochs: int, batch: int) -> None:
     """Epochs of the stage-two loader with one worker at the defaults (run by `shard_size_loader`): prints its
     median views/s over the epochs after the first (which starts the worker) and decodes per view."""
     import multiprocessing
@@ -241,18 +242,18 @@ def _one_worker(data: str, epochs: int) -> None:
 
     replay_mod.decode_image = counting  # every loader decode goes through replay.decode_positions
     m, recipe = Manifest.load(data), Recipe.load("deit")
-    ds = ReplayViews(m, recipe, 0, 0, rank=0, world_size=1, shuffle_buffer=shuffle_views(recipe, None), batch_size=256)
-    loader = DataLoader(Batched(ds, 256, ViewCollate(m.num_classes, recipe.smoothing)), batch_size=None,
+    ds = ReplayViews(m, recipe, 0, 0, rank=0, world_size=1, shuffle_buffer=shuffle_views(recipe, None), batch_size=batch)
+    loader = DataLoader(Batched(ds, batch, ViewCollate(m.num_classes, recipe.smoothing)), batch_size=None,
                         **loader_settings(1, 2, torch.device("cpu")))
     rates, views, counted = [], 0, 0
     for epoch in range(epochs + 1):
         ds.set_epoch(epoch)
         before, t0, n = decodes.value, time.perf_counter(), 0
-        for batch in loader:
-            n += len(batch)
+        for made in loader:
+            n += len(made)
         if epoch:
             rates.append(n / (time.perf_counter() - t0))
             views, counted = views + n, counted + decodes.value - before
     print(json.dumps({"images": sum(m.shard_counts("train")), "shards": len(m.shards("train")), "recipe": recipe.name,
-                      "repeats": recipe.repeats, "workers": 1, "decode_memory_mb": ds.decode_memory // 2**20,
+                      "repeats": recipe.repeats, "workers": 1, "batch_size": batch, "decode_memory_mb": ds.decode_memory // 2**20,
                       "views_per_s": statistics.median(rates), "decodes_per_view": counted / views}))

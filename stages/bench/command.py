@@ -50,7 +50,8 @@ class Preset:
 
 
 PRESETS = {
-    # CPU: the digits demo's sizes (16 px views, a 0.7 M-parameter DeiT, regnety_002 at 32 px).
+    # CPU: the digits demo's sizes (16 px views, regnety_002 at 32 px) with DeiT-Ti's width at 6 blocks (0.7 M
+    # parameters; the demo trains 4 blocks to fit its 8 minutes).
     # Stage two also on 64 px JPEG tiles of real photographs in 1000-image shards (JPEG decoding, bigger shards).
     "small": Preset(("digits", "photo-tiles"), "digits", "regnety_002", 32, (TINY_DEIT,), 64, 256, 4, 8),
     # The small preset on digits alone: every section once, to check the bench itself runs (the tests use it).

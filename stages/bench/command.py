@@ -115,8 +115,10 @@ def bench_markdown(r: dict) -> str:
     if big:
         lines += ["", f"At ImageNet's shard size ({big['images']} real photographs in one shard, {big['recipe']} "
                   f"recipe, {big['pillow']}): the stage-two loader with one worker at the default "
-                  f"{big['decode_memory_mb']} MB decode budget made {big['views_per_s']:.0f} views/s against timm's "
-                  f"{big['timm_views_per_s']:.0f} on one core: `loader_shard1000.replay_over_timm` "
+                  f"{big['decode_memory_mb']} MB decode budget made {big['views_per_s']:.0f} views/s against "
+                  f"{big['timm_loader_views_per_s']:.0f} for timm's ordinary path through the same DataLoader (one "
+                  f"worker, the same views; {big['timm_in_process_views_per_s']:.0f} in-process on one core): "
+                  "`loader_shard1000.replay_over_timm` "
                   f"**{big['replay_over_timm']:.2f}** (goal >= {SHARD1000_GOAL}), {big['decodes_per_view']:.3f} "
                   f"decodes per view (one per sample for its {big['repeats']} repeats: "
                   f"{1 / big['repeats']:.3f}), the worker's peak private memory **{big['worker_private_mb']} MB** "

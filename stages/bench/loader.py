@@ -24,7 +24,7 @@ from pipeline.augment import crop_box
 from pipeline.finish import Finisher
 from pipeline.loader import ReplayViews, ViewCollate
 from pipeline.manifest import Manifest
-from pipeline.reader import Record
+from pipeline.reader import Record, read_shard
 from pipeline.recipe import Recipe
 from pipeline.replay import Replayer, decode_image, decode_positions
 from pipeline.shards import write_shards
@@ -203,29 +203,45 @@ def draft_eligible(recipe: Recipe, size: tuple[int, int], samples: int = 2000) -
 def shard_size_loader(work: Path, timm_views_per_s: float, images: int = 1000, epochs: int = 2) -> dict:
     """The stage-two loader at ImageNet's shard size: `images` real photographs (500x375 JPEGs) in one shard, DeiT's
     recipe, one loader worker (one core) at the default decode budget, in a fresh process; its views/s against timm's
-    ordinary path on one core (`timm_views_per_s`, measured on the same kind of photographs), the worker's peak private
-    MB, and image decodes per view (1 / repeats where each chosen sample is decoded once for all its repeats)."""
+    ordinary path through the same DataLoader (one worker, the same samples and repeats, batches of the same size),
+    epochs interleaved, and against timm's in-process rate on one core (`timm_views_per_s`); the worker's peak
+    private MB, and image decodes per view (1 / repeats where each chosen sample is decoded once for its repeats)."""
     data = work / f"photographs-{images}"
     if not (data / "manifest.json").exists():
         write_shards(photo_source(images * 10 // 9 + 1, (500, 375)), data, images, 0, False)
-    batch = min(256, max(8, images // 4))  # DeiT's per-GPU batch; a smoke run's few images still fill batches
+    batch = 256 if images >= 512 else max(8, images // 4)  # DeiT's per-GPU batch; a smoke run's few images fill some
     code = f"from stages.bench.loader import _one_worker; _one_worker({str(data)!r}, {epochs}, {batch})"
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"})
-    peaks = PeakMemory(proc.pid)
     out, err = proc.communicate()
-    private = peaks.stop()["worker_private_mb"]
     if proc.returncode:
         raise RuntimeError(f"the shard-size loader bench failed:\n{err[-2000:]}")
     r = json.loads(out.strip().splitlines()[-1])
-    return {**r, "timm_views_per_s": timm_views_per_s, "replay_over_timm": r["views_per_s"] / timm_views_per_s,
-            "worker_private_mb": private, "pillow": pillow_build()}
+    return {**r, "replay_over_timm": r["views_per_s"] / r["timm_loader_views_per_s"],
+            "timm_in_process_views_per_s": timm_views_per_s, "pillow": pillow_build()}
+
+
+class _TimmViews(torch.utils.data.Dataset):
+    """timm's ordinary path over a shard's records: each view decoded and made by `create_transform` (a repeat is
+    decoded again, as with timm's RepeatAugSampler)."""
+
+    def __init__(self, records: list[Record], transform):
+        self.records, self.transform = records, transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        r = self.records[i]
+        return self.transform(decode_image(r.data, r.key)), r.label
 
 
 def _one_worker(data: str, epochs: int, batch: int) -> None:
-    """Epochs of the stage-two loader with one worker at the defaults (run by `shard_size_loader`): prints its
-    median views/s over the epochs after the first (which starts the worker) and decodes per view."""
+    """Epochs of timm's ordinary path through a DataLoader of one worker, then of the stage-two loader with one worker
+    at the defaults, over the same samples and repeats (run by `shard_size_loader`): prints both median views/s over
+    the epochs after the first (which starts the worker), the replay's decodes per view and its worker's peak private
+    MB (sampled while only that worker runs)."""
     import multiprocessing
 
     from pipeline.loader import Batched, loader_settings, shuffle_views
@@ -245,7 +261,20 @@ def _one_worker(data: str, epochs: int, batch: int) -> None:
     ds = ReplayViews(m, recipe, 0, 0, rank=0, world_size=1, shuffle_buffer=shuffle_views(recipe, None), batch_size=batch)
     loader = DataLoader(Batched(ds, batch, ViewCollate(m.num_classes, recipe.smoothing)), batch_size=None,
                         **loader_settings(1, 2, torch.device("cpu")))
-    rates, views, counted = [], 0, 0
+    records = [r for shard in m.shards("train") for r in read_shard(m, "train", shard)]
+    order: list[int] = []  # the epoch's samples and repeats, as the replay plans them; refilled each epoch
+    timm_loader = DataLoader(_TimmViews(records, recipe.train_transform()), batch_size=batch, sampler=order,
+                             drop_last=True, num_workers=1, persistent_workers=True)
+    rates, timm_rates, views, counted = [], [], 0, 0
+    for epoch in range(epochs + 1):
+        order[:] = [s.position for s in Replayer(recipe, 0).plan(len(records), epoch, m.shards("train")[0]).slots]
+        t0, n = time.perf_counter(), 0
+        for images, _ in timm_loader:
+            n += len(images)
+        if epoch:
+            timm_rates.append(n / (time.perf_counter() - t0))
+    del timm_loader  # its worker ends: the peak below is the replay worker's alone
+    peaks = PeakMemory(os.getpid())
     for epoch in range(epochs + 1):
         ds.set_epoch(epoch)
         before, t0, n = decodes.value, time.perf_counter(), 0
@@ -254,6 +283,8 @@ def _one_worker(data: str, epochs: int, batch: int) -> None:
         if epoch:
             rates.append(n / (time.perf_counter() - t0))
             views, counted = views + n, counted + decodes.value - before
+    private = peaks.stop()["worker_private_mb"]
     print(json.dumps({"images": sum(m.shard_counts("train")), "shards": len(m.shards("train")), "recipe": recipe.name,
                       "repeats": recipe.repeats, "workers": 1, "batch_size": batch, "decode_memory_mb": ds.decode_memory // 2**20,
-                      "views_per_s": statistics.median(rates), "decodes_per_view": counted / views}))
+                      "views_per_s": statistics.median(rates), "timm_loader_views_per_s": statistics.median(timm_rates),
+                      "decodes_per_view": counted / views, "worker_private_mb": private}))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.data import create_transform, resolve_data_config
 from safetensors.torch import save_file
 from torch import nn
 
@@ -71,6 +72,11 @@ def export(model: nn.Module, weights: Path, name: str, model_args: dict, classes
         "pretrained_cfg": preprocessing.pretrained_cfg(len(classes)), **extra,
         "load": "timm.create_model(model, pretrained=True, **model_args, pretrained_cfg_overlay=dict(file=WEIGHTS, "
                 "**pretrained_cfg))"})
+
+
+def eval_transform(model: nn.Module):
+    """An exported model's own evaluation transform, as timm resolves it from the model's pretrained_cfg."""
+    return create_transform(**resolve_data_config(model=model))
 
 
 def load_exported(weights: Path, device: torch.device | None = None) -> tuple[nn.Module, dict]:

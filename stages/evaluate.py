@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 
 import typer
-from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 
 from pipeline.device import pick_device
 from pipeline.engine import evaluate
 from pipeline.errors import ReplayKDError
-from pipeline.export import load_exported
+from pipeline.export import eval_transform, load_exported
 from pipeline.loader import EvalViews, loader_settings
 from pipeline.manifest import Manifest
 from pipeline.student import Student
@@ -30,8 +29,7 @@ def main(o: EvaluateOptions) -> None:
                             f"({info.get('classes', [])[:3]}...), the manifest has {manifest.num_classes} "
                             f"({manifest.classes[:3]}...)")
     student = Student(model, info["model"], info["model_args"], hasattr(model, "set_distilled_training"))
-    transform = create_transform(**resolve_data_config(model=model))  # the model's own evaluation transform
-    loader = DataLoader(EvalViews(manifest, transform, split, rank=0, world_size=1), batch_size=o.batch_size,
+    loader = DataLoader(EvalViews(manifest, eval_transform(model), split, rank=0, world_size=1), batch_size=o.batch_size,
                         **loader_settings(o.workers, 2, dev))
     acc = evaluate(student.heads(), loader, dev, student.eval_model())
     result = {"checkpoint": str(o.checkpoint), "model": info["model"], "split": split, **acc}

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import torch
 import typer
-from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 
 from pipeline.cache import TeacherCache
 from pipeline.cache_report import summarize
 from pipeline.device import device_name
 from pipeline.errors import ReplayKDError
-from pipeline.export import load_exported
+from pipeline.export import eval_transform, load_exported
 from pipeline.io import atomic_path, replace_section, write_json_atomic
 from pipeline.loader import EvalViews
 from pipeline.manifest import Manifest
@@ -64,8 +63,8 @@ def predictions(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = RunFolder(run).config()
     manifest = Manifest.load(cfg["manifest"])
     model, _ = load_exported(run / WEIGHTS, torch.device("cpu"))
-    views = EvalViews(manifest, create_transform(**resolve_data_config(model=model)),
-                      manifest.eval_split(cfg.get("eval_split", "val")), rank=0, world_size=1)
+    split = manifest.eval_split(cfg.get("eval_split", "val"))
+    views = EvalViews(manifest, eval_transform(model), split, rank=0, world_size=1)
     out, truth = [], []
     with torch.inference_mode():
         for images, labels in DataLoader(views, batch_size=256):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import shutil
 import statistics
@@ -28,6 +27,7 @@ from pipeline.plan import chosen_positions
 from pipeline.recipe import Recipe
 from pipeline.runs import RunFolder, mean_rate
 from pipeline.student import build_student
+from pipeline.threads import cores
 from pipeline.work import ShardWork
 from stages.bench.runner import CLI, replaykd
 
@@ -257,6 +257,6 @@ def concurrent_students(data: Path, preset, student: dict, workers: int, device:
             raise ReplayKDError(f"a concurrent train-student failed during the bench:\n{proc.stderr.read()[-3000:]}")
     alone, together = (mean_rate(RunFolder(outs[0]).log()),
                        [mean_rate(RunFolder(out).log()) for out in outs[1:]])
-    return {"student": describe(student), "workers": workers, "cores": len(os.sched_getaffinity(0)),
+    return {"student": describe(student), "workers": workers, "cores": cores(),
             "alone_images_per_s": alone, "concurrent_images_per_s": together,
             "concurrent_total_over_alone": sum(together) / alone}

@@ -1,6 +1,6 @@
 """The float steps of the views, run where a batch is consumed: the GPU in training, the CPU in tests and verify.
 
-In order, for each view and its partner's pixels: uint8 -> float and normalise, through a per-channel table of 256
+In order, for each image of the batch (its pixel rows: a view's own, and its partner's): uint8 -> float and normalise, through a per-channel table of 256
 values made by timm's own ToTensor and Normalize (so a pixel gets exactly the float timm's transform gives it);
 random erasing, copying in the boxes and values the worker drew; then Mixup or CutMix of the view with its partner.
 Plain eager ops with nothing a device could round its own way: a table look-up, copies, a select, and Mixup's two
@@ -36,16 +36,18 @@ class Finisher:
         """The batch's float views on `device`, (N, 3, H, W)."""
         if device not in self._on:
             self._on[device] = (self.table.to(device).view(-1), torch.arange(3, dtype=torch.int32, device=device) * 256)
-        images = [self._to_float(batch.images, device)]
-        if batch.partner_images is not None:
-            images.append(self._to_float(batch.partner_images, device))
+        pixels = self._to_float(batch.images, device)
         if len(batch.erase_boxes):
             values = batch.erase_values.to(device, non_blocking=True)
             start = 0
-            for row, of_partner, top, left, h, w in batch.erase_boxes.tolist():
-                images[of_partner][row, :, top:top + h, left:left + w] = values[start:start + 3 * h * w].view(3, h, w)
+            for row, top, left, h, w in batch.erase_boxes.tolist():
+                pixels[row, :, top:top + h, left:left + w] = values[start:start + 3 * h * w].view(3, h, w)
                 start += 3 * h * w
-        x = self._mix(*images, batch, device) if len(images) == 2 else images[0]
+        rows = batch.image_rows
+        in_order = len(rows) == len(pixels) and torch.equal(rows, torch.arange(len(rows)))
+        x = pixels if in_order and batch.partner_rows is None else pixels[rows.to(device, non_blocking=True)]
+        if batch.partner_rows is not None:
+            self._mix(x, pixels, batch, device)
         return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 
     def _to_float(self, chunks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -67,24 +69,26 @@ class Finisher:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
-    def _mix(x: torch.Tensor, partner: torch.Tensor, batch: ViewBatch, device: torch.device) -> torch.Tensor:
+    def _mix(x: torch.Tensor, pixels: torch.Tensor, batch: ViewBatch, device: torch.device) -> None:
+        """Mix the views `x` (a copy of their own rows) with their partners' rows of `pixels`, in place."""
         _, _, height, width = x.shape
-        out = x.clone()
         # Which rows mix or cut is decided on the CPU, where the parameters are: the device never waits for a mask.
+        # A row is read before it is written, and mixed and cut rows are apart: each row is mixed from unmixed rows.
         cut = batch.mix_boxes[:, 0] >= 0
         mixup = ((batch.lams < 1) & ~cut).nonzero().squeeze(1)
         if len(mixup):
             lam, rows = batch.lams[mixup], mixup.to(device, non_blocking=True)
+            partner = pixels[batch.partner_rows[mixup].to(device, non_blocking=True)]
             # lam and 1 - lam as float32, each rounded once from float64, as numpy's weak scalars in the replay
             own = lam.float().to(device).view(-1, 1, 1, 1)
             other = (1.0 - lam).float().to(device).view(-1, 1, 1, 1)
-            out[rows] = x[rows] * own + partner[rows] * other
+            x[rows] = x[rows] * own + partner * other
         cutmix = cut.nonzero().squeeze(1)
         if len(cutmix):
             b, rows = batch.mix_boxes[cutmix].to(device), cutmix.to(device, non_blocking=True)
+            partner = pixels[batch.partner_rows[cutmix].to(device, non_blocking=True)]
             ys = torch.arange(height, device=device).view(1, -1, 1)
             xs = torch.arange(width, device=device).view(1, 1, -1)
             inside = ((ys >= b[:, 0, None, None]) & (ys < b[:, 1, None, None])
                       & (xs >= b[:, 2, None, None]) & (xs < b[:, 3, None, None])).unsqueeze(1)
-            out[rows] = torch.where(inside, partner[rows], x[rows])
-        return out
+            x[rows] = torch.where(inside, partner, x[rows])

@@ -1,8 +1,9 @@
 """The view loaders: one epoch's training views for a rank (stage two, train-teacher), whole units for stage one
 (each shard decoded once for all its epochs), evaluation views; and the collation into typed batches.
 
-A pair's two views are made together (they share the mix), then travel separately, each with its partner's pixels,
-so a shuffled batch holds views of about twice as many images as it has rows.
+A pair's two views are made together (they share the mix) and stay together through the shuffle, so that a batch
+holds both, each image once, as timm's Mixup mixes the rows of one batch: half the pixels a batch would carry if
+each view brought its partner's along (what a view does only where its partner falls in another batch).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pipeline.manifest import Manifest
 from pipeline.plan import EpochPlan, Segment, UnitPlan
 from pipeline.reader import read_ahead, read_shard
 from pipeline.recipe import Recipe
-from pipeline.records import TeacherTargets, View, ViewBatch
+from pipeline.records import Erase, TeacherTargets, View, ViewBatch
 from pipeline.replay import Replayer, decode_image
 from pipeline.storage import is_url
 
@@ -165,7 +166,7 @@ class ReplayViews(_Views):
         """Full batches this rank takes in an epoch (the same on every rank, whatever its worker count)."""
         return self.plan(epoch).batches(self.world_size, self.batch_size)
 
-    def _views(self, segments: list[Segment]) -> Iterator[View]:
+    def _items(self, segments: list[Segment]) -> Iterator[tuple[View, ...]]:
         # from an object store, a segment's shard (and cache unit) are fetched while the one before is replayed: its
         # latency is hidden, and a shard's bytes are held twice as long
         prefetch = getattr(self.annotate, "prefetch", None)
@@ -183,19 +184,20 @@ class ReplayViews(_Views):
             attach = self.annotate(unit) if self.annotate is not None else None
             images = DecodedImages(records, f"{self.shards[seg.shard_no]}:")
             for item in self._unit_items(unit, records, range(seg.start, seg.stop), images, self.fingerprint_every):
-                for view in item:
-                    if attach is not None:
+                if attach is not None:
+                    for view in item:
                         attach(view)
-                    yield view
+                yield item
             del records, images  # the shard's bytes and images go before the next shard is read
 
     def __iter__(self) -> Iterator[View]:
         _, _, worker, workers = pytorch_worker_info()
-        views = self._views(self.plan().segments(self.rank, self.world_size, worker, workers, self.batch_size))
-        if self.shuffle_buffer > 1:
+        plan = self.plan()
+        items = self._items(plan.segments(self.rank, self.world_size, worker, workers, self.batch_size))
+        if self.shuffle_buffer > 1:  # whole items: a pair's two views stay together (the buffer's size is in views)
             rng = np.random.default_rng([self.shuffle_seed, self.epoch, self.rank, worker])
-            views = buffer_shuffle(views, self.shuffle_buffer, rng)
-        return views
+            items = buffer_shuffle(items, max(1, self.shuffle_buffer // plan.group), rng)
+        return (view for item in items for view in item)
 
 
 class CacheViews(_Views):
@@ -238,22 +240,40 @@ def _empty_like_rows(first: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class _Rows:
-    """A batch being filled view by view: each view's pixels are copied into the batch as it comes (and dropped from
-    the view when `drop_pixels`), so a worker never holds a batch's views and the batch at once."""
+    """A batch being filled view by view: each image's pixels are copied into the batch once, as the first view that
+    shows it (as its own image or its partner's) comes, and dropped from the view when `drop_pixels`, so a worker
+    never holds a batch's views and the batch at once."""
 
     def __init__(self, rows: int, first: View, drop_pixels: bool):
-        self.images = _empty_like_rows(first.image, rows)
-        self.partners = None if first.partner_image is None else _empty_like_rows(first.partner_image, rows)
+        self.pairs = first.partner_image is not None
+        self.pixels = _empty_like_rows(first.image, rows * (2 if self.pairs else 1))
+        self.filled = 0
+        self.image_rows: list[int] = []
+        self.partner_rows: list[int] = []
+        self.erased: list[tuple[int, Erase]] = []  # (pixel row, box): each image's erasing, once
+        # images copied in whose second showing is still to come, by object: a pair's two views share their two
+        # pixel tensors (each view's own is its partner's partner image); held here, so an id is never reused
+        self.waiting: dict[int, tuple[int, torch.Tensor]] = {}
         self.views: list[View] = []
         self.drop_pixels = drop_pixels
 
+    def _row(self, pixels: torch.Tensor, erase: tuple[Erase, ...]) -> int:
+        seen = self.waiting.pop(id(pixels), None)
+        if seen is not None:
+            return seen[0]
+        row, self.filled = self.filled, self.filled + 1
+        self.pixels[row] = pixels
+        self.erased += [(row, e) for e in erase]
+        if self.pairs:
+            self.waiting[id(pixels)] = (row, pixels)
+        return row
+
     def add(self, view: View) -> None:
-        row = len(self.views)
-        self.images[row] = view.image
-        if (view.partner_image is None) != (self.partners is None):
+        if (view.partner_image is None) == self.pairs:
             raise ValueError("a batch mixes views with and without partners")
-        if self.partners is not None:
-            self.partners[row] = view.partner_image
+        self.image_rows.append(self._row(view.image, view.erase))
+        if self.pairs:
+            self.partner_rows.append(self._row(view.partner_image, view.partner_erase))
         if self.drop_pixels:
             view.image = view.partner_image = None
         self.views.append(view)
@@ -297,15 +317,15 @@ class ViewCollate:
         own = torch.full((n, self.num_classes), off).scatter_(1, labels.view(-1, 1), on)
         other = torch.full((n, self.num_classes), off).scatter_(1, partner_labels.view(-1, 1), on)
         lam = lams.to(torch.float32).unsqueeze(1)
-        erased = [(row, of_partner, e) for row, v in enumerate(views)
-                  for of_partner, boxes in enumerate((v.erase, v.partner_erase)) for e in boxes]
-        erase_boxes = torch.tensor([(row, of_partner, e.top, e.left, e.height, e.width) for row, of_partner, e in erased],
-                                   dtype=torch.int64).view(-1, 6)
-        erase_values = torch.cat([e.values.reshape(-1) for _, _, e in erased]) if erased else torch.zeros(0)
+        erased = rows.erased
+        erase_boxes = torch.tensor([(row, e.top, e.left, e.height, e.width) for row, e in erased],
+                                   dtype=torch.int64).view(-1, 5)
+        erase_values = torch.cat([e.values.reshape(-1) for _, e in erased]) if erased else torch.zeros(0)
         mix_boxes = torch.tensor([v.box or (-1, -1, -1, -1) for v in views], dtype=torch.int64)
         fingerprints = None if any(v.fingerprint is None for v in views) else column("fingerprint")
         teacher = None if views[0].teacher is None else TeacherTargets.stack([v.teacher for v in views])
-        return ViewBatch([rows.images[:n]], None if rows.partners is None else [rows.partners[:n]], erase_boxes,
+        return ViewBatch([rows.pixels[:rows.filled]], torch.tensor(rows.image_rows, dtype=torch.int64),
+                         torch.tensor(rows.partner_rows, dtype=torch.int64) if rows.pairs else None, erase_boxes,
                          erase_values, mix_boxes, lams, labels, lam * own + (1.0 - lam) * other,
                          [v.key for v in views], column("index"), column("repeat"), column("slot"), column("shard_no"),
                          column("epoch"), column("partner"), partner_labels, fingerprints, teacher)

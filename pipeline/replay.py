@@ -51,7 +51,10 @@ def decode_image(data: bytes, origin: str) -> Image.Image:
     """Decode encoded image bytes to RGB; a corrupt image is an error naming `origin`."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
+            if im.mode != "RGB":
+                return im.convert("RGB")
+            im.load()  # the pixels, in memory: an RGB image is used as decoded (convert would copy it)
+            return im
     except Exception as exn:
         raise BadImage.of(origin, exn) from exn
 

@@ -44,7 +44,7 @@ def loader_views(ds, workers: int) -> dict:
     out = {}
     loader = DataLoader(ds, batch_size=37, num_workers=workers, collate_fn=ViewCollate(10, 0.1))
     for batch in loader:
-        assert len(batch) <= 37 and batch.partner_images is not None
+        assert len(batch) <= 37 and batch.partner_rows is not None
         for key, epoch, repeat, fp, partner, lam, slot in zip(
                 batch.keys, batch.epochs.tolist(), batch.repeats.tolist(), batch.fingerprints.tolist(),
                 batch.partners.tolist(), batch.lams.tolist(), batch.slots.tolist()):
@@ -165,13 +165,16 @@ def test_same_views_across_simulated_ranks_in_equal_shares(digits_dir, reference
     assert len(reference) - len(merged) < 2 * world_size * len(EPOCHS)  # the remainder left out of each epoch
 
 
-def test_pairs_are_apart_in_batches(digits_dir):
+def test_pairs_stay_together_in_shuffled_batches(digits_dir):
     m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     ds = ReplayViews(m, recipe, 7, 0, rank=0, world_size=1, shuffle_buffer=1024)
-    together = 0
+    plan, keys = ds.plan(), []
     for batch in DataLoader(ds, batch_size=64, collate_fn=ViewCollate(10, 0.1)):
-        together += len(set(batch.indices.tolist()) & set(batch.partners.tolist()))
-    assert together < 0.2 * ds.views()  # a batch holds views of about twice as many images as rows
+        assert torch.equal(batch.image_rows, torch.arange(len(batch)))  # as timm's Mixup: each view's partner is in its batch
+        assert torch.equal(batch.indices[batch.partner_rows], batch.partners)
+        keys += list(zip(batch.slots.tolist(), batch.shard_nos.tolist()))
+    order = [slot // plan.group for slot, _ in keys[::2]]
+    assert order != sorted(order)  # shuffled, by whole pairs
 
 
 def test_a_fresh_order_every_epoch(digits_dir):
@@ -263,7 +266,9 @@ def test_pairs_carry_their_views_and_mix_parameters(digits_dir):
     assert kinds["mixup"] > 20 and kinds["cutmix"] > 20
     batch = ViewCollate(10, recipe.smoothing)([v for item in items for v in item])
     assert batch.images[0].dtype == torch.uint8
-    assert torch.equal(batch.partner_images[0][0::2], batch.images[0][1::2])  # each view carries its partner's pixels
+    assert len(batch.images[0]) == len(batch)  # a pair's two views share their two images
+    assert torch.equal(batch.partner_rows[0::2], batch.image_rows[1::2])
+    assert torch.equal(batch.partner_rows[1::2], batch.image_rows[0::2])
     assert torch.allclose(batch.targets.sum(1), torch.ones(len(batch)))
     lam = batch.lams.float()
     own = batch.targets.gather(1, batch.labels.view(-1, 1)).squeeze(1)
@@ -271,7 +276,7 @@ def test_pairs_carry_their_views_and_mix_parameters(digits_dir):
     expected = torch.where(same, torch.tensor(0.9 + 0.01), lam * 0.9 + 0.01)
     assert torch.allclose(own, expected, atol=1e-6)
     # a view replayed alone (as verify does) equals the one made with its unit
-    assert torch.equal(rep.view_at(plan, records, 5).image, batch.images[0][5])
+    assert torch.equal(rep.view_at(plan, records, 5).image, batch.images[0][batch.image_rows[5]])
 
 
 def test_global_generators_unchanged(digits_dir):

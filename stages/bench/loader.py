@@ -69,6 +69,11 @@ def photo_source(n: int, size: tuple[int, int], classes: int = 10) -> Source:
     return Source("photographs", [f"class_{c}" for c in range(classes)], {"train": items[:cut], "val": items[cut:]})
 
 
+def timm_decode(data: bytes) -> Image.Image:
+    """An image decoded as timm's datasets decode one (`Image.open(f).convert('RGB')`)."""
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
 class StepTimer:
     """Seconds spent in wrapped callables, by name."""
 
@@ -112,7 +117,7 @@ def per_core(recipe: Recipe, jpegs: list[tuple[str, bytes]], rounds: int) -> dic
             plan = replayer.plan(len(records), epoch, "photos")
             order = [records[s.position] for s in plan.slots]  # the same samples and repeats for both paths
             t0 = time.perf_counter()
-            x = torch.stack([whole(decode_image(r.data, r.key)) for r in order])
+            x = torch.stack([whole(timm_decode(r.data)) for r in order])
             if mixup is not None:
                 x = mixup(x[: len(x) - len(x) % 2], torch.tensor([r.label for r in order[: len(x) - len(x) % 2]]))
             t1 = time.perf_counter()
@@ -200,7 +205,7 @@ def draft_eligible(recipe: Recipe, size: tuple[int, int], samples: int = 2000) -
     return served / samples
 
 
-def shard_size_loader(work: Path, timm_views_per_s: float, images: int = 1000, epochs: int = 2) -> dict:
+def shard_size_loader(work: Path, timm_views_per_s: float, images: int = 1000, epochs: int = 3) -> dict:
     """The stage-two loader at ImageNet's shard size: `images` real photographs (500x375 JPEGs) in one shard, DeiT's
     recipe, one loader worker (one core) at the default decode budget, in a fresh process; its views/s against timm's
     ordinary path through the same DataLoader (one worker, the same samples and repeats, batches of the same size),
@@ -218,7 +223,8 @@ def shard_size_loader(work: Path, timm_views_per_s: float, images: int = 1000, e
     if proc.returncode:
         raise RuntimeError(f"the shard-size loader bench failed:\n{err[-2000:]}")
     r = json.loads(out.strip().splitlines()[-1])
-    return {**r, "replay_over_timm": r["views_per_s"] / r["timm_loader_views_per_s"],
+    return {**r, "replay_over_timm": r["views_per_cpu_s"] / r["timm_loader_views_per_cpu_s"],
+            "replay_over_timm_wall": r["views_per_s"] / r["timm_loader_views_per_s"],
             "timm_in_process_views_per_s": timm_views_per_s, "pillow": pillow_build()}
 
 
@@ -234,14 +240,21 @@ class _TimmViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         r = self.records[i]
-        return self.transform(decode_image(r.data, r.key)), r.label
+        return self.transform(timm_decode(r.data)), r.label
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _one_worker(data: str, epochs: int, batch: int) -> None:
-    """Epochs of timm's ordinary path through a DataLoader of one worker, then of the stage-two loader with one worker
-    at the defaults, over the same samples and repeats (run by `shard_size_loader`): prints both median views/s over
-    the epochs after the first (which starts the worker), the replay's decodes per view and its worker's peak private
-    MB (sampled while only that worker runs)."""
+    """Epochs of timm's ordinary path through a DataLoader of one worker and of the stage-two loader with one worker
+    at the defaults, interleaved, over the same samples and repeats (run by `shard_size_loader`): prints both median
+    views/s over the epochs after the first (which starts the workers), per wall second and per CPU second (the
+    worker's and the consuming thread's: what a core makes, whatever else the machine runs), the replay's decodes
+    per view and its worker's peak private MB."""
     import multiprocessing
 
     from pipeline.loader import Batched, loader_settings, shuffle_views
@@ -265,26 +278,36 @@ def _one_worker(data: str, epochs: int, batch: int) -> None:
     order: list[int] = []  # the epoch's samples and repeats, as the replay plans them; refilled each epoch
     timm_loader = DataLoader(_TimmViews(records, recipe.train_transform()), batch_size=batch, sampler=order,
                              drop_last=True, num_workers=1, persistent_workers=True)
-    rates, timm_rates, views, counted = [], [], 0, 0
+    rates: dict[str, list[float]] = {"timm": [], "timm_cpu": [], "replay": [], "replay_cpu": []}
+    views = counted = 0
+    peaks = None  # sampled from the replay worker's start on: the children but timm's worker
+
+    def one_epoch(name: str, epoch: int, run) -> tuple[int, int]:
+        t0, c0, n = time.perf_counter(), time.thread_time(), 0
+        it = iter(run)
+        worker = it._workers[0].pid
+        w0 = cpu_seconds(worker)
+        for made in it:
+            n += len(made[0]) if name == "timm" else len(made)
+        if epoch:
+            rates[name].append(n / (time.perf_counter() - t0))
+            rates[f"{name}_cpu"].append(n / (cpu_seconds(worker) - w0 + time.thread_time() - c0))
+        return worker, n
+
     for epoch in range(epochs + 1):
         order[:] = [s.position for s in Replayer(recipe, 0).plan(len(records), epoch, m.shards("train")[0]).slots]
-        t0, n = time.perf_counter(), 0
-        for images, _ in timm_loader:
-            n += len(images)
-        if epoch:
-            timm_rates.append(n / (time.perf_counter() - t0))
-    del timm_loader  # its worker ends: the peak below is the replay worker's alone
-    peaks = PeakMemory(os.getpid())
-    for epoch in range(epochs + 1):
+        timm_worker, _ = one_epoch("timm", epoch, timm_loader)
+        if peaks is None:
+            peaks = PeakMemory(os.getpid(), skip={timm_worker})
         ds.set_epoch(epoch)
-        before, t0, n = decodes.value, time.perf_counter(), 0
-        for made in loader:
-            n += len(made)
+        before = decodes.value
+        _, n = one_epoch("replay", epoch, loader)
         if epoch:
-            rates.append(n / (time.perf_counter() - t0))
             views, counted = views + n, counted + decodes.value - before
     private = peaks.stop()["worker_private_mb"]
+    med = {k: statistics.median(v) for k, v in rates.items()}
     print(json.dumps({"images": sum(m.shard_counts("train")), "shards": len(m.shards("train")), "recipe": recipe.name,
                       "repeats": recipe.repeats, "workers": 1, "batch_size": batch, "decode_memory_mb": ds.decode_memory // 2**20,
-                      "views_per_s": statistics.median(rates), "timm_loader_views_per_s": statistics.median(timm_rates),
+                      "views_per_s": med["replay"], "timm_loader_views_per_s": med["timm"],
+                      "views_per_cpu_s": med["replay_cpu"], "timm_loader_views_per_cpu_s": med["timm_cpu"],
                       "decodes_per_view": counted / views, "worker_private_mb": private}))

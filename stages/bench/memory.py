@@ -33,11 +33,11 @@ def memory_mb(pid: int) -> tuple[float, float]:
 
 
 class PeakMemory:
-    """Samples a process and its children every 50 ms: peak resident MB of the process, and the largest peak
-    resident and private MB of any one child (a loader worker)."""
+    """Samples a process and its children (but those in `skip`) every 50 ms: peak resident MB of the process, and
+    the largest peak resident and private MB of any one child (a loader worker)."""
 
-    def __init__(self, pid: int):
-        self.pid, self.main_rss, self.worker_rss, self.worker_private = pid, 0.0, 0.0, 0.0
+    def __init__(self, pid: int, skip: frozenset[int] | set[int] = frozenset()):
+        self.pid, self.skip, self.main_rss, self.worker_rss, self.worker_private = pid, skip, 0.0, 0.0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -49,7 +49,7 @@ class PeakMemory:
                 kids = children(self.pid)
             except OSError:
                 kids = []
-            for kid in kids:
+            for kid in set(kids) - self.skip:
                 rss, private = memory_mb(kid)
                 self.worker_rss, self.worker_private = max(self.worker_rss, rss), max(self.worker_private, private)
             time.sleep(0.05)

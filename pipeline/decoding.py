@@ -16,6 +16,7 @@ import io
 from collections import defaultdict
 from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 from PIL import Image
 
 from pipeline import replay
@@ -118,7 +119,14 @@ class DecodedImages:
         return held
 
 
-def steps_for(records, items: Sequence[Sequence[int]], budget: int) -> Iterator[tuple[list[int], list[int]]]:
-    """`decode_steps` with each position's decoded size read from its image header."""
-    sizes = {p: decoded_size(records[p].data) for item in items for p in item}
-    return iter(decode_steps(items, sizes, budget))
+def steps_for(records, items: Sequence[Sequence[int]], budget: int,
+              known: np.ndarray | None = None) -> Iterator[tuple[list[int], list[int]]]:
+    """`decode_steps` with each position's decoded size read from its image header, or from `known` (sizes by
+    position, -1 where not yet read: filled in here, so that a shard's headers are parsed once, not every epoch;
+    a PNG's header costs about as much as a digit's decode)."""
+    if known is None:
+        known = np.full(len(records), -1, dtype=np.int64)
+    for p in {p for item in items for p in item}:
+        if known[p] < 0:
+            known[p] = decoded_size(records[p].data)
+    return iter(decode_steps(items, known, budget))

@@ -88,6 +88,7 @@ class _Views(IterableDataset):
         self.counts = manifest.shard_counts(split)
         self.decode_memory = decode_memory  # bytes of decoded images a worker holds at most
         self._replayer = None
+        self._sizes: dict[int, np.ndarray] = {}  # decoded image sizes by shard and position, as read (-1: not yet)
 
     @property
     def replayer(self) -> Replayer:
@@ -104,7 +105,8 @@ class _Views(IterableDataset):
         """The unit's items `numbers`, decoding their images within the memory budget (in groups when they do not
         all fit: the items then come group pair by group pair)."""
         shown = [[unit.slots[s].position for s in unit.item_slots(n)] for n in numbers]
-        for positions, which in steps_for(records, shown, self.decode_memory):
+        sizes = self._sizes.setdefault(unit.shard_no, np.full(len(records), -1, dtype=np.int64))
+        for positions, which in steps_for(records, shown, self.decode_memory, sizes):
             held = images.hold(positions)
             yield from self.replayer.items(unit, records, held, fingerprint_every=fingerprint_every,
                                            numbers=[numbers[i] for i in which])

@@ -42,11 +42,20 @@ def test_bench_writes_every_section(tmp_path):
     assert r["coverage"]["balanced"]["3"] == 1.0 and r["coverage"]["deit_rasampler_8_ranks"]["3"] < 0.8
     s2 = r["stage_two"][0]
     assert s2["cached_over_no_kd"] > 0 and s2["flop_bound_online_cost"] > 1.0
+    # the same student from 2 and 4 caches (copies of the store) against one, and the goal's summary
+    assert s2["cache_kd_2_images_per_s"] > 0 and s2["cache_kd_4_images_per_s"] > 0
+    assert s2["two_caches_over_one"] == s2["cache_kd_2_images_per_s"] / s2["cache_kd_images_per_s"] > 0
+    assert s2["four_caches_over_one"] == s2["cache_kd_4_images_per_s"] / s2["cache_kd_images_per_s"] > 0
+    ens = r["ensemble"]
+    assert ens["goal"] == 0.95 and ens["caches"] == [2, 4]
+    assert ens["per_data_set"] == {"digits": min(s2["two_caches_over_one"], s2["four_caches_over_one"])}
+    assert ens["met"] == (ens["per_data_set"]["digits"] >= 0.95)
     assert "concurrent" not in r  # measured side by side in fresh processes by the real presets only
     assert [c["k"] for c in r["cache_size"]] == [5, 10, 100]
     assert all(c["stored_bytes_per_view"] < c["raw_bytes_per_view"] for c in r["cache_size"])
     text = readme.read_text()
     assert "old\n<!-- bench:end -->" not in text and f"{s2['cached_over_no_kd']:.3f}" in text
+    assert f"**{s2['four_caches_over_one']:.3f}** |" in text and f"digits **{ens['per_data_set']['digits']:.3f}**" in text
     readme.write_text(README)
     run_cli("bench", "--out", tmp_path / "bench", "--render-only", "--readme", readme)  # measures nothing
     assert readme.read_text() == text

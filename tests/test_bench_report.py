@@ -88,7 +88,7 @@ def test_report_states_what_the_runs_measured(tmp_path, digits_dir, store, teach
     assert (demo / "curves.png").exists() and f"{s['top1']:.2f}" in readme.read_text()
 
 
-def test_study_report_gives_mean_and_spread_per_arm(tmp_path, digits_dir, store):
+def test_study_report_gives_mean_and_spread_per_arm(tmp_path, digits_dir, store, teacher_ckpt):
     study = tmp_path / "study"
     accs = {}
     for arm, source in (("hard", {"cache": store}), ("none", {"distillation": "none"})):
@@ -99,12 +99,15 @@ def test_study_report_gives_mean_and_spread_per_arm(tmp_path, digits_dir, store)
             accs.setdefault(arm, []).append(s["top1"])
     run_cli("study-report", study)
     r = json.loads((study / "report.json").read_text())
-    for arm, name in (("hard", "cache"), ("none", "labels")):
+    for arm, name in (("hard", "cache: regnety_002"), ("none", "no KD (labels only)")):
         a = r["arms"][name]
         assert a["seeds"] == [0, 1] and a["top1"]["mean"] == pytest.approx(sum(accs[arm]) / 2)
         assert a["top1"]["std"] == pytest.approx(abs(accs[arm][0] - accs[arm][1]) / 2 ** 0.5)
     # DeiT's comparison: the distilled student against its baseline without the distillation token
-    assert r["arms"]["cache"]["student"] == "deit_tiny_distilled_patch16_224"
-    assert r["arms"]["labels"]["student"] == "deit_tiny_patch16_224"
-    assert r["kd_gain"]["top1"]["mean"] == pytest.approx((sum(accs["hard"]) - sum(accs["none"])) / 2)
-    assert f"{r['arms']['cache']['top1']['mean']:.2f} ± " in (study / "report.md").read_text()
+    assert r["arms"]["cache: regnety_002"]["student"] == "deit_tiny_distilled_patch16_224"
+    assert r["arms"]["no KD (labels only)"]["student"] == "deit_tiny_patch16_224"
+    assert r["kd_gain"][0]["mean"] == pytest.approx((sum(accs["hard"]) - sum(accs["none"])) / 2)
+    # the cache's teacher, found from the students' own files, with the top-1 train-teacher wrote beside it
+    teacher = json.loads(teacher_ckpt.with_suffix(".json").read_text())
+    assert [(t["file"], t["val_top1"]) for t in r["teachers"]] == [(str(teacher_ckpt.resolve()), teacher["val_top1"])]
+    assert f"{r['arms']['cache: regnety_002']['top1']['mean']:.2f} ± " in (study / "report.md").read_text()

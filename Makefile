@@ -31,9 +31,16 @@ STUDENT_BATCH  ?= 64
 LR             ?= 4e-3
 DISTILLATION   ?= hard
 STUDENT_RUN    ?= $(RUN)/student-$(DISTILLATION)
+# make study-ensemble: a second teacher of another architecture (TEACHER_B, trained as the demo's teacher is, for
+# TEACHER_EPOCHS), its cache STORE_B over the demo's views (the same DATA, RECIPE, SEED and EPOCHS as STORE), and the
+# students of STORE, STORE_B and both, SEEDS initialisation seeds each, in ENSEMBLE_STUDY.
+ENSEMBLE_STUDY ?= runs/study-ensemble
+TEACHER_B      ?= resnet10t
+TEACHER_B_CKPT ?= $(ENSEMBLE_STUDY)/teacher-b/teacher.safetensors
+STORE_B        ?= $(ENSEMBLE_STUDY)/cache-b.zarr
 LAUNCH         := $(if $(filter 1,$(NPROC)),$(RKD),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) -m stages)
 
-.PHONY: venv test test-fast shards train-teacher teacher-cache train-student demo-start demo demo-hard demo-online demo-none study bench bench-scale pillow-simd readme clean
+.PHONY: venv test test-fast shards train-teacher teacher-cache train-student demo-start demo demo-hard demo-online demo-none study teacher-cache-b study-ensemble bench bench-scale pillow-simd readme clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -115,6 +122,34 @@ study: teacher-cache
 		$(RKD) train-student $(STUDENT_COMMON) $$src --init-seed $$s --out $$out $$res || exit 1; \
 	done; done
 	$(RKD) study-report $(STUDY)
+
+# Several teachers, one set of views (issue 26): is an ensemble of two caches a better teacher than either alone?
+# The demo student from STORE alone, STORE_B alone and both (equal weights), each arm with SEEDS initialisation
+# seeds, two runs at a time on DEMO_THREADS compute threads each; finished runs are skipped and a stopped one resumed.
+# Each teacher's top-1, mean +- std per arm and the ensemble's gain into $(ENSEMBLE_STUDY)/report.md. Not in CI.
+$(TEACHER_B_CKPT): $(DATA)/manifest.json
+	$(RKD) train-teacher --data $(DATA) --model $(TEACHER_B) --epochs $(TEACHER_EPOCHS) --seed $(SEED) \
+		--workers $(WORKERS) --device $(DEVICE) --out $@
+
+teacher-cache-b: $(DATA)/manifest.json $(TEACHER_B_CKPT)
+	$(LAUNCH) teacher-cache --manifest $(DATA) --recipe $(RECIPE) --teacher $(TEACHER_B) \
+		--checkpoint $(TEACHER_B_CKPT) --epochs $(EPOCHS) --topk $(TOPK) --seed $(SEED) --batch-size $(BATCH) \
+		--workers $(WORKERS) --device $(DEVICE) --out $(STORE_B)
+
+ARM_a  = --cache $(STORE)
+ARM_b  = --cache $(STORE_B)
+ARM_ab = --cache $(STORE) --cache $(STORE_B)
+ENSEMBLE_RUNS := $(foreach s,$(SEEDS),$(foreach arm,a b ab,$(ENSEMBLE_STUDY)/$(arm)-seed$(s)/summary.json))
+
+study-ensemble: teacher-cache teacher-cache-b
+	$(MAKE) -j2 $(ENSEMBLE_RUNS)
+	$(RKD) study-report $(ENSEMBLE_STUDY)
+
+# One run of the study, ARM-seedN: its arm's caches and its initialisation seed from the folder's name.
+$(ENSEMBLE_STUDY)/%/summary.json:
+	$(RKD) train-student $(STUDENT_COMMON) $(ARM_$(firstword $(subst -seed, ,$*))) \
+		--init-seed $(lastword $(subst -seed, ,$*)) --threads $(DEMO_THREADS) --out $(@D) \
+		$(if $(wildcard $(@D)/train_state.pt),--resume,)
 
 # An accelerated Pillow build, installed beside the environment (not into it) so the bench can measure what it
 # buys; to train with it, replace Pillow in the environment (see README) and rebuild caches (it changes pixels).

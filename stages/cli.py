@@ -131,7 +131,7 @@ cache_app.command("repair")(command(O.CacheRepairOptions, "stages.cache_tools:re
 app.command("train-student")(command(O.StudentOptions, "stages.train_student:main", config_file=True))
 app.command("evaluate")(command(O.EvaluateOptions, "stages.evaluate:main"))
 app.command("report")(command(O.ReportOptions, "stages.report:report"))
-app.command("study-report")(command(O.StudyReportOptions, "stages.report:study"))
+app.command("study-report")(command(O.StudyReportOptions, "stages.study_report:study"))
 app.command("bench")(command(O.BenchOptions, "stages.bench.command:bench"))
 app.command("bench-scale")(command(O.ScaleBenchOptions, "stages.bench.scale:bench_scale"))
 

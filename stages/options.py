@@ -648,10 +648,12 @@ class ReportOptions(Options):
 
 @dataclass
 class StudyReportOptions(Options):
-    """Write RUN/report.md and RUN/report.json: mean and spread of each arm's accuracy over its seeds."""
+    """Write RUN/report.md and RUN/report.json: mean and spread of each arm's accuracy over its seeds, each teacher's
+    own accuracy, the KD gain and an ensemble's gain over its best teacher alone."""
 
-    run: Path = opt(Path("runs/study"), "Study folder: one student run per (arm, seed), e.g. hard-seed0/, none-seed0/.",
-                    argument=True)
+    run: Path = opt(Path("runs/study"), "Study folder: one student run per (arm, seed), e.g. hard-seed0/, none-seed0/; "
+                                        "runs fall into arms by how they were taught (their summary.json's source, "
+                                        "distillation and teachers with their weights).", argument=True)
 
 
 @dataclass

@@ -13,14 +13,13 @@ from torch.utils.data import DataLoader
 from pipeline.cache import TeacherCache
 from pipeline.cache_report import summarize
 from pipeline.device import device_name
-from pipeline.errors import ReplayKDError
 from pipeline.export import eval_transform, load_exported
 from pipeline.io import atomic_path, replace_section, write_json_atomic
 from pipeline.loader import EvalViews
 from pipeline.manifest import Manifest
 from pipeline.plots import plot_comparison
 from pipeline.runs import WEIGHTS, RunFolder
-from stages.options import ReportOptions, StudyReportOptions
+from stages.options import ReportOptions
 
 ARMS = {"cache": "hard KD, targets from the cache", "online": "hard KD, online teacher", "labels": "no KD (labels only)"}
 HEADS = ("top1", "cls_top1", "dist_top1")  # the model's own prediction, then a distilled DeiT's heads
@@ -135,48 +134,4 @@ def report(o: ReportOptions) -> None:
     if o.readme is not None:
         body = "\n".join(md.splitlines()[2:])
         replace_section(o.readme, "demo", f"From `{run}/report.md` ({r['date']}, {r['device']}, `make demo`):\n\n{body}")
-    typer.echo(md)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
-
-
-def study(o: StudyReportOptions) -> None:
-    """Mean +- std of top-1 per arm over its seeds, and the KD gain, from the runs' summaries (as DeiT's table: the
-    distilled student's own prediction against its baseline without the distillation token)."""
-    runs = sorted(p.parent for p in o.run.glob("*/summary.json"))
-    if not runs:
-        raise ReplayKDError(f"no finished runs (*/summary.json) in {o.run}")
-    arms: dict[str, list[dict]] = {}
-    for run in runs:
-        s, cfg = RunFolder(run).summary(), RunFolder(run).config()
-        arms.setdefault(s["source"], []).append({"run": run.name, "init_seed": cfg["init_seed"], "epochs": s["epochs"],
-                                                 "student": s["student"], "top1": s["top1"]})
-    r = {"study": str(o.run), "device": device_name(), "arms": {
-        name: {"what": ARMS.get(name, name), "student": xs[0]["student"], "seeds": [x["init_seed"] for x in xs],
-               "epochs": xs[0]["epochs"], "top1": dict(zip(("mean", "std"), mean_std([x["top1"] for x in xs]))),
-               "runs": xs}
-        for name, xs in arms.items()}}
-    lines = [f"# replaykd study ({o.run}, {r['device']}, `make study`)", "",
-             "| arm | student | seeds | epochs | top-1 |", "|---|---|---|---|---|"]
-    for a in r["arms"].values():
-        lines.append(f"| {a['what']} | {a['student']} | {', '.join(map(str, a['seeds']))} | {a['epochs']} | "
-                     f"{a['top1']['mean']:.2f} ± {a['top1']['std']:.2f} |")
-    kd, none = r["arms"].get("cache"), r["arms"].get("labels")
-    if kd and none:
-        gain = kd["top1"]["mean"] - none["top1"]["mean"]
-        spread = (kd["top1"]["std"] ** 2 / len(kd["seeds"]) + none["top1"]["std"] ** 2 / len(none["seeds"])) ** 0.5
-        r["kd_gain"] = {"top1": {"mean": gain, "standard_error": spread}}
-        lines += ["", f"KD gain (cached hard KD minus no KD, mean ± standard error of the difference): top-1 "
-                  f"{gain:+.2f} ± {spread:.2f} points."]
-    lines += ["", "± is the sample standard deviation over initialisation seeds (the same views and cache for all); "
-              "top-1 is each model's own prediction (a distilled DeiT's: the average of its two heads)."]
-    md = "\n".join(lines) + "\n"
-    write_json_atomic(o.run / "report.json", r)
-    with atomic_path(o.run / "report.md") as tmp:
-        tmp.write_text(md)
     typer.echo(md)

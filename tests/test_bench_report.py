@@ -43,11 +43,20 @@ def test_bench_writes_every_section(tmp_path):
     assert r["coverage"]["balanced"]["3"] == 1.0 and r["coverage"]["deit_rasampler_8_ranks"]["3"] < 0.8
     s2 = r["stage_two"][0]
     assert s2["cached_over_no_kd"] > 0 and s2["flop_bound_online_cost"] > 1.0
+    # the same student from 2 and 4 caches (copies of the store) against one, and the goal's summary
+    assert s2["cache_kd_2_images_per_s"] > 0 and s2["cache_kd_4_images_per_s"] > 0
+    assert s2["two_caches_over_one"] == s2["cache_kd_2_images_per_s"] / s2["cache_kd_images_per_s"] > 0
+    assert s2["four_caches_over_one"] == s2["cache_kd_4_images_per_s"] / s2["cache_kd_images_per_s"] > 0
+    ens = r["ensemble"]
+    assert ens["goal"] == 0.95 and ens["caches"] == [2, 4]
+    assert ens["per_data_set"] == {"digits": min(s2["two_caches_over_one"], s2["four_caches_over_one"])}
+    assert ens["met"] == (ens["per_data_set"]["digits"] >= 0.95)
     assert "concurrent" not in r  # measured side by side in fresh processes by the real presets only
     assert [c["k"] for c in r["cache_size"]] == [5, 10, 100]
     assert all(c["stored_bytes_per_view"] < c["raw_bytes_per_view"] for c in r["cache_size"])
     text = readme.read_text()
     assert "old\n<!-- bench:end -->" not in text and f"{s2['cached_over_no_kd']:.3f}" in text
+    assert f"**{s2['four_caches_over_one']:.3f}** |" in text and f"digits **{ens['per_data_set']['digits']:.3f}**" in text
     readme.write_text(README)
     run_cli("bench", "--out", tmp_path / "bench", "--render-only", "--readme", readme)  # measures nothing
     assert readme.read_text() == text
@@ -80,7 +89,7 @@ def test_report_states_what_the_runs_measured(tmp_path, digits_dir, store, teach
     assert (demo / "curves.png").exists() and f"{s['top1']:.2f}" in readme.read_text()
 
 
-def test_study_report_gives_mean_and_spread_per_arm(tmp_path, digits_dir, store):
+def test_study_report_gives_mean_and_spread_per_arm(tmp_path, digits_dir, store, teacher_ckpt):
     study = tmp_path / "study"
     accs = {}
     for arm, source in (("hard", {"cache": store}), ("none", {"distillation": "none"})):
@@ -91,12 +100,15 @@ def test_study_report_gives_mean_and_spread_per_arm(tmp_path, digits_dir, store)
             accs.setdefault(arm, []).append(s["top1"])
     run_cli("study-report", study)
     r = json.loads((study / "report.json").read_text())
-    for arm, name in (("hard", "cache"), ("none", "labels")):
+    for arm, name in (("hard", "cache: regnety_002"), ("none", "no KD (labels only)")):
         a = r["arms"][name]
         assert a["seeds"] == [0, 1] and a["top1"]["mean"] == pytest.approx(sum(accs[arm]) / 2)
         assert a["top1"]["std"] == pytest.approx(abs(accs[arm][0] - accs[arm][1]) / 2 ** 0.5)
     # DeiT's comparison: the distilled student against its baseline without the distillation token
-    assert r["arms"]["cache"]["student"] == "deit_tiny_distilled_patch16_224"
-    assert r["arms"]["labels"]["student"] == "deit_tiny_patch16_224"
-    assert r["kd_gain"]["top1"]["mean"] == pytest.approx((sum(accs["hard"]) - sum(accs["none"])) / 2)
-    assert f"{r['arms']['cache']['top1']['mean']:.2f} ± " in (study / "report.md").read_text()
+    assert r["arms"]["cache: regnety_002"]["student"] == "deit_tiny_distilled_patch16_224"
+    assert r["arms"]["no KD (labels only)"]["student"] == "deit_tiny_patch16_224"
+    assert r["kd_gain"][0]["mean"] == pytest.approx((sum(accs["hard"]) - sum(accs["none"])) / 2)
+    # the cache's teacher, found from the students' own files, with the top-1 train-teacher wrote beside it
+    teacher = json.loads(teacher_ckpt.with_suffix(".json").read_text())
+    assert [(t["file"], t["val_top1"]) for t in r["teachers"]] == [(str(teacher_ckpt.resolve()), teacher["val_top1"])]
+    assert f"{r['arms']['cache: regnety_002']['top1']['mean']:.2f} ± " in (study / "report.md").read_text()

@@ -32,6 +32,10 @@ from pipeline.work import ShardWork
 from stages.bench.runner import CLI, replaykd
 
 
+# The ensemble sizes the bench may measure, as its JSON names their ratios to one cache.
+ENSEMBLE_NAMES = {2: "two_caches", 4: "four_caches"}
+
+
 def interleaved(fns: dict, repeats: int) -> dict:
     """Run each timed function once per round, `repeats` rounds; medians."""
     times = {name: [] for name in fns}
@@ -142,13 +146,27 @@ def flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
+def store_copies(store: Path, count: int) -> list[Path]:
+    """`store` and count - 1 fresh copies of it beside it: valid caches of the same views, each read from its own
+    files, so that a run given all of them reads and combines `count` caches as an ensemble run does."""
+    copies = [store]
+    for i in range(2, count + 1):
+        copy = store.with_name(f"{store.name}-{i}")
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(store, copy)
+        copies.append(copy)
+    return copies
+
+
 def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int, device: str, repeats: int,
                      work: Path) -> dict:
     """Student images/s on labels only (the same distilled student, and DeiT's baseline without the distillation
-    token), with KD from the cache and with KD from the online teacher; and the FLOP bound."""
+    token), with KD from the cache, from 2 and 4 caches (an ensemble's cost) and from the online teacher; and the
+    FLOP bound."""
     store = work / "stage-two-store"
     replaykd("teacher-cache", *cache_args(data, ckpt, preset, store, preset.epochs, workers, device),
              fresh=preset.fresh)  # creates or finds it
+    stores = store_copies(store, max(preset.ensembles))
     common = ["--manifest", data, "--recipe", preset.recipe, "--epochs", preset.epochs, "--batch-size", preset.batch,
               "--workers", workers, "--device", device, "--student", student["student"],
               *[a for k in ("patch_size", "depth", "embed_dim", "num_heads") if student.get(k)
@@ -157,6 +175,7 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
     variants = {"no_kd": ["--distillation", "none"],
                 "no_kd_same_student": ["--distillation", "none", "--keep-distillation-token"],
                 "cache_kd": ["--cache", store],
+                **{f"cache_kd_{n}": [a for s in stores[:n] for a in ("--cache", s)] for n in preset.ensembles},
                 "online_kd": ["--online-teacher", preset.teacher, "--teacher-checkpoint", ckpt, *size]}
     rates: dict[str, list[float]] = {k: [] for k in variants}
 
@@ -183,6 +202,8 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
             "p1_same_student": med["cache_kd"] / med["no_kd_same_student"],
             # DeiT's comparison: the distilled model against its baseline, a model without the distillation token
             "cached_over_no_kd": med["cache_kd"] / med["no_kd"], "cached_over_online": med["cache_kd"] / med["online_kd"],
+            # what an ensemble of n caches costs over one (n copies of the store: the same views, n reads per unit)
+            **{f"{ENSEMBLE_NAMES[n]}_over_one": med[f"cache_kd_{n}"] / med["cache_kd"] for n in preset.ensembles},
             "student_fwd_bwd_flops_per_image": s_fb, "teacher_fwd_flops_per_image": t_f, "flop_bound_online_cost": (s_fb + t_f) / s_fb}
 
 

@@ -290,7 +290,7 @@ def bench(o: BenchOptions) -> None:
     data = {source: bench_data(work, p, source, max(o.views * 4, 4 * p.batch)) for source in p.sources}
     r["loader"] = loader_section(o, work)
     r["loader_shard1000"] = loader_bench.shard_size_loader(work, r["loader"]["per_core"][0]["timm_views_per_s"],
-                                                            p.big_shard)
+                                                            p.big_shard, 3 if p.fresh else 1)
     r["stage_one"] = measure.teacher_cache_vs_bare(*data[p.sources[0]], p, o.workers, device, o.repeats, work)
     r["stage_two"] = [{"data": source, **measure.student_kd_modes(*data[source], p, s, o.workers, device, o.repeats,
                                                                   work / source)}

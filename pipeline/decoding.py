@@ -120,12 +120,10 @@ class DecodedImages:
 
 
 def steps_for(records, items: Sequence[Sequence[int]], budget: int,
-              known: np.ndarray | None = None) -> Iterator[tuple[list[int], list[int]]]:
-    """`decode_steps` with each position's decoded size read from its image header, or from `known` (sizes by
-    position, -1 where not yet read: filled in here, so that a shard's headers are parsed once, not every epoch;
-    a PNG's header costs about as much as a digit's decode)."""
-    if known is None:
-        known = np.full(len(records), -1, dtype=np.int64)
+              known: np.ndarray) -> Iterator[tuple[list[int], list[int]]]:
+    """`decode_steps` with each position's decoded size from `known` (sizes by position, -1 where not yet read: read
+    from the image header and filled in here, so that a shard's headers are parsed once, not every epoch; a PNG's
+    header costs about as much as a digit's decode)."""
     for p in {p for item in items for p in item}:
         if known[p] < 0:
             known[p] = decoded_size(records[p].data)

@@ -1,7 +1,7 @@
 """The float steps of the views, run where a batch is consumed: the GPU in training, the CPU in tests and verify.
 
-In order, for each image of the batch (its pixel rows: a view's own, and its partner's): uint8 -> float and normalise, through a per-channel table of 256
-values made by timm's own ToTensor and Normalize (so a pixel gets exactly the float timm's transform gives it);
+In order, for each image of the batch (its pixel rows: a view's own, and its partner's): uint8 -> float and
+normalise, through a per-channel table of 256 values made by timm's own ToTensor and Normalize (so a pixel gets exactly the float timm's transform gives it);
 random erasing, copying in the boxes and values the worker drew; then Mixup or CutMix of the view with its partner.
 Plain eager ops with nothing a device could round its own way: a table look-up, copies, a select, and Mixup's two
 float32 products and one sum (each correctly rounded, never fused). So a batch finishes to the same bits on every
@@ -43,10 +43,10 @@ class Finisher:
             for row, top, left, h, w in batch.erase_boxes.tolist():
                 pixels[row, :, top:top + h, left:left + w] = values[start:start + 3 * h * w].view(3, h, w)
                 start += 3 * h * w
-        rows = batch.image_rows
-        in_order = len(rows) == len(pixels) and torch.equal(rows, torch.arange(len(rows)))
-        x = pixels if in_order and batch.partner_rows is None else pixels[rows.to(device, non_blocking=True)]
-        if batch.partner_rows is not None:
+        if batch.partner_rows is None:  # unmixed views: one pixel row each, in order
+            x = pixels
+        else:
+            x = pixels[batch.image_rows.to(device, non_blocking=True)]
             self._mix(x, pixels, batch, device)
         return x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
 

@@ -18,8 +18,8 @@ stores one row per slot.
 The order of units is reshuffled every epoch, then the epoch's items (pairs, or single views when the recipe does not
 mix) are split into equal contiguous ranges, one per rank (the remainder, fewer than `world` items, is left out of
 that epoch), and each rank's range into contiguous ranges per loader worker. A pair's views are made together and
-stay together in stage two's batches (as timm's Mixup mixes the rows of one batch). Everything here is a pure function of
-(run seed, epoch, shard, its size, repeats, mixing): views and pairs never depend on ranks, workers or batch size.
+stay together in stage two's batches (as timm's Mixup mixes the rows of one batch). Everything here is a pure
+function of (run seed, epoch, shard, its size, repeats, mixing): views and pairs never depend on ranks, workers or batch size.
 """
 from __future__ import annotations
 

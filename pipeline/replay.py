@@ -8,7 +8,8 @@ changed generator. Which views a unit holds and how they pair is the epoch plan'
 A view leaves the worker as uint8 pixels after timm's PIL stages (crop, flip, RandAugment), with what the float
 stages need: the random-erasing boxes and values (drawn as timm's RandomErasing draws them, in its order), the pair's
 Mixup/CutMix parameters and its partner's pixels and erasing, so that every view finishes in any batch (a batch
-holding both views of a pair keeps each image once: `pipeline/loader.py`). `pipeline/finish.py` runs the float stages where the batch is consumed.
+holding both views of a pair keeps each image once: `pipeline/loader.py`). `pipeline/finish.py` runs the float
+stages where the batch is consumed.
 """
 from __future__ import annotations
 

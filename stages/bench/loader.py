@@ -26,7 +26,7 @@ from pipeline.loader import ReplayViews, ViewCollate
 from pipeline.manifest import Manifest
 from pipeline.reader import Record, read_shard
 from pipeline.recipe import Recipe
-from pipeline.replay import Replayer, decode_image, decode_positions
+from pipeline.replay import Replayer, decode_positions
 from pipeline.shards import write_shards
 from stages.bench.memory import PeakMemory
 from pipeline.sources import Source, SourceItem

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import cputime
 from pipeline.device import autocast, process_seconds
 from pipeline.distributed import sum_across_ranks
 from pipeline.errors import ReplayKDError
@@ -32,6 +33,7 @@ class EpochStats:
     images: int
     steps: int
     seconds: float
+    cpu_seconds: float | None = None  # the ranks' processes and their loader workers (None: not measurable here)
 
     @property
     def images_per_s(self) -> float:
@@ -54,7 +56,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
     model.train()
     plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    images, lr, first, t0 = 0, float("nan"), step, time.perf_counter()
+    images, lr, first, t0, cpu0 = 0, float("nan"), step, time.perf_counter(), cputime.with_workers()
     bar = tqdm(total=total, desc=f"epoch {epoch}", unit="img", unit_scale=True, leave=False, disable=not show_progress)
     try:
         for batch in loader:
@@ -90,12 +92,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
                         tqdm.write(f"first step {progress['first_step']:.1f} s after this process started")
     finally:
         bar.close()  # before any error message: a left-open bar would share its line
-    seconds = time.perf_counter() - t0
-    totals = sum_across_ranks(torch.cat([sums.cpu(), torch.tensor([images], dtype=torch.float64)]), device)
+    seconds, cpu = time.perf_counter() - t0, cputime.with_workers()
+    totals = sum_across_ranks(torch.cat([sums.cpu(), torch.tensor([images, cpu - cpu0 if cpu0 is not None else 0.0],
+                                                                    dtype=torch.float64)]), device)
     count = max(1.0, totals[3].item())
     _check_finite(totals[0].item(), epoch, step)
     return EpochStats(totals[0].item() / count, totals[1].item() / count, totals[2].item() / count, lr,
-                      int(totals[3].item()), step - first, seconds), step
+                      int(totals[3].item()), step - first, seconds, None if cpu0 is None else totals[4].item()), step
 
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:

@@ -159,6 +159,14 @@ def mean_rate(log: list[dict]) -> float:
     return sum(r["images"] for r in log) / seconds if seconds > 0 else 0.0
 
 
+def mean_cpu_rate(log: list[dict]) -> float | None:
+    """The run's training images per CPU second of its process and loader workers (None: not measured)."""
+    if any(r.get("train_cpu_seconds") is None for r in log):
+        return None
+    seconds = sum(r["train_cpu_seconds"] for r in log)
+    return sum(r["images"] for r in log) / seconds if seconds > 0 else 0.0
+
+
 def schedule_differences(saved: dict, now: dict) -> list[str]:
     """What would change the learning-rate schedule of a resumed run (world size, batch, steps per epoch)."""
     out = []

@@ -135,15 +135,19 @@ class CacheReader:
         probs = [torch.from_numpy(data.probs) for data in units]
         classes = [torch.from_numpy(data.classes) for data in units]
         probs, classes = (probs[0], classes[0]) if len(units) == 1 else (torch.cat(probs, 1), torch.cat(classes, 1))
+        # the unit's rows and fingerprints made once, as Python objects: per view, a list lookup (a view runs this
+        # for every view of a small image, where tensor indexing and numpy scalars cost a visible share)
+        probs, classes = probs.unbind(), classes.unbind()
+        stored = [data.fingerprint.tolist() for data in units]
 
         def attach(view: View) -> None:
             s = view.slot
-            for store, data in zip(self.stores, units):
-                if view.fingerprint is not None and view.fingerprint != data.fingerprint[s]:
+            for store, fingerprints in zip(self.stores, stored):
+                if view.fingerprint is not None and view.fingerprint != fingerprints[s]:
                     raise ReplayKDError(
                         f"view of key '{view.key}' (epoch {unit.epoch}, shard {unit.shard}, repeat {view.repeat}) does "
                         f"not match the cache {store}: fingerprint {view.fingerprint:08x} replayed, "
-                        f"{int(data.fingerprint[s]):08x} stored. The shard, the recipe or the augmentation libraries "
+                        f"{fingerprints[s]:08x} stored. The shard, the recipe or the augmentation libraries "
                         f"changed since {store} was built")
             view.teacher = TeacherTargets(probs[s], classes[s])
 

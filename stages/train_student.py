@@ -244,6 +244,7 @@ def _train(r: StudentRun) -> dict:
             r.rows.append({"epoch": epoch, "view_epoch": ds.plan().epoch, "steps": stats.steps, "loss": stats.loss,
                            "loss_base": stats.loss_base, "loss_distill": stats.loss_distill, "lr": stats.lr,
                            "images": stats.images, "train_seconds": stats.seconds,
+                           "train_cpu_seconds": stats.cpu_seconds,
                            "images_per_s": stats.images_per_s, **acc,
                            # this launch's start-up: from the process's start to its first optimiser step
                            **({"startup_seconds": r.progress["first_step"]} if epoch == start_epoch else {})})

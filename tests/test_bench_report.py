@@ -43,10 +43,20 @@ def test_bench_writes_every_section(tmp_path):
     assert r["coverage"]["balanced"]["3"] == 1.0 and r["coverage"]["deit_rasampler_8_ranks"]["3"] < 0.8
     s2 = r["stage_two"][0]
     assert s2["cached_over_no_kd"] > 0 and s2["flop_bound_online_cost"] > 1.0
-    # the same student from 2 and 4 caches (copies of the store) against one, and the goal's summary
-    assert s2["cache_kd_2_images_per_s"] > 0 and s2["cache_kd_4_images_per_s"] > 0
-    assert s2["two_caches_over_one"] == s2["cache_kd_2_images_per_s"] / s2["cache_kd_images_per_s"] > 0
-    assert s2["four_caches_over_one"] == s2["cache_kd_4_images_per_s"] / s2["cache_kd_images_per_s"] > 0
+    # P1 and the ensembles' cost: images per CPU second of runs side by side, the median round (smoke: one round,
+    # one after the other); beside P1 the ratio of its arms' images per second
+    def cpu(run):
+        log = (tmp_path / "bench" / "work" / "digits" / run / "log.jsonl").read_text().splitlines()
+        log = [json.loads(x) for x in log]
+        return sum(x["images"] for x in log) / sum(x["train_cpu_seconds"] for x in log)
+
+    assert s2["p1_same_student_rounds"] == [pytest.approx(cpu("p1-cache_kd") / cpu("p1-no_kd_same_student"))]
+    assert s2["p1_same_student"] == s2["p1_same_student_rounds"][0]
+    assert s2["p1_same_student_wall"] == s2["cache_kd_images_per_s"] / s2["no_kd_same_student_images_per_s"]
+    assert r["p1_same_student"]["per_data_set"] == {"digits": s2["p1_same_student"]}
+    for n, name in ((2, "two_caches_over_one"), (4, "four_caches_over_one")):
+        assert s2[f"{name}_rounds"] == [pytest.approx(cpu(f"ensemble-cache_kd_{n}") / cpu("ensemble-cache_kd"))]
+        assert s2[name] == s2[f"{name}_rounds"][0] > 0
     ens = r["ensemble"]
     assert ens["goal"] == 0.95 and ens["caches"] == [2, 4]
     assert ens["per_data_set"] == {"digits": min(s2["two_caches_over_one"], s2["four_caches_over_one"])}
@@ -56,7 +66,7 @@ def test_bench_writes_every_section(tmp_path):
     assert all(c["stored_bytes_per_view"] < c["raw_bytes_per_view"] for c in r["cache_size"])
     text = readme.read_text()
     assert "old\n<!-- bench:end -->" not in text and f"{s2['cached_over_no_kd']:.3f}" in text
-    assert f"**{s2['four_caches_over_one']:.3f}** |" in text and f"digits **{ens['per_data_set']['digits']:.3f}**" in text
+    assert f"**{s2['four_caches_over_one']:.3f}** (" in text and f"digits **{ens['per_data_set']['digits']:.3f}**" in text
     readme.write_text(README)
     run_cli("bench", "--out", tmp_path / "bench", "--render-only", "--readme", readme)  # measures nothing
     assert readme.read_text() == text

@@ -46,6 +46,7 @@ def test_short_run_from_the_cache_learns(digits_dir, teacher_ckpt, tmp_path):
     s = run(opts(digits_dir, tmp_path / "run", cache=store, recipe="digits-teacher", epochs=3, lr=1e-2))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(np.isfinite(r["loss"]) for r in log)
+    assert all(0 < r["train_cpu_seconds"] < 3 * r["train_seconds"] for r in log)  # one thread, no workers
     assert log[-1]["loss"] < log[0]["loss"]
     assert s["source"] == "cache" and max(s["cls_top1"], s["dist_top1"], s["top1"]) > 14.0  # chance: 10.3%
     assert (tmp_path / "run" / "config.yaml").exists()

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 import pipeline.replay as replay_mod
 from pipeline.augment import crop_box
+from pipeline.cputime import cpu_seconds
 from pipeline.finish import Finisher
 from pipeline.loader import ReplayViews, ViewCollate
 from pipeline.manifest import Manifest
@@ -241,12 +242,6 @@ class _TimmViews(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         r = self.records[i]
         return self.transform(timm_decode(r.data)), r.label
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _one_worker(data: str, epochs: int, batch: int) -> None:

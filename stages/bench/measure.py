@@ -25,7 +25,7 @@ from pipeline.loader import CacheViews, ReplayViews, ViewCollate
 from pipeline.manifest import Manifest
 from pipeline.plan import chosen_positions
 from pipeline.recipe import Recipe
-from pipeline.runs import RunFolder, mean_rate
+from pipeline.runs import RunFolder, mean_cpu_rate, mean_rate
 from pipeline.student import build_student
 from pipeline.threads import cores
 from pipeline.work import ShardWork
@@ -161,8 +161,8 @@ def store_copies(store: Path, count: int) -> list[Path]:
 def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int, device: str, repeats: int,
                      work: Path) -> dict:
     """Student images/s on labels only (the same distilled student, and DeiT's baseline without the distillation
-    token), with KD from the cache, from 2 and 4 caches (an ensemble's cost) and from the online teacher; and the
-    FLOP bound."""
+    token), with KD from the cache and from the online teacher; P1 and the cost of 2 and 4 caches (an ensemble's)
+    side by side; and the FLOP bound."""
     store = work / "stage-two-store"
     replaykd("teacher-cache", *cache_args(data, ckpt, preset, store, preset.epochs, workers, device),
              fresh=preset.fresh)  # creates or finds it
@@ -175,8 +175,8 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
     variants = {"no_kd": ["--distillation", "none"],
                 "no_kd_same_student": ["--distillation", "none", "--keep-distillation-token"],
                 "cache_kd": ["--cache", store],
-                **{f"cache_kd_{n}": [a for s in stores[:n] for a in ("--cache", s)] for n in preset.ensembles},
                 "online_kd": ["--online-teacher", preset.teacher, "--teacher-checkpoint", ckpt, *size]}
+    ensembles = {f"cache_kd_{n}": [a for s in stores[:n] for a in ("--cache", s)] for n in preset.ensembles}
     rates: dict[str, list[float]] = {k: [] for k in variants}
 
     def one(name):
@@ -187,6 +187,13 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
 
     interleaved({k: (lambda k=k: one(k)) for k in variants}, repeats)
     med = {k: statistics.median(v) for k, v in rates.items()}
+    # P1 and an ensemble's cost are ratios near 1 read to a few percent: measured side by side, per CPU second
+    arms = {k: [*common, *variants[k]] for k in ("cache_kd", "no_kd_same_student")}
+    p1 = side_by_side("p1", arms, preset.side_rounds, preset.fresh, work)
+    p1_rounds = ratios(p1, "cache_kd", "no_kd_same_student")
+    ens = side_by_side("ensemble", {"cache_kd": arms["cache_kd"], **{k: [*common, *v] for k, v in ensembles.items()}},
+                       preset.side_rounds, preset.fresh, work)
+    ens_rounds = {n: ratios(ens, f"cache_kd_{n}", "cache_kd") for n in preset.ensembles}
     m, rec = Manifest.load(data), Recipe.load(preset.recipe)
     dev = pick_device(device)
     net = build_student(student["student"], m.num_classes, rec.input_size, False, 0.1,
@@ -199,12 +206,61 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
     return {"student": describe(student), "teacher": preset.teacher, "batch_size": preset.batch, "device": str(dev),
             **{f"{k}_images_per_s": v for k, v in med.items()},
             # P1, what the cache costs: the same model, its distillation head fed from the cache or by the labels
-            "p1_same_student": med["cache_kd"] / med["no_kd_same_student"],
+            "p1_same_student": statistics.median(p1_rounds), "p1_same_student_rounds": p1_rounds,
+            "p1_images_per_cpu_s": {k: statistics.median(v) for k, v in p1.items()},
+            "p1_same_student_wall": med["cache_kd"] / med["no_kd_same_student"],
             # DeiT's comparison: the distilled model against its baseline, a model without the distillation token
             "cached_over_no_kd": med["cache_kd"] / med["no_kd"], "cached_over_online": med["cache_kd"] / med["online_kd"],
             # what an ensemble of n caches costs over one (n copies of the store: the same views, n reads per unit)
-            **{f"{ENSEMBLE_NAMES[n]}_over_one": med[f"cache_kd_{n}"] / med["cache_kd"] for n in preset.ensembles},
+            **{f"{ENSEMBLE_NAMES[n]}_over_one": statistics.median(v) for n, v in ens_rounds.items()},
+            **{f"{ENSEMBLE_NAMES[n]}_over_one_rounds": v for n, v in ens_rounds.items()},
+            "ensemble_images_per_cpu_s": {k: statistics.median(v) for k, v in ens.items()},
             "student_fwd_bwd_flops_per_image": s_fb, "teacher_fwd_flops_per_image": t_f, "flop_bound_online_cost": (s_fb + t_f) / s_fb}
+
+
+def side_by_side(tag: str, args: dict[str, list], rounds: int, fresh: bool, work: Path) -> dict[str, list[float]]:
+    """Each train-student run's images per CPU second (its process and loader workers, over the epochs after the
+    first, which starts the workers beside the other runs' start-up), the runs started together `rounds` times (not
+    `fresh`: one after the other, in this process), round by round.
+
+    One after the other, a short run's rate moves by more than the few percent these ratios must be read to on a
+    shared machine, as the host's other work takes its cores away (and with them what a CPU second does); side by
+    side, the runs meet the same machine at the same moments, and what one does more than the other (reading a
+    cache, checking and attaching its rows) shows as the CPU it adds per image, as on a machine whose cores are all
+    busy.
+    """
+    outs = {name: work / f"{tag}-{name}" for name in args}  # each run's folder
+    rates: dict[str, list[float]] = {name: [] for name in args}
+    for _ in range(rounds):
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+        if fresh:
+            together({name: ["train-student", "--out", out, *args[name]] for name, out in outs.items()}, work)
+        else:
+            for name, out in outs.items():
+                replaykd("train-student", "--out", out, *args[name], fresh=False)
+        for name, out in outs.items():
+            log = RunFolder(out).log()
+            rates[name].append(mean_cpu_rate(log[1:] or log))
+    return rates
+
+
+def ratios(rates: dict[str, list[float]], over: str, under: str) -> list[float]:
+    """Round by round, one run's rate over another's."""
+    return [a / b for a, b in zip(rates[over], rates[under])]
+
+
+def together(commands: dict[str, list], work: Path) -> None:
+    """Start replaykd commands at once in fresh processes and wait for all (their errors into files under `work`, so
+    that no pipe fills and stalls one of them)."""
+    procs = {}
+    for name, args in commands.items():
+        with open(work / f"{name}.stderr", "w") as err:
+            procs[name] = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=err)
+    for name, proc in procs.items():
+        if proc.wait():
+            tail = (work / f"{name}.stderr").read_text()[-3000:]
+            raise ReplayKDError(f"replaykd {commands[name][0]} ({name}) failed during the bench:\n{tail}")
 
 
 def describe(student: dict) -> str:
@@ -271,13 +327,8 @@ def concurrent_students(data: Path, preset, student: dict, workers: int, device:
     for out in outs:
         shutil.rmtree(out, ignore_errors=True)
     replaykd(*common, "--out", outs[0])
-    procs = [subprocess.Popen([*CLI, *map(str, common), "--out", str(out)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for out in outs[1:]]
-    for proc in procs:
-        if proc.wait():
-            raise ReplayKDError(f"a concurrent train-student failed during the bench:\n{proc.stderr.read()[-3000:]}")
-    alone, together = (mean_rate(RunFolder(outs[0]).log()),
-                       [mean_rate(RunFolder(out).log()) for out in outs[1:]])
+    together({out.name: [*common, "--out", out] for out in outs[1:]}, work)
+    alone, both = mean_rate(RunFolder(outs[0]).log()), [mean_rate(RunFolder(out).log()) for out in outs[1:]]
     return {"student": describe(student), "workers": workers, "cores": cores(),
-            "alone_images_per_s": alone, "concurrent_images_per_s": together,
-            "concurrent_total_over_alone": sum(together) / alone}
+            "alone_images_per_s": alone, "concurrent_images_per_s": both,
+            "concurrent_total_over_alone": sum(both) / alone}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -15,14 +16,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def with_workers() -> float | None:
-    """CPU seconds of this process and its live multiprocessing children (a DataLoader's workers) so far; None where
-    /proc is not there to read the children's (not Linux)."""
+    """CPU seconds of this process and its multiprocessing children (a DataLoader's workers) so far, live or ended;
+    None where /proc is not there to read the live children's (not Linux)."""
     if not Path("/proc/self/stat").exists():
         return None
-    total = time.process_time()
-    for child in multiprocessing.active_children():
+    live = multiprocessing.active_children()  # reaps the ended ones first: their CPU is in RUSAGE_CHILDREN below
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = time.process_time() + ended.ru_utime + ended.ru_stime
+    for child in live:
         try:
             total += cpu_seconds(child.pid)
-        except (FileNotFoundError, ProcessLookupError):  # it exited between the listing and the read
+        except (FileNotFoundError, ProcessLookupError):  # it ended between the listing and the read
             pass
     return total

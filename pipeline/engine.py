@@ -33,7 +33,7 @@ class EpochStats:
     images: int
     steps: int
     seconds: float
-    cpu_seconds: float | None = None  # the ranks' processes and their loader workers (None: not measurable here)
+    cpu_seconds: float | None  # the ranks' processes and their loader workers (None: not measurable here)
 
     @property
     def images_per_s(self) -> float:

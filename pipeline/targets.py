@@ -135,8 +135,8 @@ class CacheReader:
         probs = [torch.from_numpy(data.probs) for data in units]
         classes = [torch.from_numpy(data.classes) for data in units]
         probs, classes = (probs[0], classes[0]) if len(units) == 1 else (torch.cat(probs, 1), torch.cat(classes, 1))
-        # the unit's rows and fingerprints made once, as Python objects: per view, a list lookup (a view runs this
-        # for every view of a small image, where tensor indexing and numpy scalars cost a visible share)
+        # rows and fingerprints made once per unit, as Python objects: attach runs once per view, and at small image
+        # sizes tensor indexing and numpy scalar comparisons per view were a visible share of a worker's time
         probs, classes = probs.unbind(), classes.unbind()
         stored = [data.fingerprint.tolist() for data in units]
 

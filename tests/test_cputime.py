@@ -1,34 +1,39 @@
-"""CPU seconds of a process with its loader workers: a child's CPU counts while it is alive."""
+"""CPU seconds of a process with its loader workers: a child's CPU counts while it is alive, and after it ended."""
 from __future__ import annotations
 
 import multiprocessing
 import time
+from pathlib import Path
+
+import pytest
 
 from pipeline import cputime
 
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 
-def _burn(seconds: float, started) -> None:
-    started.set()
+
+def _burn(seconds: float, done, stay: bool) -> None:
     end = time.process_time() + seconds
     while time.process_time() < end:
         pass
-    time.sleep(60)  # alive, idle: its CPU stays readable until the test stops it
+    done.set()
+    if stay:
+        time.sleep(120)  # alive, idle: its CPU is read from /proc until the test stops it
 
 
-def test_a_live_childs_cpu_counts_and_this_process_waiting_costs_nothing():
+@pytest.mark.parametrize("stay", [True, False], ids=["alive", "ended"])
+def test_a_childs_cpu_counts_alive_or_ended(stay):
     context = multiprocessing.get_context("fork")  # as a DataLoader's workers start on Linux
-    started = context.Event()
-    child = context.Process(target=_burn, args=(0.5, started), daemon=True)
-    before = cputime.with_workers()
+    done = context.Event()
+    child = context.Process(target=_burn, args=(0.5, done, stay), daemon=True)
+    before, mine = cputime.with_workers(), time.process_time()
     child.start()
     try:
-        started.wait(30)
-        mine = time.process_time()
-        time.sleep(1.0)  # waiting uses no CPU of this process; the child burns 0.5 s meanwhile
-        assert time.process_time() - mine < 0.2
-        spent = cputime.with_workers() - before
-        assert 0.45 <= spent < 1.0, spent
-        assert cputime.cpu_seconds(child.pid) >= 0.45
+        assert done.wait(120)
+        if not stay:
+            child.join(120)
+        spent = cputime.with_workers() - before - (time.process_time() - mine)
+        assert 0.45 <= spent < 1.0, spent  # the child's half second, this process's own CPU aside
     finally:
         child.terminate()
         child.join()

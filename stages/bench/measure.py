@@ -32,6 +32,8 @@ from pipeline.work import ShardWork
 from stages.bench.runner import CLI, replaykd
 
 
+# What the rates of P1 and of the ensembles' cost are, measured side by side (on the CPU).
+SIDE_BY_SIDE = "images per CPU second of runs started together, one thread each, over the epochs after the first"
 # The ensemble sizes the bench may measure, as its JSON names their ratios to one cache.
 ENSEMBLE_NAMES = {2: "two_caches", 4: "four_caches"}
 
@@ -177,6 +179,12 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
                 "cache_kd": ["--cache", store],
                 "online_kd": ["--online-teacher", preset.teacher, "--teacher-checkpoint", ckpt, *size]}
     ensembles = {f"cache_kd_{n}": [a for s in stores[:n] for a in ("--cache", s)] for n in preset.ensembles}
+    dev = pick_device(device)
+    # on the CPU, P1 and an ensemble's cost (ratios near 1, read to a few percent) are measured side by side per CPU
+    # second; on a GPU the cache's cost shows in wall time (whether the loader keeps up), one run at a time
+    side = dev.type == "cpu"
+    if not side:
+        variants.update(ensembles)
     rates: dict[str, list[float]] = {k: [] for k in variants}
 
     def one(name):
@@ -187,15 +195,18 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
 
     interleaved({k: (lambda k=k: one(k)) for k in variants}, repeats)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    # P1 and an ensemble's cost are ratios near 1 read to a few percent: measured side by side, per CPU second
-    arms = {k: [*common, *variants[k]] for k in ("cache_kd", "no_kd_same_student")}
-    p1 = side_by_side("p1", arms, preset.side_rounds, preset.fresh, work)
+    if side:
+        arms = {k: [*common, *variants[k]] for k in ("cache_kd", "no_kd_same_student")}
+        p1 = side_by_side("p1", arms, preset.side_rounds, preset.fresh, work)
+        ens = side_by_side("ensemble", {"cache_kd": arms["cache_kd"], **{k: [*common, *v]
+                                                                         for k, v in ensembles.items()}},
+                           preset.side_rounds, preset.fresh, work)
+    else:
+        p1, ens = ({k: rates[k] for k in names} for names in (("cache_kd", "no_kd_same_student"),
+                                                               ("cache_kd", *ensembles)))
     p1_rounds = ratios(p1, "cache_kd", "no_kd_same_student")
-    ens = side_by_side("ensemble", {"cache_kd": arms["cache_kd"], **{k: [*common, *v] for k, v in ensembles.items()}},
-                       preset.side_rounds, preset.fresh, work)
     ens_rounds = {n: ratios(ens, f"cache_kd_{n}", "cache_kd") for n in preset.ensembles}
     m, rec = Manifest.load(data), Recipe.load(preset.recipe)
-    dev = pick_device(device)
     net = build_student(student["student"], m.num_classes, rec.input_size, False, 0.1,
                         {k: student.get(k) for k in ("patch_size", "depth", "embed_dim", "num_heads")}).model.to(dev)
     teacher = teachers.load(preset.teacher, ckpt, preset.teacher_input).wrap(rec.mean, rec.std, dev)
@@ -207,21 +218,22 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
             **{f"{k}_images_per_s": v for k, v in med.items()},
             # P1, what the cache costs: the same model, its distillation head fed from the cache or by the labels
             "p1_same_student": statistics.median(p1_rounds), "p1_same_student_rounds": p1_rounds,
-            "p1_images_per_cpu_s": {k: statistics.median(v) for k, v in p1.items()},
+            "side_by_side_rates_are": SIDE_BY_SIDE if side else "images per second, one run at a time (interleaved)",
+            "p1_rates": {k: statistics.median(v) for k, v in p1.items()},
             "p1_same_student_wall": med["cache_kd"] / med["no_kd_same_student"],
             # DeiT's comparison: the distilled model against its baseline, a model without the distillation token
             "cached_over_no_kd": med["cache_kd"] / med["no_kd"], "cached_over_online": med["cache_kd"] / med["online_kd"],
             # what an ensemble of n caches costs over one (n copies of the store: the same views, n reads per unit)
             **{f"{ENSEMBLE_NAMES[n]}_over_one": statistics.median(v) for n, v in ens_rounds.items()},
             **{f"{ENSEMBLE_NAMES[n]}_over_one_rounds": v for n, v in ens_rounds.items()},
-            "ensemble_images_per_cpu_s": {k: statistics.median(v) for k, v in ens.items()},
+            "ensemble_rates": {k: statistics.median(v) for k, v in ens.items()},
             "student_fwd_bwd_flops_per_image": s_fb, "teacher_fwd_flops_per_image": t_f, "flop_bound_online_cost": (s_fb + t_f) / s_fb}
 
 
 def side_by_side(tag: str, args: dict[str, list], rounds: int, fresh: bool, work: Path) -> dict[str, list[float]]:
     """Each train-student run's images per CPU second (its process and loader workers, over the epochs after the
-    first, which starts the workers beside the other runs' start-up), the runs started together `rounds` times (not
-    `fresh`: one after the other, in this process), round by round.
+    first, which starts the workers beside the other runs' start-up), the runs started together `rounds` times with
+    one compute thread each (not `fresh`: one after the other, in this process), round by round.
 
     One after the other, a short run's rate moves by more than the few percent these ratios must be read to on a
     shared machine, as the host's other work takes its cores away (and with them what a CPU second does); side by
@@ -234,14 +246,21 @@ def side_by_side(tag: str, args: dict[str, list], rounds: int, fresh: bool, work
     for _ in range(rounds):
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
+        # side by side, one thread each throughout: by default a run takes more once the other has ended, for its
+        # last epochs only
+        threads = ["--threads", 1] if fresh else []
+        runs = {name: ["train-student", "--out", out, *args[name], *threads] for name, out in outs.items()}
         if fresh:
-            together({name: ["train-student", "--out", out, *args[name]] for name, out in outs.items()}, work)
+            together(runs, work)
         else:
-            for name, out in outs.items():
-                replaykd("train-student", "--out", out, *args[name], fresh=False)
+            for command in runs.values():
+                replaykd(*command, fresh=False)
         for name, out in outs.items():
             log = RunFolder(out).log()
-            rates[name].append(mean_cpu_rate(log[1:] or log))
+            rate = mean_cpu_rate(log[1:] or log)
+            if rate is None:
+                raise ReplayKDError("the bench measures CPU seconds from /proc, which this system does not have")
+            rates[name].append(rate)
     return rates
 
 
@@ -254,13 +273,19 @@ def together(commands: dict[str, list], work: Path) -> None:
     """Start replaykd commands at once in fresh processes and wait for all (their errors into files under `work`, so
     that no pipe fills and stalls one of them)."""
     procs = {}
-    for name, args in commands.items():
-        with open(work / f"{name}.stderr", "w") as err:
-            procs[name] = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=err)
-    for name, proc in procs.items():
-        if proc.wait():
-            tail = (work / f"{name}.stderr").read_text()[-3000:]
-            raise ReplayKDError(f"replaykd {commands[name][0]} ({name}) failed during the bench:\n{tail}")
+    try:
+        for name, args in commands.items():
+            with open(work / f"{name}.stderr", "w") as err:
+                procs[name] = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=err)
+        for name, proc in procs.items():
+            if proc.wait():
+                tail = (work / f"{name}.stderr").read_text()[-3000:]
+                raise ReplayKDError(f"replaykd {commands[name][0]} ({name}) failed during the bench:\n{tail}")
+    finally:  # one failed (or the bench was stopped): the others stop too, rather than run on unwatched
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def describe(student: dict) -> str:
@@ -318,7 +343,7 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
 
 def concurrent_students(data: Path, preset, student: dict, workers: int, device: str, work: Path) -> dict:
     """Images/s of a train-student run alone, and of each of two started together on the same machine (with the
-    defaults: each process sets its compute threads to the cores less its loader workers)."""
+    defaults: each process takes its share of the cores among the runs computing)."""
     common = ["train-student", "--manifest", data, "--recipe", preset.recipe, "--epochs", preset.epochs,
               "--batch-size", preset.batch, "--workers", workers, "--device", device, "--distillation", "none",
               "--student", student["student"], *[a for k in ("patch_size", "depth", "embed_dim", "num_heads")

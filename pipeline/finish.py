@@ -1,7 +1,8 @@
 """The float steps of the views, run where a batch is consumed: the GPU in training, the CPU in tests and verify.
 
 In order, for each image of the batch (its pixel rows: a view's own, and its partner's): uint8 -> float and
-normalise, through a per-channel table of 256 values made by timm's own ToTensor and Normalize (so a pixel gets exactly the float timm's transform gives it);
+normalise, through a per-channel table of 256 values made by timm's own ToTensor and Normalize (so a pixel gets
+exactly the float timm's transform gives it);
 random erasing, copying in the boxes and values the worker drew; then Mixup or CutMix of the view with its partner.
 Plain eager ops with nothing a device could round its own way: a table look-up, copies, a select, and Mixup's two
 float32 products and one sum (each correctly rounded, never fused). So a batch finishes to the same bits on every

@@ -153,18 +153,14 @@ class RunFolder:
         return summary
 
 
-def mean_rate(log: list[dict]) -> float:
-    """The run's training images/s: all epochs' images over all epochs' training seconds (evaluation excluded)."""
-    seconds = sum(r["train_seconds"] for r in log)
-    return sum(r["images"] for r in log) / seconds if seconds > 0 else 0.0
-
-
-def mean_cpu_rate(log: list[dict]) -> float | None:
-    """The run's training images per CPU second of its process and loader workers (None: not measured)."""
-    if any(r.get("train_cpu_seconds") is None for r in log):
+def mean_rate(log: list[dict], seconds: str = "train_seconds") -> float | None:
+    """The run's training images per second: all epochs' images over all epochs' `seconds` (evaluation excluded;
+    `train_cpu_seconds`: per CPU second of its processes and loader workers). None where an epoch has no such
+    figure."""
+    if any(r.get(seconds) is None for r in log):
         return None
-    seconds = sum(r["train_cpu_seconds"] for r in log)
-    return sum(r["images"] for r in log) / seconds if seconds > 0 else 0.0
+    total = sum(r[seconds] for r in log)
+    return sum(r["images"] for r in log) / total if total > 0 else 0.0
 
 
 def schedule_differences(saved: dict, now: dict) -> list[str]:

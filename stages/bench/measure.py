@@ -25,7 +25,7 @@ from pipeline.loader import CacheViews, ReplayViews, ViewCollate
 from pipeline.manifest import Manifest
 from pipeline.plan import chosen_positions
 from pipeline.recipe import Recipe
-from pipeline.runs import RunFolder, mean_cpu_rate, mean_rate
+from pipeline.runs import RunFolder, mean_rate
 from pipeline.student import build_student
 from pipeline.threads import cores
 from pipeline.work import ShardWork
@@ -257,7 +257,7 @@ def side_by_side(tag: str, args: dict[str, list], rounds: int, fresh: bool, work
                 replaykd(*command, fresh=False)
         for name, out in outs.items():
             log = RunFolder(out).log()
-            rate = mean_cpu_rate(log[1:] or log)
+            rate = mean_rate(log[1:] or log, "train_cpu_seconds")
             if rate is None:
                 raise ReplayKDError("the bench measures CPU seconds from /proc, which this system does not have")
             rates[name].append(rate)

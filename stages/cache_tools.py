@@ -93,7 +93,7 @@ def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
     dev = pick_device(o.device)
     teacher = loaded.wrap(recipe.mean, recipe.std, dev)
     replayer, finish, collate = Replayer(recipe, c.run_seed), Finisher(recipe), ViewCollate(c.num_classes, 0.0)
-    problems, max_diff, agree, n = [], 0.0, 0, 0
+    problems, max_diff, agree, n, mismatched, unreadable = [], 0.0, 0, 0, 0, 0
     for shard_no, shard_picks in groupby(picks, key=lambda p: p[0]):
         shard = cache.shards[shard_no]
         records = read_shard(manifest, c.split, shard)
@@ -103,9 +103,11 @@ def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
                 unit = cache.read_unit(epoch, shard_no)
             except DamagedUnit as exn:
                 problems.append(str(exn))
+                unreadable += 1
                 continue
             v = replayer.view_at(replayer.plan(len(records), epoch, shard, shard_no), records, slot)
             if v.fingerprint != unit.fingerprint[slot]:
+                mismatched += 1
                 problems.append(f"epoch {epoch} key '{v.key}' repeat {v.repeat}: fingerprint "
                                 f"{unit.fingerprint[slot]:08x} stored, {v.fingerprint:08x} replayed")
             views.append(v)
@@ -120,10 +122,10 @@ def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
             n += len(s_probs)
     if max_diff > o.atol:
         problems.append(f"teacher probabilities differ by up to {max_diff:.4g} (> --atol {o.atol})")
-    fingerprints_ok = not any("fingerprint" in p for p in problems)
     typer.echo(f"verified {n} views of {o.store}"
                + (f" (every view it holds: fewer than --samples {o.samples})" if len(picks) < o.samples else "")
-               + f": fingerprints {'OK' if fingerprints_ok else 'MISMATCH'}, teacher "
+               + (f", {unreadable} not (their units are damaged)" if unreadable else "")
+               + f": fingerprints {'OK' if not mismatched else f'{mismatched} MISMATCH'}, teacher "
                f"top-1 agreement {100 * agree / max(1, n):.1f}%, max |prob difference| {max_diff:.2e}")
     return problems
 

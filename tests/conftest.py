@@ -19,7 +19,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="replaykd-hf-")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 
-from pipeline.cache import TeacherCache  # noqa: E402
+from pipeline.cache import TARGETS, TeacherCache, UnitArrays  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.shards import write_shards  # noqa: E402
 from pipeline.sources import digits_source  # noqa: E402
@@ -87,8 +87,11 @@ def options(digits_dir, ckpt, out, **kw) -> TeacherCacheOptions:
 
 
 def arrays(path) -> dict:
+    """A store's probabilities, classes and fingerprints, each shaped (epoch, shard, slot[, k])."""
     cache = TeacherCache.open(path)
-    return {n: a[:] for n, a in cache.arrays.items()}
+    rows = cache.arrays[TARGETS][:]
+    unit = UnitArrays.unpack(rows.reshape(-1, rows.shape[-1]), cache.config.topk, cache.config.num_classes)
+    return {n: a.reshape(*rows.shape[:3], *a.shape[1:]) for n, a in unit.arrays().items()}
 
 
 @pytest.fixture(scope="session")

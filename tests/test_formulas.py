@@ -142,3 +142,21 @@ def test_draft_decoding_reach_depends_on_the_image_size():
     deit = Recipe.load("deit")
     assert draft_eligible(deit, (500, 375), 300) == 0.0  # a 375 px side is under twice 224: no crop qualifies
     assert 0.0 < draft_eligible(deit, (1000, 750), 300) < 1.0  # larger photographs: some repeats' crops do
+
+
+@pytest.mark.parametrize("num_classes", [1000, 40_000])
+def test_a_units_rows_pack_into_uint16_columns_and_back_exactly(num_classes):
+    rng = np.random.default_rng(1)
+    unit = UnitArrays.zeros(37, 5, num_classes)
+    unit.probs[:] = np.sort(rng.dirichlet(np.ones(20), size=37)[:, :5], axis=1)[:, ::-1]
+    unit.classes[:] = rng.integers(num_classes, size=(37, 5))
+    unit.fingerprint[:] = rng.integers(2**32, size=37, dtype=np.uint32)
+    packed = unit.packed()
+    assert packed.dtype == np.uint16 and packed.shape == (37, UnitArrays.columns(5, num_classes))
+    assert packed.shape[1] == (5 + 5 + 2 if num_classes <= 32768 else 5 + 10 + 2)  # int32 classes take two columns
+    back = UnitArrays.unpack(packed, 5, num_classes)
+    for name, values in unit.arrays().items():
+        got = getattr(back, name)
+        assert got.dtype == values.dtype and got.shape == values.shape
+        assert np.array_equal(got.view(np.uint8), values.view(np.uint8)), name
+    assert (packed[:, -2:].astype(np.uint32) << np.array([0, 16], np.uint32)).sum(1).tolist() == unit.fingerprint.tolist()

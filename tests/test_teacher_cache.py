@@ -205,7 +205,7 @@ def test_plain_zarr_opens_the_store_without_warnings(store):
         warnings.simplefilter("error")
         group = zarr.open_group(str(store), mode="r")
         members = sorted(name for name, _ in group.members(max_depth=None))
-        assert [m for m in members if "/" not in m] == ["claims", "classes", "complete", "fingerprint", "probs", "runs"]
+        assert [m for m in members if "/" not in m] == ["claims", "complete", "runs", "targets"]
         # each building process's figures, and the claim records (given up, they stay: generations only grow)
         assert all(m.startswith(("runs/", "claims/")) for m in members if "/" in m)
 
@@ -230,7 +230,7 @@ def test_full_disk_is_a_clear_error_and_the_store_resumes(store, digits_dir, tea
 def test_damaged_bytes_are_named_repaired_and_rebuilt(store, digits_dir, teacher_ckpt, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(store, damaged)
-    chunk = damaged / "classes" / "c" / "0" / "3" / "0" / "0"  # epochs 0-1 of data shard 3, class indices
+    chunk = damaged / "targets" / "c" / "0" / "3" / "0" / "0"  # epochs 0-1 of data shard 3
     data = bytearray(chunk.read_bytes())
     for i in range(40):  # 40 bytes in the first inner chunk's compressed data
         data[len(data) // 8 + i] ^= 0x5A
@@ -240,13 +240,13 @@ def test_damaged_bytes_are_named_repaired_and_rebuilt(store, digits_dir, teacher
                "2", "--batch-size", "64", "--workers", "0", "--device", "cpu"]
     proc = run_cli(*student, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "shard train-000003.tar) is damaged: array 'classes' fails its checksum" in proc.stderr
+    assert "shard train-000003.tar) is damaged: array 'targets' fails its checksum" in proc.stderr
     assert f"replaykd cache repair {damaged}" in proc.stderr and not (tmp_path / "run").exists()
     proc = run_cli("cache", "verify", damaged, "--full", "--samples", "0", check=False)
-    assert proc.returncode == 1 and "damaged: unit (epoch 0, shard train-000003.tar) array 'classes'" in proc.stderr
+    assert proc.returncode == 1 and "damaged: unit (epoch 0, shard train-000003.tar) array 'targets'" in proc.stderr
     assert "1 damaged" in proc.stdout
     proc = run_cli("cache", "repair", damaged)
-    assert "damaged: unit (epoch 0, shard train-000003.tar) array 'classes'" in proc.stdout
+    assert "damaged: unit (epoch 0, shard train-000003.tar) array 'targets'" in proc.stdout
     assert "2 units are now missing" in proc.stdout and "replaykd teacher-cache " in proc.stdout
     assert TeacherCache.open(damaged).missing() == [(0, 3), (1, 3)]  # the whole Zarr shard file's units
     run(options(digits_dir, teacher_ckpt, damaged))  # the same command that built it

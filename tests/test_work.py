@@ -198,7 +198,7 @@ def _request(topk=5):
 
 
 def test_concurrent_creators_make_one_store_and_a_killed_creation_is_taken_over(tmp_path):
-    from pipeline.cache import TeacherCache
+    from pipeline.cache import TARGETS, TeacherCache
 
     path, made, errors = tmp_path / "store", [], []
     barrier = threading.Barrier(6)
@@ -219,7 +219,7 @@ def test_concurrent_creators_make_one_store_and_a_killed_creation_is_taken_over(
         t.join()
     assert not errors and len(made) == 6
     cache = TeacherCache.open(path)
-    assert cache.config.epochs == 3 and cache.arrays["probs"].shape[0] == 3  # grown by the runs that asked for 3
+    assert cache.config.epochs == 3 and cache.arrays[TARGETS].shape[0] == 3  # grown by the runs that asked for 3
     assert cache.attrs["created_by"] in {f"l{i}" for i in range(6)}
     assert Claims(LocalStorage(path), "x").current(CHANGING)[1].renewed == 0.0  # the lock is given up
     # a creation killed half-way (its lock left by a process that is gone) is redone by the next run

@@ -50,7 +50,10 @@ class Preset:
     fresh: bool = True  # run the measured commands in fresh processes, as users do (smoke: in this process)
     ensembles: tuple[int, ...] = (2, 4)  # caches per stage-two ensemble run, each measured against one cache
     big_shard: int = 1000  # photographs in the shard of the loader's ImageNet-sized measurement (smoke: fewer)
-    side_rounds: int = 5  # rounds of the runs started together for P1 and for the ensembles' cost
+    # rounds of the runs started together, for P1 and for the ensembles' cost: a round's ratio moves by about 4% on
+    # a shared 2-core host (measured 2026-12-03), so P1, read against a goal 1-3% away, takes more of them
+    p1_rounds: int = 12
+    side_rounds: int = 6
 
 
 PRESETS = {
@@ -62,7 +65,7 @@ PRESETS = {
     # student has 2 blocks, not 6: stage two trains it nine times (labels twice, one cache, online; P1's two arms; 1,
     # 2 and 4 caches), and the suite's time is spent on what the bench's code does, not on the student's depth.
     "smoke": Preset(("digits",), "digits", "regnety_002", 32, ({**TINY_DEIT, "depth": 2},), 64, 256, 1, 1,
-                    fresh=False, big_shard=48, side_rounds=1),
+                    fresh=False, big_shard=48, p1_rounds=1, side_rounds=1),
     # GPU: DeiT's sizes on ImageNet-sized JPEGs cut from real photographs (500x375, 1000 classes), regnety_160 at 224.
     "imagenet": Preset(("photographs",), "deit", "regnety_160", None,
                        tuple({"student": f"deit_{s}_distilled_patch16_224"} for s in ("tiny", "small", "base")), 256, 256, 1, 2),

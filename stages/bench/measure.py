@@ -33,7 +33,8 @@ from stages.bench.runner import CLI, replaykd
 
 
 # What the rates of P1 and of the ensembles' cost are, measured side by side (on the CPU).
-SIDE_BY_SIDE = "images per CPU second of runs started together, one thread each, over the epochs after the first"
+SIDE_BY_SIDE = ("images per CPU second of runs started together (each first in turn), one thread each, over the "
+                "epochs after the first")
 # The ensemble sizes the bench may measure, as its JSON names their ratios to one cache.
 ENSEMBLE_NAMES = {2: "two_caches", 4: "four_caches"}
 
@@ -197,7 +198,7 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
     med = {k: statistics.median(v) for k, v in rates.items()}
     if side:
         arms = {k: [*common, *variants[k]] for k in ("cache_kd", "no_kd_same_student")}
-        p1 = side_by_side("p1", arms, preset.side_rounds, preset.fresh, work)
+        p1 = side_by_side("p1", arms, preset.p1_rounds, preset.fresh, work)
         ens = side_by_side("ensemble", {"cache_kd": arms["cache_kd"], **{k: [*common, *v]
                                                                          for k, v in ensembles.items()}},
                            preset.side_rounds, preset.fresh, work)
@@ -243,13 +244,16 @@ def side_by_side(tag: str, args: dict[str, list], rounds: int, fresh: bool, work
     """
     outs = {name: work / f"{tag}-{name}" for name in args}  # each run's folder
     rates: dict[str, list[float]] = {name: [] for name in args}
-    for _ in range(rounds):
+    names = list(args)
+    for r in range(rounds):
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
         # side by side, one thread each throughout: by default a run takes more once the other has ended, for its
-        # last epochs only
+        # last epochs only; and each run started first in turn, as the one started last tends to end last and
+        # have the machine to itself for a moment (measured: that favoured it by a few percent)
         threads = ["--threads", 1] if fresh else []
-        runs = {name: ["train-student", "--out", out, *args[name], *threads] for name, out in outs.items()}
+        order = names[r % len(names):] + names[:r % len(names)]
+        runs = {name: ["train-student", "--out", outs[name], *args[name], *threads] for name in order}
         if fresh:
             together(runs, work)
         else:

@@ -1,21 +1,23 @@
 """The teacher cache: top-k targets per view in a Zarr v3 store, written in whole units.
 
-Layout: one array, `targets`, shaped (epochs, shards, slots, columns): a unit of work is one (epoch, shard), its
-views are the unit's slots in the epoch plan's order (`pipeline/plan.py`), and only what cannot be recomputed is
-stored, a row of uint16 columns per view (`UnitArrays.packed`): the teacher's top-k probabilities and classes, and
-the view's fingerprint (seeds, partners and mix weights are derived from (run seed, epoch, key) again by every
-reader, and the fingerprint proves it). A unit is one inner chunk, read in one request (one chunk per array cost a
-reader about 1.5 ms of CPU each in Zarr's machinery: three times that per unit), and all epochs of a data shard
-live in Zarr shard files that only that data shard's writer touches (a data shard has one writer at a time:
-`pipeline/claims.py`), so no two writers ever share a file. Every chunk ends in a CRC-32C (Zarr's crc32c codec),
-checked on every read: damaged bytes are an error naming the unit and the array, never wrong targets. Zarr's local store writes each file atomically, and a unit's
-completion is recorded (in the `complete` array, one file per data shard) only after its data, so a run killed at
-any point resumes to arrays identical to an uninterrupted run's. Readers trust completed units only.
+Layout: one data array, `targets`, shaped (epochs, shards, slots, columns): a unit of work is one (epoch, shard),
+its views are the unit's slots in the epoch plan's order (`pipeline/plan.py`), and only what cannot be recomputed
+is stored, a row of uint16 columns per view (`UnitArrays.packed`): the teacher's top-k probabilities and classes,
+and the view's fingerprint (seeds, partners and mix weights are derived from (run seed, epoch, key) again by every
+reader, and the fingerprint proves it). A unit is one inner chunk, read in one request: Zarr spends about 1.5 ms of
+CPU per chunk read, and three arrays (format 6) made a digits unit's read 6.2 ms against 2.6 ms now. All epochs of
+a data shard live in Zarr shard files that only that data shard's writer touches (a data shard has one writer at a
+time: `pipeline/claims.py`), so no two writers ever share a file. Every chunk ends in a CRC-32C (Zarr's crc32c
+codec), checked on every read: damaged bytes are an error naming the unit and the array, never wrong targets.
+Zarr's local store writes each file atomically, and a unit's completion is recorded (in the `complete` array, one
+file per data shard) only after its data, so a run killed at any point resumes to arrays identical to an
+uninterrupted run's. Readers trust completed units only.
 
-A completion record holds, per array, a CRC-32C of the unit's stored values as written. Zarr reads a chunk that is
-absent (a file deleted, lost in a copy, or never written) as its fill value, zeros, which no chunk checksum can
-catch; so every read compares the values it got with the record, and a unit whose data is missing, short or not
-the data its record names is an error naming the unit, the array and the file, never class 0 with probability 0.
+A completion record holds a CRC-32C of the unit's stored rows as written (one entry per data array). Zarr reads a
+chunk that is absent (a file deleted, lost in a copy, or never written) as its fill value, zeros, which no chunk
+checksum can catch; so every read compares the values it got with the record, and a unit whose data is missing,
+short or not the data its record names is an error naming the unit, the array and the file, never class 0 with
+probability 0.
 """
 from __future__ import annotations
 
@@ -59,9 +61,10 @@ def index_dtype(num_classes: int) -> str:
     return "int16" if num_classes <= np.iinfo(np.int16).max + 1 else "int32"
 
 
-def _stored(dtype: str, per_class: bool):
-    # dtype "index": int16 or int32, by the number of classes; per_class: the array has a trailing k axis
-    return field(metadata={"dtype": dtype, "per_class": per_class})
+def _column(dtype: str, per_class: bool, deltas: bool = False):
+    # dtype "index": int16 or int32, by the number of classes; per_class: a trailing k axis; deltas: stored as
+    # `encode_sorted_float16`'s bit-pattern differences, which compress better than the values
+    return field(metadata={"dtype": dtype, "per_class": per_class, "deltas": deltas})
 
 
 def encode_sorted_float16(values: np.ndarray) -> np.ndarray:
@@ -84,7 +87,7 @@ def decode_sorted_float16(stored: np.ndarray) -> np.ndarray:
     return bits.view(np.float16)
 
 
-# The one array the store holds: a row of uint16 columns per view (little-endian halves where a value is wider).
+# The store's data array (beside the completion records).
 TARGETS = "targets"
 
 
@@ -92,9 +95,9 @@ TARGETS = "targets"
 class UnitArrays:
     """The teacher's targets of one unit (or of any rows), one row per view, as stage two uses them."""
 
-    probs: np.ndarray = _stored("float16", True)  # the teacher's top-k probabilities, sorted, of the mixed view
-    classes: np.ndarray = _stored("index", True)  # their class indices
-    fingerprint: np.ndarray = _stored("uint32", False)  # CRC-32C of the view (proves the replay)
+    probs: np.ndarray = _column("float16", True, deltas=True)  # the teacher's top-k probabilities of the mixed view
+    classes: np.ndarray = _column("index", True)  # their class indices
+    fingerprint: np.ndarray = _column("uint32", False)  # CRC-32C of the view (proves the replay)
 
     @staticmethod
     def specs(num_classes: int) -> dict[str, tuple[str, bool]]:
@@ -122,30 +125,39 @@ class UnitArrays:
         """The given rows (an index or a mask)."""
         return UnitArrays(**{name: arr[rows] for name, arr in self.arrays().items()})
 
-    def packed(self) -> np.ndarray:
-        """The rows as the store holds them: uint16 columns, probabilities as bit-pattern deltas
-        (`encode_sorted_float16`), then the classes, then the fingerprint."""
-        return np.concatenate([_as_uint16(encode_sorted_float16(v) if name == "probs" else v.reshape(len(v), -1))
-                               for name, v in self.arrays().items()], axis=1)
+    def packed(self, num_classes: int) -> np.ndarray:
+        """The rows as the store holds them: uint16 columns, the fields in declaration order, each as its declared
+        dtype (a value wider than 16 bits as its little-endian halves), probabilities as bit-pattern deltas."""
+        columns = []
+        for f in fields(self):
+            dtype, per_class = self.specs(num_classes)[f.name]
+            values = np.asarray(getattr(self, f.name), dtype)
+            values = encode_sorted_float16(values) if f.metadata["deltas"] else values
+            columns.append(_as_uint16(values if per_class else values[:, None]))
+        return np.concatenate(columns, axis=1)
 
     @classmethod
     def unpack(cls, rows: np.ndarray, topk: int, num_classes: int) -> "UnitArrays":
         """The inverse of `packed`."""
+        if rows.shape[1] != cls.columns(topk, num_classes):
+            raise ValueError(f"rows of {rows.shape[1]} columns; top-{topk} of {num_classes} classes take "
+                             f"{cls.columns(topk, num_classes)}")
         out, start = {}, 0
-        for name, (dtype, per_class) in cls.specs(num_classes).items():
-            kind = np.dtype("uint16" if name == "probs" else dtype)
+        for f in fields(cls):
+            dtype, per_class = cls.specs(num_classes)[f.name]
+            kind = np.dtype("uint16" if f.metadata["deltas"] else dtype)
             width = kind.itemsize // 2 * (topk if per_class else 1)
             values = np.ascontiguousarray(rows[:, start:start + width], dtype="<u2").view(kind.newbyteorder("<"))
-            values = decode_sorted_float16(values) if name == "probs" else values.astype(kind)
-            out[name] = values if per_class else values[:, 0]
+            values = decode_sorted_float16(values) if f.metadata["deltas"] else values.astype(kind)
+            out[f.name] = values if per_class else values[:, 0]
             start += width
         return cls(**out)
 
 
 def _as_uint16(values: np.ndarray) -> np.ndarray:
-    """Rows of any fixed-size values as uint16 columns (little-endian halves of wider values)."""
-    little = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
-    return little.view("<u2").reshape(len(values), -1).astype(np.uint16)
+    """Rows of fixed-size values as uint16 columns, a wider value as its little-endian halves (the same columns on
+    any machine)."""
+    return np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).view("<u2").astype(np.uint16)
 
 
 def digest(values: np.ndarray) -> int:
@@ -444,11 +456,11 @@ class TeacherCache:
 
     def write_unit(self, epoch: int, shard_no: int, data: UnitArrays,
                    still_mine: Callable[[], bool] | None = None) -> None:
-        """Write one unit's arrays, then record it complete with their digests. The caller owns this data shard;
-        `still_mine`, asked before the arrays are written and again right before the completion is recorded, says
+        """Write one unit's rows, then record it complete with their digest. The caller owns this data shard;
+        `still_mine`, asked before the rows are written and again right before the completion is recorded, says
         whether it still does (a process taken for gone stops rather than writing beside the new holder)."""
         n = self.unit_size(epoch, shard_no)
-        stored = {TARGETS: data.packed()}
+        stored = {TARGETS: data.packed(self.config.num_classes)}
 
         def check_claim() -> None:
             if still_mine is not None and not still_mine():
@@ -526,8 +538,8 @@ class TeacherCache:
         return found
 
     def drop(self, damaged: list[tuple[int | None, int, str]]) -> list[tuple[int, int]]:
-        """Remove the Zarr shard files that hold damaged units (all arrays, so a unit is never half there) and mark
-        every unit they held missing; a shard whose completion records are damaged is marked missing whole. Returns
+        """Remove the Zarr shard files that hold damaged units (of every data array, so a unit is never half there)
+        and mark every unit they held missing; a shard whose completion records are damaged is marked missing whole. Returns
         the (block, shard_no) pairs dropped (a block: `epochs_per_file` epochs)."""
         epf = self.epochs_per_file
         blocks = sorted({(e // epf, s) for e, s, _ in damaged if e is not None})

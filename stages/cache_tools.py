@@ -125,7 +125,7 @@ def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
     typer.echo(f"verified {n} views of {o.store}"
                + (f" (every view it holds: fewer than --samples {o.samples})" if len(picks) < o.samples else "")
                + (f", {unreadable} not (their units are damaged)" if unreadable else "")
-               + f": fingerprints {'OK' if not mismatched else f'{mismatched} MISMATCH'}, teacher "
+               + (": fingerprints OK" if not mismatched else f": fingerprints: {mismatched} of {n} mismatch") + ", teacher "
                f"top-1 agreement {100 * agree / max(1, n):.1f}%, max |prob difference| {max_diff:.2e}")
     return problems
 

@@ -151,7 +151,7 @@ def test_a_units_rows_pack_into_uint16_columns_and_back_exactly(num_classes):
     unit.probs[:] = np.sort(rng.dirichlet(np.ones(20), size=37)[:, :5], axis=1)[:, ::-1]
     unit.classes[:] = rng.integers(num_classes, size=(37, 5))
     unit.fingerprint[:] = rng.integers(2**32, size=37, dtype=np.uint32)
-    packed = unit.packed()
+    packed = unit.packed(num_classes)
     assert packed.dtype == np.uint16 and packed.shape == (37, UnitArrays.columns(5, num_classes))
     assert packed.shape[1] == (5 + 5 + 2 if num_classes <= 32768 else 5 + 10 + 2)  # int32 classes take two columns
     back = UnitArrays.unpack(packed, 5, num_classes)
@@ -160,3 +160,7 @@ def test_a_units_rows_pack_into_uint16_columns_and_back_exactly(num_classes):
         assert got.dtype == values.dtype and got.shape == values.shape
         assert np.array_equal(got.view(np.uint8), values.view(np.uint8)), name
     assert (packed[:, -2:].astype(np.uint32) << np.array([0, 16], np.uint32)).sum(1).tolist() == unit.fingerprint.tolist()
+    empty = UnitArrays.zeros(0, 5, num_classes).packed(num_classes)  # a unit may hold no view (a tiny shard)
+    assert empty.shape == (0, packed.shape[1]) and len(UnitArrays.unpack(empty, 5, num_classes).fingerprint) == 0
+    with pytest.raises(ValueError, match="columns"):
+        UnitArrays.unpack(packed[:, 1:], 5, num_classes)

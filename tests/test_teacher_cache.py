@@ -81,7 +81,7 @@ def test_cache_info_and_verify(store, tmp_path, monkeypatch):
         unit.fingerprint ^= 1
         cache.write_unit(e, s, unit)
     proc = run_cli("cache", "verify", bad, "--samples", "8", "--device", "cpu", check=False)
-    assert proc.returncode == 1 and "fingerprint" in proc.stderr
+    assert proc.returncode == 1 and "fingerprint" in proc.stderr and "fingerprints: 8 of 8 mismatch" in proc.stdout
 
 
 def test_other_recipe_seed_or_manifest_is_refused(store, digits_dir, teacher_ckpt, tmp_path):

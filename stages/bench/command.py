@@ -50,8 +50,9 @@ class Preset:
     fresh: bool = True  # run the measured commands in fresh processes, as users do (smoke: in this process)
     ensembles: tuple[int, ...] = (2, 4)  # caches per stage-two ensemble run, each measured against one cache
     big_shard: int = 1000  # photographs in the shard of the loader's ImageNet-sized measurement (smoke: fewer)
-    # rounds of the runs started together, for P1 and for the ensembles' cost: a round's ratio moves by about 4% on
-    # a shared 2-core host (measured 2026-12-03), so P1, read against a goal 1-3% away, takes more of them
+    # rounds of the runs started together, for P1 and for the ensembles' cost (multiples of 2 and 3: each run starts
+    # first equally often): a round's ratio moves by about 4% on a shared 2-core host (measured 2026-12-03), so P1,
+    # read against a goal 1-3% away, takes more of them
     p1_rounds: int = 12
     side_rounds: int = 6
 
@@ -160,9 +161,10 @@ def bench_markdown(r: dict) -> str:
                 if p1 else "not measured (this bench.json was written before P1 was)")
     rates = {measure.SIDE_BY_SIDE: "images per CPU second (the run's process and its loader workers, the epochs after "
              "the first, one compute thread each)", None: "images/s"}.get(how, how)
+    turns = ", each started first in turn" if r["stage_two"] and r["stage_two"][0].get("side_by_side_turns") else ""
     way = (", the two runs started together so that both meet the machine as it is at the same moments (one after "
-           "the other, a short run's rate here moves by more than the few percent P1 must be read to), the median of "
-           "its rounds" if how == measure.SIDE_BY_SIDE else ", the median of its rounds' ratios" if how else "")
+           f"the other, a short run's rate here moves by more than the few percent P1 must be read to){turns}, the "
+           "median of its rounds" if how == measure.SIDE_BY_SIDE else ", the median of its rounds' ratios" if how else "")
     lines += ["", f"P1, what the cache costs, like for like: {rates} of one student (the distilled DeiT, its "
               "distillation token kept) with hard KD from the cache over the same on the labels only (both heads on "
               f"the labels, `--distillation none --keep-distillation-token`){way}, goal >= "

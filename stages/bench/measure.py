@@ -33,8 +33,7 @@ from stages.bench.runner import CLI, replaykd
 
 
 # What the rates of P1 and of the ensembles' cost are, measured side by side (on the CPU).
-SIDE_BY_SIDE = ("images per CPU second of runs started together (each first in turn), one thread each, over the "
-                "epochs after the first")
+SIDE_BY_SIDE = "images per CPU second of runs started together, one thread each, over the epochs after the first"
 # The ensemble sizes the bench may measure, as its JSON names their ratios to one cache.
 ENSEMBLE_NAMES = {2: "two_caches", 4: "four_caches"}
 
@@ -205,7 +204,7 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
     else:
         p1, ens = ({k: rates[k] for k in names} for names in (("cache_kd", "no_kd_same_student"),
                                                                ("cache_kd", *ensembles)))
-    p1_rounds = ratios(p1, "cache_kd", "no_kd_same_student")
+    p1_ratios = ratios(p1, "cache_kd", "no_kd_same_student")
     ens_rounds = {n: ratios(ens, f"cache_kd_{n}", "cache_kd") for n in preset.ensembles}
     m, rec = Manifest.load(data), Recipe.load(preset.recipe)
     net = build_student(student["student"], m.num_classes, rec.input_size, False, 0.1,
@@ -218,8 +217,9 @@ def student_kd_modes(data: Path, ckpt: Path, preset, student: dict, workers: int
     return {"student": describe(student), "teacher": preset.teacher, "batch_size": preset.batch, "device": str(dev),
             **{f"{k}_images_per_s": v for k, v in med.items()},
             # P1, what the cache costs: the same model, its distillation head fed from the cache or by the labels
-            "p1_same_student": statistics.median(p1_rounds), "p1_same_student_rounds": p1_rounds,
+            "p1_same_student": statistics.median(p1_ratios), "p1_same_student_rounds": p1_ratios,
             "side_by_side_rates_are": SIDE_BY_SIDE if side else "images per second, one run at a time (interleaved)",
+            "side_by_side_turns": side,  # each run started first in turn, round by round
             "p1_rates": {k: statistics.median(v) for k, v in p1.items()},
             "p1_same_student_wall": med["cache_kd"] / med["no_kd_same_student"],
             # DeiT's comparison: the distilled model against its baseline, a model without the distillation token

@@ -161,8 +161,9 @@ def _as_uint16(values: np.ndarray) -> np.ndarray:
 
 
 def digest(values: np.ndarray) -> int:
-    """A stored array's entry in a completion record: its CRC-32C with bit 32 set (0 means not written)."""
-    return (1 << 32) | crc32c(np.ascontiguousarray(values).view(np.uint8))
+    """A stored array's entry in a completion record: the CRC-32C of its little-endian bytes (the same record on any
+    machine) with bit 32 set (0 means not written)."""
+    return (1 << 32) | crc32c(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).view(np.uint8))
 
 
 @dataclass(frozen=True)

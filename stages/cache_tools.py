@@ -98,20 +98,23 @@ def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
         shard = cache.shards[shard_no]
         records = read_shard(manifest, c.split, shard)
         views, stored = [], []
-        for _, epoch, slot in shard_picks:
+        for epoch, unit_picks in groupby(shard_picks, key=lambda p: p[1]):  # each unit read once, named once
+            slots = [slot for _, _, slot in unit_picks]
             try:
                 unit = cache.read_unit(epoch, shard_no)
             except DamagedUnit as exn:
                 problems.append(str(exn))
-                unreadable += 1
+                unreadable += len(slots)
                 continue
-            v = replayer.view_at(replayer.plan(len(records), epoch, shard, shard_no), records, slot)
-            if v.fingerprint != unit.fingerprint[slot]:
-                mismatched += 1
-                problems.append(f"epoch {epoch} key '{v.key}' repeat {v.repeat}: fingerprint "
-                                f"{unit.fingerprint[slot]:08x} stored, {v.fingerprint:08x} replayed")
-            views.append(v)
-            stored.append((unit.probs[slot].astype(np.float32), unit.classes[slot].astype(np.int64)))
+            plan = replayer.plan(len(records), epoch, shard, shard_no)
+            for slot in slots:
+                v = replayer.view_at(plan, records, slot)
+                if v.fingerprint != unit.fingerprint[slot]:
+                    mismatched += 1
+                    problems.append(f"epoch {epoch} key '{v.key}' repeat {v.repeat}: fingerprint "
+                                    f"{unit.fingerprint[slot]:08x} stored, {v.fingerprint:08x} replayed")
+                views.append(v)
+                stored.append((unit.probs[slot].astype(np.float32), unit.classes[slot].astype(np.int64)))
         for i in range(0, len(views), VERIFY_BATCH):
             with torch.inference_mode(), autocast(dev):
                 probs = teacher(finish(collate(views[i:i + VERIFY_BATCH]), dev)).float().softmax(-1).cpu().numpy()

@@ -164,3 +164,11 @@ def test_a_units_rows_pack_into_uint16_columns_and_back_exactly(num_classes):
     assert empty.shape == (0, packed.shape[1]) and len(UnitArrays.unpack(empty, 5, num_classes).fingerprint) == 0
     with pytest.raises(ValueError, match="columns"):
         UnitArrays.unpack(packed[:, 1:], 5, num_classes)
+
+
+def test_a_completion_digest_is_of_little_endian_bytes_on_any_machine():
+    from pipeline.cache import digest
+
+    rows = np.arange(60, dtype=np.uint16).reshape(6, 10) * 1031
+    assert digest(rows) == digest(rows.astype(">u2")) == digest(rows.astype("<u2"))
+    assert digest(rows) != digest(rows[::-1]) and digest(rows) >> 32 == 1

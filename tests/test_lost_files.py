@@ -41,6 +41,10 @@ def test_a_lost_file_through_verify_training_repair_and_rebuild(store, digits_di
     verify = run_cli("cache", "verify", copy, "--full", "--samples", "0", check=False)
     assert verify.returncode == 1 and "read every chunk" in verify.stdout and "2 damaged" in verify.stdout
     assert "unit (epoch 0, shard train-000003.tar) array 'targets'" in verify.stderr
+    # replaying samples: each damaged unit is named once, however many of its views were picked
+    verify = run_cli("cache", "verify", copy, "--samples", "400", "--device", "cpu", check=False)
+    assert verify.returncode == 1 and verify.stderr.count("is damaged") == 2, verify.stderr
+    assert "not (their units are damaged)" in verify.stdout and "fingerprints OK" in verify.stdout
     # stage two refuses the unit by name even with its fingerprint checks off (it used to train on class 0)
     train = run_cli("train-student", "--manifest", digits_dir, "--cache", copy, "--recipe", "digits-ra", "--epochs",
                     "1", "--patch-size", "4", "--depth", "1", "--embed-dim", "48", "--num-heads", "2", "--batch-size",

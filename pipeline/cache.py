@@ -128,9 +128,9 @@ class UnitArrays:
     def packed(self, num_classes: int) -> np.ndarray:
         """The rows as the store holds them: uint16 columns, the fields in declaration order, each as its declared
         dtype (a value wider than 16 bits as its little-endian halves), probabilities as bit-pattern deltas."""
-        columns = []
+        columns, specs = [], self.specs(num_classes)
         for f in fields(self):
-            dtype, per_class = self.specs(num_classes)[f.name]
+            dtype, per_class = specs[f.name]
             values = np.asarray(getattr(self, f.name), dtype)
             values = encode_sorted_float16(values) if f.metadata["deltas"] else values
             columns.append(_as_uint16(values if per_class else values[:, None]))
@@ -139,12 +139,12 @@ class UnitArrays:
     @classmethod
     def unpack(cls, rows: np.ndarray, topk: int, num_classes: int) -> "UnitArrays":
         """The inverse of `packed`."""
-        if rows.shape[1] != cls.columns(topk, num_classes):
-            raise ValueError(f"rows of {rows.shape[1]} columns; top-{topk} of {num_classes} classes take "
-                             f"{cls.columns(topk, num_classes)}")
-        out, start = {}, 0
+        width = cls.columns(topk, num_classes)
+        if rows.shape[1] != width:
+            raise ValueError(f"rows of {rows.shape[1]} columns; top-{topk} of {num_classes} classes take {width}")
+        out, start, specs = {}, 0, cls.specs(num_classes)
         for f in fields(cls):
-            dtype, per_class = cls.specs(num_classes)[f.name]
+            dtype, per_class = specs[f.name]
             kind = np.dtype("uint16" if f.metadata["deltas"] else dtype)
             width = kind.itemsize // 2 * (topk if per_class else 1)
             values = np.ascontiguousarray(rows[:, start:start + width], dtype="<u2").view(kind.newbyteorder("<"))
@@ -154,16 +154,20 @@ class UnitArrays:
         return cls(**out)
 
 
+def _little_endian(values: np.ndarray) -> np.ndarray:
+    """The values as contiguous little-endian ones: the same bytes on any machine."""
+    return np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+
+
 def _as_uint16(values: np.ndarray) -> np.ndarray:
-    """Rows of fixed-size values as uint16 columns, a wider value as its little-endian halves (the same columns on
-    any machine)."""
-    return np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).view("<u2").astype(np.uint16)
+    """Rows of fixed-size values as uint16 columns, a wider value as its little-endian halves."""
+    return _little_endian(values).view("<u2").astype(np.uint16)
 
 
 def digest(values: np.ndarray) -> int:
-    """A stored array's entry in a completion record: the CRC-32C of its little-endian bytes (the same record on any
-    machine) with bit 32 set (0 means not written)."""
-    return (1 << 32) | crc32c(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).view(np.uint8))
+    """A stored array's entry in a completion record: the CRC-32C of its little-endian bytes with bit 32 set (0
+    means not written)."""
+    return (1 << 32) | crc32c(_little_endian(values).view(np.uint8))
 
 
 @dataclass(frozen=True)
@@ -540,8 +544,8 @@ class TeacherCache:
 
     def drop(self, damaged: list[tuple[int | None, int, str]]) -> list[tuple[int, int]]:
         """Remove the Zarr shard files that hold damaged units (of every data array, so a unit is never half there)
-        and mark every unit they held missing; a shard whose completion records are damaged is marked missing whole. Returns
-        the (block, shard_no) pairs dropped (a block: `epochs_per_file` epochs)."""
+        and mark every unit they held missing; a shard whose completion records are damaged is marked missing
+        whole. Returns the (block, shard_no) pairs dropped (a block: `epochs_per_file` epochs)."""
         epf = self.epochs_per_file
         blocks = sorted({(e // epf, s) for e, s, _ in damaged if e is not None})
         whole = sorted({s for e, s, _ in damaged if e is None})

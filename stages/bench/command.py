@@ -151,7 +151,7 @@ def bench_markdown(r: dict) -> str:
               f"**{figure(s.get('p1_same_student'), '.3f')}** | **{s['cached_over_no_kd']:.3f}** | "
               f"**{s['cached_over_online']:.2f}** | {s['flop_bound_online_cost']:.2f} |" for s in r["stage_two"]]
     p1 = r.get("p1_same_student")
-    how = r["stage_two"][0].get("side_by_side_rates_are") if r["stage_two"] else None
+    how = _measured(r).get("side_by_side_rates_are")
     spread = "; ".join(f"{s['data']} {min(s['p1_same_student_rounds']):.3f} to {max(s['p1_same_student_rounds']):.3f} "
                        f"over {len(s['p1_same_student_rounds'])} rounds, per second one after the other "
                        f"{s['p1_same_student_wall']:.3f}" for s in r["stage_two"] if s.get("p1_same_student_rounds"))
@@ -161,7 +161,7 @@ def bench_markdown(r: dict) -> str:
                 if p1 else "not measured (this bench.json was written before P1 was)")
     rates = {measure.SIDE_BY_SIDE: "images per CPU second (the run's process and its loader workers, the epochs after "
              "the first, one compute thread each)", None: "images/s"}.get(how, how)
-    turns = ", each started first in turn" if r["stage_two"] and r["stage_two"][0].get("side_by_side_turns") else ""
+    turns = ", each started first in turn" if _measured(r).get("side_by_side_turns") else ""
     way = (", the two runs started together so that both meet the machine as it is at the same moments (one after "
            f"the other, a short run's rate here moves by more than the few percent P1 must be read to){turns}, the "
            "median of its rounds" if how == measure.SIDE_BY_SIDE else ", the median of its rounds' ratios" if how else "")
@@ -206,14 +206,18 @@ def bench_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _measured(r: dict) -> dict:
+    """The first stage-two entry of a bench.json, which says how its P1 and ensemble rates were measured ({}: none)."""
+    return r["stage_two"][0] if r["stage_two"] else {}
+
+
 def ensemble_markdown(r: dict) -> list[str]:
     """The ensemble's cost in images/s, a row per stage-two student (nothing for a bench.json from before it)."""
     ens = r.get("ensemble")
     if not ens:
         return []
     sizes = ens["caches"]
-    unit = "img/CPU-s" if r["stage_two"] and r["stage_two"][0].get("side_by_side_rates_are") == measure.SIDE_BY_SIDE \
-        else "img/s"
+    unit = "img/CPU-s" if _measured(r).get("side_by_side_rates_are") == measure.SIDE_BY_SIDE else "img/s"
     lines = ["", f"| stage two student, data | one cache {unit} | "
              + " | ".join(f"{n} caches {unit}" for n in sizes)
              + " | " + " | ".join(f"{n} caches / one (rounds)" for n in sizes) + " |",

@@ -75,6 +75,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def restarted() -> bool:
+    """Whether this attempt follows an elastic restart of any node's workers (the same answer on every rank).
+
+    torchrun's TORCHELASTIC_RESTART_COUNT counts only the restarts a node's own failures used: a node whose workers
+    were restarted because another node's worker died (a membership change, which costs no --max-restarts) still
+    says 0, so ranks deciding alone would disagree, one resuming and the other starting afresh."""
+    count = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))])
+    if dist.is_initialized():
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else count.device
+        count = count.to(on)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item()) > 0
+
+
 def sum_across_ranks(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Element-wise sum of a CPU tensor over all ranks (nccl needs it on the GPU for the reduction)."""
     if not dist.is_initialized():

@@ -3,7 +3,6 @@ cache (or from an online teacher, or none)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from pipeline import rng
 from pipeline import teacher as teachers
 from pipeline.cache import CacheRequest, TeacherCache
 from pipeline.device import pick_device, set_threads
-from pipeline.distributed import barrier, init_distributed, is_main_process
+from pipeline.distributed import barrier, init_distributed, is_main_process, restarted
 from pipeline.engine import evaluate, train_one_epoch
 from pipeline.errors import Interrupted, ReplayKDError
 from pipeline.export import Preprocessing, export
@@ -136,8 +135,8 @@ def run(o: StudentOptions) -> dict:
     manifest, recipe = Manifest.load(o.manifest), Recipe.load(o.recipe)
     eval_split = manifest.eval_split(o.eval_split)
     folder = RunFolder(o.out)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = o.resume or (restarted and folder.has_state())
+    elastic = restarted()
+    resume = o.resume or (elastic and folder.has_state())
     finished = folder.summary() if resume else None
     if finished is not None:
         if finished["epochs"] != o.epochs:
@@ -151,7 +150,7 @@ def run(o: StudentOptions) -> dict:
     check_writable(o.out, "--out")
     if resume:
         folder.check_resume(o.plan(), {k: getattr(o, k) for k in o.BATCHING})
-    elif not restarted:
+    elif not elastic:
         folder.check_new()
     check_available([s for s, on in (("tensorboard", o.log_tensorboard), ("wandb", o.log_wandb)) if on])
     source, view_epochs, teacher_records = target_source(o, manifest, recipe, dev)

@@ -44,9 +44,9 @@ def torchrun(*launch) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *map(str, launch), "-m", "stages"]
 
 
-def start(cmd: list, **kw) -> subprocess.Popen:
+def start(cmd: list, env: dict | None = None, **kw) -> subprocess.Popen:
     return subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in (env or {}).items()}}, **kw)
 
 
 def finish(*procs: subprocess.Popen, timeout: int = 400) -> list[str]:
@@ -124,6 +124,23 @@ def test_two_nodes_resume_when_only_one_nodes_worker_is_killed(digits_dir, store
     kill_a_worker_when(nodes[1], lambda: (out / "train_state.pt").exists())  # after epoch 0's checkpoint
     outs = finish(*nodes, timeout=300)
     assert any(f"resuming {out} at epoch 1 of 2" in o for o in outs)
+    assert sha256(out / "checkpoint.safetensors") == sha256(reference / "checkpoint.safetensors")
+
+
+def test_ranks_resume_together_when_only_one_node_counts_a_restart(digits_dir, store, reference, tmp_path):
+    # torchrun restarts the workers of a node whose worker did not fail as a membership change, which leaves its
+    # TORCHELASTIC_RESTART_COUNT at 0 while the failed node's says 1: each rank deciding alone, one resumed and the
+    # other refused the folder ("holds a run already"), and the group broke apart (issue 35: 1 run in 3 failed)
+    out = tmp_path / "restarted"
+    shutil.copytree(reference, out)
+    (out / "summary.json").unlink()
+    port = free_port()
+    ranks = [start([sys.executable, "-m", "stages", "train-student", "--out", out, "--manifest", digits_dir, "--cache",
+                    store, *STUDENT],
+                   env={"RANK": rank, "LOCAL_RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": port, "TORCHELASTIC_RESTART_COUNT": count})
+             for rank, count in ((0, "0"), (1, "1"))]
+    assert f"resuming {out} at epoch 2 of 2" in finish(*ranks, timeout=300)[0]
     assert sha256(out / "checkpoint.safetensors") == sha256(reference / "checkpoint.safetensors")
 
 

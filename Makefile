@@ -38,7 +38,7 @@ ENSEMBLE_STUDY ?= runs/study-ensemble
 TEACHER_B      ?= resnet10t
 TEACHER_B_CKPT ?= $(ENSEMBLE_STUDY)/teacher-b/teacher.safetensors
 STORE_B        ?= $(ENSEMBLE_STUDY)/cache-b.zarr
-LAUNCH         := $(if $(filter 1,$(NPROC)),$(RKD),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) -m stages)
+LAUNCH         := $(if $(filter 1,$(NPROC)),$(RKD),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) -m replaykd)
 
 .PHONY: venv test test-fast shards train-teacher teacher-cache train-student demo-start demo demo-hard demo-online demo-none study teacher-cache-b study-ensemble bench bench-scale pillow-simd readme clean
 

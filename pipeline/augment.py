@@ -26,9 +26,9 @@ from timm.data import auto_augment as aa
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from pipeline.errors import ReplayKDError
-from pipeline.recipe import Recipe
-from pipeline.records import Erase, MixParams
+from replaykd.errors import ReplayKDError
+from replaykd.recipe import Recipe
+from replaykd.records import Erase, MixParams
 
 
 class Draws:

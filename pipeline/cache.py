@@ -31,17 +31,17 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 
-from pipeline.claims import CHANGING, CLAIMS, Claims, newest
-from pipeline.errors import ReplayKDError
-from pipeline.plan import PAIR_GROUP, max_unit_size, unit_size
-from pipeline.reader import crc32c
-from pipeline import storage as storages
-from pipeline.storage import Location
+from replaykd.claims import CHANGING, CLAIMS, Claims, newest
+from replaykd.errors import ReplayKDError
+from replaykd.plan import PAIR_GROUP, max_unit_size, unit_size
+from replaykd.reader import crc32c
+from replaykd import storage as storages
+from replaykd.storage import Location
 
 if TYPE_CHECKING:
-    from pipeline.manifest import Manifest
-    from pipeline.recipe import Recipe
-    from pipeline.teacher import TeacherIdentity
+    from replaykd.manifest import Manifest
+    from replaykd.recipe import Recipe
+    from replaykd.teacher import TeacherIdentity
 
 FORMAT_NAME = "replaykd.teacher-cache"
 # 4: CRC-32C per chunk, the teacher's identity and preprocessing, the views' fields only; 5: completion records
@@ -205,7 +205,7 @@ class CacheRequest:
     def of(cls, manifest: Manifest, split: str, recipe: Recipe, run_seed: int, teacher: TeacherIdentity | None = None,
            topk: int | None = None) -> "CacheRequest":
         """The request of a run on `manifest`'s `split` with `recipe` and `run_seed`, on this process's Pillow."""
-        from pipeline.replay import image_library  # here: `cache info` needs no timm
+        from replaykd.replay import image_library  # here: `cache info` needs no timm
 
         return cls(manifest.hash, split, recipe.views(), recipe.views_hash, recipe.name, run_seed,
                    manifest.num_classes, image_library(), teacher, topk)
@@ -402,7 +402,7 @@ class TeacherCache:
     # --- does it fit ---------------------------------------------------------------------------------
     def differences(self, request: CacheRequest) -> list[str]:
         """What differs between this store and `request`, one phrase per field, naming both values."""
-        from pipeline.teacher import TeacherIdentity
+        from replaykd.teacher import TeacherIdentity
 
         c, out = self.config, []
         if c.manifest_hash != request.manifest_hash:

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from pipeline.cache import TeacherCache
+from replaykd.cache import TeacherCache
 
 RUNS = "runs"
 # Why a store's totals can exceed what its launches recorded.

@@ -8,8 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.cache import TeacherCache, UnitArrays
-from pipeline.errors import ReplayKDError
+from replaykd.cache import TeacherCache, UnitArrays
+from replaykd.errors import ReplayKDError
 
 
 class UnitBuffers:

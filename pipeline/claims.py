@@ -28,8 +28,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from pipeline.errors import ReplayKDError
-from pipeline.storage import LocalStorage, ObjectStorage
+from replaykd.errors import ReplayKDError
+from replaykd.storage import LocalStorage, ObjectStorage
 
 CLAIMS = "claims"  # the store's group of claim records
 CHANGING = "changing"  # the name held while a process creates or grows a store's arrays

@@ -19,7 +19,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline import replay
+from replaykd import replay
 
 # Bytes Pillow holds per pixel of a decoded RGB image.
 BYTES_PER_PIXEL = 4

@@ -7,8 +7,8 @@ from contextlib import nullcontext
 
 import torch
 
-from pipeline.errors import ReplayKDError
-from pipeline.threads import share
+from replaykd.errors import ReplayKDError
+from replaykd.threads import share
 
 
 def pick_device(spec: str) -> torch.device:
@@ -39,7 +39,7 @@ def autocast(device: torch.device):
 
 
 def set_threads(threads: int | None) -> int:
-    """Set this process's compute threads to `threads`, else to its share of the cores now (`pipeline.threads.share`);
+    """Set this process's compute threads to `threads`, else to its share of the cores now (`replaykd.threads.share`);
     called again at each epoch, it follows runs that started or ended since. The number set."""
     n = share(threads)
     if n != torch.get_num_threads():

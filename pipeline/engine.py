@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import cputime
-from pipeline.device import autocast, process_seconds
-from pipeline.distributed import sum_across_ranks
-from pipeline.errors import ReplayKDError
-from pipeline.finish import Finisher
-from pipeline.targets import TargetSource
+from replaykd import cputime
+from replaykd.device import autocast, process_seconds
+from replaykd.distributed import sum_across_ranks
+from replaykd.errors import ReplayKDError
+from replaykd.finish import Finisher
+from replaykd.targets import TargetSource
 
 # Steps between progress-bar loss updates (each reads the loss back from the device).
 REPORT_EVERY = 10

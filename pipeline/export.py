@@ -22,8 +22,8 @@ from timm.data import create_transform, resolve_data_config
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.errors import ReplayKDError
-from pipeline.io import atomic_path, write_json_atomic
+from replaykd.errors import ReplayKDError
+from replaykd.io import atomic_path, write_json_atomic
 
 
 @dataclass(frozen=True)

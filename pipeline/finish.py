@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.recipe import Recipe
-from pipeline.records import ViewBatch
+from replaykd.recipe import Recipe
+from replaykd.records import ViewBatch
 
 
 def normalise_table(recipe: Recipe) -> torch.Tensor:

@@ -9,8 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import ReplayKDError
-from pipeline.storage import is_url
+from replaykd.errors import ReplayKDError
+from replaykd.storage import is_url
 
 
 def _umask() -> int:

@@ -18,15 +18,15 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.utils import pytorch_worker_info
 
-from pipeline.decoding import DecodedImages, decoded_size, steps_for
-from pipeline.errors import ReplayKDError
-from pipeline.manifest import Manifest
-from pipeline.plan import EpochPlan, Segment, UnitPlan
-from pipeline.reader import read_ahead, read_shard
-from pipeline.recipe import Recipe
-from pipeline.records import Erase, TeacherTargets, View, ViewBatch
-from pipeline.replay import Replayer, decode_image
-from pipeline.storage import is_url
+from replaykd.decoding import DecodedImages, decoded_size, steps_for
+from replaykd.errors import ReplayKDError
+from replaykd.manifest import Manifest
+from replaykd.plan import EpochPlan, Segment, UnitPlan
+from replaykd.reader import read_ahead, read_shard
+from replaykd.recipe import Recipe
+from replaykd.records import Erase, TeacherTargets, View, ViewBatch
+from replaykd.replay import Replayer, decode_image
+from replaykd.storage import is_url
 
 # Runs in the loader worker once per unit: returns a function applied to each of its views (stage two attaches
 # the cached targets with it).

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.records import TeacherEnsemble, TeacherTargets
+from replaykd.records import TeacherEnsemble, TeacherTargets
 
 
 @dataclass

@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import ReplayKDError
-from pipeline import storage
-from pipeline.io import atomic_path, write_json_atomic
-from pipeline.storage import Location
+from replaykd.errors import ReplayKDError
+from replaykd import storage
+from replaykd.io import atomic_path, write_json_atomic
+from replaykd.storage import Location
 
 FORMAT = "replaykd.manifest/1"
 HEADER = "manifest.json"

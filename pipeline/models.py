@@ -7,7 +7,7 @@ from pathlib import Path
 import timm
 from torch import nn
 
-from pipeline.errors import ReplayKDError
+from replaykd.errors import ReplayKDError
 
 
 def file_sha256(path: Path) -> str:

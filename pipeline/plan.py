@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.errors import ReplayKDError
+from replaykd.errors import ReplayKDError
 
 # Domain tags keep the seed streams of views, pairs, permutations, sample choice and unit order apart.
 TAG_VIEW, TAG_PAIR, TAG_PERM, TAG_CHOICE, TAG_ORDER = 1, 2, 3, 4, 5

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.io import atomic_path, read_jsonl
+from replaykd.io import atomic_path, read_jsonl
 
 
 def _pyplot():

@@ -8,10 +8,10 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import google_crc32c
 
-from pipeline import storage
-from pipeline.errors import ReplayKDError, ShardMismatch
-from pipeline.manifest import Manifest
-from pipeline.storage import Location
+from replaykd import storage
+from replaykd.errors import ReplayKDError, ShardMismatch
+from replaykd.manifest import Manifest
+from replaykd.storage import Location
 
 T, R = TypeVar("T"), TypeVar("R")
 ZERO_BLOCK = bytes(512)

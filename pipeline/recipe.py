@@ -7,10 +7,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ReplayKDError
-from pipeline.io import read_yaml_mapping
+from replaykd import recipes
+from replaykd.errors import ReplayKDError
+from replaykd.io import read_yaml_mapping
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "manifests" / "recipes"
+RECIPE_DIR = Path(recipes.__file__).resolve().parent  # manifests/recipes/ in the repository
 # Fields that change neither a view's pixels nor its mix: the smoothing of the label targets, the evaluation crop.
 STUDENT_ONLY = ("smoothing", "eval_crop_pct")
 
@@ -104,7 +105,7 @@ class Recipe:
 
     @classmethod
     def load(cls, spec: str | Path) -> "Recipe":
-        """A recipe from a YAML/JSON file path, or a name under manifests/recipes/ (e.g. 'deit')."""
+        """A recipe from a YAML/JSON file path, or a built-in one by name (manifests/recipes/: 'deit', ...)."""
         path = Path(spec)
         if not path.exists():
             path = RECIPE_DIR / f"{spec}.yaml"

@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 import torch
 from PIL import Image
 
-from pipeline.augment import Augmentation, draw_mix, draws
-from pipeline.errors import BadImage
-from pipeline.finish import normalise_table
-from pipeline.plan import TAG_PAIR, TAG_VIEW, Slot, UnitPlan, derive_seed, plan_unit
-from pipeline.reader import crc32c, crc32c_extend
-from pipeline.recipe import Recipe
-from pipeline.records import Erase, MixParams, View
+from replaykd.augment import Augmentation, draw_mix, draws
+from replaykd.errors import BadImage
+from replaykd.finish import normalise_table
+from replaykd.plan import TAG_PAIR, TAG_VIEW, Slot, UnitPlan, derive_seed, plan_unit
+from replaykd.reader import crc32c, crc32c_extend
+from replaykd.recipe import Recipe
+from replaykd.records import Erase, MixParams, View
 
 if TYPE_CHECKING:
-    from pipeline.reader import Record
+    from replaykd.reader import Record
 
 def view_seed(run_seed: int, epoch: int, key: str, repeat: int = 0) -> int:
     """The seed of sample `key`'s own augmentation in `epoch`, for its `repeat`-th view."""

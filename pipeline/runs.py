@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.errors import ReplayKDError
-from pipeline.io import atomic_path, read_jsonl, read_yaml_mapping, write_json_atomic
+from replaykd.errors import ReplayKDError
+from replaykd.io import atomic_path, read_jsonl, read_yaml_mapping, write_json_atomic
 
 CONFIG, LOG, CSV, STATE, SUMMARY = "config.yaml", "log.jsonl", "summary.csv", "train_state.pt", "summary.json"
 WEIGHTS, EMA_WEIGHTS = "checkpoint.safetensors", "checkpoint-ema.safetensors"

@@ -17,10 +17,10 @@ from pathlib import Path
 from braceexpand import braceexpand
 from tqdm import tqdm
 
-from pipeline import storage
-from pipeline.errors import ReplayKDError
-from pipeline.reader import crc32c, image_field, iter_tar
-from pipeline.storage import Location
+from replaykd import storage
+from replaykd.errors import ReplayKDError
+from replaykd.reader import crc32c, image_field, iter_tar
+from replaykd.storage import Location
 
 # [prefix-]split-index.tar; the split is the last dash-separated part before the index
 SHARD_RE = re.compile(r"^(?:(?P<prefix>.+)-)?(?P<split>[^-]+)-(?P<index>\d+)\.tar$")

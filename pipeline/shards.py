@@ -10,12 +10,12 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline import storage
-from pipeline.errors import ReplayKDError
-from pipeline.manifest import HEADER, Manifest, rows_to_table
-from pipeline.reader import crc32c
-from pipeline.shard_index import CLASSES_FILE, SHARD_RE, index_shards
-from pipeline.sources import Source, check_image
+from replaykd import storage
+from replaykd.errors import ReplayKDError
+from replaykd.manifest import HEADER, Manifest, rows_to_table
+from replaykd.reader import crc32c
+from replaykd.shard_index import CLASSES_FILE, SHARD_RE, index_shards
+from replaykd.sources import Source, check_image
 
 STAGING = ".replaykd-staging"
 SKIPPED_FILE = "skipped.txt"  # images --skip-bad left out: path, tab, why

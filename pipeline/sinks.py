@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from pipeline.errors import ReplayKDError
+from replaykd.errors import ReplayKDError
 
 NEEDS = {"tensorboard": ("tensorboard", "--log-tensorboard"), "wandb": ("wandb", "--log-wandb")}
 

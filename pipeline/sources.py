@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import BadImage, ReplayKDError
-from pipeline.reader import IMAGE_EXTS
+from replaykd.errors import BadImage, ReplayKDError
+from replaykd.reader import IMAGE_EXTS
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def folder_source(root: Path, val_fraction: float, seed: int) -> Source:
 def shards_source(pattern: str, val_fraction: float, seed: int, classes: list[str] | None = None) -> Source:
     """Existing WebDataset shards (a glob), to be re-shuffled into new ones: their splits as named (`train`,
     `val`, `validation`, ...), `val_fraction` of each class held out when they hold training samples only."""
-    from pipeline.shard_index import index_shards
+    from replaykd.shard_index import index_shards
 
     index = index_shards(pattern, classes=classes)
     splits = {split: [SourceItem(r.key, r.label, r.ext, path=index.root / r.shard, span=(r.offset, r.nbytes))
@@ -175,7 +175,7 @@ def open_source(source: str, val_fraction: float, seed: int, digits_size: int = 
     if any(c in source for c in "*?[") or source.endswith(".tar"):
         return shards_source(source, val_fraction, seed)
     if (Path(source) / "manifest.json").exists():
-        from pipeline.manifest import Manifest
+        from replaykd.manifest import Manifest
 
         m = Manifest.load(source)
         return shards_source(str(m.shard_root / "*.tar"), val_fraction, seed, m.classes)

@@ -20,7 +20,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import ReplayKDError
+from replaykd.errors import ReplayKDError
 
 Location = Path | str
 

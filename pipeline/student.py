@@ -13,8 +13,8 @@ import timm
 import torch
 from torch import nn
 
-from pipeline.errors import ReplayKDError
-from pipeline.models import check_model_name
+from replaykd.errors import ReplayKDError
+from replaykd.models import check_model_name
 
 # Options of the command line that become model constructor arguments, by argument name.
 OPTION_OF = {"img_size": "--img-size", "patch_size": "--patch-size", "depth": "--depth", "embed_dim": "--embed-dim",

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from pipeline.device import autocast
-from pipeline.errors import ReplayKDError
-from pipeline.records import TeacherEnsemble, TeacherTargets, View, ViewBatch
-from pipeline.storage import Location, as_location, is_url
+from replaykd.device import autocast
+from replaykd.errors import ReplayKDError
+from replaykd.records import TeacherEnsemble, TeacherTargets, View, ViewBatch
+from replaykd.storage import Location, as_location, is_url
 
 if TYPE_CHECKING:
-    from pipeline.cache import UnitArrays
-    from pipeline.plan import UnitPlan
+    from replaykd.cache import UnitArrays
+    from replaykd.plan import UnitPlan
 
 
 class TargetSource:
@@ -89,7 +89,7 @@ class CachedTargets(TargetSource):
         self.every = CHECK_EVERY[getattr(check, "value", check)]
         self.weights, self.topks = tuple(weights), []
         if len(self.stores) > 1:  # each cache's k, to split a view's rows again
-            from pipeline.cache import TeacherCache
+            from replaykd.cache import TeacherCache
 
             self.topks = [TeacherCache.open(s).config.topk for s in self.stores]
 
@@ -118,7 +118,7 @@ class CacheReader:
         self._ahead: dict[tuple[int, int], list[UnitArrays]] = {}
 
     def _read(self, epoch: int, shard_no: int) -> list["UnitArrays"]:
-        from pipeline.cache import TeacherCache
+        from replaykd.cache import TeacherCache
 
         if self._caches is None:
             self._caches = [TeacherCache.open(s) for s in self.stores]

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import ReplayKDError
-from pipeline.export import Preprocessing, read_info
-from pipeline.models import (
+from replaykd.errors import ReplayKDError
+from replaykd.export import Preprocessing, read_info
+from replaykd.models import (
     check_model_name,
     classifier_rows,
     create_classifier,

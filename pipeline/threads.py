@@ -1,5 +1,5 @@
 """How many compute threads a replaykd process takes: its share of the cores among the replaykd processes that
-compute on this machine now (`pipeline.device.set_threads` applies it).
+compute on this machine now (`replaykd.device.set_threads` applies it).
 
 Each computing process holds a seat: a file in a per-user folder, locked (flock) for as long as the process lives, so
 a process that ends, however it ends, leaves its seat (its lock goes with it). Loader workers are not counted: at

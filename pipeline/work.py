@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.errors import ReplayKDError
+from replaykd.errors import ReplayKDError
 
 
 @dataclass(frozen=True)

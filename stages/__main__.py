@@ -1,4 +1,4 @@
-"""`python -m stages ...` runs the replaykd CLI (torchrun launches it this way)."""
-from stages.cli import main
+"""`python -m replaykd.stages ...` runs the replaykd CLI, as `python -m replaykd` does."""
+from replaykd.stages.cli import main
 
 main()

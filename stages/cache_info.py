@@ -8,9 +8,9 @@ import json
 
 import typer
 
-from pipeline.cache import TeacherCache
-from pipeline.cache_report import compare, summarize
-from stages.options import CacheInfoOptions
+from replaykd.cache import TeacherCache
+from replaykd.cache_report import compare, summarize
+from replaykd.stages.options import CacheInfoOptions
 
 
 def info(o: CacheInfoOptions) -> None:

@@ -9,19 +9,19 @@ import torch
 import typer
 from tqdm import tqdm
 
-from pipeline import teacher as teachers
-from pipeline.cache import CacheRequest, DamagedUnit, TeacherCache
-from pipeline.cache_report import launch_id
-from pipeline.claims import CHANGING, Claims
-from pipeline.device import autocast, pick_device
-from pipeline.errors import ReplayKDError
-from pipeline.finish import Finisher
-from pipeline.loader import ViewCollate
-from pipeline.manifest import Manifest
-from pipeline.reader import read_shard
-from pipeline.recipe import Recipe
-from pipeline.replay import Replayer
-from stages.options import CacheRepairOptions, CacheVerifyOptions, TeacherCacheOptions, command_line
+from replaykd import teacher as teachers
+from replaykd.cache import CacheRequest, DamagedUnit, TeacherCache
+from replaykd.cache_report import launch_id
+from replaykd.claims import CHANGING, Claims
+from replaykd.device import autocast, pick_device
+from replaykd.errors import ReplayKDError
+from replaykd.finish import Finisher
+from replaykd.loader import ViewCollate
+from replaykd.manifest import Manifest
+from replaykd.reader import read_shard
+from replaykd.recipe import Recipe
+from replaykd.replay import Replayer
+from replaykd.stages.options import CacheRepairOptions, CacheVerifyOptions, TeacherCacheOptions, command_line
 
 # Views re-run through the teacher at once by verify.
 VERIFY_BATCH = 64

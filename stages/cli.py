@@ -13,11 +13,11 @@ from typing import List, Optional
 
 import typer
 
-from pipeline import storage
-from pipeline.errors import Interrupted, ReplayKDError
-from pipeline.io import read_yaml_mapping
-from pipeline.malloc import reuse_freed_memory
-from stages import options as O
+from replaykd import storage
+from replaykd.errors import Interrupted, ReplayKDError
+from replaykd.io import read_yaml_mapping
+from replaykd.malloc import reuse_freed_memory
+from replaykd.stages import options as O
 
 app = typer.Typer(
     help="replaykd: offline knowledge distillation. Stage one caches a teacher's top-k targets for replayed "
@@ -120,20 +120,20 @@ def command(cls: type[O.Options], target: str, *, config_file: bool = False):
     return run
 
 
-app.command("shards")(command(O.ShardsOptions, "stages.prepare:shards"))
-app.command("manifest")(command(O.ManifestOptions, "stages.prepare:manifest"))
-app.command("views")(command(O.ViewsOptions, "stages.inspect:views"))
-app.command("train-teacher")(command(O.TrainTeacherOptions, "stages.train_teacher:main", config_file=True))
-app.command("teacher-cache")(command(O.TeacherCacheOptions, "stages.teacher_cache:main", config_file=True))
-cache_app.command("info")(command(O.CacheInfoOptions, "stages.cache_info:info"))
-cache_app.command("verify")(command(O.CacheVerifyOptions, "stages.cache_tools:verify"))
-cache_app.command("repair")(command(O.CacheRepairOptions, "stages.cache_tools:repair"))
-app.command("train-student")(command(O.StudentOptions, "stages.train_student:main", config_file=True))
-app.command("evaluate")(command(O.EvaluateOptions, "stages.evaluate:main"))
-app.command("report")(command(O.ReportOptions, "stages.report:report"))
-app.command("study-report")(command(O.StudyReportOptions, "stages.study_report:study"))
-app.command("bench")(command(O.BenchOptions, "stages.bench.command:bench"))
-app.command("bench-scale")(command(O.ScaleBenchOptions, "stages.bench.scale:bench_scale"))
+app.command("shards")(command(O.ShardsOptions, "replaykd.stages.prepare:shards"))
+app.command("manifest")(command(O.ManifestOptions, "replaykd.stages.prepare:manifest"))
+app.command("views")(command(O.ViewsOptions, "replaykd.stages.inspect:views"))
+app.command("train-teacher")(command(O.TrainTeacherOptions, "replaykd.stages.train_teacher:main", config_file=True))
+app.command("teacher-cache")(command(O.TeacherCacheOptions, "replaykd.stages.teacher_cache:main", config_file=True))
+cache_app.command("info")(command(O.CacheInfoOptions, "replaykd.stages.cache_info:info"))
+cache_app.command("verify")(command(O.CacheVerifyOptions, "replaykd.stages.cache_tools:verify"))
+cache_app.command("repair")(command(O.CacheRepairOptions, "replaykd.stages.cache_tools:repair"))
+app.command("train-student")(command(O.StudentOptions, "replaykd.stages.train_student:main", config_file=True))
+app.command("evaluate")(command(O.EvaluateOptions, "replaykd.stages.evaluate:main"))
+app.command("report")(command(O.ReportOptions, "replaykd.stages.report:report"))
+app.command("study-report")(command(O.StudyReportOptions, "replaykd.stages.study_report:study"))
+app.command("bench")(command(O.BenchOptions, "replaykd.stages.bench.command:bench"))
+app.command("bench-scale")(command(O.ScaleBenchOptions, "replaykd.stages.bench.scale:bench_scale"))
 
 
 def main() -> None:

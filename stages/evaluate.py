@@ -6,14 +6,14 @@ import json
 import typer
 from torch.utils.data import DataLoader
 
-from pipeline.device import pick_device
-from pipeline.engine import evaluate
-from pipeline.errors import ReplayKDError
-from pipeline.export import eval_transform, load_exported
-from pipeline.loader import EvalViews, loader_settings
-from pipeline.manifest import Manifest
-from pipeline.student import Student
-from stages.options import EvaluateOptions
+from replaykd.device import pick_device
+from replaykd.engine import evaluate
+from replaykd.errors import ReplayKDError
+from replaykd.export import eval_transform, load_exported
+from replaykd.loader import EvalViews, loader_settings
+from replaykd.manifest import Manifest
+from replaykd.student import Student
+from replaykd.stages.options import EvaluateOptions
 
 
 def main(o: EvaluateOptions) -> None:

@@ -6,16 +6,16 @@ from collections import Counter, defaultdict
 import torch
 import typer
 
-from pipeline.errors import ReplayKDError
-from pipeline.finish import Finisher
-from pipeline.grid import Tile, view_grid
-from pipeline.io import atomic_path
-from pipeline.loader import ViewCollate
-from pipeline.manifest import Manifest
-from pipeline.reader import read_shard
-from pipeline.recipe import Recipe
-from pipeline.replay import Replayer
-from stages.options import ViewsOptions
+from replaykd.errors import ReplayKDError
+from replaykd.finish import Finisher
+from replaykd.grid import Tile, view_grid
+from replaykd.io import atomic_path
+from replaykd.loader import ViewCollate
+from replaykd.manifest import Manifest
+from replaykd.reader import read_shard
+from replaykd.recipe import Recipe
+from replaykd.replay import Replayer
+from replaykd.stages.options import ViewsOptions
 
 
 def parse_epochs(spec: str) -> list[int]:

@@ -19,8 +19,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipeline.errors import ReplayKDError
-from pipeline.storage import Location, as_location
+from replaykd.errors import ReplayKDError
+from replaykd.storage import Location, as_location
 
 # DeiT's teacher, with its tag pinned: plain `regnety_160` resolves to another tag in timm.
 DEIT_TEACHER = "regnety_160.deit_in1k"

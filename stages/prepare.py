@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import typer
 
-from pipeline import storage
-from pipeline.errors import ReplayKDError
-from pipeline.io import check_writable
-from pipeline.manifest import HEADER
-from pipeline.shards import SKIPPED_FILE, prepare_out, publish, scan_shards, write_shards
-from pipeline.sources import open_source
-from stages.options import ManifestOptions, ShardsOptions
+from replaykd import storage
+from replaykd.errors import ReplayKDError
+from replaykd.io import check_writable
+from replaykd.manifest import HEADER
+from replaykd.shards import SKIPPED_FILE, prepare_out, publish, scan_shards, write_shards
+from replaykd.sources import open_source
+from replaykd.stages.options import ManifestOptions, ShardsOptions
 
 
 def shards(o: ShardsOptions) -> None:

@@ -10,16 +10,16 @@ import torch
 import typer
 from torch.utils.data import DataLoader
 
-from pipeline.cache import TeacherCache
-from pipeline.cache_report import summarize
-from pipeline.device import device_name
-from pipeline.export import eval_transform, load_exported
-from pipeline.io import atomic_path, replace_section, write_json_atomic
-from pipeline.loader import EvalViews
-from pipeline.manifest import Manifest
-from pipeline.plots import plot_comparison
-from pipeline.runs import WEIGHTS, RunFolder
-from stages.options import ReportOptions
+from replaykd.cache import TeacherCache
+from replaykd.cache_report import summarize
+from replaykd.device import device_name
+from replaykd.export import eval_transform, load_exported
+from replaykd.io import atomic_path, replace_section, write_json_atomic
+from replaykd.loader import EvalViews
+from replaykd.manifest import Manifest
+from replaykd.plots import plot_comparison
+from replaykd.runs import WEIGHTS, RunFolder
+from replaykd.stages.options import ReportOptions
 
 ARMS = {"cache": "hard KD, targets from the cache", "online": "hard KD, online teacher", "labels": "no KD (labels only)"}
 HEADS = ("top1", "cls_top1", "dist_top1")  # the model's own prediction, then a distilled DeiT's heads

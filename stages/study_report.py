@@ -9,13 +9,13 @@ from pathlib import Path
 
 import typer
 
-from pipeline.device import device_name
-from pipeline.errors import ReplayKDError
-from pipeline.io import atomic_path, write_json_atomic
-from pipeline.models import file_sha256
-from pipeline.records import TeacherRecord
-from pipeline.runs import RunFolder
-from stages.options import StudyReportOptions
+from replaykd.device import device_name
+from replaykd.errors import ReplayKDError
+from replaykd.io import atomic_path, write_json_atomic
+from replaykd.models import file_sha256
+from replaykd.records import TeacherRecord
+from replaykd.runs import RunFolder
+from replaykd.stages.options import StudyReportOptions
 
 LABELS_ARM = "no KD (labels only)"
 # A difference is called a gain or a loss only beyond this many standard errors; within it, seeds alone explain it.

@@ -12,23 +12,23 @@ import typer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline import teacher as teachers
-from pipeline.cache import CacheRequest, LostClaim, TeacherCache, UnitArrays
-from pipeline.cache_report import CacheSummary, launch_id, now, record_run, summarize
-from pipeline.cache_writer import UnitBuffers, UnitWriter, WriteFailed
-from pipeline.claims import Claims
-from pipeline.device import autocast, pick_device, set_threads
-from pipeline.distributed import barrier, init_distributed, is_main_process
-from pipeline.errors import BadImage, Interrupted, ReplayKDError
-from pipeline.finish import Finisher
-from pipeline.io import check_writable
-from pipeline.loader import Batched, CacheViews, ViewCollate, loader_settings, regroup
-from pipeline.manifest import Manifest
-from pipeline.recipe import Recipe
-from pipeline.records import TeacherTargets
-from pipeline import storage as storages
-from pipeline.work import Dealer, Participant, deal, preference, remaining
-from stages.options import TeacherCacheOptions, rerun_command
+from replaykd import teacher as teachers
+from replaykd.cache import CacheRequest, LostClaim, TeacherCache, UnitArrays
+from replaykd.cache_report import CacheSummary, launch_id, now, record_run, summarize
+from replaykd.cache_writer import UnitBuffers, UnitWriter, WriteFailed
+from replaykd.claims import Claims
+from replaykd.device import autocast, pick_device, set_threads
+from replaykd.distributed import barrier, init_distributed, is_main_process
+from replaykd.errors import BadImage, Interrupted, ReplayKDError
+from replaykd.finish import Finisher
+from replaykd.io import check_writable
+from replaykd.loader import Batched, CacheViews, ViewCollate, loader_settings, regroup
+from replaykd.manifest import Manifest
+from replaykd.recipe import Recipe
+from replaykd.records import TeacherTargets
+from replaykd import storage as storages
+from replaykd.work import Dealer, Participant, deal, preference, remaining
+from replaykd.stages.options import TeacherCacheOptions, rerun_command
 
 
 def library_versions() -> dict:

@@ -13,17 +13,17 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from pipeline import rng
-from pipeline import teacher as teachers
-from pipeline.cache import CacheRequest, TeacherCache
-from pipeline.device import pick_device, set_threads
-from pipeline.distributed import barrier, init_distributed, is_main_process, restarted
-from pipeline.engine import evaluate, train_one_epoch
-from pipeline.errors import Interrupted, ReplayKDError
-from pipeline.export import Preprocessing, export
-from pipeline.finish import Finisher
-from pipeline.io import check_writable
-from pipeline.loader import (
+from replaykd import rng
+from replaykd import teacher as teachers
+from replaykd.cache import CacheRequest, TeacherCache
+from replaykd.device import pick_device, set_threads
+from replaykd.distributed import barrier, init_distributed, is_main_process, restarted
+from replaykd.engine import evaluate, train_one_epoch
+from replaykd.errors import Interrupted, ReplayKDError
+from replaykd.export import Preprocessing, export
+from replaykd.finish import Finisher
+from replaykd.io import check_writable
+from replaykd.loader import (
     Batched,
     EvalViews,
     ReplayViews,
@@ -33,17 +33,17 @@ from pipeline.loader import (
     shuffle_views,
     stop_workers,
 )
-from pipeline.losses import DistillationLoss
-from pipeline.manifest import Manifest
-from pipeline.plots import plot_curves
-from pipeline.recipe import Recipe
-from pipeline.records import TeacherRecord
-from pipeline.runs import EMA_WEIGHTS, WEIGHTS, RunFolder, mean_rate, schedule_differences
-from pipeline.schedule import step_schedule
-from pipeline.sinks import MetricSinks, check_available
-from pipeline.student import Student, baseline_name, build_student
-from pipeline.targets import CachedTargets, NoTargets, OnlineTargets, TargetSource
-from stages.options import Distillation, StudentOptions, rerun_command
+from replaykd.losses import DistillationLoss
+from replaykd.manifest import Manifest
+from replaykd.plots import plot_curves
+from replaykd.recipe import Recipe
+from replaykd.records import TeacherRecord
+from replaykd.runs import EMA_WEIGHTS, WEIGHTS, RunFolder, mean_rate, schedule_differences
+from replaykd.schedule import step_schedule
+from replaykd.sinks import MetricSinks, check_available
+from replaykd.student import Student, baseline_name, build_student
+from replaykd.targets import CachedTargets, NoTargets, OnlineTargets, TargetSource
+from replaykd.stages.options import Distillation, StudentOptions, rerun_command
 
 ONLINE_TOPK = 10
 

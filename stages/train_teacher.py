@@ -9,13 +9,13 @@ import typer
 import yaml
 from torch.utils.data import DataLoader
 
-from pipeline import teacher as teachers
-from pipeline.device import pick_device, set_threads
-from pipeline.engine import evaluate, train_one_epoch
-from pipeline.export import Preprocessing, export
-from pipeline.finish import Finisher
-from pipeline.io import atomic_path
-from pipeline.loader import (
+from replaykd import teacher as teachers
+from replaykd.device import pick_device, set_threads
+from replaykd.engine import evaluate, train_one_epoch
+from replaykd.export import Preprocessing, export
+from replaykd.finish import Finisher
+from replaykd.io import atomic_path
+from replaykd.loader import (
     Batched,
     EvalViews,
     ReplayViews,
@@ -25,13 +25,13 @@ from pipeline.loader import (
     shuffle_views,
     stop_workers,
 )
-from pipeline.losses import DistillationLoss
-from pipeline.manifest import Manifest
-from pipeline.models import create_classifier
-from pipeline.recipe import Recipe
-from pipeline.schedule import step_schedule
-from pipeline.targets import NoTargets
-from stages.options import TrainTeacherOptions
+from replaykd.losses import DistillationLoss
+from replaykd.manifest import Manifest
+from replaykd.models import create_classifier
+from replaykd.recipe import Recipe
+from replaykd.schedule import step_schedule
+from replaykd.targets import NoTargets
+from replaykd.stages.options import TrainTeacherOptions
 
 # The side a teacher trained from scratch sees by default (RegNet's stride 32 needs at least 32 px).
 SCRATCH_INPUT = 32

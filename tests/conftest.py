@@ -19,14 +19,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="replaykd-hf-")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 
-from pipeline.cache import TARGETS, TeacherCache, UnitArrays  # noqa: E402
-from pipeline.manifest import Manifest  # noqa: E402
-from pipeline.shards import write_shards  # noqa: E402
-from pipeline.sources import digits_source  # noqa: E402
-from stages.options import TeacherCacheOptions  # noqa: E402
-from stages.teacher_cache import run  # noqa: E402
+from replaykd.cache import TARGETS, TeacherCache, UnitArrays  # noqa: E402
+from replaykd.manifest import Manifest  # noqa: E402
+from replaykd.shards import write_shards  # noqa: E402
+from replaykd.sources import digits_source  # noqa: E402
+from replaykd.stages.options import TeacherCacheOptions  # noqa: E402
+from replaykd.stages.teacher_cache import run  # noqa: E402
 
-CLI = [sys.executable, "-c", "from stages.cli import main; main()"]
+CLI = [sys.executable, "-c", "from replaykd.stages.cli import main; main()"]
 
 
 def run_cli(*args, check=True, timeout=600, env=None, fresh=False):
@@ -46,7 +46,7 @@ def run_cli(*args, check=True, timeout=600, env=None, fresh=False):
 
 
 def _in_process(args: list[str]) -> subprocess.CompletedProcess:
-    from stages.cli import main
+    from replaykd.stages.cli import main
 
     out, err, argv = io.StringIO(), io.StringIO(), sys.argv
     code = 0
@@ -116,7 +116,7 @@ def s3():
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    from pipeline import storage
+    from replaykd import storage
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

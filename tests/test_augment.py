@@ -16,18 +16,18 @@ from torch.utils.data import DataLoader
 from timm.data.auto_augment import AugmentOp
 from timm.data.mixup import cutmix_bbox_and_lam
 
-from pipeline import loader
-from pipeline.augment import Augmentation, _check_op, draw_mix, draws
-from pipeline.errors import ReplayKDError
-from pipeline.finish import normalise_table
-from pipeline.manifest import Manifest
-from pipeline.reader import read_shard
-from pipeline.recipe import Recipe
-from pipeline.replay import Replayer, decode_image
-from pipeline.targets import CachedTargets
-from stages.options import StudentOptions
-from stages.teacher_cache import run as build_cache
-from stages.train_student import run as train_student
+from replaykd import loader
+from replaykd.augment import Augmentation, _check_op, draw_mix, draws
+from replaykd.errors import ReplayKDError
+from replaykd.finish import normalise_table
+from replaykd.manifest import Manifest
+from replaykd.reader import read_shard
+from replaykd.recipe import Recipe
+from replaykd.replay import Replayer, decode_image
+from replaykd.targets import CachedTargets
+from replaykd.stages.options import StudentOptions
+from replaykd.stages.teacher_cache import run as build_cache
+from replaykd.stages.train_student import run as train_student
 from tests.conftest import arrays, options
 from tests.test_finish import photographs
 from tests.test_teacher_cache import assert_same_arrays

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import zarr
 
-from pipeline.runs import RunFolder
-from stages.options import StudentOptions
+from replaykd.runs import RunFolder
+from replaykd.stages.options import StudentOptions
 from tests.conftest import run_cli
 
 # A tiny student on labels only: the run folders below are made by hand, so no epoch is trained.

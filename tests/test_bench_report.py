@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from pipeline.errors import ReplayKDError
-from stages.bench.measure import SIDE_BY_SIDE, together
-from stages.options import StudentOptions
-from stages.train_student import run
+from replaykd.errors import ReplayKDError
+from replaykd.stages.bench.measure import SIDE_BY_SIDE, together
+from replaykd.stages.options import StudentOptions
+from replaykd.stages.train_student import run
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from stages import options as O
+from replaykd.stages import options as O
 from tests.conftest import run_cli
 
 COMMANDS = {"shards": O.ShardsOptions, "manifest": O.ManifestOptions, "views": O.ViewsOptions,
@@ -36,10 +36,10 @@ def test_every_option_has_a_flag_with_help(command):
 
 def test_help_imports_nothing_heavy():
     # --help's speed (< 1 s) is measured by hand, not timed here; what makes it slow is a heavy import.
-    out = subprocess.run([sys.executable, "-c", "from stages.cli import main; main()", "--help"], check=True,
+    out = subprocess.run([sys.executable, "-c", "from replaykd.stages.cli import main; main()", "--help"], check=True,
                          capture_output=True, text=True).stdout
     assert "train-student" in out
-    imported = subprocess.run([sys.executable, "-c", "import sys; from stages import cli; "
+    imported = subprocess.run([sys.executable, "-c", "import sys; from replaykd.stages import cli; "
                                "print(sorted(m for m in ('torch', 'timm', 'zarr', 'numpy') if m in sys.modules))"],
                               check=True, capture_output=True, text=True).stdout.strip()
     assert imported == "[]"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cputime
+from replaykd import cputime
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 

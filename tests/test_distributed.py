@@ -15,14 +15,14 @@ import time
 import pytest
 import torch
 
-from pipeline.cache import TeacherCache
-from pipeline.cache_report import run_records
-from pipeline.errors import ReplayKDError
-from pipeline.loader import ReplayViews
-from pipeline.manifest import Manifest
-from pipeline.recipe import Recipe
-from stages.options import StudentOptions
-from stages.train_student import run as train
+from replaykd.cache import TeacherCache
+from replaykd.cache_report import run_records
+from replaykd.errors import ReplayKDError
+from replaykd.loader import ReplayViews
+from replaykd.manifest import Manifest
+from replaykd.recipe import Recipe
+from replaykd.stages.options import StudentOptions
+from replaykd.stages.train_student import run as train
 from tests.conftest import arrays, options
 from tests.test_teacher_cache import assert_same_arrays
 
@@ -41,7 +41,7 @@ def free_port() -> int:
 
 def torchrun(*launch) -> list[str]:
     """The torchrun command line (python -m torch.distributed.run) with `launch` options."""
-    return [sys.executable, "-m", "torch.distributed.run", *map(str, launch), "-m", "stages"]
+    return [sys.executable, "-m", "torch.distributed.run", *map(str, launch), "-m", "replaykd"]
 
 
 def start(cmd: list, env: dict | None = None, **kw) -> subprocess.Popen:
@@ -135,7 +135,7 @@ def test_ranks_resume_together_when_only_one_node_counts_a_restart(digits_dir, s
     shutil.copytree(reference, out)
     (out / "summary.json").unlink()
     port = free_port()
-    ranks = [start([sys.executable, "-m", "stages", "train-student", "--out", out, "--manifest", digits_dir, "--cache",
+    ranks = [start([sys.executable, "-m", "replaykd", "train-student", "--out", out, "--manifest", digits_dir, "--cache",
                     store, *STUDENT],
                    env={"RANK": rank, "LOCAL_RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": port, "TORCHELASTIC_RESTART_COUNT": count})
@@ -161,7 +161,7 @@ def test_stage_one_on_two_nodes_finishes_what_is_left_in_equal_shares(store, dig
     assert sum(shares) == sum(units) and max(shares) - min(shares) <= max(units)  # balanced by count
     assert sum(r["views_written"] for r in mine) == sum(units) and all(r["views_written"] > 0 for r in mine)
     fresh = tmp_path / "fresh"
-    from stages.teacher_cache import run as build
+    from replaykd.stages.teacher_cache import run as build
 
     build(options(digits_dir, teacher_ckpt, fresh, epochs=3))
     assert_same_arrays(arrays(grown), arrays(fresh))

@@ -13,19 +13,19 @@ import yaml
 import zarr
 from safetensors.torch import load_file
 
-from pipeline.cache import TeacherCache
-from pipeline.errors import ReplayKDError
-from pipeline.export import Preprocessing, export
-from pipeline.loader import ReplayViews, ViewCollate
-from pipeline.losses import dense_target, ensemble_dense, top_class
-from pipeline.manifest import Manifest
-from pipeline.models import create_classifier, file_sha256
-from pipeline.recipe import Recipe
-from pipeline.records import TeacherEnsemble, TeacherTargets
-from pipeline.targets import CachedTargets
-from stages.options import StudentOptions
-from stages.teacher_cache import run as build_cache
-from stages.train_student import run, target_source
+from replaykd.cache import TeacherCache
+from replaykd.errors import ReplayKDError
+from replaykd.export import Preprocessing, export
+from replaykd.loader import ReplayViews, ViewCollate
+from replaykd.losses import dense_target, ensemble_dense, top_class
+from replaykd.manifest import Manifest
+from replaykd.models import create_classifier, file_sha256
+from replaykd.recipe import Recipe
+from replaykd.records import TeacherEnsemble, TeacherTargets
+from replaykd.targets import CachedTargets
+from replaykd.stages.options import StudentOptions
+from replaykd.stages.teacher_cache import run as build_cache
+from replaykd.stages.train_student import run, target_source
 from tests.conftest import options, run_cli
 
 pytestmark = pytest.mark.slow

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.finish import Finisher, normalise_table
-from pipeline.loader import ViewCollate
-from pipeline.manifest import Manifest
-from pipeline.reader import Record, read_shard
-from pipeline.recipe import Recipe
-from pipeline.records import MixParams
-from pipeline.replay import Replayer, decode_image, view_seed
+from replaykd.finish import Finisher, normalise_table
+from replaykd.loader import ViewCollate
+from replaykd.manifest import Manifest
+from replaykd.reader import Record, read_shard
+from replaykd.recipe import Recipe
+from replaykd.records import MixParams
+from replaykd.replay import Replayer, decode_image, view_seed
 from tests.timm_reference import seeded_globals
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import UnitArrays, decode_sorted_float16, encode_sorted_float16
-from pipeline.cache_writer import UnitBuffers
-from pipeline.losses import DistillationLoss, dense_target, soft_target_ce
-from pipeline.records import TeacherTargets
-from pipeline.schedule import cosine_lr
+from replaykd.cache import UnitArrays, decode_sorted_float16, encode_sorted_float16
+from replaykd.cache_writer import UnitBuffers
+from replaykd.losses import DistillationLoss, dense_target, soft_target_ce
+from replaykd.records import TeacherTargets
+from replaykd.schedule import cosine_lr
 
 C = 12
 
@@ -136,8 +136,8 @@ def test_probability_encoding_is_exact_and_small_for_sorted_rows():
 
 
 def test_draft_decoding_reach_depends_on_the_image_size():
-    from pipeline.recipe import Recipe
-    from stages.bench.loader import draft_eligible
+    from replaykd.recipe import Recipe
+    from replaykd.stages.bench.loader import draft_eligible
 
     deit = Recipe.load("deit")
     assert draft_eligible(deit, (500, 375), 300) == 0.0  # a 375 px side is under twice 224: no crop qualifies
@@ -167,7 +167,7 @@ def test_a_units_rows_pack_into_uint16_columns_and_back_exactly(num_classes):
 
 
 def test_a_completion_digest_is_of_little_endian_bytes_on_any_machine():
-    from pipeline.cache import digest
+    from replaykd.cache import digest
 
     rows = np.arange(60, dtype=np.uint16).reshape(6, 10) * 1031
     assert digest(rows) == digest(rows.astype(">u2")) == digest(rows.astype("<u2"))

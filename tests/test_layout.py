@@ -9,9 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def source(module: str) -> Path:
+    """The file of a `replaykd` module: the library (`replaykd.x`) lies in pipeline/, the commands
+    (`replaykd.stages.x`) in stages/."""
+    parts = module.split(".")[1:]
+    folder = ROOT / "stages" if parts[:1] == ["stages"] else ROOT / "pipeline"
+    return folder.joinpath(*parts[1 if parts[:1] == ["stages"] else 0:]).with_suffix(".py")
+
+
 def imports(path: Path) -> set[str]:
-    """Every `pipeline.*` / `stages.*` module a file imports, wherever the import stands (top level, under
-    TYPE_CHECKING, inside a function)."""
+    """Every `replaykd` module a file imports, wherever the import stands (top level, under TYPE_CHECKING, inside a
+    function)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -20,14 +28,15 @@ def imports(path: Path) -> set[str]:
             names = [a.name for a in node.names]
         else:
             continue
-        found.update(n for n in names if n.split(".")[0] in ("pipeline", "stages")
-                     and (ROOT / (n.replace(".", "/") + ".py")).exists())
+        found.update(n for n in names if n.split(".")[0] == "replaykd" and source(n).exists())
     return found
 
 
 def test_pipeline_modules_form_no_import_circle_and_never_import_the_stages():
-    graph = {f"pipeline.{p.stem}": imports(p) for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__"}
-    assert not any(m.startswith("stages.") for deps in graph.values() for m in deps)
+    # __main__ is the command line's entry point, `python -m replaykd`
+    graph = {f"replaykd.{p.stem}": imports(p) for p in (ROOT / "pipeline").glob("*.py")
+             if p.stem not in ("__init__", "__main__")}
+    assert graph and not any(m.startswith("replaykd.stages") for deps in graph.values() for m in deps)
     state: dict[str, int] = {}
 
     def visit(module: str, path: list[str]) -> None:
@@ -50,7 +59,7 @@ def test_records_import_no_behaviour_module():
 
 def test_cache_info_imports_neither_torch_nor_timm():
     # `replaykd cache info` answers in about a second: importing torch and timm alone takes several
-    code = "import sys, stages.cache_info; print(sorted({'torch', 'timm'} & set(sys.modules)))"
+    code = "import sys, replaykd.stages.cache_info; print(sorted({'torch', 'timm'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -61,14 +70,27 @@ def test_no_command_imports_another_command_or_the_benchmarks():
     shared = {"__init__", "__main__", "cli", "options"}
     commands = sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem not in shared)
     assert commands and not any("bench" in c for c in commands)
-    forbidden = {f"stages.{c}" for c in commands} | {"stages.bench"}
+    forbidden = {f"replaykd.stages.{c}" for c in commands} | {"replaykd.stages.bench"}
     for command in commands:
         found = set()
         for node in ast.walk(ast.parse((ROOT / "stages" / f"{command}.py").read_text())):
             if isinstance(node, ast.ImportFrom):
-                module = ".".join(filter(None, ["stages" if node.level else None, node.module]))
+                module = ".".join(filter(None, ["replaykd.stages" if node.level else None, node.module]))
                 found.update([module] + [f"{module}.{a.name}" for a in node.names])
             elif isinstance(node, ast.Import):
                 found.update(a.name for a in node.names)
         bad = sorted(n for n in found if any(n == f or n.startswith(f + ".") for f in forbidden))
         assert not bad, f"stages/{command}.py imports {', '.join(bad)}"
+
+
+def test_no_code_imports_the_folders_by_their_own_names():
+    # installed, pipeline/ is `replaykd` and stages/ is `replaykd.stages`: a top-level `pipeline` or `stages` would be
+    # some other package's (both names are taken on PyPI), or the repository's folder read a second time
+    files = [p for folder in ("pipeline", "stages", "tests", "examples", "docs") for p in (ROOT / folder).rglob("*.py")]
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            bad += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("pipeline", "stages")]
+    assert len(files) > 50 and not bad, bad

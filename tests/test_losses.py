@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 
-from pipeline.losses import DistillationLoss
-from pipeline.records import TeacherTargets
+from replaykd.losses import DistillationLoss
+from replaykd.records import TeacherTargets
 
 B, C = 16, 10
 

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import s3fs
 
-from pipeline import storage
-from pipeline.cache import DamagedUnit, TeacherCache
-from stages.teacher_cache import run as build_cache
+from replaykd import storage
+from replaykd.cache import DamagedUnit, TeacherCache
+from replaykd.stages.teacher_cache import run as build_cache
 from tests.conftest import arrays, options, run_cli
 from tests.test_teacher_cache import assert_same_arrays
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.manifest import Manifest
-from pipeline.shards import write_shards
-from pipeline.sources import digits_source
+from replaykd.manifest import Manifest
+from replaykd.shards import write_shards
+from replaykd.sources import digits_source
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -135,8 +135,8 @@ def test_written_files_respect_the_umask(digits_dir, store, tmp_path):
 def test_progress_total_is_the_epochs_views(digits_dir):
     from torch.utils.data import DataLoader
 
-    from pipeline.loader import ReplayViews, ViewCollate
-    from pipeline.recipe import Recipe
+    from replaykd.loader import ReplayViews, ViewCollate
+    from replaykd.recipe import Recipe
 
     m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     ds = ReplayViews(m, recipe, 0, 3, rank=0, world_size=1, batch_size=64)
@@ -154,9 +154,9 @@ def test_progress_total_is_the_epochs_views(digits_dir):
      "--keep-distillation-token applies to a distilled DeiT student; test_resnet has no distillation token"),
 ])
 def test_student_options_are_checked_against_the_student_before_a_run(digits_dir, tmp_path, args, message):
-    from pipeline.errors import ReplayKDError
-    from stages.options import StudentOptions
-    from stages.train_student import run
+    from replaykd.errors import ReplayKDError
+    from replaykd.stages.options import StudentOptions
+    from replaykd.stages.train_student import run
 
     values = dict(out=tmp_path / "run", manifest=digits_dir, recipe="digits-ra", distillation="none", epochs=1,
                   workers=0, device="cpu", patch_size=4, depth=1, embed_dim=32, num_heads=2)
@@ -210,7 +210,7 @@ def test_ctrl_c_says_where_it_stopped_and_how_to_continue(digits_dir, store, tea
     import shlex
     import subprocess
 
-    from pipeline.cache import TeacherCache
+    from replaykd.cache import TeacherCache
     from tests.conftest import CLI
 
     out = tmp_path / "run"

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.plan import (
+from replaykd.plan import (
     PAIR_GROUP,
     EpochPlan,
     chosen_positions,

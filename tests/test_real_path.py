@@ -14,13 +14,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pipeline.cache import TeacherCache
-from pipeline.export import load_exported
-from pipeline.manifest import Manifest
-from pipeline.models import file_sha256
-from pipeline.reader import read_shard
-from pipeline.recipe import Recipe
-from pipeline.replay import Replayer
+from replaykd.cache import TeacherCache
+from replaykd.export import load_exported
+from replaykd.manifest import Manifest
+from replaykd.models import file_sha256
+from replaykd.reader import read_shard
+from replaykd.recipe import Recipe
+from replaykd.replay import Replayer
 from tests.conftest import run_cli
 from tests.test_shards import wds_layout
 

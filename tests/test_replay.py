@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.loader import ReplayViews, ViewCollate
-from pipeline.manifest import Manifest
-from pipeline.plan import chosen_positions
-from pipeline.reader import read_shard
-from pipeline.recipe import Recipe
-from pipeline.records import MixParams
-from pipeline.replay import Replayer, decode_image, fingerprint
+from replaykd.loader import ReplayViews, ViewCollate
+from replaykd.manifest import Manifest
+from replaykd.plan import chosen_positions
+from replaykd.reader import read_shard
+from replaykd.recipe import Recipe
+from replaykd.records import MixParams
+from replaykd.replay import Replayer, decode_image, fingerprint
 
 EPOCHS = [0, 1]
 
@@ -105,7 +105,7 @@ def test_same_views_when_images_are_decoded_in_groups(digits_dir, reference):
 
 def test_a_unit_larger_than_the_budget_is_still_decoded_once(digits_dir, reference, monkeypatch):
     # a budget that holds one pairing group's images (~34 digits of 1 KB) but not a unit's (~67): group by group
-    import pipeline.decoding as decoding
+    import replaykd.decoding as decoding
 
     decoded = Counter()
     decode = decoding.replay.decode_image
@@ -120,7 +120,7 @@ def test_a_unit_larger_than_the_budget_is_still_decoded_once(digits_dir, referen
 
 
 def test_decode_steps_make_every_item_once_within_the_budget():
-    from pipeline.decoding import decode_steps
+    from replaykd.decoding import decode_steps
 
     rng = np.random.default_rng(0)
     positions = rng.permutation(300)
@@ -200,7 +200,7 @@ def test_other_seed_and_epoch_change_views(digits_dir, reference):
 
 
 def test_the_recipe_really_augments(digits_dir, monkeypatch):
-    import pipeline.augment as augment
+    import replaykd.augment as augment
 
     m = Manifest.load(digits_dir)
     recipe = dataclasses.replace(Recipe.load("digits-ra"), mix_prob=0.0)

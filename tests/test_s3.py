@@ -13,12 +13,12 @@ import pytest
 import s3fs
 from moto.server import ThreadedMotoServer
 
-from pipeline import storage
-from pipeline.cache import TeacherCache
-from pipeline.errors import ReplayKDError
-from pipeline.manifest import Manifest
-from pipeline.shards import write_shards
-from pipeline.sources import digits_source
+from replaykd import storage
+from replaykd.cache import TeacherCache
+from replaykd.errors import ReplayKDError
+from replaykd.manifest import Manifest
+from replaykd.shards import write_shards
+from replaykd.sources import digits_source
 from tests.conftest import CLI, SECRET, arrays, run_cli
 from tests.flaky_proxy import FlakyProxy
 from tests.test_teacher_cache import assert_same_arrays
@@ -155,7 +155,7 @@ def test_a_server_that_goes_away_is_one_named_error(digits_dir, tmp_path):
 def test_locations_keep_urls_whole_and_configs_drop_secrets():
     from pathlib import Path
 
-    from stages.options import TeacherCacheOptions, public
+    from replaykd.stages.options import TeacherCacheOptions, public
 
     assert storage.as_location("s3://b/x.zarr") == "s3://b/x.zarr" and storage.as_location("a/b") == Path("a/b")
     assert storage.join("s3://b/d/", "t.tar") == "s3://b/d/t.tar" and storage.join(Path("d"), "t.tar") == Path("d/t.tar")
@@ -169,7 +169,7 @@ def test_locations_keep_urls_whole_and_configs_drop_secrets():
     with pytest.raises(ReplayKDError, match="--storage-options must be a JSON mapping"):
         TeacherCacheOptions.from_mapping({"out": "x", "storage_options": "[1]"})
     # nor does the command a message says to rerun
-    from stages.options import rerun_command
+    from replaykd.stages.options import rerun_command
 
     argv = sys.argv
     sys.argv = ["replaykd", "teacher-cache", "--storage-options", json.dumps({"endpoint_url": "http://x", "key": "k",

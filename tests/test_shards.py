@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import ReplayKDError, ShardMismatch
-from pipeline.manifest import Manifest
-from pipeline.reader import read_shard
-from pipeline.shards import prepare_out, scan_shards, write_shards
-from pipeline.sources import digits_source, folder_source
+from replaykd.errors import ReplayKDError, ShardMismatch
+from replaykd.manifest import Manifest
+from replaykd.reader import read_shard
+from replaykd.shards import prepare_out, scan_shards, write_shards
+from replaykd.sources import digits_source, folder_source
 from tests.conftest import run_cli
 
 
@@ -162,7 +162,7 @@ def test_cut_tar_is_detected(digits_dir, tmp_path):
 def test_the_tar_reader_agrees_with_webdataset(tmp_path, fmt):
     import webdataset as wds
 
-    from pipeline.reader import iter_tar
+    from replaykd.reader import iter_tar
 
     path = tmp_path / "s.tar"
     samples = [(f"c{i % 3}/{'deep/' * (i % 2) * 12}img_{i:04d}{'x' * (i * 7 % 60)}", _jpeg(i)) for i in range(30)]

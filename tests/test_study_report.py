@@ -11,11 +11,11 @@ import statistics
 import pytest
 import torch
 
-from pipeline.export import Preprocessing, export
-from pipeline.models import create_classifier, file_sha256
-from pipeline.records import TeacherRecord
-from pipeline.runs import RunFolder
-from stages.options import StudentOptions
+from replaykd.export import Preprocessing, export
+from replaykd.models import create_classifier, file_sha256
+from replaykd.records import TeacherRecord
+from replaykd.runs import RunFolder
+from replaykd.stages.options import StudentOptions
 from tests.conftest import run_cli
 
 A, B = [50.0, 52.0, 54.0], [51.0, 57.0, 54.0]  # each teacher's students alone, seeds 0-2: means 52 and 54

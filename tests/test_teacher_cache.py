@@ -15,17 +15,17 @@ import torch
 import zarr
 from safetensors.torch import save_file
 
-from pipeline import teacher as teachers
-from pipeline.cache import TeacherCache
-from pipeline.errors import ReplayKDError
-from pipeline.finish import Finisher
-from pipeline.loader import ViewCollate
-from pipeline.manifest import Manifest
-from pipeline.models import create_classifier
-from pipeline.reader import read_shard
-from pipeline.recipe import Recipe
-from pipeline.replay import Replayer
-from stages.teacher_cache import run
+from replaykd import teacher as teachers
+from replaykd.cache import TeacherCache
+from replaykd.errors import ReplayKDError
+from replaykd.finish import Finisher
+from replaykd.loader import ViewCollate
+from replaykd.manifest import Manifest
+from replaykd.models import create_classifier
+from replaykd.reader import read_shard
+from replaykd.recipe import Recipe
+from replaykd.replay import Replayer
+from replaykd.stages.teacher_cache import run
 from tests.conftest import CLI, arrays, options, run_cli
 
 pytestmark = pytest.mark.slow
@@ -58,13 +58,13 @@ def test_stored_targets_equal_a_fresh_teacher_forward(store, digits_dir, teacher
 
 
 def test_cache_info_and_verify(store, tmp_path, monkeypatch):
-    import stages.cache_tools
+    import replaykd.stages.cache_tools
 
     info = run_cli("cache", "info", store, "--json")
     assert '"units_missing": 0' in info.stdout and '"topk": 5' in info.stdout
     reads = []
-    read_shard = stages.cache_tools.read_shard
-    monkeypatch.setattr(stages.cache_tools, "read_shard", lambda m, split, shard: reads.append(shard) or
+    read_shard = replaykd.stages.cache_tools.read_shard
+    monkeypatch.setattr(replaykd.stages.cache_tools, "read_shard", lambda m, split, shard: reads.append(shard) or
                         read_shard(m, split, shard))
     ok = run_cli("cache", "verify", store, "--samples", "300", "--device", "cpu")
     assert "fingerprints OK" in ok.stdout and "verified " in ok.stdout
@@ -91,8 +91,8 @@ def test_other_recipe_seed_or_manifest_is_refused(store, digits_dir, teacher_ckp
         run(options(digits_dir, teacher_ckpt, store, seed=1))
     with pytest.raises(ReplayKDError, match="topk"):
         run(options(digits_dir, teacher_ckpt, store, topk=3))
-    from pipeline.shards import write_shards
-    from pipeline.sources import digits_source
+    from replaykd.shards import write_shards
+    from replaykd.sources import digits_source
     other = tmp_path / "other"
     write_shards(digits_source(0.2, seed=5, size=16), other, 200, 5, False)
     with pytest.raises(ReplayKDError, match="manifest: the store was built from"):

@@ -4,10 +4,10 @@ import signal
 import subprocess
 import sys
 
-from pipeline.threads import cores
+from replaykd.threads import cores
 
 # a process that takes its share, waits for a line, and takes it again
-SHARE = ("import sys; from pipeline.threads import share; print(share(None), flush=True); sys.stdin.readline(); "
+SHARE = ("import sys; from replaykd.threads import share; print(share(None), flush=True); sys.stdin.readline(); "
          "print(share(None), flush=True); sys.stdin.readline()")
 
 
@@ -46,6 +46,6 @@ def test_runs_share_the_cores_and_a_killed_run_gives_its_share_back(tmp_path):
 
 
 def test_threads_given_are_taken_as_they_are():
-    from pipeline.threads import share
+    from replaykd.threads import share
 
     assert share(3) == 3

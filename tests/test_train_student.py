@@ -11,18 +11,18 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from pipeline import teacher as teachers
-from pipeline.cache import TeacherCache
-from pipeline.errors import ReplayKDError, ShardMismatch
-from pipeline.finish import Finisher
-from pipeline.loader import ReplayViews, ViewCollate
-from pipeline.losses import DistillationLoss
-from pipeline.manifest import Manifest
-from pipeline.recipe import Recipe
-from pipeline.records import TeacherTargets
-from pipeline.targets import CachedTargets
-from stages.options import StudentOptions
-from stages.train_student import run
+from replaykd import teacher as teachers
+from replaykd.cache import TeacherCache
+from replaykd.errors import ReplayKDError, ShardMismatch
+from replaykd.finish import Finisher
+from replaykd.loader import ReplayViews, ViewCollate
+from replaykd.losses import DistillationLoss
+from replaykd.manifest import Manifest
+from replaykd.recipe import Recipe
+from replaykd.records import TeacherTargets
+from replaykd.targets import CachedTargets
+from replaykd.stages.options import StudentOptions
+from replaykd.stages.train_student import run
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def opts(digits_dir, out, **kw) -> StudentOptions:
 
 def test_short_run_from_the_cache_learns(digits_dir, teacher_ckpt, tmp_path):
     # DeiT's full recipe needs tens of epochs on digits; the teacher's milder recipe shows learning in three
-    from stages.teacher_cache import run as build_cache
+    from replaykd.stages.teacher_cache import run as build_cache
     from tests.conftest import options
 
     store = tmp_path / "mild"
@@ -183,7 +183,7 @@ def test_cached_and_online_kd_give_identical_logs_with_repeats(digits_dir, store
 def test_a_store_serves_students_that_change_only_their_own_fields(digits_dir, store, tmp_path):
     import yaml
 
-    from pipeline.recipe import RECIPE_DIR
+    from replaykd.recipe import RECIPE_DIR
 
     base = yaml.safe_load((RECIPE_DIR / "digits-ra.yaml").read_text())
     own = tmp_path / "own.yaml"  # label smoothing and the eval crop change neither the views nor the teacher's input

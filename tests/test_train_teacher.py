@@ -5,18 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine import train_one_epoch
-from pipeline.export import Preprocessing
-from pipeline.finish import Finisher
-from pipeline.loader import regroup
-from pipeline.losses import DistillationLoss
-from pipeline.manifest import Manifest
-from pipeline.models import create_classifier
-from pipeline.recipe import Recipe
-from pipeline.targets import NoTargets
-from pipeline.teacher import Teacher
-from stages.options import TrainTeacherOptions
-from stages.train_teacher import view_loader
+from replaykd.engine import train_one_epoch
+from replaykd.export import Preprocessing
+from replaykd.finish import Finisher
+from replaykd.loader import regroup
+from replaykd.losses import DistillationLoss
+from replaykd.manifest import Manifest
+from replaykd.models import create_classifier
+from replaykd.recipe import Recipe
+from replaykd.targets import NoTargets
+from replaykd.teacher import Teacher
+from replaykd.stages.options import TrainTeacherOptions
+from replaykd.stages.train_teacher import view_loader
 
 pytestmark = pytest.mark.slow
 

@@ -15,21 +15,21 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from pipeline.cache import TeacherCache
-from pipeline.cache_report import summarize
-from pipeline.errors import ReplayKDError
-from pipeline.finish import Finisher
-from pipeline.grid import EMPTY, GridLayout, to_pil
-from pipeline.loader import ViewCollate
-from pipeline.manifest import Manifest
-from pipeline.models import create_classifier
-from pipeline.reader import read_shard
-from pipeline.recipe import Recipe
-from pipeline.replay import Replayer
-from stages.cache_tools import pick_views
-from stages.inspect import view_cells
-from stages.options import ViewsOptions
-from stages.teacher_cache import run  # with pipeline.cache and .cache_writer: every ReplayKDError subclass
+from replaykd.cache import TeacherCache
+from replaykd.cache_report import summarize
+from replaykd.errors import ReplayKDError
+from replaykd.finish import Finisher
+from replaykd.grid import EMPTY, GridLayout, to_pil
+from replaykd.loader import ViewCollate
+from replaykd.manifest import Manifest
+from replaykd.models import create_classifier
+from replaykd.reader import read_shard
+from replaykd.recipe import Recipe
+from replaykd.replay import Replayer
+from replaykd.stages.cache_tools import pick_views
+from replaykd.stages.inspect import view_cells
+from replaykd.stages.options import ViewsOptions
+from replaykd.stages.teacher_cache import run  # with pipeline.cache and .cache_writer: every ReplayKDError subclass
 from tests.conftest import options, run_cli
 
 STUDENT = ["--recipe", "digits-ra", "--patch-size", "4", "--depth", "1", "--embed-dim", "32", "--num-heads", "2",

@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.claims import CHANGING, Claim, Claims, this_process
-from pipeline.errors import ReplayKDError
-from pipeline.storage import LocalStorage
-from pipeline.work import Participant, deal, preference, remaining
+from replaykd.claims import CHANGING, Claim, Claims, this_process
+from replaykd.errors import ReplayKDError
+from replaykd.storage import LocalStorage
+from replaykd.work import Participant, deal, preference, remaining
 from tests.conftest import run_cli
 
 
@@ -149,7 +149,7 @@ def test_of_waiters_on_a_stale_lock_exactly_one_takes_it_over(tmp_path):
 
 
 def test_a_holder_stalled_past_its_lease_stops_before_marking_a_unit_complete(tmp_path):
-    from pipeline.cache import LostClaim, TeacherCache, UnitArrays
+    from replaykd.cache import LostClaim, TeacherCache, UnitArrays
 
     storage = LocalStorage(tmp_path / "s")
     cache = TeacherCache.create_or_grow(tmp_path / "s", _request(topk=5), 2, ["a.tar"], [10], 1, False, 2, {},
@@ -175,7 +175,7 @@ def test_a_holder_stalled_past_its_lease_stops_before_marking_a_unit_complete(tm
 
 
 def test_writing_a_cache_needs_a_backend_that_creates_only_if_absent_in_one_step(digits_dir, teacher_ckpt):
-    from pipeline.storage import for_root
+    from replaykd.storage import for_root
 
     # fsspec's memory file system creates "only if absent" by checking, then writing: refused by name
     with pytest.raises(ReplayKDError, match="memory:// cannot create an object only if it is absent in one request"):
@@ -190,15 +190,15 @@ def test_writing_a_cache_needs_a_backend_that_creates_only_if_absent_in_one_step
 
 
 def _request(topk=5):
-    from pipeline.cache import CacheRequest
-    from pipeline.teacher import TeacherIdentity
+    from replaykd.cache import CacheRequest
+    from replaykd.teacher import TeacherIdentity
 
     teacher = TeacherIdentity("t", "t", None, None, "0" * 64, 10, (0.5,) * 3, (0.5,) * 3, 32, "bicubic")
     return CacheRequest("m" * 64, "train", {"input_size": 16}, "v" * 64, "r", 0, 10, "pillow", teacher, topk)
 
 
 def test_concurrent_creators_make_one_store_and_a_killed_creation_is_taken_over(tmp_path):
-    from pipeline.cache import TARGETS, TeacherCache
+    from replaykd.cache import TARGETS, TeacherCache
 
     path, made, errors = tmp_path / "store", [], []
     barrier = threading.Barrier(6)
@@ -237,8 +237,8 @@ def test_concurrent_creators_make_one_store_and_a_killed_creation_is_taken_over(
 
 
 def test_a_writer_failure_of_any_kind_ends_the_run_with_its_message(tmp_path):
-    from pipeline.cache import TeacherCache, UnitArrays
-    from pipeline.cache_writer import UnitWriter, WriteFailed
+    from replaykd.cache import TeacherCache, UnitArrays
+    from replaykd.cache_writer import UnitWriter, WriteFailed
 
     cache = TeacherCache.create_or_grow(tmp_path / "s", _request(topk=5), 2, ["a.tar"], [10], 1, False, 2, {},
                                         Claims(LocalStorage(tmp_path / "s"), "x"))

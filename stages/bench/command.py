@@ -11,18 +11,18 @@ import torch
 import typer
 from safetensors.torch import save_file
 
-from pipeline.device import device_name, pick_device
-from pipeline.errors import ReplayKDError
-from pipeline.io import publish_markdown, write_json_atomic
-from pipeline.manifest import Manifest
-from pipeline.models import create_classifier
-from pipeline.reader import read_shard
-from pipeline.recipe import Recipe
-from pipeline.shards import write_shards
-from pipeline.sources import digits_source
-from stages.bench import loader as loader_bench
-from stages.bench import measure
-from stages.options import BenchOptions
+from replaykd.device import device_name, pick_device
+from replaykd.errors import ReplayKDError
+from replaykd.io import publish_markdown, write_json_atomic
+from replaykd.manifest import Manifest
+from replaykd.models import create_classifier
+from replaykd.reader import read_shard
+from replaykd.recipe import Recipe
+from replaykd.shards import write_shards
+from replaykd.sources import digits_source
+from replaykd.stages.bench import loader as loader_bench
+from replaykd.stages.bench import measure
+from replaykd.stages.options import BenchOptions
 
 # P1's goal: cached KD at 97% or more of the images/s of the same student trained on labels only.
 P1_GOAL = 0.97
@@ -289,7 +289,7 @@ def object_store_section(preset: Preset, workers: int, repeats: int, views: int,
         import s3fs  # noqa: F401
     except ImportError:
         return None
-    from stages.bench.object_store import object_store_vs_local
+    from replaykd.stages.bench.object_store import object_store_vs_local
 
     data, images = work / "object-store-photographs", max(64, 2 * views)
     if not (data / "manifest.json").exists():

@@ -19,18 +19,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import pipeline.replay as replay_mod
-from pipeline.augment import crop_box
-from pipeline.cputime import cpu_seconds
-from pipeline.finish import Finisher
-from pipeline.loader import ReplayViews, ViewCollate
-from pipeline.manifest import Manifest
-from pipeline.reader import Record, read_shard
-from pipeline.recipe import Recipe
-from pipeline.replay import Replayer, decode_positions
-from pipeline.shards import write_shards
-from stages.bench.memory import PeakMemory
-from pipeline.sources import Source, SourceItem
+import replaykd.replay as replay_mod
+from replaykd.augment import crop_box
+from replaykd.cputime import cpu_seconds
+from replaykd.finish import Finisher
+from replaykd.loader import ReplayViews, ViewCollate
+from replaykd.manifest import Manifest
+from replaykd.reader import Record, read_shard
+from replaykd.recipe import Recipe
+from replaykd.replay import Replayer, decode_positions
+from replaykd.shards import write_shards
+from replaykd.stages.bench.memory import PeakMemory
+from replaykd.sources import Source, SourceItem
 
 
 def pillow_build() -> str:
@@ -168,11 +168,11 @@ def load_jpegs(folder: Path) -> list[tuple[str, bytes]]:
 def per_core_elsewhere(pythonpath: Path, recipe: str, folder: Path, rounds: int) -> dict:
     """`per_core` on the JPEGs in `folder`, in a fresh process whose imports come first from `pythonpath` (another
     Pillow build installed there with `pip install --target`)."""
-    code = ("import json; from pipeline.recipe import Recipe; from stages.bench.loader import load_jpegs, per_core; "
+    code = ("import json; from replaykd.recipe import Recipe; "
+            "from replaykd.stages.bench.loader import load_jpegs, per_core; "
             f"print(json.dumps(per_core(Recipe.load({recipe!r}), load_jpegs({str(folder)!r}), {rounds})))")
-    root = Path(__file__).resolve().parents[2]  # the repository, holding pipeline/ and stages/
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": f"{pythonpath}:{root}"})
+                          env={**os.environ, "PYTHONPATH": f"{pythonpath}:{os.environ.get('PYTHONPATH', '')}"})
     if proc.returncode:
         raise RuntimeError(f"the loader bench under {pythonpath} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -216,10 +216,8 @@ def shard_size_loader(work: Path, timm_views_per_s: float, images: int = 1000, e
     if not (data / "manifest.json").exists():
         write_shards(photo_source(images * 10 // 9 + 1, (500, 375)), data, images, 0, False)
     batch = 256 if images >= 512 else max(8, images // 4)  # DeiT's per-GPU batch; a smoke run's few images fill some
-    code = f"from stages.bench.loader import _one_worker; _one_worker({str(data)!r}, {epochs}, {batch})"
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"})
+    code = f"from replaykd.stages.bench.loader import _one_worker; _one_worker({str(data)!r}, {epochs}, {batch})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"the shard-size loader bench failed:\n{err[-2000:]}")
@@ -252,8 +250,8 @@ def _one_worker(data: str, epochs: int, batch: int) -> None:
     per view and its worker's peak private MB."""
     import multiprocessing
 
-    from pipeline.loader import Batched, loader_settings, shuffle_views
-    from pipeline.malloc import reuse_freed_memory
+    from replaykd.loader import Batched, loader_settings, shuffle_views
+    from replaykd.malloc import reuse_freed_memory
 
     reuse_freed_memory()
     decodes = multiprocessing.get_context("fork").Value("q", 0)

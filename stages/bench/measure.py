@@ -12,24 +12,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import pipeline.replay as replay_mod
-from pipeline import teacher as teachers
-from pipeline import storage as storages
-from pipeline.cache import CacheRequest, TeacherCache, UnitArrays
-from pipeline.claims import Claims
-from pipeline.cache_report import summarize
-from pipeline.device import autocast, pick_device
-from pipeline.errors import ReplayKDError
-from pipeline.finish import Finisher
-from pipeline.loader import CacheViews, ReplayViews, ViewCollate
-from pipeline.manifest import Manifest
-from pipeline.plan import chosen_positions
-from pipeline.recipe import Recipe
-from pipeline.runs import RunFolder, mean_rate
-from pipeline.student import build_student
-from pipeline.threads import cores
-from pipeline.work import ShardWork
-from stages.bench.runner import CLI, replaykd
+import replaykd.replay as replay_mod
+from replaykd import teacher as teachers
+from replaykd import storage as storages
+from replaykd.cache import CacheRequest, TeacherCache, UnitArrays
+from replaykd.claims import Claims
+from replaykd.cache_report import summarize
+from replaykd.device import autocast, pick_device
+from replaykd.errors import ReplayKDError
+from replaykd.finish import Finisher
+from replaykd.loader import CacheViews, ReplayViews, ViewCollate
+from replaykd.manifest import Manifest
+from replaykd.plan import chosen_positions
+from replaykd.recipe import Recipe
+from replaykd.runs import RunFolder, mean_rate
+from replaykd.student import build_student
+from replaykd.threads import cores
+from replaykd.work import ShardWork
+from replaykd.stages.bench.runner import CLI, replaykd
 
 
 # What the rates of P1 and of the ensembles' cost are, measured side by side (on the CPU).

@@ -17,14 +17,14 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from pipeline import storage
-from pipeline.loader import Batched, ReplayViews, ViewCollate, loader_settings
-from pipeline.manifest import Manifest
-from pipeline.models import create_classifier
-from pipeline.recipe import Recipe
-from pipeline.targets import CachedTargets
-from stages.bench.measure import cache_args, interleaved
-from stages.bench.runner import replaykd
+from replaykd import storage
+from replaykd.loader import Batched, ReplayViews, ViewCollate, loader_settings
+from replaykd.manifest import Manifest
+from replaykd.models import create_classifier
+from replaykd.recipe import Recipe
+from replaykd.targets import CachedTargets
+from replaykd.stages.bench.measure import cache_args, interleaved
+from replaykd.stages.bench.runner import replaykd
 
 BUCKET = "bench"
 ONE_EPOCHS = 3

@@ -6,11 +6,11 @@ import io
 import subprocess
 import sys
 
-from pipeline.errors import ReplayKDError
-from stages.cli import main
+from replaykd.errors import ReplayKDError
+from replaykd.stages.cli import main
 
 # A replaykd command in a fresh process, as users (and torchrun) start it.
-CLI = [sys.executable, "-m", "stages"]
+CLI = [sys.executable, "-m", "replaykd"]
 
 
 def replaykd(*args, fresh: bool = True) -> str:

@@ -21,22 +21,22 @@ import typer
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline import storage as storages
-from pipeline.cache import CacheRequest, TeacherCache, UnitArrays
-from pipeline.claims import Claims
-from pipeline.errors import ReplayKDError
-from pipeline.io import publish_markdown, write_json_atomic
-from pipeline.manifest import Manifest
-from pipeline.models import create_classifier
-from pipeline.plan import EpochPlan, max_unit_size
-from pipeline.recipe import Recipe
-from pipeline.shards import write_shards
-from pipeline.sources import Source, SourceItem
-from pipeline.teacher import TeacherIdentity
-from stages.bench.loader import photo_source
-from stages.bench.memory import PeakMemory
-from stages.bench.runner import CLI, replaykd
-from stages.options import ScaleBenchOptions
+from replaykd import storage as storages
+from replaykd.cache import CacheRequest, TeacherCache, UnitArrays
+from replaykd.claims import Claims
+from replaykd.errors import ReplayKDError
+from replaykd.io import publish_markdown, write_json_atomic
+from replaykd.manifest import Manifest
+from replaykd.models import create_classifier
+from replaykd.plan import EpochPlan, max_unit_size
+from replaykd.recipe import Recipe
+from replaykd.shards import write_shards
+from replaykd.sources import Source, SourceItem
+from replaykd.teacher import TeacherIdentity
+from replaykd.stages.bench.loader import photo_source
+from replaykd.stages.bench.memory import PeakMemory
+from replaykd.stages.bench.runner import CLI, replaykd
+from replaykd.stages.options import ScaleBenchOptions
 
 IN1K = {"train": 1_281_167, "val": 50_000, "classes": 1000, "shard": 1000}
 IN21K = {"train": 14_197_122, "classes": 21_841, "shard": 1000}
@@ -189,7 +189,7 @@ def worker_private_memory(work: Path) -> dict:
         write_shards(photo_source(1112, (500, 375)), data, 1000, 0, False)
     out = {}
     for stage in ("stage_one", "stage_two"):
-        proc = subprocess.Popen([sys.executable, "-c", f"from stages.bench.scale import _loader_epoch; "
+        proc = subprocess.Popen([sys.executable, "-c", f"from replaykd.stages.bench.scale import _loader_epoch; "
                                  f"_loader_epoch({str(data)!r}, {stage!r})"], stdout=subprocess.PIPE, text=True)
         peaks = PeakMemory(proc.pid)
         proc.communicate()
@@ -202,9 +202,9 @@ def _loader_epoch(data: str, stage: str) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from pipeline.loader import Batched, CacheViews, ReplayViews, ViewCollate, loader_settings, shuffle_views
-    from pipeline.malloc import reuse_freed_memory
-    from pipeline.work import ShardWork
+    from replaykd.loader import Batched, CacheViews, ReplayViews, ViewCollate, loader_settings, shuffle_views
+    from replaykd.malloc import reuse_freed_memory
+    from replaykd.work import ShardWork
 
     reuse_freed_memory()
     m, recipe = Manifest.load(data), Recipe.load("deit")
@@ -263,7 +263,7 @@ def scale_markdown(r: dict) -> str:
 
 def bench_scale(o: ScaleBenchOptions) -> None:
     """Build (once) the ImageNet-shaped data, run and time the commands, write scale.json and scale.md."""
-    from pipeline.device import device_name, pick_device
+    from replaykd.device import device_name, pick_device
 
     if o.render_only:
         if not (o.out / "scale.json").exists():

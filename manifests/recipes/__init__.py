@@ -1,0 +1,1 @@
+"""The built-in augmentation recipes, one YAML file each (`Recipe.load('deit')`), shipped inside the package."""

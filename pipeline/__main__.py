@@ -1,0 +1,4 @@
+"""`python -m replaykd ...` runs the replaykd CLI (torchrun launches it this way: `torchrun ... -m replaykd`)."""
+from replaykd.stages.cli import main
+
+main()

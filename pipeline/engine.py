@@ -15,11 +15,11 @@ from replaykd import cputime
 from replaykd.device import autocast, process_seconds
 from replaykd.distributed import sum_across_ranks
 from replaykd.errors import ReplayKDError
-from replaykd.finish import Finisher
-from replaykd.targets import TargetSource
+from replaykd.records import TrainBatch
 
-# Steps between progress-bar loss updates (each reads the loss back from the device).
-REPORT_EVERY = 10
+# Steps between loss readings for the log and the progress bar (each reads the loss back from the device): DeiT's
+# print frequency.
+LOG_EVERY = 10
 
 
 @dataclass
@@ -34,6 +34,7 @@ class EpochStats:
     steps: int
     seconds: float
     cpu_seconds: float | None  # the ranks' processes and their loader workers (None: not measurable here)
+    step_losses: list[tuple[int, float]]  # (step, loss of this rank's batch) every `log_every` steps
 
     @property
     def images_per_s(self) -> float:
@@ -41,15 +42,16 @@ class EpochStats:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    device: torch.device, epoch: int, finish: Finisher, targets: TargetSource,
-                    lr_at: Callable[[int], float], step: int, clip_grad: float | None = None, ema=None,
-                    total: int | None = None, show_progress: bool = True,
-                    progress: dict | None = None) -> tuple[EpochStats, int]:
-    """One pass over `loader`'s ViewBatches: views finished on `device` by `finish`, the teacher's targets from
-    `targets`, the loss from `criterion`.
+def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[TrainBatch],
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, lr_at: Callable[[int], float],
+                    step: int, clip_grad: float | None = None, ema=None, total: int | None = None,
+                    show_progress: bool = True, progress: dict | None = None,
+                    log_every: int = LOG_EVERY) -> tuple[EpochStats, int]:
+    """One pass over `batches` (a `ReplayLoader`'s, on `device`): the loss from `criterion` of the model's output,
+    the batch's label targets and its teacher's targets.
 
-    `lr_at(step)` sets the learning rate before each optimiser step; returns the epoch's stats and the next step.
+    `lr_at(step)` sets the learning rate before each optimiser step; returns the epoch's stats (the loss of every
+    `log_every`-th step among them) and the next step.
     `progress['step']`, when given, follows the step (for a message saying where a run stopped), and
     `progress['first_step']` says when this process finished its first step (seconds since it started).
     """
@@ -57,17 +59,15 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
     plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     images, lr, first, t0, cpu0 = 0, float("nan"), step, time.perf_counter(), cputime.with_workers()
+    logged = []
     bar = tqdm(total=total, desc=f"epoch {epoch}", unit="img", unit_scale=True, leave=False, disable=not show_progress)
     try:
-        for batch in loader:
+        for batch in batches:
             lr = lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = finish(batch, device)
-            label_targets = batch.targets.to(device, non_blocking=True)
-            teacher = targets(batch, x)
             with autocast(device):
-                parts = criterion(model(x), label_targets, teacher)
+                parts = criterion(model(batch.images), batch.targets, batch.teacher)
             optimizer.zero_grad(set_to_none=True)
             parts.loss.backward()
             if clip_grad:
@@ -79,9 +79,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
             sums += torch.stack([parts.loss.detach(), parts.base.detach(), parts.distill.detach()]).double() * n
             images += n
             bar.update(n)
-            if step % REPORT_EVERY == 0:
+            if step % log_every == 0:
                 loss = parts.loss.item()
                 _check_finite(loss, epoch, step)
+                logged.append((step, loss))
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
             step += 1
             if progress is not None:
@@ -98,7 +99,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
     count = max(1.0, totals[3].item())
     _check_finite(totals[0].item(), epoch, step)
     return EpochStats(totals[0].item() / count, totals[1].item() / count, totals[2].item() / count, lr,
-                      int(totals[3].item()), step - first, seconds, None if cpu0 is None else totals[4].item()), step
+                      int(totals[3].item()), step - first, seconds, None if cpu0 is None else totals[4].item(),
+                      logged), step
 
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:

@@ -62,15 +62,45 @@ def soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def hard_distillation(logits: torch.Tensor, teacher: TeacherTargets | TeacherEnsemble,
+                      num_classes: int) -> torch.Tensor:
+    """DeiT's hard distillation: cross-entropy to the teacher's top-1 class (an ensemble's: the arg-max of its
+    weighted mean, `top_class`)."""
+    if isinstance(teacher, TeacherEnsemble):
+        top = top_class(ensemble_dense(teacher, num_classes))
+    else:
+        top = teacher.classes[:, 0]
+    return F.cross_entropy(logits.float(), top.long())
+
+
+def teacher_distribution(teacher: TeacherTargets | TeacherEnsemble, num_classes: int,
+                         tau: float = 1.0) -> torch.Tensor:
+    """The teacher's dense distribution over the classes at temperature `tau`, from its top-k (an ensemble's: the
+    weighted mean of its members')."""
+    if isinstance(teacher, TeacherEnsemble):
+        return temper(ensemble_dense(teacher, num_classes), tau)
+    return dense_target(teacher.probs, teacher.classes, num_classes, tau)
+
+
+def soft_distillation(logits: torch.Tensor, teacher: TeacherTargets | TeacherEnsemble, num_classes: int,
+                      tau: float = 1.0, scale: str = "deit") -> torch.Tensor:
+    """Soft distillation: KL(dense teacher at `tau` || softmax(logits / tau)) * tau^2, summed over the batch and the
+    classes and divided by batch * classes with `scale` 'deit' (DeiT's losses.py), or by the batch only with
+    'batchmean' (timm's distillation tasks)."""
+    q = teacher_distribution(teacher, num_classes, tau)
+    log_p = F.log_softmax(logits.float() / tau, dim=-1)
+    divisor = log_p.numel() if scale == "deit" else log_p.shape[0]
+    return F.kl_div(log_p, q, reduction="sum") * (tau ** 2) / divisor
+
+
 class DistillationLoss(nn.Module):
     """(1 - alpha) * CE(base, mixed labels) + alpha * KD(kd head, teacher), as DeiT's losses.py and timm's logit
     distillation.
 
     A distilled DeiT gives (cls, dist) logits: the class head learns the labels, the distillation head the teacher.
-    Any other student gives one tensor of logits, which learns both. hard: CE(kd head, teacher's top-1 class). soft:
-    KL(dense teacher at tau || softmax(kd / tau)) * tau^2, summed over the batch and the classes and divided by
-    batch * classes with `soft_scale` 'deit' (DeiT's losses.py), or by the batch only with 'batchmean' (timm's
-    distillation tasks), C times larger. none: labels only (both heads of a two-headed student).
+    Any other student gives one tensor of logits, which learns both. hard: `hard_distillation`; soft:
+    `soft_distillation` at `tau`, scaled as `soft_scale` says; none: labels only (both heads of a two-headed
+    student).
     """
 
     def __init__(self, mode: str = "hard", alpha: float = 0.5, tau: float = 1.0, num_classes: int = 1000,
@@ -95,14 +125,8 @@ class DistillationLoss(nn.Module):
                 return LossParts(base, base, torch.zeros((), device=base.device))
             distill = soft_target_ce(kd_logits, target)
             return LossParts(0.5 * (base + distill), base, distill)
-        ensemble = isinstance(teacher, TeacherEnsemble)
         if self.mode == "hard":
-            top = top_class(ensemble_dense(teacher, self.num_classes)) if ensemble else teacher.classes[:, 0]
-            distill = F.cross_entropy(kd_logits.float(), top.long())
+            distill = hard_distillation(kd_logits, teacher, self.num_classes)
         else:
-            q = (temper(ensemble_dense(teacher, self.num_classes), self.tau) if ensemble
-                 else dense_target(teacher.probs, teacher.classes, self.num_classes, self.tau))
-            log_p = F.log_softmax(kd_logits.float() / self.tau, dim=-1)
-            divisor = log_p.numel() if self.soft_scale == "deit" else log_p.shape[0]
-            distill = F.kl_div(log_p, q, reduction="sum") * (self.tau ** 2) / divisor
+            distill = soft_distillation(kd_logits, teacher, self.num_classes, self.tau, self.soft_scale)
         return LossParts((1 - self.alpha) * base + self.alpha * distill, base, distill)

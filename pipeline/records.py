@@ -1,5 +1,5 @@
 """The typed records that cross module borders: a view, a batch of views, a view's mixing and erasing, the
-teacher's targets. They hold data and only what moving that data needs; they import no behaviour module, so every
+teacher's targets, a batch finished for a training step. They hold data and only what moving that data needs; they import no behaviour module, so every
 module can use them and none circles back through them."""
 from __future__ import annotations
 
@@ -215,3 +215,18 @@ def _tensor(value):
 def _rebuilt_batch(*values) -> ViewBatch:
     """A `ViewBatch` from the fields `ViewBatch.__reduce__` gave."""
     return ViewBatch(*(_tensor(v) for v in values))
+
+
+@dataclass
+class TrainBatch:
+    """A batch as a training step takes it: the views finished on the device (normalised, erased, mixed), their
+    mixed and label-smoothed targets there, the teacher's targets there (None: labels only), and the uint8 batch they
+    came from (keys, epochs, slots, ...)."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    teacher: TeacherTargets | TeacherEnsemble | None
+    views: ViewBatch
+
+    def __len__(self) -> int:
+        return len(self.images)

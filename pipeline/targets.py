@@ -13,18 +13,24 @@ import torch
 
 from replaykd.device import autocast
 from replaykd.errors import ReplayKDError
-from replaykd.records import TeacherEnsemble, TeacherTargets, View, ViewBatch
+from replaykd.records import TeacherEnsemble, TeacherRecord, TeacherTargets, View, ViewBatch
 from replaykd.storage import Location, as_location, is_url
 
 if TYPE_CHECKING:
     from replaykd.cache import UnitArrays
+    from replaykd.manifest import Manifest
     from replaykd.plan import UnitPlan
+    from replaykd.recipe import Recipe
+
+# How far several teachers' weights may sum from 1.
+WEIGHT_TOLERANCE = 1e-6
 
 
 class TargetSource:
     """Where a batch's teacher targets come from (the interface of the three sources below)."""
 
     kind = ""
+    records: tuple[TeacherRecord, ...] = ()  # who the teachers are, as a run's files name them
 
     def annotator(self) -> Callable | None:
         """A picklable `(unit) -> attach(view)` the loader workers run per unit, or None."""
@@ -54,13 +60,26 @@ class OnlineTargets(TargetSource):
 
     kind = "online"
 
-    def __init__(self, teachers: Sequence[torch.nn.Module], topks: Sequence[int], weights: Sequence[float] = (1.0,)):
+    def __init__(self, teachers: Sequence[torch.nn.Module], topks: Sequence[int], weights: Sequence[float] = (1.0,),
+                 records: Sequence[TeacherRecord] = ()):
         self.teachers, self.topks, self.weights = list(teachers), list(topks), tuple(weights)
+        self.records = tuple(records)
 
     def __call__(self, batch: ViewBatch, images: torch.Tensor) -> TeacherTargets | TeacherEnsemble:
         with torch.no_grad(), autocast(images.device):
             rows = tuple(TeacherTargets.from_logits(t(images), k) for t, k in zip(self.teachers, self.topks))
         return rows[0] if len(rows) == 1 else TeacherEnsemble(rows, self.weights)
+
+
+def teacher_weights(weights: Sequence[float] | None, teachers: int) -> tuple[float, ...]:
+    """Each teacher's weight in the mean: as given (one per teacher, none negative, summing to 1), else equal."""
+    if weights is None:
+        return (1.0 / teachers,) * teachers
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != teachers or min(weights) < 0 or abs(sum(weights) - 1.0) > WEIGHT_TOLERANCE:
+        raise ReplayKDError(f"teacher weights {list(weights)} must be {teachers} numbers, one per teacher, none "
+                            "negative, summing to 1")
+    return weights
 
 
 def _locations(stores: Location | Sequence[Location]) -> list[Location]:
@@ -84,14 +103,36 @@ class CachedTargets(TargetSource):
 
     kind = "cache"
 
-    def __init__(self, stores: Location | Sequence[Location], check: str = "all", weights: Sequence[float] = (1.0,)):
+    def __init__(self, stores: Location | Sequence[Location], check: str = "all",
+                 weights: Sequence[float] | None = None):
+        from replaykd.cache import TeacherCache
+
         self.stores = _locations(stores)
         self.every = CHECK_EVERY[getattr(check, "value", check)]
-        self.weights, self.topks = tuple(weights), []
-        if len(self.stores) > 1:  # each cache's k, to split a view's rows again
-            from replaykd.cache import TeacherCache
+        self.weights = teacher_weights(weights, len(self.stores))
+        caches = [TeacherCache.open(s) for s in self.stores]
+        self.topks = [c.config.topk for c in caches]  # each cache's k, to split a view's rows again
+        self.epochs = min(c.config.epochs for c in caches)  # the epochs of views all of them hold
+        self.records = tuple(TeacherRecord(c.config.teacher["name"], c.attrs.get("checkpoint_path"),
+                                            c.config.teacher["sha256"], str(c.path), c.config.topk, w)
+                              for c, w in zip(caches, self.weights))
+        self._caches = caches
 
-            self.topks = [TeacherCache.open(s).config.topk for s in self.stores]
+    def require(self, manifest: "Manifest", split: str, recipe: "Recipe", seed: int, epochs: int | None = None,
+                reuse_epochs: bool = False) -> None:
+        """Refuse, naming the store and what differs, caches that do not hold this run's views: another data set,
+        split, recipe or seed, fewer than `epochs` epochs (unless `reuse_epochs` cycles them), or an unfinished
+        unit."""
+        from replaykd.cache import CacheRequest
+
+        if epochs is not None and epochs > self.epochs and not reuse_epochs:
+            fewest = min(self._caches, key=lambda c: c.config.epochs)
+            common = " (a run uses the epochs all its caches hold)" if len(self._caches) > 1 else ""
+            raise ReplayKDError(f"{epochs} epochs asked for but {fewest.path} holds {self.epochs}{common}; grow the "
+                                "cache (teacher-cache --epochs N) or cycle the cached epochs (--reuse-epochs)")
+        request = CacheRequest.of(manifest, split, recipe, seed)
+        for cache in self._caches:
+            cache.require(request, epochs=min(epochs or self.epochs, self.epochs), complete=True)
 
     def annotator(self) -> "CacheReader":
         return CacheReader(self.stores)

@@ -560,6 +560,8 @@ class StudentOptions(Options):
     log_wandb: bool = opt(False, "Also log each epoch's figures to Weights & Biases (needs the wandb package: pip "
                                  "install 'replaykd[wandb]'; WANDB_MODE=offline works without a network).")
     wandb_project: str = opt("replaykd", "W&B project of --log-wandb.")
+    log_interval: int = opt(10, "Read the loss every this many steps, for the progress bar and each epoch's "
+                                "step_losses in log.jsonl (DeiT prints every 10).", min=1)
     resume: bool = opt(False, "Continue the run in OUT from its last finished epoch.")
     stop_after: int | None = opt(None, "Stop after this many finished epochs (continue later with --resume).", min=1)
 

@@ -11,38 +11,27 @@ import torch
 import typer
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
 
 from replaykd import rng
 from replaykd import teacher as teachers
-from replaykd.cache import CacheRequest, TeacherCache
 from replaykd.device import pick_device, set_threads
 from replaykd.distributed import barrier, init_distributed, is_main_process, restarted
 from replaykd.engine import evaluate, train_one_epoch
 from replaykd.errors import Interrupted, ReplayKDError
 from replaykd.export import Preprocessing, export
-from replaykd.finish import Finisher
 from replaykd.io import check_writable
-from replaykd.loader import (
-    Batched,
-    EvalViews,
-    ReplayViews,
-    ViewCollate,
-    loader_settings,
-    regroup,
-    shuffle_views,
-    stop_workers,
-)
+from replaykd.loader import stop_workers
 from replaykd.losses import DistillationLoss
 from replaykd.manifest import Manifest
 from replaykd.plots import plot_curves
 from replaykd.recipe import Recipe
 from replaykd.records import TeacherRecord
+from replaykd.replay_loader import ReplayLoader
 from replaykd.runs import EMA_WEIGHTS, WEIGHTS, RunFolder, mean_rate, schedule_differences
 from replaykd.schedule import step_schedule
 from replaykd.sinks import MetricSinks, check_available
 from replaykd.student import Student, baseline_name, build_student
-from replaykd.targets import CachedTargets, NoTargets, OnlineTargets, TargetSource
+from replaykd.targets import OnlineTargets
 from replaykd.stages.options import Distillation, StudentOptions, rerun_command
 
 ONLINE_TOPK = 10
@@ -56,9 +45,7 @@ class StudentRun:
     manifest: Manifest
     recipe: Recipe
     eval_split: str | None
-    source: TargetSource
-    teachers: tuple[TeacherRecord, ...]  # who the teacher is (several: an ensemble), for the run's files
-    dataset: ReplayViews
+    loader: ReplayLoader  # its views and teachers (several: an ensemble)
     schedule: dict  # what resume compares: world size, batch size, steps of each epoch
     student: Student
     optimizer: torch.optim.Optimizer
@@ -73,34 +60,16 @@ class StudentRun:
     started: float  # perf_counter at the process's start of the run
 
 
-def target_source(o: StudentOptions, manifest: Manifest, recipe: Recipe,
-                  dev: torch.device) -> tuple[TargetSource, int, tuple[TeacherRecord, ...]]:
-    """Where the teacher's targets come from, how many epochs of views it holds (those all its caches hold, else the
-    run's), and who its teachers are. Several caches must each fit this run (data, split, recipe, seed, classes),
-    so they hold the same views; each is refused by name otherwise, before anything is written."""
-    if o.distillation is Distillation.none:
-        return NoTargets(), o.epochs, ()
-    weights = o.teacher_weights()
-    if o.cache is not None:
-        caches = [TeacherCache.open(path) for path in o.cache]
-        fewest = min(caches, key=lambda c: c.config.epochs)
-        held = fewest.config.epochs
-        if o.epochs > held and not o.reuse_epochs:
-            common = " (a run uses the epochs all its caches hold)" if len(caches) > 1 else ""
-            raise ReplayKDError(f"{o.epochs} epochs asked for but {fewest.path} holds {held}{common}; grow the cache "
-                                "(teacher-cache --epochs N) or pass --reuse-epochs to cycle the cached epochs")
-        request = CacheRequest.of(manifest, o.split, recipe, o.seed)
-        for cache in caches:
-            cache.require(request, epochs=min(o.epochs, held), complete=True)
-        records = tuple(TeacherRecord(c.config.teacher["name"], c.attrs.get("checkpoint_path"),
-                                      c.config.teacher["sha256"], str(c.path), c.config.topk, w)
-                        for c, w in zip(caches, weights))
-        return CachedTargets(o.cache, o.check_fingerprints, weights), held, records
+def online_teachers(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: torch.device) -> OnlineTargets | None:
+    """The --online-teacher models, loaded and checked against the data set and views (None where the targets come
+    from caches, or from the labels only)."""
+    if o.online_teacher is None:
+        return None
     count = len(o.online_teacher)
     given = o.topk or [None]  # one k for all teachers, or one each
     topks = [k or min(ONLINE_TOPK, manifest.num_classes) for k in (given * count if len(given) == 1 else given)]
     nets, records = [], []
-    for i, (name, k, weight) in enumerate(zip(o.online_teacher, topks, weights)):
+    for i, (name, k, weight) in enumerate(zip(o.online_teacher, topks, o.teacher_weights())):
         if k > manifest.num_classes:
             raise ReplayKDError(f"--topk {k} is more than the dataset's {manifest.num_classes} classes")
         checkpoint = o.teacher_checkpoint[i] if o.teacher_checkpoint else None
@@ -110,7 +79,19 @@ def target_source(o: StudentOptions, manifest: Manifest, recipe: Recipe,
         nets.append(net)
         records.append(TeacherRecord(loaded.identity.name, str(Path(checkpoint).resolve()) if checkpoint else None,
                                      loaded.identity.sha256, None, k, weight))
-    return OnlineTargets(nets, topks, weights), o.epochs, tuple(records)
+    return OnlineTargets(nets, topks, o.teacher_weights(), records)
+
+
+def replay_loader(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: torch.device, rank: int, world: int,
+                  online: OnlineTargets | None) -> ReplayLoader:
+    """The run's batches: its views with the teacher's targets from its caches (each checked to hold this run's
+    views, refused by name otherwise), its online teachers, or none."""
+    return ReplayLoader(manifest, recipe, o.cache, batch_size=o.batch_size, epochs=o.epochs, seed=o.seed,
+                        split=o.split, cache_weights=o.cache_weights if o.cache is not None else None,
+                        check_fingerprints=o.check_fingerprints.value, reuse_epochs=o.reuse_epochs, targets=online,
+                        rank=rank, world_size=world, workers=o.workers, prefetch=o.prefetch, device=dev,
+                        shuffle_seed=o.init_seed, shuffle_buffer=o.shuffle_buffer,
+                        decode_memory=o.decode_memory << 20)
 
 
 def main(o: StudentOptions) -> None:
@@ -153,7 +134,7 @@ def run(o: StudentOptions) -> dict:
     elif not elastic:
         folder.check_new()
     check_available([s for s, on in (("tensorboard", o.log_tensorboard), ("wandb", o.log_wandb)) if on])
-    source, view_epochs, teacher_records = target_source(o, manifest, recipe, dev)
+    loader = replay_loader(o, manifest, recipe, dev, rank, world, online_teachers(o, manifest, recipe, dev))
     torch.manual_seed(o.init_seed)  # the same initial weights on every rank
     if o.keep_distillation_token and baseline_name(o.student) == o.student:
         raise ReplayKDError(f"--keep-distillation-token applies to a distilled DeiT student; {o.student} has no "
@@ -169,12 +150,7 @@ def run(o: StudentOptions) -> dict:
     lr = o.lr * o.batch_size * world / 512  # DeiT's linear scaling
     optimizer = create_optimizer_v2(student.model, "adamw", lr=lr, weight_decay=o.weight_decay)
     ema = ModelEmaV3(student.model, decay=o.model_ema) if o.model_ema else None
-    ds = ReplayViews(manifest, recipe, o.seed, 0, o.split, rank=rank, world_size=world, view_epochs=view_epochs,
-                     shuffle_buffer=shuffle_views(recipe, o.shuffle_buffer), shuffle_seed=o.init_seed,
-                     annotate=source.annotator(), fingerprint_every=source.fingerprint_every(),
-                     batch_size=o.batch_size, decode_memory=o.decode_memory << 20)
-    schedule = {"world_size": world, "batch_size": o.batch_size,
-                "steps_per_epoch": [ds.batches(e) for e in range(o.epochs)]}
+    schedule = {"world_size": world, "batch_size": o.batch_size, "steps_per_epoch": loader.steps_per_epoch(o.epochs)}
     if min(schedule["steps_per_epoch"]) == 0:
         raise ReplayKDError(f"an epoch holds less than one full batch of {o.batch_size} views per process "
                             f"({world} processes): use a smaller --batch-size")
@@ -197,8 +173,8 @@ def run(o: StudentOptions) -> dict:
         folder.create(o.to_config())
     progress = {"epoch": start_epoch, "step": step}
     try:
-        return _train(StudentRun(o, manifest, recipe, eval_split, source, teacher_records, ds, schedule, student,
-                                 optimizer, ema, lr, rows, progress, dev, rank, world, folder, t_start))
+        return _train(StudentRun(o, manifest, recipe, eval_split, loader, schedule, student, optimizer, ema, lr, rows,
+                                 progress, dev, rank, world, folder, t_start))
     except KeyboardInterrupt:
         raise Interrupted(f"train-student stopped in epoch {progress['epoch']} (step {progress['step']}); "
                           + (f"{o.out} holds its epochs before that. Continue with: {rerun_command('--resume')}"
@@ -210,43 +186,38 @@ def run(o: StudentOptions) -> dict:
 
 def _train(r: StudentRun) -> dict:
     """Train from `r.progress`'s epoch to the last, evaluating and checkpointing each; the summary (rank 0)."""
-    o, ds, dev = r.options, r.dataset, r.device
+    o, loader, dev = r.options, r.loader, r.device
     model = torch.nn.parallel.DistributedDataParallel(r.student.model) if r.world > 1 else r.student.model
     criterion = DistillationLoss(o.distillation, o.alpha, o.tau or 1.0, r.manifest.num_classes, o.soft_scale)
-    collate, finish = ViewCollate(r.manifest.num_classes, r.recipe.smoothing), Finisher(r.recipe)
     lr_at = step_schedule(r.schedule["steps_per_epoch"], o.warmup_epochs, r.lr, o.min_lr)
-    loader = DataLoader(Batched(ds, o.batch_size, collate), batch_size=None,
-                        **loader_settings(o.workers, o.prefetch, dev, o.init_seed))
-    eval_loader = None if r.eval_split is None else DataLoader(
-        EvalViews(r.manifest, r.recipe.eval_transform(), r.eval_split), batch_size=o.batch_size,
-        **loader_settings(min(o.workers, 2), o.prefetch, dev, o.init_seed))
+    eval_loader = None if r.eval_split is None else loader.eval_loader(r.eval_split)
     sinks = MetricSinks(o.out, o.log_tensorboard, o.log_wandb, o.wandb_project, o.to_config()) if r.rank == 0 else None
-    if o.reuse_epochs and o.epochs > ds.view_epochs and r.rank == 0:
-        typer.echo(f"--reuse-epochs: the cache holds {ds.view_epochs} epochs; student epoch e uses cached epoch "
-                   f"e % {ds.view_epochs}")
+    if o.reuse_epochs and o.epochs > loader.view_epochs and r.rank == 0:
+        typer.echo(f"--reuse-epochs: the cache holds {loader.view_epochs} epochs; student epoch e uses cached epoch "
+                   f"e % {loader.view_epochs}")
     start_epoch = r.progress["epoch"]
     try:
         for epoch in range(start_epoch, o.epochs):
             r.progress["epoch"] = epoch
-            ds.set_epoch(epoch)
+            loader.set_epoch(epoch)
             set_threads(o.threads)  # follow runs started or ended since the last epoch
-            stats, step = train_one_epoch(model, criterion, regroup(loader, o.batch_size), r.optimizer, dev, epoch,
-                                          finish, r.source, lr_at,
-                                          r.progress["step"], o.clip_grad, r.ema, total=ds.views(),
-                                          show_progress=r.rank == 0, progress=r.progress)
+            stats, step = train_one_epoch(model, criterion, loader, r.optimizer, dev, epoch, lr_at,
+                                          r.progress["step"], o.clip_grad, r.ema, total=loader.views(),
+                                          show_progress=r.rank == 0, progress=r.progress, log_every=o.log_interval)
             acc = {}
             if eval_loader is not None:
                 acc = evaluate(r.student.heads(), eval_loader, dev, r.student.eval_model())
                 if r.ema is not None:
                     acc.update({f"ema_{k}": v for k, v in
                                 evaluate(r.student.heads(), eval_loader, dev, r.student.eval_model(r.ema.module)).items()})
-            r.rows.append({"epoch": epoch, "view_epoch": ds.plan().epoch, "steps": stats.steps, "loss": stats.loss,
-                           "loss_base": stats.loss_base, "loss_distill": stats.loss_distill, "lr": stats.lr,
-                           "images": stats.images, "train_seconds": stats.seconds,
+            r.rows.append({"epoch": epoch, "view_epoch": loader.dataset.plan().epoch, "steps": stats.steps,
+                           "loss": stats.loss, "loss_base": stats.loss_base, "loss_distill": stats.loss_distill,
+                           "lr": stats.lr, "images": stats.images, "train_seconds": stats.seconds,
                            "train_cpu_seconds": stats.cpu_seconds,
                            "images_per_s": stats.images_per_s, **acc,
                            # this launch's start-up: from the process's start to its first optimiser step
-                           **({"startup_seconds": r.progress["first_step"]} if epoch == start_epoch else {})})
+                           **({"startup_seconds": r.progress["first_step"]} if epoch == start_epoch else {}),
+                           "step_losses": stats.step_losses})
             rng_states = rng.all_states(dev)
             if r.rank == 0:
                 _checkpoint(r, epoch, step, rng_states)
@@ -258,14 +229,16 @@ def _train(r: StudentRun) -> dict:
             if o.stop_after is not None and epoch + 1 >= o.stop_after and epoch + 1 < o.epochs:
                 return {"stopped_after": epoch + 1}
     finally:
-        stop_workers(loader, eval_loader)
+        loader.close()
+        stop_workers(eval_loader)
         if sinks is not None:
             sinks.close()
     if r.rank != 0:
         return {"rank": r.rank}
-    summary = {"run": str(r.folder.path), "distillation": o.distillation.value, "source": r.source.kind,
+    summary = {"run": str(r.folder.path), "distillation": o.distillation.value, "source": r.loader.source.kind,
                **_teachers(r), "student": r.student.name, "epochs": o.epochs, "device": str(dev), "processes": r.world,
-               "wall_seconds": time.perf_counter() - r.started, **r.rows[-1], "images_per_s": mean_rate(r.rows),
+               "wall_seconds": time.perf_counter() - r.started,
+               **{k: v for k, v in r.rows[-1].items() if k != "step_losses"}, "images_per_s": mean_rate(r.rows),
                "images_per_s_is": f"mean over {len(r.rows)} epochs, training only",
                "last_epoch_images_per_s": r.rows[-1]["images_per_s"]}
     plot_curves(r.folder.path / "log.jsonl", r.folder.path / "curves.png")
@@ -287,4 +260,4 @@ def _checkpoint(r: StudentRun, epoch: int, step: int, rng_states: list[dict]) ->
 
 def _teachers(r: StudentRun) -> dict:
     """The run's teachers as its summary and checkpoint JSON name them (nothing for a run on labels only)."""
-    return {"teachers": [dataclasses.asdict(t) for t in r.teachers]} if r.teachers else {}
+    return {"teachers": [dataclasses.asdict(t) for t in r.loader.teachers]} if r.loader.teachers else {}

@@ -7,43 +7,31 @@ import time
 import torch
 import typer
 import yaml
-from torch.utils.data import DataLoader
 
 from replaykd import teacher as teachers
 from replaykd.device import pick_device, set_threads
 from replaykd.engine import evaluate, train_one_epoch
 from replaykd.export import Preprocessing, export
-from replaykd.finish import Finisher
 from replaykd.io import atomic_path
-from replaykd.loader import (
-    Batched,
-    EvalViews,
-    ReplayViews,
-    ViewCollate,
-    loader_settings,
-    regroup,
-    shuffle_views,
-    stop_workers,
-)
+from replaykd.loader import stop_workers
 from replaykd.losses import DistillationLoss
 from replaykd.manifest import Manifest
 from replaykd.models import create_classifier
 from replaykd.recipe import Recipe
+from replaykd.replay_loader import ReplayLoader
 from replaykd.schedule import step_schedule
-from replaykd.targets import NoTargets
 from replaykd.stages.options import TrainTeacherOptions
 
 # The side a teacher trained from scratch sees by default (RegNet's stride 32 needs at least 32 px).
 SCRATCH_INPUT = 32
 
 
-def view_loader(manifest: Manifest, recipe: Recipe, o: TrainTeacherOptions, dev: torch.device) -> DataLoader:
-    """The training views (`loader.dataset.views.set_epoch` picks the epoch), in full batches with the recipe's mixed,
-    label-smoothed targets: what the teacher learns. Workers are kept from epoch to epoch."""
-    ds = ReplayViews(manifest, recipe, o.seed, 0, rank=0, world_size=1, shuffle_buffer=shuffle_views(recipe, None),
-                     shuffle_seed=o.seed, batch_size=o.batch_size, decode_memory=o.decode_memory << 20)
-    return DataLoader(Batched(ds, o.batch_size, ViewCollate(manifest.num_classes, recipe.smoothing)), batch_size=None,
-                      **loader_settings(o.workers, o.prefetch, dev, o.seed))
+def view_loader(manifest: Manifest, recipe: Recipe, o: TrainTeacherOptions, dev: torch.device) -> ReplayLoader:
+    """The training views in full batches with the recipe's mixed, label-smoothed targets (what the teacher learns),
+    on one process; workers are kept from epoch to epoch."""
+    return ReplayLoader(manifest, recipe, batch_size=o.batch_size, seed=o.seed, rank=0, world_size=1,
+                        workers=o.workers, prefetch=o.prefetch, device=dev, shuffle_seed=o.seed,
+                        decode_memory=o.decode_memory << 20)
 
 
 def starting_model(o: TrainTeacherOptions, manifest: Manifest, recipe: Recipe) -> tuple[teachers.LoadedTeacher, str]:
@@ -84,25 +72,23 @@ def main(o: TrainTeacherOptions) -> None:
     net = teachers.Teacher(loaded.model.train(), prep, recipe.mean, recipe.std).to(dev)
     teachers.check_input(net, recipe.input_size)
     optimizer = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    eval_loader = None if eval_split is None else DataLoader(
-        EvalViews(manifest, recipe.eval_transform(), eval_split), batch_size=256,
-        **loader_settings(min(o.workers, 1), o.prefetch, dev, o.seed))
     loader = view_loader(manifest, recipe, o, dev)
-    lr_at = step_schedule([loader.dataset.views.batches(e) for e in range(o.epochs)], o.warmup_epochs, o.lr)
-    finish, step, t0, acc = Finisher(recipe), 0, time.perf_counter(), {}
+    eval_loader = None if eval_split is None else loader.eval_loader(eval_split, 256, min(o.workers, 1))
+    lr_at = step_schedule(loader.steps_per_epoch(o.epochs), o.warmup_epochs, o.lr)
+    step, t0, acc = 0, time.perf_counter(), {}
     try:
         for epoch in range(o.epochs):
-            loader.dataset.views.set_epoch(epoch)
+            loader.set_epoch(epoch)
             set_threads(o.threads)  # follow runs started or ended since the last epoch
-            stats, step = train_one_epoch(net, DistillationLoss("none"), regroup(loader, o.batch_size), optimizer, dev,
-                                          epoch, finish,
-                                          NoTargets(), lr_at, step, total=loader.dataset.views.views())
+            stats, step = train_one_epoch(net, DistillationLoss("none"), loader, optimizer, dev, epoch, lr_at, step,
+                                          total=loader.views())
             if eval_loader is not None:
                 acc = evaluate({"": lambda out: out}, eval_loader, dev, net)
             typer.echo(f"epoch {epoch}: loss {stats.loss:.4f}" + (f", val top-1 {acc['top1']:.2f}%" if acc else "")
                        + f", {stats.images_per_s:.0f} img/s")
     finally:
-        stop_workers(loader, eval_loader)
+        loader.close()
+        stop_workers(eval_loader)
     o.out.parent.mkdir(parents=True, exist_ok=True)
     extra = {"manifest_hash": manifest.hash, "recipe": recipe.name, "epochs": o.epochs,
              "init": o.init or (str(o.init_checkpoint) if o.init_checkpoint else None),

@@ -25,7 +25,7 @@ from replaykd.records import TeacherEnsemble, TeacherTargets
 from replaykd.targets import CachedTargets
 from replaykd.stages.options import StudentOptions
 from replaykd.stages.teacher_cache import run as build_cache
-from replaykd.stages.train_student import run, target_source
+from replaykd.stages.train_student import replay_loader, run
 from tests.conftest import options, run_cli
 
 pytestmark = pytest.mark.slow
@@ -186,7 +186,7 @@ def test_the_run_uses_the_epochs_all_caches_hold_and_checks_every_fingerprint(di
                                             r"caches hold\)"):
         run(opts(digits_dir, tmp_path / "run", cache=[second_store, store], epochs=3, **DEIT))
     o = opts(digits_dir, tmp_path / "run", cache=[second_store, store], epochs=3, reuse_epochs=True, **DEIT)
-    assert target_source(o, m, recipe, torch.device("cpu"))[1] == 2  # --reuse-epochs cycles those
+    assert replay_loader(o, m, recipe, torch.device("cpu"), 0, 1, None).view_epochs == 2  # --reuse-epochs cycles those
     # a cache whose views differ from the replayed ones (its fingerprints of epoch 0) is named, whichever it is
     tampered = tmp_path / "tampered"
     shutil.copytree(second_store, tampered)

@@ -7,13 +7,10 @@ import torch.nn.functional as F
 
 from replaykd.engine import train_one_epoch
 from replaykd.export import Preprocessing
-from replaykd.finish import Finisher
-from replaykd.loader import regroup
 from replaykd.losses import DistillationLoss
 from replaykd.manifest import Manifest
 from replaykd.models import create_classifier
 from replaykd.recipe import Recipe
-from replaykd.targets import NoTargets
 from replaykd.teacher import Teacher
 from replaykd.stages.options import TrainTeacherOptions
 from replaykd.stages.train_teacher import view_loader
@@ -25,7 +22,7 @@ def test_one_epoch_with_a_mixing_recipe_trains_on_the_mixed_targets(digits_dir):
     m, recipe = Manifest.load(digits_dir), Recipe.load("digits-ra")
     assert recipe.mixes and recipe.smoothing > 0
     o = TrainTeacherOptions.from_mapping({"data": digits_dir, "recipe": "digits-ra", "batch_size": 128, "workers": 0})
-    batches = list(regroup(view_loader(m, recipe, o, torch.device("cpu")), 128))
+    batches = list(view_loader(m, recipe, o, torch.device("cpu")))
     used = []
 
     class Recording(DistillationLoss):
@@ -37,11 +34,12 @@ def test_one_epoch_with_a_mixing_recipe_trains_on_the_mixed_targets(digits_dir):
     prep = Preprocessing(recipe.mean, recipe.std, 32, "bicubic")
     net = Teacher(create_classifier("regnety_002", m.num_classes), prep, recipe.mean, recipe.std)
     stats, steps = train_one_epoch(net, Recording("none"), batches, torch.optim.AdamW(net.parameters()), torch.device("cpu"),
-                                   0, Finisher(recipe), NoTargets(), lambda s: 1e-3, 0, show_progress=False)
+                                   0, lambda s: 1e-3, 0, show_progress=False)
     assert steps == len(batches) and stats.images == sum(len(b) for b in batches) > m.count("train") - 2 * 128
     assert all(len(b) == 128 for b in batches)  # full batches only, as DeiT
     mixed = 0
-    for batch, target in zip(batches, used):
+    for batch, target in zip((b.views for b in batches), used):
+        assert batch.teacher is None
         smooth = recipe.smoothing
         own = F.one_hot(batch.labels, 10).float() * (1 - smooth) + smooth / 10
         other = F.one_hot(batch.partner_labels, 10).float() * (1 - smooth) + smooth / 10

@@ -40,12 +40,12 @@ TEACHER_B_CKPT ?= $(ENSEMBLE_STUDY)/teacher-b/teacher.safetensors
 STORE_B        ?= $(ENSEMBLE_STUDY)/cache-b.zarr
 LAUNCH         := $(if $(filter 1,$(NPROC)),$(RKD),$(PY) -m torch.distributed.run --nproc_per_node $(NPROC) -m replaykd)
 
-.PHONY: venv test test-fast shards train-teacher teacher-cache train-student demo-start demo demo-hard demo-online demo-none study teacher-cache-b study-ensemble bench bench-scale pillow-simd readme clean
+.PHONY: venv test test-fast docs shards train-teacher teacher-cache train-student demo-start demo demo-hard demo-online demo-none study teacher-cache-b study-ensemble bench bench-scale pillow-simd readme clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,docs]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -55,6 +55,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The documentation (docs/ and the API reference from the docstrings) into site/, offline; a warning fails it.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
 
 $(DATA)/manifest.json: | $(STAMP)
 	$(RKD) shards $(SOURCE) $(DATA) --shard-size $(SHARD_SIZE) --overwrite
@@ -177,4 +181,4 @@ readme: $(STAMP)
 	test ! -f runs/bench/scale.json || $(RKD) bench-scale --out runs/bench --render-only --readme README.md
 
 clean:
-	rm -rf data runs $(PILLOW_SIMD)
+	rm -rf data runs site $(PILLOW_SIMD)

@@ -1,4 +1,5 @@
 """`python -m replaykd ...` runs the replaykd CLI (torchrun launches it this way: `torchrun ... -m replaykd`)."""
 from replaykd.stages.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,5 @@
 """`python -m replaykd.stages ...` runs the replaykd CLI, as `python -m replaykd` does."""
 from replaykd.stages.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

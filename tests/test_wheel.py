@@ -70,8 +70,9 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs_from_there(tmp_pat
 
     work = tmp_path / "work"
     work.mkdir()
-    help_ = subprocess.run([env / "bin" / "replaykd", "--help"], capture_output=True, text=True, cwd=work)
-    assert help_.returncode == 0 and "teacher-cache" in help_.stdout and "train-student" in help_.stdout
+    for command in ([env / "bin" / "replaykd", "--help"], [python, "-m", "replaykd", "--help"]):  # torchrun: -m
+        help_ = subprocess.run(command, capture_output=True, text=True, cwd=work)
+        assert help_.returncode == 0 and "teacher-cache" in help_.stdout and "train-student" in help_.stdout
     proc = subprocess.run([python, "-c", DRIVER, teacher_ckpt], capture_output=True, text=True, cwd=work,
                           env={"PATH": f"{env / 'bin'}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
                                "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}, timeout=900)

@@ -187,10 +187,10 @@ def test_views_do_not_depend_on_another_thread_drawing(digits_dir):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stage_one_beside_a_noisy_thread_equals_a_quiet_build(digits_dir, teacher_ckpt, store, tmp_path, monkeypatch,
                                                               workers):
-    with noise_where_views_are_made(workers, monkeypatch) as draws:
-        build_cache(options(digits_dir, teacher_ckpt, tmp_path / "noisy", workers=workers))
+    with noise_where_views_are_made(workers, monkeypatch) as draws:  # one epoch: noise slows the build down
+        build_cache(options(digits_dir, teacher_ckpt, tmp_path / "noisy", workers=workers, epochs=1))
         assert draws() > 1000
-    assert_same_arrays(arrays(tmp_path / "noisy"), arrays(store))
+    assert_same_arrays(arrays(tmp_path / "noisy"), {name: a[:1] for name, a in arrays(store).items()})
 
 
 def stage_two_batches(digits_dir, store, workers: int) -> list:

@@ -1,6 +1,7 @@
 """A plain PyTorch + timm training loop fed by a replaykd teacher cache: the model, optimiser, schedule and loss are
 this file's own; replaykd gives the batches (the cached views, their mixed labels and the teacher's targets). With
-the same options it trains the same weights as `replaykd train-student` (tests/test_api.py checks it on the CPU).
+the same options it trains the same weights as `replaykd train-student`, loss for loss (tests/test_api.py checks it
+on the CPU; on a GPU both take the same steps, in bf16 autocast).
 
     python examples/train_loop.py --manifest data/digits --cache runs/demo/cache.zarr --recipe digits --epochs 2 \\
         --student deit_tiny_distilled_patch16_224 --patch-size 4 --depth 4 --embed-dim 96 --num-heads 3 --out w.pt
@@ -24,7 +25,7 @@ p.add_argument("--distillation", choices=["hard", "soft"], default="hard")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 p.add_argument("--out", required=True)
 NUMBERS = {"epochs": 300, "batch-size": 256, "lr": 5e-4, "min-lr": 1e-5, "warmup-epochs": 5, "weight-decay": 0.05,
-           "drop-path": 0.1, "alpha": 0.5, "seed": 0, "workers": 4}
+           "drop-path": 0.1, "alpha": 0.5, "seed": 0, "init-seed": 0, "workers": 4}  # --seed: the cache's views
 for name, default in NUMBERS.items():
     p.add_argument(f"--{name}", type=type(default), default=default)
 for name in ("threads", "patch-size", "depth", "embed-dim", "num-heads"):
@@ -35,14 +36,15 @@ if args.threads:
 device = torch.device(args.device)
 
 loader = ReplayLoader(args.manifest, args.recipe, args.cache, batch_size=args.batch_size, epochs=args.epochs,
-                      workers=args.workers, device=device)
+                      seed=args.seed, shuffle_seed=args.init_seed, workers=args.workers, device=device)
 sizes = {k: v for k in ("patch_size", "depth", "embed_dim", "num_heads") if (v := getattr(args, k)) is not None}
-torch.manual_seed(args.seed)  # the initial weights
+torch.manual_seed(args.init_seed)  # the initial weights
 model = timm.create_model(args.student, num_classes=loader.num_classes, drop_path_rate=args.drop_path,
-                          img_size=loader.recipe.input_size, **sizes).to(device)
+                          img_size=loader.recipe.input_size, **sizes)
+model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
 if hasattr(model, "set_distilled_training"):
     model.set_distilled_training(True)  # a distilled DeiT answers (class head, distillation head)
-torch.manual_seed(args.seed)  # drop path's draws (train-student seeds each rank with seed + rank)
+torch.manual_seed(args.init_seed)  # drop path's draws (train-student seeds each rank with init seed + rank)
 peak = args.lr * args.batch_size / 512  # DeiT's linear scaling
 optimizer = create_optimizer_v2(model, "adamw", lr=peak, weight_decay=args.weight_decay)
 steps = loader.steps_per_epoch(args.epochs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import multiprocessing
 import signal
 from typing import Callable, Iterable, Iterator, Sequence
@@ -21,7 +22,7 @@ from webdataset.utils import pytorch_worker_info
 from replaykd.decoding import DecodedImages, decoded_size, steps_for
 from replaykd.errors import ReplayKDError
 from replaykd.manifest import Manifest
-from replaykd.plan import EpochPlan, Segment, UnitPlan
+from replaykd.plan import EpochPlan, Segment, UnitPlan, split_range
 from replaykd.reader import read_ahead, read_shard
 from replaykd.recipe import Recipe
 from replaykd.records import Erase, TeacherTargets, View, ViewBatch
@@ -43,11 +44,10 @@ SHUFFLE_MEMORY = 32 << 20
 
 def shuffle_views(recipe: Recipe, given: int | None) -> int:
     """The shuffle buffer's size in views: as given, else 1024, or as many as fit in SHUFFLE_MEMORY where views are
-    large (a 224 px view of a mixing recipe carries ~300 KB of pixels: its own and its partner's)."""
+    large (a 224 px view carries ~150 KB of pixels: a mixed pair travels as one item of two views and two images)."""
     if given is not None:
         return given
-    view_bytes = 3 * recipe.input_size ** 2 * (2 if recipe.mixes else 1)
-    return max(64, min(1024, SHUFFLE_MEMORY // view_bytes))
+    return max(64, min(1024, SHUFFLE_MEMORY // (3 * recipe.input_size ** 2)))
 
 
 def buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
@@ -294,20 +294,23 @@ class ViewCollate:
             rows.add(view)
         return self._finish(rows)
 
-    def batches(self, views: Iterable[View], size: int, partial: bool = False) -> Iterator[ViewBatch]:
-        """Batches of `size` views, built as the views come; a last partial batch only with `partial`."""
-        rows = None
+    def batches(self, views: Iterable[View], pieces: Sequence[int], partial: bool = False,
+                worker: int = 0) -> Iterator[ViewBatch]:
+        """Batches of `pieces[0]`, `pieces[1]`, ... views in turn (the pieces of a training batch, again and again),
+        built as the views come; a last, partial one only with `partial`. Each says it came from `worker`."""
+        sizes = itertools.cycle(pieces)
+        size, rows = next(sizes), None
         for view in views:
             if rows is None:
                 rows = _Rows(size, view, drop_pixels=True)
             rows.add(view)
             if len(rows.views) == size:
-                yield self._finish(rows)
-                rows = None
+                yield self._finish(rows, worker)
+                size, rows = next(sizes), None
         if rows is not None and partial:
-            yield self._finish(rows)
+            yield self._finish(rows, worker)
 
-    def _finish(self, rows: _Rows) -> ViewBatch:
+    def _finish(self, rows: _Rows, worker: int = 0) -> ViewBatch:
         views, n = rows.views, len(rows.views)
 
         def column(name: str, dtype=torch.int64) -> torch.Tensor:
@@ -330,40 +333,45 @@ class ViewCollate:
                          torch.tensor(rows.partner_rows, dtype=torch.int64) if rows.pairs else None, erase_boxes,
                          erase_values, mix_boxes, lams, labels, lam * own + (1.0 - lam) * other,
                          [v.key for v in views], column("index"), column("repeat"), column("slot"), column("shard_no"),
-                         column("epoch"), column("partner"), partner_labels, fingerprints, teacher)
+                         column("epoch"), column("partner"), partner_labels, fingerprints, teacher, worker)
 
 
 class Batched(IterableDataset):
     """A view dataset's stream in batches made in the loader worker itself (use with DataLoader(batch_size=None)):
     each view goes into its batch as it is made. `partial`: also the last, partial batch of each worker's stream.
-    Workers make batches of at most WORKER_BATCH views (`regroup` joins them again), so that a worker holds the
-    pixels of one small batch at a time: at 224 px with partners, 64 views are 19 MB where 256 are 77 MB."""
+    A worker makes each batch of `size` views in pieces of at most WORKER_BATCH views (`regroup` joins a worker's
+    pieces again), so that it holds the pixels of one small piece at a time: at 224 px with partners, 64 views are
+    19 MB where 256 are 77 MB. A piece holds whole items, so a mixed pair is never split."""
 
-    def __init__(self, views: IterableDataset, size: int, collate: ViewCollate, partial: bool = False):
+    def __init__(self, views: _Views, size: int, collate: ViewCollate, partial: bool = False):
         super().__init__()
         self.views, self.size, self.collate, self.partial = views, size, collate, partial
 
     def __iter__(self) -> Iterator[ViewBatch]:
-        return self.collate.batches(iter(self.views), worker_batch(self.size), self.partial)
+        info = get_worker_info()
+        pairs = self.views.recipe.mixes and self.size % 2 == 0  # stage one's odd batches bring partners' pixels
+        pieces = worker_pieces(self.size, 2 if pairs else 1)
+        return self.collate.batches(iter(self.views), pieces, self.partial, info.id if info is not None else 0)
 
 
-def worker_batch(size: int) -> int:
-    """The batch a loader worker makes for batches of `size`: the largest divisor of `size` up to WORKER_BATCH."""
-    return next(d for d in range(min(size, WORKER_BATCH), 0, -1) if size % d == 0)
+def worker_pieces(size: int, group: int = 1) -> list[int]:
+    """The pieces a loader worker makes a batch of `size` views in: the fewest of at most WORKER_BATCH views, their
+    sizes within one item of each other, each a whole number of items of `group` views (2: mixed pairs)."""
+    items, parts = size // group, -(-size // WORKER_BATCH)
+    return [group * (stop - start) for start, stop in (split_range(items, parts, i) for i in range(parts))]
 
 
 def regroup(batches: Iterable[ViewBatch], size: int) -> Iterator[ViewBatch]:
-    """Join the workers' batches into batches of `size` views (their pixels stay in the workers' chunks); a last,
-    smaller batch when the stream ends short of one."""
-    pending, count = [], 0
-    for batch in batches:
-        pending.append(batch)
-        count += len(batch)
-        if count >= size:
-            yield ViewBatch.concat(pending)
-            pending, count = [], 0
-    if pending:
-        yield ViewBatch.concat(pending)
+    """Join each loader worker's pieces into batches of `size` views (their pixels stay in the pieces' chunks), each
+    batch as its worker's pieces complete it; at the end, what each worker has left, as a smaller batch."""
+    pending: dict[int, list[ViewBatch]] = {}
+    for piece in batches:
+        got = pending.setdefault(piece.worker, [])
+        got.append(piece)
+        if sum(len(p) for p in got) >= size:
+            yield ViewBatch.concat(pending.pop(piece.worker))
+    for got in pending.values():
+        yield ViewBatch.concat(got)
 
 
 class EvalViews(IterableDataset):

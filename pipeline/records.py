@@ -1,6 +1,6 @@
 """The typed records that cross module borders: a view, a batch of views, a view's mixing and erasing, the
-teacher's targets, a batch finished for a training step. They hold data and only what moving that data needs; they import no behaviour module, so every
-module can use them and none circles back through them."""
+teacher's targets, a batch finished for a training step. They hold data and only what moving that data needs; they
+import no behaviour module, so every module can use them and none circles back through them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -147,6 +147,7 @@ class ViewBatch:
     partner_labels: torch.Tensor
     fingerprints: torch.Tensor | None = None
     teacher: TeacherTargets | None = None
+    worker: int = 0  # the loader worker that made it (its pieces are joined into one batch)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -193,7 +194,8 @@ class ViewBatch:
                    cat("targets"), [k for b in batches for k in b.keys], cat("indices"), cat("repeats"), cat("slots"),
                    cat("shard_nos"), cat("epochs"), cat("partners"), cat("partner_labels"), cat("fingerprints"),
                    None if any(t is None for t in teachers) else TeacherTargets(torch.cat([t.probs for t in teachers]),
-                                                                               torch.cat([t.classes for t in teachers])))
+                                                                               torch.cat([t.classes for t in teachers])),
+                   batches[0].worker)
 
 
 def _inline(value):
@@ -229,4 +231,5 @@ class TrainBatch:
     views: ViewBatch
 
     def __len__(self) -> int:
+        """Views in the batch."""
         return len(self.images)

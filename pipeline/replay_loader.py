@@ -89,6 +89,7 @@ class ReplayLoader:
                                    fingerprint_every=source.fingerprint_every(), batch_size=batch_size,
                                    decode_memory=decode_memory)
         self._finisher = Finisher(self.recipe)
+        self._eval_loaders: list[DataLoader] = []  # stopped with this loader
         self._loader = DataLoader(Batched(self.dataset, batch_size, ViewCollate(self.manifest.num_classes,
                                                                                 self.recipe.smoothing)),
                                   batch_size=None, **loader_settings(workers, prefetch, self.device, shuffle_seed))
@@ -103,6 +104,10 @@ class ReplayLoader:
     def epoch(self) -> int:
         """The epoch the next iteration yields."""
         return self.dataset.epoch
+
+    def view_epoch(self, epoch: int | None = None) -> int:
+        """The epoch of views a training epoch (default: the current one) shows: the cached epoch it replays."""
+        return self.dataset.plan(epoch).epoch
 
     @property
     def view_epochs(self) -> int | None:
@@ -136,6 +141,7 @@ class ReplayLoader:
         return self.steps() - self._start
 
     def __iter__(self) -> Iterator[TrainBatch]:
+        """The current epoch's batches (from the step `set_epoch` gave), finished on the device."""
         skip, self._start = self._start, 0
         for n, views in enumerate(regroup(self._loader, self.batch_size)):
             if n >= skip:
@@ -155,16 +161,21 @@ class ReplayLoader:
             return None
         views = EvalViews(self.manifest, self.recipe.eval_transform(), split, self.dataset.rank,
                           self.dataset.world_size)
-        return DataLoader(views, batch_size=batch_size or self.batch_size,
-                          **loader_settings(min(self.workers, 2) if workers is None else workers, self.prefetch,
-                                            self.device, self.shuffle_seed))
+        loader = DataLoader(views, batch_size=batch_size or self.batch_size,
+                            **loader_settings(min(self.workers, 2) if workers is None else workers, self.prefetch,
+                                              self.device, self.shuffle_seed))
+        self._eval_loaders.append(loader)
+        return loader
 
     def close(self) -> None:
-        """Stop the loader's worker processes now (they are also stopped when the loader is collected)."""
-        stop_workers(self._loader)
+        """Stop the worker processes of this loader and of its evaluation loaders now (they are also stopped when
+        the loaders are collected)."""
+        stop_workers(self._loader, *self._eval_loaders)
 
     def __enter__(self) -> "ReplayLoader":
+        """The loader itself; leaving the `with` block closes it."""
         return self
 
     def __exit__(self, *exc) -> None:
+        """Close the loader."""
         self.close()

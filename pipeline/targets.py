@@ -1,8 +1,9 @@
 """Where a batch's teacher targets come from: the cache (read in the loader workers), an online teacher, or none.
 
 Each source is one small class with the same two hooks: `annotator()` runs in the loader workers (only the cache
-uses it: it reads each unit once and attaches the rows to the views), and `__call__(batch, images)` runs in the
-training loop and returns the batch's `TeacherTargets` on the images' device (or None: labels only). Several
+uses it: it reads each unit once and attaches the rows to the views), and `__call__(batch, images)` runs where a
+batch is finished (`ReplayLoader.finish`) and returns the batch's `TeacherTargets` on the images' device (or None:
+labels only). Several
 caches, or several online teachers, make one teacher: a `TeacherEnsemble` of their targets and weights.
 """
 from __future__ import annotations
@@ -56,14 +57,18 @@ class NoTargets(TargetSource):
 
 class OnlineTargets(TargetSource):
     """DeiT's way: the teacher runs on each batch of (mixed) views in the training loop. Several teachers make an
-    ensemble, each truncated to its own top-k as its cache would store it."""
+    ensemble, each truncated to its own top-k as its cache would store it, weighted by `weights` (default: equal).
+    A teacher takes the views as they are finished (the recipe's normalisation and size): wrap a timm model in
+    `replaykd.teacher.Teacher` for its own preprocessing. `records` name the teachers for a run's files."""
 
     kind = "online"
 
-    def __init__(self, teachers: Sequence[torch.nn.Module], topks: Sequence[int], weights: Sequence[float] = (1.0,),
-                 records: Sequence[TeacherRecord] = ()):
-        self.teachers, self.topks, self.weights = list(teachers), list(topks), tuple(weights)
-        self.records = tuple(records)
+    def __init__(self, teachers: Sequence[torch.nn.Module], topks: Sequence[int],
+                 weights: Sequence[float] | None = None, records: Sequence[TeacherRecord] = ()):
+        if not teachers or len(topks) != len(teachers):
+            raise ReplayKDError(f"online targets need one k per teacher: {len(teachers)} teachers, {len(topks)} k")
+        self.teachers, self.topks = list(teachers), list(topks)
+        self.weights, self.records = teacher_weights(weights, len(self.teachers)), tuple(records)
 
     def __call__(self, batch: ViewBatch, images: torch.Tensor) -> TeacherTargets | TeacherEnsemble:
         with torch.no_grad(), autocast(images.device):
@@ -105,18 +110,23 @@ class CachedTargets(TargetSource):
 
     def __init__(self, stores: Location | Sequence[Location], check: str = "all",
                  weights: Sequence[float] | None = None):
-        from replaykd.cache import TeacherCache
-
         self.stores = _locations(stores)
+        if not self.stores:
+            raise ReplayKDError("no teacher cache given: pass one store (or several)")
         self.every = CHECK_EVERY[getattr(check, "value", check)]
         self.weights = teacher_weights(weights, len(self.stores))
-        caches = [TeacherCache.open(s) for s in self.stores]
+        caches = self._open()
         self.topks = [c.config.topk for c in caches]  # each cache's k, to split a view's rows again
         self.epochs = min(c.config.epochs for c in caches)  # the epochs of views all of them hold
         self.records = tuple(TeacherRecord(c.config.teacher["name"], c.attrs.get("checkpoint_path"),
                                             c.config.teacher["sha256"], str(c.path), c.config.topk, w)
                               for c, w in zip(caches, self.weights))
-        self._caches = caches
+
+    def _open(self) -> list:
+        # opened where needed, not kept: the loader's worker processes, forked later, have no use for them
+        from replaykd.cache import TeacherCache
+
+        return [TeacherCache.open(s) for s in self.stores]
 
     def require(self, manifest: "Manifest", split: str, recipe: "Recipe", seed: int, epochs: int | None = None,
                 reuse_epochs: bool = False) -> None:
@@ -125,13 +135,15 @@ class CachedTargets(TargetSource):
         unit."""
         from replaykd.cache import CacheRequest
 
+        caches = self._open()
         if epochs is not None and epochs > self.epochs and not reuse_epochs:
-            fewest = min(self._caches, key=lambda c: c.config.epochs)
-            common = " (a run uses the epochs all its caches hold)" if len(self._caches) > 1 else ""
+            fewest = min(caches, key=lambda c: c.config.epochs)
+            common = " (a run uses the epochs all its caches hold)" if len(caches) > 1 else ""
             raise ReplayKDError(f"{epochs} epochs asked for but {fewest.path} holds {self.epochs}{common}; grow the "
-                                "cache (teacher-cache --epochs N) or cycle the cached epochs (--reuse-epochs)")
+                                "cache (teacher-cache --epochs N) or cycle the cached epochs (--reuse-epochs; "
+                                "reuse_epochs=True in the API)")
         request = CacheRequest.of(manifest, split, recipe, seed)
-        for cache in self._caches:
+        for cache in caches:
             cache.require(request, epochs=min(epochs or self.epochs, self.epochs), complete=True)
 
     def annotator(self) -> "CacheReader":

@@ -20,7 +20,6 @@ from replaykd.engine import evaluate, train_one_epoch
 from replaykd.errors import Interrupted, ReplayKDError
 from replaykd.export import Preprocessing, export
 from replaykd.io import check_writable
-from replaykd.loader import stop_workers
 from replaykd.losses import DistillationLoss
 from replaykd.manifest import Manifest
 from replaykd.plots import plot_curves
@@ -68,8 +67,8 @@ def online_teachers(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: 
     count = len(o.online_teacher)
     given = o.topk or [None]  # one k for all teachers, or one each
     topks = [k or min(ONLINE_TOPK, manifest.num_classes) for k in (given * count if len(given) == 1 else given)]
-    nets, records = [], []
-    for i, (name, k, weight) in enumerate(zip(o.online_teacher, topks, o.teacher_weights())):
+    nets, records, weights = [], [], o.teacher_weights()
+    for i, (name, k, weight) in enumerate(zip(o.online_teacher, topks, weights)):
         if k > manifest.num_classes:
             raise ReplayKDError(f"--topk {k} is more than the dataset's {manifest.num_classes} classes")
         checkpoint = o.teacher_checkpoint[i] if o.teacher_checkpoint else None
@@ -79,7 +78,7 @@ def online_teachers(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: 
         nets.append(net)
         records.append(TeacherRecord(loaded.identity.name, str(Path(checkpoint).resolve()) if checkpoint else None,
                                      loaded.identity.sha256, None, k, weight))
-    return OnlineTargets(nets, topks, o.teacher_weights(), records)
+    return OnlineTargets(nets, topks, weights, records)
 
 
 def replay_loader(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: torch.device, rank: int, world: int,
@@ -210,7 +209,7 @@ def _train(r: StudentRun) -> dict:
                 if r.ema is not None:
                     acc.update({f"ema_{k}": v for k, v in
                                 evaluate(r.student.heads(), eval_loader, dev, r.student.eval_model(r.ema.module)).items()})
-            r.rows.append({"epoch": epoch, "view_epoch": loader.dataset.plan().epoch, "steps": stats.steps,
+            r.rows.append({"epoch": epoch, "view_epoch": loader.view_epoch(), "steps": stats.steps,
                            "loss": stats.loss, "loss_base": stats.loss_base, "loss_distill": stats.loss_distill,
                            "lr": stats.lr, "images": stats.images, "train_seconds": stats.seconds,
                            "train_cpu_seconds": stats.cpu_seconds,
@@ -230,7 +229,6 @@ def _train(r: StudentRun) -> dict:
                 return {"stopped_after": epoch + 1}
     finally:
         loader.close()
-        stop_workers(eval_loader)
         if sinks is not None:
             sinks.close()
     if r.rank != 0:

@@ -13,7 +13,6 @@ from replaykd.device import pick_device, set_threads
 from replaykd.engine import evaluate, train_one_epoch
 from replaykd.export import Preprocessing, export
 from replaykd.io import atomic_path
-from replaykd.loader import stop_workers
 from replaykd.losses import DistillationLoss
 from replaykd.manifest import Manifest
 from replaykd.models import create_classifier
@@ -88,7 +87,6 @@ def main(o: TrainTeacherOptions) -> None:
                        + f", {stats.images_per_s:.0f} img/s")
     finally:
         loader.close()
-        stop_workers(eval_loader)
     o.out.parent.mkdir(parents=True, exist_ok=True)
     extra = {"manifest_hash": manifest.hash, "recipe": recipe.name, "epochs": o.epochs,
              "init": o.init or (str(o.init_checkpoint) if o.init_checkpoint else None),

@@ -132,15 +132,17 @@ def test_ranks_resume_together_when_only_one_node_counts_a_restart(digits_dir, s
     # TORCHELASTIC_RESTART_COUNT at 0 while the failed node's says 1: each rank deciding alone, one resumed and the
     # other refused the folder ("holds a run already"), and the group broke apart (issue 35: 1 run in 3 failed)
     out = tmp_path / "restarted"
-    shutil.copytree(reference, out)
-    (out / "summary.json").unlink()
-    port = free_port()
-    ranks = [start([sys.executable, "-m", "replaykd", "train-student", "--out", out, "--manifest", digits_dir, "--cache",
-                    store, *STUDENT],
-                   env={"RANK": rank, "LOCAL_RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": port, "TORCHELASTIC_RESTART_COUNT": count})
-             for rank, count in ((0, "0"), (1, "1"))]
-    assert f"resuming {out} at epoch 2 of 2" in finish(*ranks, timeout=300)[0]
+
+    def ranks(counts: tuple[int, int], *extra) -> list[subprocess.Popen]:
+        port = free_port()
+        return [start([sys.executable, "-m", "replaykd", "train-student", "--out", out, "--manifest", digits_dir,
+                       "--cache", store, *STUDENT, *extra],
+                      env={"RANK": rank, "LOCAL_RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": port, "TORCHELASTIC_RESTART_COUNT": count})
+                for rank, count in enumerate(counts)]
+
+    finish(*ranks((0, 0), "--stop-after", 1))  # the first attempt, ended after epoch 0's checkpoint
+    assert f"resuming {out} at epoch 1 of 2" in finish(*ranks((0, 1)), timeout=300)[0]
     assert sha256(out / "checkpoint.safetensors") == sha256(reference / "checkpoint.safetensors")
 
 

@@ -172,3 +172,17 @@ def test_a_completion_digest_is_of_little_endian_bytes_on_any_machine():
     rows = np.arange(60, dtype=np.uint16).reshape(6, 10) * 1031
     assert digest(rows) == digest(rows.astype(">u2")) == digest(rows.astype("<u2"))
     assert digest(rows) != digest(rows[::-1]) and digest(rows) >> 32 == 1
+
+
+def test_a_worker_makes_every_even_batch_in_pieces_of_whole_pairs_and_of_a_useful_size():
+    from replaykd.loader import WORKER_BATCH, worker_pieces
+
+    for size in range(2, 1025, 2):
+        pieces = worker_pieces(size, 2)
+        assert sum(pieces) == size and all(p % 2 == 0 for p in pieces), size  # a pair never spans two pieces
+        assert max(pieces) <= WORKER_BATCH and min(pieces) >= min(size, 16), (size, pieces)
+        assert max(pieces) - min(pieces) <= 2 and len(pieces) == -(-size // WORKER_BATCH)
+    for size in range(1, 300):  # a recipe without mixing: any size, single views
+        pieces = worker_pieces(size)
+        assert sum(pieces) == size and max(pieces) - min(pieces) <= 1 and max(pieces) <= WORKER_BATCH
+    assert worker_pieces(134, 2) == [46, 44, 44] and worker_pieces(256, 2) == [64] * 4

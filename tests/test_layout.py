@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,10 @@ def test_no_code_imports_the_folders_by_their_own_names():
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             bad += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("pipeline", "stages")]
     assert len(files) > 50 and not bad, bad
+    # nor any command line, code snippet or page: `python -m replaykd`, `from replaykd...`
+    texts = [*ROOT.glob("*.md"), ROOT / "Makefile", *(ROOT / "docs").rglob("*.md"),
+             *(p for p in files if p != Path(__file__))]  # this file names what it looks for
+    stale = re.compile(r"-m stages\b|(?<![\w.])(from|import) (pipeline|stages)\b")
+    bad = [f"{p.relative_to(ROOT)}:{n}" for p in texts for n, line in enumerate(p.read_text().splitlines(), 1)
+           if stale.search(line)]
+    assert not bad, bad

@@ -29,7 +29,7 @@ from replaykd.replay import Replayer
 from replaykd.stages.cache_tools import pick_views
 from replaykd.stages.inspect import view_cells
 from replaykd.stages.options import ViewsOptions
-from replaykd.stages.teacher_cache import run  # with pipeline.cache and .cache_writer: every ReplayKDError subclass
+from replaykd.stages.teacher_cache import run  # with replaykd.cache and .cache_writer: every ReplayKDError subclass
 from tests.conftest import options, run_cli
 
 STUDENT = ["--recipe", "digits-ra", "--patch-size", "4", "--depth", "1", "--embed-dim", "32", "--num-heads", "2",

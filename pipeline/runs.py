@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,15 +22,6 @@ from replaykd.io import atomic_path, read_jsonl, read_yaml_mapping, write_json_a
 
 CONFIG, LOG, CSV, STATE, SUMMARY = "config.yaml", "log.jsonl", "summary.csv", "train_state.pt", "summary.json"
 WEIGHTS, EMA_WEIGHTS = "checkpoint.safetensors", "checkpoint-ema.safetensors"
-
-
-@dataclass
-class Resumed:
-    """Where a resumed run continues: the next epoch and optimiser step, and the finished epochs' log rows."""
-
-    epoch: int
-    step: int
-    rows: list[dict]
 
 
 def csv_row(row: dict) -> dict:
@@ -85,12 +75,13 @@ class RunFolder:
         if self.has_state() or (self.path / SUMMARY).exists():
             raise ReplayKDError(f"{self.path} holds a run already; pass --resume to continue it, or choose another --out")
 
-    def check_resume(self, plan: dict, batching: dict) -> None:
+    def check_resume(self, plan: dict, batching: dict, defaults: dict) -> None:
         """Refuse to resume a run that is not there, one started with another plan (options that fix it), or one
-        whose `batching` options (those that decide which views share a batch) changed."""
+        whose `batching` options (those that decide which views share a batch) changed. An option its config.yaml
+        does not name (it predates the option) had its default, `defaults`."""
         if not self.has_state():
             raise ReplayKDError(f"nothing to resume in {self.path} (no {STATE}); start the run without --resume")
-        saved = self.config()
+        saved = {**defaults, **self.config()}
         diff = [f"{k} ({saved.get(k)!r} then, {v!r} now)" for k, v in plan.items() if saved.get(k) != v]
         if diff:
             raise ReplayKDError(f"--resume with a different plan than {self.path} was started with: {', '.join(diff)}")

@@ -275,20 +275,26 @@ class Options:
         """Every option as plain YAML values (what `--config` reads back). A list option of one value is written as
         that value, as before such options took several: a one-teacher run's config (and so its resume) is
         unchanged."""
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, list):
-                v = [str(x) if isinstance(x, Path) else x for x in v]
-                out[f.name] = v[0] if len(v) == 1 else v
-                continue
-            out[f.name] = v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else public(v)
-        return out
+        return {f.name: _config_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def defaults(self) -> dict:
+        """Every option's default as the config holds it: what a run whose config.yaml predates an option ran with
+        (each option added later defaults to the behaviour before it)."""
+        return {f.name: _config_value(f.default) for f in dataclasses.fields(self)
+                if f.default is not dataclasses.MISSING}
 
     def plan(self) -> dict:
         """The values of the options in PLAN."""
         config = self.to_config()
         return {k: config[k] for k in self.PLAN}
+
+
+def _config_value(v):
+    """An option's value as YAML holds it."""
+    if isinstance(v, list):
+        v = [str(x) if isinstance(x, Path) else x for x in v]
+        return v[0] if len(v) == 1 else v
+    return v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else public(v)
 
 
 @dataclass

@@ -129,7 +129,7 @@ def run(o: StudentOptions) -> dict:
         return finished
     check_writable(o.out, "--out")
     if resume:
-        folder.check_resume(o.plan(), {k: getattr(o, k) for k in o.BATCHING})
+        folder.check_resume(o.plan(), {k: getattr(o, k) for k in o.BATCHING}, o.defaults())
     elif not elastic:
         folder.check_new()
     check_available([s for s, on in (("tensorboard", o.log_tensorboard), ("wandb", o.log_wandb)) if on])

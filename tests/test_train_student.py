@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 import zarr
 from safetensors.torch import load_file
 
@@ -123,6 +124,23 @@ def test_resume_gives_the_uninterrupted_result(digits_dir, store, tmp_path, work
     rows = [(tmp_path / d / "log.jsonl").read_text().splitlines() for d in ("full", "part")]
     strip = [[{k: v for k, v in json.loads(r).items() if "seconds" not in k and "per_s" not in k} for r in x] for x in rows]
     assert strip[0] == strip[1] and len(strip[0]) == 2
+
+
+def test_a_run_from_before_an_option_resumes_with_that_options_default(digits_dir, store, tmp_path):
+    # soft_scale, keep_distillation_token and cache_weights came later: a config.yaml without them read as None
+    # and every such run was refused on --resume
+    kw = dict(cache=store, epochs=2, depth=1, embed_dim=32)
+    assert run(opts(digits_dir, tmp_path / "run", stop_after=1, **kw)) == {"stopped_after": 1}
+    config = tmp_path / "run" / "config.yaml"
+    older = {k: v for k, v in yaml.safe_load(config.read_text()).items()
+             if k not in ("soft_scale", "keep_distillation_token", "cache_weights", "log_interval")}
+    config.write_text(yaml.safe_dump(older, sort_keys=False))
+    assert run(opts(digits_dir, tmp_path / "run", resume=True, **kw))["epochs"] == 2
+    # an option the config does not name compares as its default: a change is still refused by name
+    shutil.copytree(tmp_path / "run", tmp_path / "other")
+    (tmp_path / "other" / "summary.json").unlink()
+    with pytest.raises(ReplayKDError, match=r"different plan .*soft_scale \('deit' then, 'batchmean' now\)"):
+        run(opts(digits_dir, tmp_path / "other", resume=True, distillation="soft", soft_scale="batchmean", **kw))
 
 
 def test_resume_refuses_other_loader_options(digits_dir, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+from contextlib import contextmanager
 from functools import partial
 from typing import Callable
 
@@ -109,7 +110,8 @@ def _negate(value: float, rng: random.Random) -> float:
 
 
 # timm's level functions that draw a sign (`_randomly_negate`, from Python's global generator), written out with
-# the sign drawn from the view's generator; every other level function draws nothing and is called as timm's.
+# the sign drawn from the view's generator; every other level function is called as timm's (`_check_op` proves
+# each op of a recipe replays as timm's own).
 _SIGNED_LEVELS: dict[str, Callable] = {
     "_rotate_level_to_arg": lambda m, hp, rng: (_negate((m / aa._LEVEL_DENOM) * 30., rng),),
     "_shear_level_to_arg": lambda m, hp, rng: (_negate((m / aa._LEVEL_DENOM) * 0.3, rng),),
@@ -126,18 +128,43 @@ def _code(fn) -> object:
     return (fn.func if isinstance(fn, partial) else fn).__code__
 
 
+# What `_check_op` applies each op to: a small image with every level of every channel's gradient, and seeds that
+# take each branch of an op's draws (applied or not, either sign, either resampling filter) many times over.
+_CHECK_IMAGE = Image.fromarray(np.stack([*np.meshgrid(np.arange(0, 256, 8), np.arange(0, 256, 8)),
+                                         np.full((32, 32), 127)], axis=-1).astype(np.uint8))
+_CHECK_SEEDS = 16
+
+
+@contextmanager
+def _timm_draws_from(rng: random.Random):
+    """timm's augmentation module drawing from `rng` instead of Python's global generator (its ops call
+    `random.random()` and the like through the module attribute `random`, which this replaces for a moment)."""
+    module = aa.random
+    aa.random = rng
+    try:
+        yield
+    finally:
+        aa.random = module
+
+
 def _check_op(op: aa.AugmentOp) -> None:
-    """Refuse an op whose draws this module does not take from the view's generators (a newer timm's, or one such
-    as GaussianBlurRand that draws inside its pixel operation)."""
-    level = op.level_fn
-    name = getattr(level, "__name__", "")
-    if level is not None and "_randomly_negate" in _code(level).co_names and name not in _SIGNED_LEVELS:
-        raise ReplayKDError(f"RandAugment op {op.name}: its level function {name} draws from Python's "
-                            "global generator in a way replaykd does not replay; choose a recipe without it")
-    if "random" in _code(op.aug_fn).co_names:
-        raise ReplayKDError(f"RandAugment op {op.name} draws from Python's global generator inside its pixel "
-                            "operation, which replaykd cannot replay from a view's own generators; choose a recipe "
-                            "without it")
+    """Refuse an op whose replay here is not timm's own: applied to one image with each of a few seeds, the op as
+    `_augment_op` replays it must give the pixels timm's own op gives when timm draws from a generator seeded alike.
+    So a timm release whose ops draw otherwise (or one such as GaussianBlurRand, which draws inside its pixel
+    operation from a generator this replay does not own) is refused by name, whatever its code looks like."""
+    import timm
+
+    for seed in range(_CHECK_SEEDS):
+        try:
+            mine = _augment_op(op, _CHECK_IMAGE, random.Random(seed))
+        except AttributeError as exn:  # a private of timm's that this replay reads is gone
+            mine = exn
+        with _timm_draws_from(random.Random(seed)):
+            theirs = op(_CHECK_IMAGE)
+        if isinstance(mine, Exception) or mine.tobytes() != theirs.tobytes():
+            raise ReplayKDError(f"RandAugment op {op.name} of timm {timm.__version__} does not replay as timm makes "
+                                "it (its draws differ from those replaykd takes from a view's own generators); "
+                                "choose a recipe without it, or a timm release replaykd was tested with")
 
 
 def _augment_op(op: aa.AugmentOp, img: Image.Image, rng: random.Random) -> Image.Image:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader
-from timm.data.auto_augment import AugmentOp
+from timm.data.auto_augment import AugmentOp, rand_augment_transform
 from timm.data.mixup import cutmix_bbox_and_lam
 
 from replaykd import loader
@@ -102,8 +102,20 @@ def test_mix_parameters_are_timms_mixup_seeded_quietly():
 
 
 def test_steps_whose_draws_cannot_be_replayed_are_refused_by_name():
-    with pytest.raises(ReplayKDError, match="GaussianBlurRand draws from Python's global generator"):
+    with pytest.raises(ReplayKDError, match="RandAugment op GaussianBlurRand of timm .* does not replay as timm"):
         _check_op(AugmentOp("GaussianBlurRand", prob=0.5, magnitude=5))
+    # a level function that draws its sign through a helper of its own: nothing in its code names timm's
+    # `_randomly_negate`, which is all the check used to look for
+    sneaky = AugmentOp("Rotate", prob=1.0, magnitude=9)
+
+    def flip_sign(value):
+        return -value if random.random() > 0.5 else value
+
+    sneaky.level_fn = lambda magnitude, hparams: (flip_sign(magnitude * 3.0),)
+    with pytest.raises(ReplayKDError, match="RandAugment op Rotate of timm .* does not replay as timm"):
+        _check_op(sneaky)
+    for op in rand_augment_transform("rand-m9-mstd0.5-inc1", {"translate_const": 100}).ops:  # DeiT's: each replays
+        _check_op(op)
     with pytest.raises(ReplayKDError, match="augmentation step AugMixAugment"):
         Augmentation(dataclasses.replace(Recipe.load("deit"), auto_augment="augmix-m5-w4-d2"))
 

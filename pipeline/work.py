@@ -37,29 +37,41 @@ class Participant:
 
     @classmethod
     def of(cls, part: str | None, rank: int, world: int) -> "Participant":
-        """From `--part I/N` (else a Slurm job array's SLURM_ARRAY_TASK_ID / _COUNT, else one part) and the torchrun
-        rank and world size within the part."""
+        """From `--part I/N` (else a Slurm job array's task, `_slurm_part`, else one part) and the torchrun rank and
+        world size within the part."""
         if part:
             try:
                 i, n = (int(v) for v in part.split("/"))
             except ValueError:
                 raise ReplayKDError(f"--part must be I/N (e.g. 0/4), got {part!r}") from None
         elif "SLURM_ARRAY_TASK_ID" in os.environ and "SLURM_ARRAY_TASK_COUNT" in os.environ:
-            slurm = []
-            for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"):
-                value = os.environ.get(name, "0")
-                try:
-                    slurm.append(int(value))
-                except ValueError:
-                    raise ReplayKDError(f"{name}={value!r} is not an integer (a Slurm job array sets it to a task "
-                                        "number): unset it, or pass --part I/N") from None
-            task, low, n = slurm
-            i = task - low
+            i, n = _slurm_part()
         else:
             i, n = 0, 1
         if not 0 <= i < n:
             raise ReplayKDError(f"part {i}/{n}: the part index must be in [0, {n})")
         return cls(i * world + rank, n * world)
+
+
+def _slurm_part() -> tuple[int, int]:
+    """This Slurm array task's part: its position among the array's tasks when they are evenly spaced
+    (`--array=0-99:2`: SLURM_ARRAY_TASK_MIN, _STEP, _COUNT); for a list of task numbers (`--array=1,5,9`, whose
+    positions the environment does not give) its number above the lowest, of as many parts as numbers between the
+    lowest and the highest: parts that never run are taken up by the others once they are done with their own."""
+    values = {}
+    for name in ("ID", "MIN", "MAX", "STEP", "COUNT"):
+        value = os.environ.get(f"SLURM_ARRAY_TASK_{name}")
+        try:
+            values[name] = None if value is None else int(value)
+        except ValueError:
+            raise ReplayKDError(f"SLURM_ARRAY_TASK_{name}={value!r} is not an integer (a Slurm job array sets it to a "
+                                "task number): unset it, or pass --part I/N") from None
+    task, count = values["ID"], values["COUNT"]
+    low, step = values["MIN"] or 0, values["STEP"] or 1
+    high = low + step * (count - 1) if values["MAX"] is None else values["MAX"]
+    if high - low == step * (count - 1) and (task - low) % step == 0:
+        return (task - low) // step, count
+    return task - low, high - low + 1
 
 
 def remaining(done: np.ndarray, epochs: int) -> list[ShardWork]:

@@ -52,6 +52,14 @@ def test_participants_from_parts_and_slurm_arrays(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
     assert Participant.of(None, 0, 1) == Participant(2, 3)
     assert Participant.of("0/1", 0, 1) == Participant(0, 1)  # --part wins
+    # --array=0-99:2 (tasks 0, 2, ..., 98): task 98 is the last of 50 parts (it was refused as part 98/50)
+    for name, value in (("ID", 98), ("MIN", 0), ("MAX", 98), ("STEP", 2), ("COUNT", 50)):
+        monkeypatch.setenv(f"SLURM_ARRAY_TASK_{name}", str(value))
+    assert Participant.of(None, 1, 2) == Participant(49 * 2 + 1, 100)
+    # --array=1,5,9: positions the environment does not give; parts 0..8 by number (it was refused as part 8/3)
+    for name, value in (("ID", 9), ("MIN", 1), ("MAX", 9), ("STEP", 1), ("COUNT", 3)):
+        monkeypatch.setenv(f"SLURM_ARRAY_TASK_{name}", str(value))
+    assert Participant.of(None, 0, 1) == Participant(8, 9)
     for bad in ("3/3", "x", "1-2"):
         with pytest.raises(ReplayKDError, match="part"):
             Participant.of(bad, 0, 1)

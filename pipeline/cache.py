@@ -339,7 +339,7 @@ class TeacherCache:
         removed = False
         try:
             # not while another process creates or grows it; not when the store cannot say (out of reach)
-            removed = claims.take(CHANGING) and not self.done().any() and not claims.others_active()
+            removed = claims.take(CHANGING) and not self._recorded().any() and not claims.others_active()
             if removed:  # everything but the lock, then the lock: nobody else can take it meanwhile
                 lock = claims.key(CHANGING)
                 claims.abandon()
@@ -437,7 +437,13 @@ class TeacherCache:
 
     # --- units -------------------------------------------------------------------------------------
     def done(self) -> np.ndarray:
-        """(epochs, shards) bool: which units are complete."""
+        """(epochs, shards) bool: which units are complete: recorded so, or holding no view at all (a shard too small
+        to give one in that epoch is complete by construction: nothing will ever be written for it)."""
+        recorded = self._recorded()
+        return recorded | self._empty(len(recorded))[:, :recorded.shape[1]]
+
+    def _recorded(self) -> np.ndarray:
+        """(epochs, shards) bool: which units have their completion recorded."""
         try:
             with storages.remote(self.path, "reading the completion records"):
                 return (self.complete[:] != 0).all(axis=-1)
@@ -445,14 +451,22 @@ class TeacherCache:
             raise DamagedUnit(f"cache {self.path}: its completion records are damaged ({exn}); run `replaykd cache "
                               f"repair {self.path}`") from exn
 
+    def _empty(self, epochs: int) -> np.ndarray:
+        """(epochs, shards) bool: which units hold no view (a unit's size depends on its epoch only through the
+        epoch's place in its cycle of repeats)."""
+        cycle = np.array([[unit_size(n, self.repeats, e, self.paired) == 0 for n in self.counts]
+                          for e in range(self.repeats)], dtype=bool).reshape(self.repeats, len(self.counts))
+        return cycle[np.arange(epochs) % self.repeats]
+
     def completed(self, shard_no: int) -> np.ndarray:
         """(epochs,) bool: which units of one data shard are complete (its one completion file, not the store's)."""
         try:
             with storages.remote(self.path, "reading the completion records"):
-                return (self.complete[:, shard_no] != 0).all(axis=-1)
+                recorded = (self.complete[:, shard_no] != 0).all(axis=-1)
         except (ValueError, RuntimeError) as exn:
             raise DamagedUnit(f"cache {self.path}: the completion records of {self.shards[shard_no]} are damaged "
                               f"({exn}); run `replaykd cache repair {self.path}`") from exn
+        return recorded | self._empty(len(recorded))[:, shard_no]
 
     def missing(self, epochs: int | None = None) -> list[tuple[int, int]]:
         """(epoch, shard_no) units not yet complete among the first `epochs` epochs."""
@@ -498,10 +512,13 @@ class TeacherCache:
     def _check_unit(self, epoch: int, shard_no: int) -> tuple[list[tuple[str, str]] | None, dict[str, np.ndarray]]:
         """(problems, stored values) of one unit: problems None when it is not complete, else (array, what is wrong)
         for each array that fails its checksum or differs from its completion record."""
+        n = self.unit_size(epoch, shard_no)
+        if n == 0:  # complete by construction: nothing was, or will be, written
+            return [], {name: np.empty((0, *arr.shape[3:]), arr.dtype) for name, arr in self.arrays.items()}
         record = self.complete[epoch, shard_no]
         if not record.all():
             return None, {}
-        n, problems, stored = self.unit_size(epoch, shard_no), [], {}
+        problems, stored = [], {}
         for (name, arr), expected in zip(self.arrays.items(), record.tolist()):
             try:
                 stored[name] = arr[epoch, shard_no, :n]

@@ -16,7 +16,7 @@ import zarr
 from safetensors.torch import save_file
 
 from replaykd import teacher as teachers
-from replaykd.cache import TeacherCache
+from replaykd.cache import CacheRequest, TeacherCache
 from replaykd.errors import ReplayKDError
 from replaykd.finish import Finisher
 from replaykd.loader import ViewCollate
@@ -308,3 +308,26 @@ def test_a_first_run_failing_on_its_last_shard_keeps_every_finished_unit(digits_
     assert {(0, 7), (1, 7)} <= set(missing) and len(missing) <= 4
     assert f"{out} keeps every unit finished so far ({16 - len(missing)} of 16)" in proc.stderr
     assert "replaykd shards SOURCE OUT --skip-bad" in proc.stderr and "Continue with: replaykd teacher-cache" in proc.stderr
+
+
+def test_a_shard_too_small_to_give_a_view_in_some_epoch_leaves_a_complete_store(teacher_ckpt, tmp_path):
+    # 33 digits in shards of 16 give 16/16/1: with 3 repeats and pairs the last shard's unit holds 2 views in one epoch
+    # of each cycle and none in the other two, and those units stayed missing for ever ("units missing 2", and every
+    # rerun the same): a unit of no view is complete by construction
+    from replaykd.shards import write_shards
+    from replaykd.sources import Source, digits_source
+
+    digits = digits_source(0.2, seed=0, size=16)
+    write_shards(Source("digits", digits.classes, {"train": digits.splits["train"][:33],
+                                                   "val": digits.splits["val"][:40]}),
+                 tmp_path / "data", shard_size=16, seed=0, skip_bad=False)
+    assert Manifest.load(tmp_path / "data").shard_counts("train") == [16, 16, 1]
+    summary, _ = run(options(tmp_path / "data", teacher_ckpt, tmp_path / "store", epochs=3))
+    cache = TeacherCache.open(tmp_path / "store")
+    assert summary.units_missing == 0 and not cache.missing()
+    assert [cache.unit_size(e, 2) for e in range(3)] == [2, 0, 0] and cache.done().all()
+    assert len(cache.read_unit(1, 2).fingerprint) == 0
+    ok = run_cli("cache", "verify", tmp_path / "store", "--full", "--samples", "4", "--device", "cpu")
+    assert "all intact" in ok.stdout, ok.stdout
+    # stage two takes it: every unit complete
+    cache.require(CacheRequest.of(Manifest.load(tmp_path / "data"), "train", Recipe.load("digits-ra"), 0), complete=True)

@@ -51,9 +51,15 @@ def verify(o: CacheVerifyOptions) -> None:
         bar.close()
         problems += [f"damaged: {_where(cache, e, s)} array '{a}' fails its checksum or is not the data written for "
                      "it (a file missing or short)" for e, s, a in damaged]
-        typer.echo(f"read every chunk of {o.store}: " + (f"{len(damaged)} damaged" if damaged else "all intact"))
+        missing = [] if damaged else cache.missing()  # damaged completion records: damage() named them
+        problems += [f"missing: {_where(cache, e, s)} is not complete" for e, s in missing]
+        typer.echo(f"read every chunk of {o.store}: " + (f"{len(damaged)} damaged" if damaged else "all intact")
+                   + (f"; {len(missing)} of {cache.done().size} units missing (not complete)" if missing else ""))
         if damaged:
             problems.append(f"run `replaykd cache repair {o.store}`, then the teacher-cache command that built it")
+        elif missing:
+            problems.append(f"finish them with the teacher-cache command that built {o.store} (`replaykd cache "
+                            f"repair {o.store}` prints it)")
     if o.samples and not any(p.startswith("damaged") for p in problems):
         problems += _replay_samples(cache, o)
     if problems:
@@ -156,14 +162,18 @@ def _repair(cache: TeacherCache, o: CacheRepairOptions) -> None:
     bar = tqdm(total=total, desc="check every chunk", unit="unit")
     damaged = cache.damage(progress=lambda: bar.update())
     bar.close()
-    if not damaged:
-        typer.echo(f"{o.store}: every chunk is intact; nothing to repair")
+    if damaged:
+        for e, s, a in damaged:
+            typer.echo(f"damaged: {_where(cache, e, s)} array '{a}'")
+        blocks = cache.drop(damaged)
+        typer.echo(f"dropped {len(blocks)} Zarr shard file group(s) ({cache.epochs_per_file} epochs of one data shard "
+                   "each)")
+    missing = len(cache.missing())
+    if not damaged and not missing:
+        typer.echo(f"{o.store}: every chunk is intact and every unit complete; nothing to repair")
         return
-    for e, s, a in damaged:
-        typer.echo(f"damaged: {_where(cache, e, s)} array '{a}'")
-    blocks = cache.drop(damaged)
-    options = {k: v for k, v in (cache.attrs.get("options") or {}).items() if k != "json_out"}
-    command = (command_line("teacher-cache", TeacherCacheOptions, options) if options
-               else "the teacher-cache command that built it")
-    typer.echo(f"dropped {len(blocks)} Zarr shard file group(s) ({cache.epochs_per_file} epochs of one data shard "
-               f"each); {len(cache.missing())} units are now missing. Rebuild them with:\n  {command}")
+    # the store repaired is where it is now: copied or moved since it was built, its recorded --out is another one
+    options = {**{k: v for k, v in (cache.attrs.get("options") or {}).items() if k != "json_out"}, "out": str(o.store)}
+    command = (command_line("teacher-cache", TeacherCacheOptions, options) if len(options) > 1
+               else f"the teacher-cache command that built it, with --out {o.store}")
+    typer.echo(f"{o.store}: {missing} units are {'now ' if damaged else ''}missing. Rebuild them with:\n  {command}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import shutil
 import tarfile
 import signal
@@ -249,10 +250,23 @@ def test_damaged_bytes_are_named_repaired_and_rebuilt(store, digits_dir, teacher
     assert "damaged: unit (epoch 0, shard train-000003.tar) array 'targets'" in proc.stdout
     assert "2 units are now missing" in proc.stdout and "replaykd teacher-cache " in proc.stdout
     assert TeacherCache.open(damaged).missing() == [(0, 3), (1, 3)]  # the whole Zarr shard file's units
-    run(options(digits_dir, teacher_ckpt, damaged))  # the same command that built it
+    # units missing are not "all intact": each is named, and verify fails
+    proc = run_cli("cache", "verify", damaged, "--full", "--samples", "0", check=False)
+    assert proc.returncode == 1 and "all intact; 2 of 16 units missing (not complete)" in proc.stdout, proc.stdout
+    assert "missing: unit (epoch 1, shard train-000003.tar) is not complete" in proc.stderr
+    # the command repair printed rebuilds this store, a copy of the one built (its recorded --out is that one)
+    command = shlex.split(proc_repair_command(run_cli("cache", "repair", damaged).stdout))
+    assert command[:2] == ["replaykd", "teacher-cache"] and command[command.index("--out") + 1] == str(damaged)
+    run_cli(*command[1:])
     assert not TeacherCache.open(damaged).missing()
     assert_same_arrays(arrays(damaged), arrays(store))
     assert "all intact" in run_cli("cache", "verify", damaged, "--full", "--samples", "4", "--device", "cpu").stdout
+
+
+def proc_repair_command(out: str) -> str:
+    """The rebuild command `cache repair` printed (the line after "Rebuild them with:")."""
+    lines = out.splitlines()
+    return lines[lines.index(next(x for x in lines if x.endswith("Rebuild them with:"))) + 1].strip()
 
 
 @pytest.mark.parametrize("change, message", [

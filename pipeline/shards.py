@@ -11,6 +11,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from replaykd import storage
+from replaykd.decode_check import bad_images
 from replaykd.errors import ReplayKDError
 from replaykd.manifest import HEADER, Manifest, rows_to_table
 from replaykd.reader import crc32c
@@ -149,14 +150,23 @@ def publish(source: Source, url: str, shard_size: int, seed: int, skip_bad: bool
 
 
 def scan_shards(pattern: str, out: storage.Location, classes_file: Path | None = None,
-                num_classes: int | None = None) -> tuple[Manifest, list[str]]:
+                num_classes: int | None = None, decode_check: bool = True) -> tuple[Manifest, list[str]]:
     """A manifest for existing shards matched by `pattern` (splits from their names or `_info.json`); returns it and
-    warnings about the shards (e.g. most shards hold a single class)."""
+    warnings about the shards (e.g. most shards hold a single class). With `decode_check`, every image is decoded
+    first and any that does not decode is refused by name (nothing is written)."""
     index = index_shards(pattern, classes_file, num_classes)
     tables = {split: rows_to_table([dict(index=i, key=r.key, shard=r.shard, position=r.position, label=r.label,
                                          nbytes=r.nbytes, crc32c=r.crc32c, ext=r.ext) for i, r in enumerate(rows)])
               for split, rows in index.splits.items()}
     manifest = Manifest(storage.as_location(str(out)), index.classes, tables, index.root, info={"source": pattern},
                         sizes=index.sizes)
+    bad = bad_images(manifest) if decode_check else []
+    if bad:
+        shown = "; ".join(f"{where} ({why})" for where, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise ReplayKDError(f"{len(bad)} images do not decode: {shown}. A manifest records every image's bytes and a "
+                            "teacher cache is tied to its manifest, so stage one could never make their views: "
+                            f"write the shards again without them (`replaykd shards '{pattern}' OUT --skip-bad`) or "
+                            "replace them in their shards, then build the manifest (--no-decode-check skips this "
+                            "check)")
     manifest.write()
     return manifest, index.warnings

@@ -333,6 +333,9 @@ class ManifestOptions(Options):
     num_classes: int | None = opt(None, "How many classes the labels index into, when no class names are given "
                                         "(default: the largest label + 1; ImageNet-1k: 1000).", min=1)
     overwrite: bool = opt(False, "Replace a manifest already in OUT.")
+    decode_check: bool = opt(True, "Decode every image first, in parallel (one process per core), and refuse the "
+                                   "shards naming each image that does not decode (stage one could never make its "
+                                   "views); --no-decode-check skips it.")
     storage_options: dict | None = opt(None, STORAGE_HELP)
 
 

@@ -38,7 +38,7 @@ def manifest(o: ManifestOptions) -> None:
     if o.classes is not None and not o.classes.exists():
         raise ReplayKDError(f"classes file not found: {o.classes}")
     check_writable(o.out, "OUT")
-    m, warnings = scan_shards(o.shard_glob, o.out, o.classes, o.num_classes)
+    m, warnings = scan_shards(o.shard_glob, o.out, o.classes, o.num_classes, o.decode_check)
     counts = ", ".join(f"{s} {m.count(s)} in {len(m.shards(s))} shards" for s in m.tables)
     typer.echo(f"manifest of {counts} written to {o.out}; {m.num_classes} classes; hash {m.hash[:16]}")
     for warning in warnings:

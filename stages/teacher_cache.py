@@ -121,9 +121,14 @@ def _failed(exn: ReplayKDError, o: TeacherCacheOptions, cache: TeacherCache, rem
         done = None
     kept = f"{o.out} keeps every unit finished so far" + (f" ({done} of {o.epochs * len(cache.shards)})" if done
                                                           is not None else "")
-    fix = (". An image that does not decode: replace the shard, or write the data set's shards again without such "
-           "images (`replaykd shards SOURCE OUT --skip-bad`), then continue" if isinstance(exn, BadImage) else "")
-    return f"{text}. {kept}{fix}. Continue with: {rerun_command()}"
+    if isinstance(exn, BadImage):
+        # the manifest records the image's bytes and the store is tied to the manifest: no rerun gets past it
+        return (f"{text}. {kept}, but it can never be completed: its manifest records this image's bytes, so the "
+                "units that show it cannot be made, and a manifest without it (or with another image in its place) "
+                "is another data set, whose store starts afresh. Write the shards again without such images "
+                "(`replaykd shards SOURCE OUT --skip-bad`; `replaykd manifest` over existing shards decodes every "
+                "image and names those that fail), then build a store from the new manifest")
+    return f"{text}. {kept}. Continue with: {rerun_command()}"
 
 
 def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, recipe: Recipe, teacher, dev, work,

@@ -309,19 +309,25 @@ def test_a_first_run_failing_on_its_last_shard_keeps_every_finished_unit(digits_
     raw = bytearray(last.read_bytes())
     raw[member.offset_data:member.offset_data + member.size] = b"\0" * member.size
     last.write_bytes(bytes(raw))
-    run_cli("manifest", f"{data}/*.tar", tmp_path / "m")
+    key = member.name.rsplit(".", 1)[0]
+    # `replaykd manifest` decodes every image first and names the one that fails: it can still be left out there
+    proc = run_cli("manifest", f"{data}/*.tar", tmp_path / "m", check=False)
+    assert proc.returncode == 2 and f"1 images do not decode: train-000007.tar:{key} (" in proc.stderr, proc.stderr
+    assert "--skip-bad" in proc.stderr and not (tmp_path / "m" / "manifest.json").exists()
+    run_cli("manifest", f"{data}/*.tar", tmp_path / "m", "--no-decode-check")  # listed without reading a pixel
     out = tmp_path / "store"
     proc = run_cli("teacher-cache", "--manifest", tmp_path / "m", "--checkpoint", teacher_ckpt, "--teacher",
                    "regnety_002", "--recipe", "digits-ra", "--epochs", "2", "--topk", "5", "--workers", "1",
                    "--batch-size", "64", "--device", "cpu", "--epochs-per-file", "2", "--out", out, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    key = member.name.rsplit(".", 1)[0]
     assert f"cannot decode image train-000007.tar:{key}" in proc.stderr
     missing = TeacherCache.open(out).missing()
     # units whose views were still on their way to the teacher when the error came are not finished
     assert {(0, 7), (1, 7)} <= set(missing) and len(missing) <= 4
     assert f"{out} keeps every unit finished so far ({16 - len(missing)} of 16)" in proc.stderr
-    assert "replaykd shards SOURCE OUT --skip-bad" in proc.stderr and "Continue with: replaykd teacher-cache" in proc.stderr
+    # and says what cannot go on: no rerun gets past an image its manifest records
+    assert "but it can never be completed: its manifest records this image's bytes" in proc.stderr
+    assert "replaykd shards SOURCE OUT --skip-bad" in proc.stderr and "Continue with" not in proc.stderr
 
 
 def test_a_shard_too_small_to_give_a_view_in_some_epoch_leaves_a_complete_store(teacher_ckpt, tmp_path):

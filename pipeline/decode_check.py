@@ -1,0 +1,48 @@
+"""Every image of a data set decoded once, in parallel, before anything is built from it: an image that does not
+decode is found where it can still be left out (a manifest records each image's bytes, and a teacher cache is tied
+to its manifest, so one met later in stage one could never be made)."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+from tqdm import tqdm
+
+from replaykd.errors import ReplayKDError
+from replaykd.manifest import Manifest
+from replaykd.reader import read_shard
+from replaykd.sources import check_image
+
+# The manifest the pool's forked processes check (inherited, not pickled: an ImageNet manifest is 1.3 M rows).
+_CHECKED: Manifest | None = None
+
+
+def _bad_in(task: tuple[str, str]) -> tuple[int, list[tuple[str, str]]]:
+    """(images in the shard, [(shard:key, why)] of those that do not decode)."""
+    split, shard = task
+    records, bad = read_shard(_CHECKED, split, shard), []
+    for r in records:
+        try:
+            check_image(r.data, f"{shard}:{r.key}")
+        except ReplayKDError as exn:
+            bad.append((f"{shard}:{r.key}", str(exn).split(": ", 2)[-1]))
+    return len(records), bad
+
+
+def bad_images(manifest: Manifest, workers: int | None = None) -> list[tuple[str, str]]:
+    """(shard:key, why) of every image of `manifest` that does not decode, each decoded in one of `workers`
+    processes (default: one per core this process may use)."""
+    global _CHECKED
+    tasks = [(split, shard) for split in manifest.tables for shard in manifest.shards(split)]
+    workers = workers or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _CHECKED, found = manifest, []
+    bar = tqdm(total=sum(manifest.count(s) for s in manifest.tables), desc="decode check", unit="img")
+    try:
+        with multiprocessing.get_context("fork").Pool(max(1, min(workers, len(tasks)))) as pool:
+            for n, bad in pool.imap_unordered(_bad_in, tasks):
+                found += bad
+                bar.update(n)
+    finally:
+        bar.close()
+        _CHECKED = None
+    return sorted(found)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,8 @@ class SourceItem:
     def origin(self) -> str:
         """What to name in an error message."""
         if self.span is not None:
-            return f"{self.path}:{self.key}"
-        return str(self.path) if self.path is not None else self.key
+            return f"{printable(str(self.path))}:{self.key}"
+        return printable(str(self.path)) if self.path is not None else self.key
 
 
 @dataclass
@@ -98,9 +99,15 @@ def digits_source(val_fraction: float, seed: int, size: int = 32) -> Source:
     return Source("digits", classes, _split_by_fraction(items, val_fraction, seed))
 
 
+def printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (a name from another encoding) written as escapes (\\xff),
+    so the name still tells them apart and every manifest, key and message can hold it."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def _key_for(class_name: str, rel: Path) -> str:
     # WebDataset splits a member name at the first dot of its basename, so keys must hold none.
-    return re.sub(r"[.\s]", "_", f"{class_name}/{rel.with_suffix('').as_posix()}")
+    return re.sub(r"[.\s]", "_", printable(f"{class_name}/{rel.with_suffix('').as_posix()}"))
 
 
 def _scan_class_dirs(root: Path, classes: list[str], non_images: list[Path]) -> list[SourceItem]:
@@ -139,6 +146,11 @@ def folder_source(root: Path, val_fraction: float, seed: int) -> Source:
     train = _scan_class_dirs(train_root, classes, non_images)
     if not train:
         raise ReplayKDError(f"no images found under {train_root} (looked for {', '.join(IMAGE_EXTS)})")
+    empty = sorted(set(range(len(classes))) - {it.label for it in train})
+    if empty:  # as torchvision's ImageFolder: a class with no image is a mistake, not a class
+        shown = ", ".join(printable(str(train_root / classes[c])) for c in empty[:5])
+        raise ReplayKDError(f"{len(empty)} class folders hold no image ({', '.join(IMAGE_EXTS)}): {shown}; add their "
+                            "images or remove the folders")
     if has_splits and (root / "val").is_dir():
         extra = sorted(p.name for p in (root / "val").iterdir() if p.is_dir() and p.name not in classes)
         if extra:
@@ -146,7 +158,7 @@ def folder_source(root: Path, val_fraction: float, seed: int) -> Source:
         splits = {"train": train, "val": _scan_class_dirs(root / "val", classes, non_images)}
     else:
         splits = _split_by_fraction(train, val_fraction, seed)
-    return Source(root.name, classes, splits, non_images)
+    return Source(printable(root.name), [printable(c) for c in classes], splits, non_images)
 
 
 def shards_source(pattern: str, val_fraction: float, seed: int, classes: list[str] | None = None) -> Source:

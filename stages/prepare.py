@@ -8,7 +8,7 @@ from replaykd.errors import ReplayKDError
 from replaykd.io import check_writable
 from replaykd.manifest import HEADER
 from replaykd.shards import SKIPPED_FILE, prepare_out, publish, scan_shards, write_shards
-from replaykd.sources import open_source
+from replaykd.sources import open_source, printable
 from replaykd.stages.options import ManifestOptions, ShardsOptions
 
 
@@ -24,7 +24,7 @@ def shards(o: ShardsOptions) -> None:
     counts = ", ".join(f"{s} {manifest.count(s)} in {len(manifest.shards(s))} shards" for s in manifest.tables)
     typer.echo(f"wrote {counts} to {o.out}; {len(manifest.classes)} classes; manifest {manifest.hash[:16]}")
     if src.non_images:
-        typer.echo(f"skipped {len(src.non_images)} non-image files (e.g. {src.non_images[0]})")
+        typer.echo(f"skipped {len(src.non_images)} non-image files (e.g. {printable(str(src.non_images[0]))})")
     if skipped:
         shown = "; ".join(f"{origin} ({why})" for origin, why in skipped[:5])
         typer.echo(f"skipped {len(skipped)} images that failed to decode (--skip-bad): {shown}"

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -255,3 +257,21 @@ def test_class_sorted_shards_are_warned_about_and_reshuffled(digits_dir, tmp_pat
     # the images are carried over byte for byte
     old = {r.key: r.data for s in before.shards("train") for r in read_shard(before, "train", s)}
     assert all(old[r.key] == r.data for s in mixed.shards("train") for r in read_shard(mixed, "train", s))
+
+
+def test_an_image_folder_with_names_in_another_encoding_and_an_empty_class(tmp_path):
+    # a file name that is not UTF-8 (Latin-1 bytes) ended in a 40-line pyarrow UnicodeEncodeError traceback
+    root = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / cls / f"{i}.png")
+    Image.new("RGB", (8, 8)).save(os.fsdecode(bytes(root / "a") + b"/caf\xe9.png"))  # "café" in Latin-1
+    proc = run_cli("shards", root, tmp_path / "out", "--shard-size", 4, "--val-fraction", 0)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    keys = pq.read_table(tmp_path / "out" / "train.parquet").column("key").to_pylist()
+    assert "a/caf\\xe9" in keys and len(keys) == 7  # the byte kept, written as an escape
+    # an empty class folder is a mistake, not a class with no samples (as torchvision's ImageFolder says)
+    (root / "c").mkdir()
+    proc = run_cli("shards", root, tmp_path / "out2", check=False)
+    assert proc.returncode == 2 and "1 class folders hold no image (" in proc.stderr and f"{root / 'c'}" in proc.stderr

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -193,17 +195,25 @@ def test_a_sink_without_its_package_is_refused_before_a_run(digits_dir, tmp_path
     assert "pip install 'replaykd[wandb]'" in proc.stderr and not (tmp_path / "run").exists()
 
 
-def _interrupt_when(proc, ready, timeout=180):
-    import signal
-    import time
-
+def _interrupt_when(proc, ready, timeout=180, sig=signal.SIGINT):
+    """Send `sig` to `proc` once `ready()`; its exit code, its standard error, and the processes it had started
+    (its loader workers) that are still alive once it has exited."""
     deadline = time.time() + timeout
     while time.time() < deadline and not ready() and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+    children = [int(p) for t in os.listdir(f"/proc/{proc.pid}/task")
+                for p in open(f"/proc/{proc.pid}/task/{t}/children").read().split()]
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
+    return proc.returncode, err, [p for p in children if _alive(p)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_ctrl_c_says_where_it_stopped_and_how_to_continue(digits_dir, store, teacher_ckpt, tmp_path):
@@ -217,10 +227,13 @@ def test_ctrl_c_says_where_it_stopped_and_how_to_continue(digits_dir, store, tea
     args = ["train-student", "--out", out, "--manifest", digits_dir, "--cache", store, "--epochs", "2", *STUDENT[:-4],
             "--workers", "1", "--device", "cpu"]
     proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    code, err = _interrupt_when(proc, lambda: (out / "train_state.pt").exists())
+    # SIGTERM, as Slurm preempts: it used to end the main process at once (exit 143, nothing said) and leave its
+    # loader worker running on
+    code, err, left = _interrupt_when(proc, lambda: (out / "train_state.pt").exists(), sig=signal.SIGTERM)
     lines = visible(err)
-    assert code == 130 and "Traceback" not in err, err
-    assert lines[-1].startswith("stopped: train-student stopped in epoch 1 (step ") and "--resume" in lines[-1], lines
+    assert code == 143 and "Traceback" not in err and not left, (err, left)
+    assert lines[-1].startswith("stopped by SIGTERM: train-student stopped in epoch 1 (step "), lines
+    assert "--resume" in lines[-1]
     command = shlex.split(lines[-1].split("Continue with: ", 1)[1])
     assert command[0] == "replaykd" and command[-1] == "--resume"
     run_cli(*command[1:])  # the command it printed finishes the run
@@ -231,7 +244,7 @@ def test_ctrl_c_says_where_it_stopped_and_how_to_continue(digits_dir, store, tea
             "--out", cache, "--recipe", "digits-ra", "--epochs", "2", "--topk", "5", "--workers", "0", "--batch-size",
             "16", "--device", "cpu"]
     proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    code, err = _interrupt_when(proc, lambda: any((cache / "complete").rglob("c/*/*")))
+    code, err, _ = _interrupt_when(proc, lambda: any((cache / "complete").rglob("c/*/*")))
     lines = visible(err)
     assert code == 130 and "Traceback" not in err and "units" in lines[-1] and "still missing" in lines[-1], err
     assert TeacherCache.open(cache).missing()

@@ -72,7 +72,8 @@ def timed(*args) -> tuple[float, str]:
 
 def run_for(args: list, seconds: float, ready) -> dict:
     """Start a replaykd command, note when `ready(stdout so far)` first holds (seconds from launch), stop it with
-    Ctrl-C (SIGINT) `seconds` later; its peak memory and its output."""
+    SIGTERM `seconds` later (SIGINT would not reach it from a background job of a non-interactive shell, which
+    starts its children with SIGINT ignored); its peak memory and its output."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks, out, err = PeakMemory(proc.pid), [], []
@@ -89,7 +90,7 @@ def run_for(args: list, seconds: float, ready) -> dict:
         raise RuntimeError(f"replaykd {' '.join(map(str, args))} ended early: {''.join(err)[-2000:]}")
     time.sleep(seconds)
     stopped = time.perf_counter() - t0
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)
     for t in readers:
         t.join()

@@ -4,37 +4,38 @@ to its manifest, so one met later in stage one could never be made)."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 
 from tqdm import tqdm
 
 from replaykd.errors import ReplayKDError
 from replaykd.manifest import Manifest
 from replaykd.reader import read_shard
-from replaykd.sources import check_image
+from replaykd.sources import MAX_PIXELS, check_image
+from replaykd.threads import cores
 
 # The manifest the pool's forked processes check (inherited, not pickled: an ImageNet manifest is 1.3 M rows).
 _CHECKED: Manifest | None = None
 
 
-def _bad_in(task: tuple[str, str]) -> tuple[int, list[tuple[str, str]]]:
-    """(images in the shard, [(shard:key, why)] of those that do not decode)."""
-    split, shard = task
+def _bad_in(task: tuple[str, str, int]) -> tuple[int, list[tuple[str, str]]]:
+    """(images in the shard, [(shard:key, why)] of those that do not decode or have too many pixels)."""
+    split, shard, max_pixels = task
     records, bad = read_shard(_CHECKED, split, shard), []
     for r in records:
+        where = f"{shard}:{r.key}"
         try:
-            check_image(r.data, f"{shard}:{r.key}")
+            check_image(r.data, where, max_pixels)
         except ReplayKDError as exn:
-            bad.append((f"{shard}:{r.key}", str(exn).split(": ", 2)[-1]))
+            bad.append((where, str(exn).split(f"{where}: ", 1)[-1]))
     return len(records), bad
 
 
-def bad_images(manifest: Manifest, workers: int | None = None) -> list[tuple[str, str]]:
-    """(shard:key, why) of every image of `manifest` that does not decode, each decoded in one of `workers`
-    processes (default: one per core this process may use)."""
+def bad_images(manifest: Manifest, max_pixels: int = MAX_PIXELS, workers: int | None = None) -> list[tuple[str, str]]:
+    """(shard:key, why) of every image of `manifest` that does not decode or has more than `max_pixels` pixels,
+    each decoded in one of `workers` processes (default: one per core this process may use)."""
     global _CHECKED
-    tasks = [(split, shard) for split in manifest.tables for shard in manifest.shards(split)]
-    workers = workers or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    tasks = [(split, shard, max_pixels) for split in manifest.tables for shard in manifest.shards(split)]
+    workers = workers or cores()
     _CHECKED, found = manifest, []
     bar = tqdm(total=sum(manifest.count(s) for s in manifest.tables), desc="decode check", unit="img")
     try:

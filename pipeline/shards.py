@@ -16,7 +16,7 @@ from replaykd.errors import ReplayKDError
 from replaykd.manifest import HEADER, Manifest, rows_to_table
 from replaykd.reader import crc32c
 from replaykd.shard_index import CLASSES_FILE, SHARD_RE, index_shards
-from replaykd.sources import Source, check_image
+from replaykd.sources import MAX_PIXELS, Source, check_image
 
 STAGING = ".replaykd-staging"
 SKIPPED_FILE = "skipped.txt"  # images --skip-bad left out: path, tab, why
@@ -39,11 +39,12 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         raise ReplayKDError(f"output folder {out} is not empty; pass --overwrite to replace its shards and manifest")
 
 
-def write_shards(source: Source, out: Path, shard_size: int, seed: int, skip_bad: bool,
-                 overwrite: bool = False) -> tuple[Manifest, list[tuple[str, str]]]:
+def write_shards(source: Source, out: Path, shard_size: int, seed: int, skip_bad: bool, overwrite: bool = False,
+                 max_pixels: int = MAX_PIXELS) -> tuple[Manifest, list[tuple[str, str]]]:
     """Shuffle each split with `seed` and write it in shards of `shard_size` images (the last one of a split may
-    hold fewer; images skipped with `skip_bad` change no other shard, and are listed in skipped.txt); returns the
-    manifest and the skipped images' names and reasons.
+    hold fewer; images that do not decode or have more than `max_pixels` pixels are an error, or with `skip_bad`
+    skipped, changing no other shard, and listed in skipped.txt); returns the manifest and the skipped images' names
+    and reasons.
 
     Shards are written to a staging folder inside `out` and moved into place only when every split is done, the
     manifest last: a run that fails or is interrupted leaves `out` as it found it.
@@ -60,7 +61,7 @@ def write_shards(source: Source, out: Path, shard_size: int, seed: int, skip_bad
         for split_no, (split, items) in enumerate(source.splits.items()):
             if items:
                 rows, bad = _write_split(split, items, np.random.default_rng([seed, split_no]), staging, shard_size,
-                                         skip_bad)
+                                         skip_bad, max_pixels)
                 skipped += bad
                 if rows:
                     tables[split] = rows_to_table(rows)
@@ -89,7 +90,7 @@ def write_shards(source: Source, out: Path, shard_size: int, seed: int, skip_bad
 
 
 def _write_split(split: str, items, rng: np.random.Generator, folder: Path, shard_size: int,
-                 skip_bad: bool) -> tuple[list[dict], list[tuple[str, str]]]:
+                 skip_bad: bool, max_pixels: int) -> tuple[list[dict], list[tuple[str, str]]]:
     """One split's shards, filled with readable images in shuffled order; returns its manifest rows and skips."""
     rows, skipped, sink, position = [], [], None, 0
     bar = tqdm(total=len(items), desc=f"shards {split}", unit="img")
@@ -99,11 +100,11 @@ def _write_split(split: str, items, rng: np.random.Generator, folder: Path, shar
             data = item.read()
             bar.update()
             try:
-                check_image(data, item.origin)
+                check_image(data, item.origin, max_pixels)
             except ReplayKDError as exn:
                 if not skip_bad:
                     raise
-                skipped.append((item.origin, str(exn).split(": ", 1)[-1]))
+                skipped.append((item.origin, str(exn).split(f"{item.origin}: ", 1)[-1]))
                 continue
             shard = f"{split}-{len(rows) // shard_size:06d}.tar"
             if sink is None:
@@ -124,8 +125,8 @@ def _write_split(split: str, items, rng: np.random.Generator, folder: Path, shar
     return rows, skipped
 
 
-def publish(source: Source, url: str, shard_size: int, seed: int, skip_bad: bool,
-            overwrite: bool = False) -> tuple[Manifest, list[tuple[str, str]]]:
+def publish(source: Source, url: str, shard_size: int, seed: int, skip_bad: bool, overwrite: bool = False,
+            max_pixels: int = MAX_PIXELS) -> tuple[Manifest, list[tuple[str, str]]]:
     """`write_shards` to an object store: the data set is written in a local temporary folder ($TMPDIR), then
     uploaded shard by shard, the manifest's header last, so readers never see a half-uploaded data set; with
     `overwrite`, shards of an earlier data set there that this one does not replace are removed afterwards."""
@@ -135,7 +136,7 @@ def publish(source: Source, url: str, shard_size: int, seed: int, skip_bad: bool
     if before and not overwrite:
         raise ReplayKDError(f"{url} already holds a data set ({len(before)} files); pass --overwrite to replace it")
     with tempfile.TemporaryDirectory(prefix="replaykd-shards-") as tmp:
-        local, skipped = write_shards(source, Path(tmp) / "out", shard_size, seed, skip_bad)
+        local, skipped = write_shards(source, Path(tmp) / "out", shard_size, seed, skip_bad, max_pixels=max_pixels)
         if HEADER in before:
             records.delete(HEADER)  # the old data set is no longer whole from here on
         files = sorted(Path(tmp, "out").iterdir(), key=lambda f: f.name == HEADER)  # the header last
@@ -150,17 +151,19 @@ def publish(source: Source, url: str, shard_size: int, seed: int, skip_bad: bool
 
 
 def scan_shards(pattern: str, out: storage.Location, classes_file: Path | None = None,
-                num_classes: int | None = None, decode_check: bool = True) -> tuple[Manifest, list[str]]:
+                num_classes: int | None = None, decode_check: bool = True,
+                max_pixels: int = MAX_PIXELS) -> tuple[Manifest, list[str]]:
     """A manifest for existing shards matched by `pattern` (splits from their names or `_info.json`); returns it and
     warnings about the shards (e.g. most shards hold a single class). With `decode_check`, every image is decoded
-    first and any that does not decode is refused by name (nothing is written)."""
+    first and any that does not decode, or has more than `max_pixels` pixels, is refused by name (nothing is
+    written)."""
     index = index_shards(pattern, classes_file, num_classes)
     tables = {split: rows_to_table([dict(index=i, key=r.key, shard=r.shard, position=r.position, label=r.label,
                                          nbytes=r.nbytes, crc32c=r.crc32c, ext=r.ext) for i, r in enumerate(rows)])
               for split, rows in index.splits.items()}
     manifest = Manifest(storage.as_location(str(out)), index.classes, tables, index.root, info={"source": pattern},
                         sizes=index.sizes)
-    bad = bad_images(manifest) if decode_check else []
+    bad = bad_images(manifest, max_pixels) if decode_check else []
     if bad:
         shown = "; ".join(f"{where} ({why})" for where, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
         raise ReplayKDError(f"{len(bad)} images do not decode: {shown}. A manifest records every image's bytes and a "

@@ -53,11 +53,22 @@ class Source:
     non_images: list[Path] = field(default_factory=list)
 
 
-def check_image(data: bytes, origin: str) -> None:
-    """Decode `data` fully; a corrupt or truncated image raises an error naming `origin`."""
+# The most pixels an image may have (Pillow's own decompression-bomb limit): decoded it takes 4 bytes a pixel, and a
+# loader worker holds at most --decode-memory (96 MB) of decoded images: a 144-megapixel PNG took 1.6 GB.
+MAX_PIXELS = 89_478_485
+
+
+def check_image(data: bytes, origin: str, max_pixels: int = MAX_PIXELS) -> None:
+    """Decode `data` fully; a corrupt or truncated image, or one of more than `max_pixels` pixels (read from its
+    header, before anything is decoded), raises an error naming `origin`."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                raise BadImage(f"cannot decode image {origin}: {im.width}x{im.height} = {im.width * im.height:,} "
+                               f"pixels, over the limit of {max_pixels:,} (--max-pixels raises it)")
             im.load()
+    except BadImage:
+        raise
     except Exception as exn:  # PIL raises many types for bad files
         raise BadImage.of(origin, exn) from exn
 

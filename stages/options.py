@@ -79,6 +79,12 @@ def prefetch_opt():
     return opt(2, "Batches each loader worker keeps ready (DataLoader prefetch_factor).", min=1)
 
 
+def max_pixels_opt():
+    """The --max-pixels field of the commands that check images."""
+    return opt(89_478_485, "Refuse an image of more pixels than this, width x height, read from its header (Pillow's "
+                           "decompression-bomb limit; decoded, an image takes 4 bytes a pixel).", min=1)
+
+
 def threads_opt():
     """The --threads field of a command that computes beside its loader workers."""
     return opt(None, "Compute threads of this process (default: its share of the cores among the replaykd processes "
@@ -312,7 +318,9 @@ class ShardsOptions(Options):
     seed: int = opt(0, "Seed of the train/val split and of the shuffle across shards.", min=0)
     val_fraction: float = opt(0.2, "Fraction of each class held out as 'val' when the source has no val/ folder; "
                                    "0 for none.", min=0.0, max=0.99)
-    skip_bad: bool = opt(False, "Skip images that fail to decode instead of stopping (listed in OUT/skipped.txt).")
+    skip_bad: bool = opt(False, "Skip images that fail to decode (or have more than --max-pixels) instead of stopping "
+                                "(listed in OUT/skipped.txt).")
+    max_pixels: int = max_pixels_opt()
     overwrite: bool = opt(False, "Replace shards and manifest already in OUT (only files this tool writes).")
     digits_size: int = opt(32, "Side in pixels of the PNGs written for the digits source.", min=8)
     storage_options: dict | None = opt(None, STORAGE_HELP)
@@ -336,6 +344,7 @@ class ManifestOptions(Options):
     decode_check: bool = opt(True, "Decode every image first, in parallel (one process per core), and refuse the "
                                    "shards naming each image that does not decode (stage one could never make its "
                                    "views); --no-decode-check skips it.")
+    max_pixels: int = max_pixels_opt()
     storage_options: dict | None = opt(None, STORAGE_HELP)
 
 
@@ -598,6 +607,11 @@ class StudentOptions(Options):
                     raise ReplayKDError(f"--{name.replace('_', '-')} has {len(given)} values for {n} online "
                                         f"teachers (--online-teacher): {each}, in order")
         self._check_weights()
+        given = [str(Path(c).resolve()) if isinstance(c, Path) else str(c) for c in self.cache or []]
+        twice = sorted({c for c in given if given.count(c) > 1})
+        if twice:
+            raise ReplayKDError(f"--cache {twice[0]} is given more than once: each --cache is one teacher of the "
+                                "ensemble (to weigh a teacher more, use --cache-weights)")
         if self.keep_distillation_token and not none:
             raise ReplayKDError("--keep-distillation-token applies to --distillation none (a KD run keeps the token "
                                 "already): drop it")

@@ -20,7 +20,7 @@ def shards(o: ShardsOptions) -> None:
         check_writable(o.out, "OUT")
     src = open_source(o.source, o.val_fraction, o.seed, o.digits_size)
     write = publish if remote else write_shards
-    manifest, skipped = write(src, o.out, o.shard_size, o.seed, o.skip_bad, o.overwrite)
+    manifest, skipped = write(src, o.out, o.shard_size, o.seed, o.skip_bad, o.overwrite, o.max_pixels)
     counts = ", ".join(f"{s} {manifest.count(s)} in {len(manifest.shards(s))} shards" for s in manifest.tables)
     typer.echo(f"wrote {counts} to {o.out}; {len(manifest.classes)} classes; manifest {manifest.hash[:16]}")
     if src.non_images:
@@ -38,7 +38,7 @@ def manifest(o: ManifestOptions) -> None:
     if o.classes is not None and not o.classes.exists():
         raise ReplayKDError(f"classes file not found: {o.classes}")
     check_writable(o.out, "OUT")
-    m, warnings = scan_shards(o.shard_glob, o.out, o.classes, o.num_classes, o.decode_check)
+    m, warnings = scan_shards(o.shard_glob, o.out, o.classes, o.num_classes, o.decode_check, o.max_pixels)
     counts = ", ".join(f"{s} {m.count(s)} in {len(m.shards(s))} shards" for s in m.tables)
     typer.echo(f"manifest of {counts} written to {o.out}; {m.num_classes} classes; hash {m.hash[:16]}")
     for warning in warnings:

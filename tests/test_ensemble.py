@@ -165,7 +165,8 @@ def test_a_cache_of_other_views_is_refused_by_name(digits_dir, store, other_reci
     (["--cache-weights", "1.5,-0.5"], "--cache-weights must be at least 0.0, got -0.5"),
     (["--cache-weights", "0.5,x"], "--cache-weights must be float, got 'x'"),
     (["--online-teacher", "regnety_002"], "give exactly one of --cache (stage two) and --online-teacher"),
-], ids=["sum", "count", "negative", "not-a-number", "cached-and-online"])
+    (["--cache", "./A"], "is given more than once: each --cache is one teacher of the ensemble"),  # it was taken
+], ids=["sum", "count", "negative", "not-a-number", "cached-and-online", "twice"])
 def test_weights_that_do_not_fit_the_caches_are_refused(tmp_path, args, message):
     out = tmp_path / "run"
     proc = run_cli("train-student", "--out", out, "--cache", "A", "--cache", "B", *args, check=False)

@@ -275,3 +275,14 @@ def test_an_image_folder_with_names_in_another_encoding_and_an_empty_class(tmp_p
     (root / "c").mkdir()
     proc = run_cli("shards", root, tmp_path / "out2", check=False)
     assert proc.returncode == 2 and "1 class folders hold no image (" in proc.stderr and f"{root / 'c'}" in proc.stderr
+
+
+def test_images_over_the_pixel_limit_are_refused_by_name(digits_dir, tmp_path):
+    # a decompression bomb (a 144-megapixel PNG passed with Pillow's warnings and took 1.6 GB to decode) is refused
+    # from its header; the limit, Pillow's own by default, is an option (here below the digits' 16 x 16)
+    proc = run_cli("shards", "digits", tmp_path / "out", "--digits-size", 16, "--max-pixels", 200, check=False)
+    assert proc.returncode == 2 and "16x16 = 256 pixels, over the limit of 200 (--max-pixels raises it)" in proc.stderr
+    proc = run_cli("manifest", f"{digits_dir}/*.tar", tmp_path / "m", "--max-pixels", 200, check=False)
+    assert proc.returncode == 2 and "images do not decode: train-000000.tar:" in proc.stderr, proc.stderr
+    assert "(16x16 = 256 pixels, over the limit of 200" in proc.stderr
+    assert "manifest of" in run_cli("manifest", f"{digits_dir}/*.tar", tmp_path / "m").stdout  # within the default

@@ -107,6 +107,7 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
     mine.update(finished=now(), seconds=time.perf_counter() - t0)
     if mine["views_written"]:
         record_run(cache, launch, me.index, mine)
+    barrier()  # the summary rank 0 prints is of the store every rank has finished (it said "units missing 3")
     return summarize(cache), mine
 
 

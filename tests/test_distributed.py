@@ -153,9 +153,11 @@ def test_stage_one_on_two_nodes_finishes_what_is_left_in_equal_shares(store, dig
     args = ["teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--teacher", "regnety_002",
             "--out", grown, "--recipe", "digits-ra", "--epochs", "3", "--topk", "5", "--workers", "0", "--device",
             "cpu", "--epochs-per-file", "2", "--batch-size", "64"]
-    finish(*two_nodes(args))
+    outs = finish(*two_nodes(args))
     cache = TeacherCache.open(grown)
     assert not cache.missing()
+    # rank 0 prints the store as every rank left it, not as it stood when its own share was done
+    assert "units missing 0," in "".join(outs), outs
     mine = [r for r in run_records(cache) if r["parts"] == 2]
     assert sorted(r["part"] for r in mine) == [0, 1]
     units = [cache.unit_size(2, s) for s in range(len(cache.shards))]

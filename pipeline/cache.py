@@ -35,6 +35,7 @@ from replaykd.claims import CHANGING, CLAIMS, Claims, newest
 from replaykd.errors import ReplayKDError
 from replaykd.plan import PAIR_GROUP, max_unit_size, unit_size
 from replaykd.reader import crc32c
+from replaykd.recipe import STORED_BEFORE_MIX_MODE
 from replaykd import storage as storages
 from replaykd.storage import Location
 
@@ -409,8 +410,9 @@ class TeacherCache:
             out.append(f"manifest: the store was built from {c.manifest_hash[:16]} ({self.attrs.get('data_path')}), "
                        f"this run's is {request.manifest_hash[:16]}")
         if c.views_hash != request.views_hash:
+            views = [{"mix_mode": STORED_BEFORE_MIX_MODE, **v} for v in (c.views, request.views)]
             out.append(f"views: the store's recipe '{self.attrs.get('recipe_name')}' and this run's "
-                       f"'{request.recipe_name}' differ in {_dict_differences(c.views, request.views)}")
+                       f"'{request.recipe_name}' differ in {_dict_differences(*views)}")
         checks = [("run_seed", "run seed"), ("split", "split"), ("num_classes", "classes"),
                   ("image_library", "image library (its decoding and resampling make the views)")]
         if request.teacher is not None:

@@ -23,7 +23,9 @@ function of (run seed, epoch, shard, its size, repeats, mixing): views and pairs
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import struct
 from dataclasses import dataclass
 from itertools import chain
@@ -33,8 +35,8 @@ import numpy as np
 
 from replaykd.errors import ReplayKDError
 
-# Domain tags keep the seed streams of views, pairs, permutations, sample choice and unit order apart.
-TAG_VIEW, TAG_PAIR, TAG_PERM, TAG_CHOICE, TAG_ORDER = 1, 2, 3, 4, 5
+# Domain tags keep the seed streams of views, pairs, permutations, sample choice, unit order and pairing groups apart.
+TAG_VIEW, TAG_PAIR, TAG_PERM, TAG_CHOICE, TAG_ORDER, TAG_GROUP = 1, 2, 3, 4, 5, 6
 # Samples of a unit whose views are paired among themselves (with their repeats): a batch's worth of DeiT's views
 # per GPU, and ~50 MB of decoded ImageNet photographs, well within a loader worker's decode budget.
 PAIR_GROUP = 64
@@ -102,6 +104,11 @@ class UnitPlan:
     shard: str
     slots: tuple[Slot, ...]
     paired: bool
+    group_ends: tuple[int, ...] = ()  # paired: the item just after each pairing group's last pair
+
+    def pairing_group(self, item: int) -> int:
+        """Which pairing group of the unit a pair (`item`) was drawn in."""
+        return bisect.bisect_right(self.group_ends, item)
 
     @property
     def group(self) -> int:
@@ -143,9 +150,9 @@ def plan_unit(n: int, repeats: int, paired: bool, run_seed: int, epoch: int, sha
     if not paired:
         views = [Slot(p, r) for p in chosen for r in range(repeats)]
         return UnitPlan(epoch, shard_no, shard, tuple(views[i] for i in rng.permutation(len(views))), paired)
-    slots = [s for group in pairing_groups(chosen) for s in pair_up([Slot(p, r) for p in group for r in range(repeats)],
-                                                                    rng)]
-    return UnitPlan(epoch, shard_no, shard, tuple(slots), paired)
+    groups = [pair_up([Slot(p, r) for p in group for r in range(repeats)], rng) for group in pairing_groups(chosen)]
+    ends = tuple(itertools.accumulate(len(pairs) // 2 for pairs in groups))
+    return UnitPlan(epoch, shard_no, shard, tuple(s for pairs in groups for s in pairs), paired, ends)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,10 @@ from replaykd.io import read_yaml_mapping
 RECIPE_DIR = Path(recipes.__file__).resolve().parent  # manifests/recipes/ in the repository
 # Fields that change neither a view's pixels nor its mix: the smoothing of the label targets, the evaluation crop.
 STUDENT_ONLY = ("smoothing", "eval_crop_pct")
+# What one Mixup/CutMix draw (the choice of the two, lambda, the box) serves: every pair of a pairing group (as timm's
+# batch mode serves a batch: DeiT's), each pair (both its views), or each view (timm's elem mode).
+MIX_MODES = ("group", "pair", "elem")
+STORED_BEFORE_MIX_MODE = "pair"  # the mixing of every store made before recipes had mix_mode
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Recipe:
     cutmix: float = 1.0
     mix_prob: float = 1.0
     switch_prob: float = 0.5
+    mix_mode: str = "group"  # one Mixup/CutMix draw per: group (a pairing group, as timm's batch mode), pair, elem
     smoothing: float = 0.1
     repeats: int = 3
     eval_crop_pct: float = 0.875
@@ -53,6 +58,9 @@ class Recipe:
             raise ReplayKDError(f"recipe {self.name}: repeats must be an integer >= 1, got {self.repeats!r}")
         if self.mixup < 0 or self.cutmix < 0:
             raise ReplayKDError(f"recipe {self.name}: mixup and cutmix alphas must be >= 0")
+        if self.mix_mode not in MIX_MODES:
+            raise ReplayKDError(f"recipe {self.name}: mix_mode must be one of {', '.join(MIX_MODES)}, got "
+                                f"{self.mix_mode!r}")
 
     @property
     def mixes(self) -> bool:
@@ -67,8 +75,10 @@ class Recipe:
 
     def views(self) -> dict:
         """The fields that shape the training views and what the teacher sees of them: a teacher cache is tied to
-        these only (label smoothing and the evaluation crop are each student's own)."""
-        return {k: v for k, v in self.as_dict().items() if k not in STUDENT_ONLY}
+        these only (label smoothing and the evaluation crop are each student's own). `mix_mode` 'pair', what every
+        store held before the field existed, is left out, so those stores keep their identity."""
+        return {k: v for k, v in self.as_dict().items()
+                if k not in STUDENT_ONLY and not (k == "mix_mode" and v == STORED_BEFORE_MIX_MODE)}
 
     @property
     def views_hash(self) -> str:
@@ -93,6 +103,12 @@ class Recipe:
 
         return create_transform(self.input_size, is_training=False, interpolation=self.interpolation,
                                 crop_pct=self.eval_crop_pct, mean=self.mean, std=self.std)
+
+    @classmethod
+    def of_views(cls, views: dict, name: str) -> "Recipe":
+        """The recipe a store's recorded `views()` describe (without `mix_mode`: the pairs of a store from before
+        it)."""
+        return cls.from_dict({"mix_mode": STORED_BEFORE_MIX_MODE, **views}, name)
 
     @classmethod
     def from_dict(cls, d: dict, name: str) -> "Recipe":

@@ -23,7 +23,7 @@ from PIL import Image
 from replaykd.augment import Augmentation, draw_mix, draws
 from replaykd.errors import BadImage
 from replaykd.finish import normalise_table
-from replaykd.plan import TAG_PAIR, TAG_VIEW, Slot, UnitPlan, derive_seed, plan_unit
+from replaykd.plan import TAG_GROUP, TAG_PAIR, TAG_VIEW, Slot, UnitPlan, derive_seed, plan_unit
 from replaykd.reader import crc32c, crc32c_extend
 from replaykd.recipe import Recipe
 from replaykd.records import Erase, MixParams, View
@@ -100,19 +100,29 @@ class Replayer:
         seed = view_seed(self.run_seed, epoch, key, repeat)
         return (*self._view(image, seed), seed)
 
-    def mix_params(self, members: Sequence[tuple[str, int]], epoch: int, height: int, width: int) -> MixParams:
-        """The Mixup/CutMix parameters of the pair of (key, repeat) views `members` in `epoch`."""
-        seed = derive_seed(self.run_seed, epoch, TAG_PAIR, *(f"{k}\0{r}" for k, r in members))
-        return draw_mix(self.recipe, height, width, draws(seed).np)
+    def mix_params(self, plan: UnitPlan, item: int, members: Sequence[tuple[str, int]], height: int,
+                   width: int) -> tuple[MixParams, MixParams]:
+        """The Mixup/CutMix parameters of each view of the pair `item` of a unit, its (key, repeat) views `members`:
+        one draw for its whole pairing group, one for the pair, or one for each view, as the recipe's mix_mode
+        says."""
+        mode, epoch = self.recipe.mix_mode, plan.epoch
+        if mode == "group":
+            seeds = [derive_seed(self.run_seed, epoch, TAG_GROUP, plan.shard, str(plan.pairing_group(item)))]
+        elif mode == "pair":
+            seeds = [derive_seed(self.run_seed, epoch, TAG_PAIR, *(f"{k}\0{r}" for k, r in members))]
+        else:
+            seeds = [derive_seed(self.run_seed, epoch, TAG_PAIR, f"{k}\0{r}") for k, r in members]
+        mixes = [draw_mix(self.recipe, height, width, draws(seed).np) for seed in seeds]
+        return (mixes[0], mixes[-1])
 
-    def _item(self, slots: Sequence[Slot], records: Sequence["Record"], images: Mapping[int, Image.Image],
-              epoch: int):
+    def _item(self, plan: UnitPlan, item: int, records: Sequence["Record"], images: Mapping[int, Image.Image]):
+        slots = [plan.slots[n] for n in plan.item_slots(item)]
         members = [(records[s.position].key, s.repeat) for s in slots]
-        seeds = [view_seed(self.run_seed, epoch, k, r) for k, r in members]
+        seeds = [view_seed(self.run_seed, plan.epoch, k, r) for k, r in members]
         made = [self._view(images[s.position], seed) for s, seed in zip(slots, seeds)]
         if len(made) == 1:
-            return made, seeds, MixParams()
-        return made, seeds, self.mix_params(members, epoch, *made[0][0].shape[:2])
+            return slots, made, seeds, (MixParams(),)
+        return slots, made, seeds, self.mix_params(plan, item, members, *made[0][0].shape[:2])
 
     def items(self, plan: UnitPlan, records: Sequence["Record"], images: Mapping[int, Image.Image], start: int = 0,
               stop: int | None = None, fingerprint_every: int = 1,
@@ -125,11 +135,10 @@ class Replayer:
         """
         numbers = range(start, plan.items if stop is None else stop) if numbers is None else numbers
         for item in numbers:
-            item_slots = plan.item_slots(item)
-            slots = [plan.slots[n] for n in item_slots]
-            views, seeds, mix = self._item(slots, records, images, plan.epoch)
+            slots, views, seeds, mixes = self._item(plan, item, records, images)
             out = []
-            for i, (number, slot, (pixels, erase), seed) in enumerate(zip(item_slots, slots, views, seeds)):
+            for i, (number, slot, (pixels, erase), seed, mix) in enumerate(zip(plan.item_slots(item), slots, views,
+                                                                               seeds, mixes)):
                 own, partner = records[slot.position], records[slots[-1 - i].position]
                 partner_image, partner_erase = views[-1 - i] if len(views) == 2 else (None, ())
                 checked = fingerprint_every and number % fingerprint_every == 0

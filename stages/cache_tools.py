@@ -31,7 +31,7 @@ def open_sources(cache: TeacherCache, data: Path | None, checkpoint: Path | None
     """The manifest, recipe and teacher a store was built from, each checked against the store."""
     c = cache.config
     manifest = Manifest.load(data or cache.attrs["data_path"])
-    recipe = Recipe.from_dict(dict(c.views), cache.attrs.get("recipe_name", "cached"))
+    recipe = Recipe.of_views(c.views, cache.attrs.get("recipe_name", "cached"))
     ckpt = checkpoint or cache.attrs.get("checkpoint_path")
     if ckpt is not None and not Path(ckpt).exists():
         raise ReplayKDError(f"teacher checkpoint not found: {ckpt} (pass --checkpoint)")

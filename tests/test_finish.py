@@ -47,7 +47,9 @@ def reference_views(replayer: Replayer, plan, records, images) -> torch.Tensor:
                 floats.append(whole(images[s.position]))
         if len(slots) == 2:
             members = [(records[s.position].key, s.repeat) for s in slots]
-            floats = reference_mix(*floats, replayer.mix_params(members, plan.epoch, *floats[0].shape[-2:]))
+            mix, partners = replayer.mix_params(plan, item, members, *floats[0].shape[-2:])
+            assert mix == partners  # the recipe's mix_mode (group or pair) mixes both views of a pair alike
+            floats = reference_mix(*floats, mix)
         out.extend(floats)
     return torch.stack(out)
 

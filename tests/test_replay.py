@@ -238,9 +238,10 @@ def _recording(name, fn, counter):
     return wrapped
 
 
-def test_pairs_carry_their_views_and_mix_parameters(digits_dir):
+@pytest.mark.parametrize("mix_mode", ["group", "pair", "elem"])
+def test_pairs_carry_their_views_and_mix_parameters(digits_dir, mix_mode):
     m = Manifest.load(digits_dir)
-    recipe = Recipe.load("digits-ra")
+    recipe = dataclasses.replace(Recipe.load("digits-ra"), mix_mode=mix_mode)
     shard = m.shards("train")[0]
     records = read_shard(m, "train", shard)
     images = {r.position: decode_image(r.data, r.key) for r in records}
@@ -248,7 +249,7 @@ def test_pairs_carry_their_views_and_mix_parameters(digits_dir):
     plan = rep.plan(len(records), 0, shard)
     items = list(rep.items(plan, records, images))
     assert len(items) == plan.items and all(len(item) == 2 for item in items)
-    kinds = Counter()
+    kinds, by_group = Counter(), {}
     for (va, vb), i in zip(items, range(0, len(plan.slots), 2)):
         sa, sb = plan.slots[i], plan.slots[i + 1]
         assert (va.position, va.repeat, va.slot, vb.position, vb.repeat, vb.slot) == (sa.position, sa.repeat, i, sb.position, sb.repeat, i + 1)
@@ -256,14 +257,22 @@ def test_pairs_carry_their_views_and_mix_parameters(digits_dir):
             pixels, erase, seed = rep.view(images[s.position], v.key, 0, s.repeat)
             assert torch.equal(v.image, pixels) and v.seed == seed and len(v.erase) == len(erase)
             assert all(torch.equal(a.values, b.values) and a.top == b.top for a, b in zip(v.erase, erase))
-        params = rep.mix_params(((va.key, va.repeat), (vb.key, vb.repeat)), 0, *va.image.shape[:2])
+        pa, pb = rep.mix_params(plan, i // 2, ((va.key, va.repeat), (vb.key, vb.repeat)), *va.image.shape[:2])
         assert va.partner == vb.index and vb.partner == va.index
-        assert (va.lam, va.box) == (vb.lam, vb.box) == (params.lam, params.box)
-        kinds["cutmix" if params.box else "mixup"] += 1
-        if params.box:
-            y0, y1, x0, x1 = params.box
-            assert params.lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (16 * 16))
-    assert kinds["mixup"] > 20 and kinds["cutmix"] > 20
+        assert (va.lam, va.box) == (pa.lam, pa.box) and (vb.lam, vb.box) == (pb.lam, pb.box)
+        by_group.setdefault(plan.pairing_group(i // 2), set()).add((va.lam, va.box, vb.lam, vb.box))
+        for params in (pa, pb):
+            kinds["cutmix" if params.box else "mixup"] += 1
+            if params.box:
+                y0, y1, x0, x1 = params.box
+                assert params.lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (16 * 16))
+    if mix_mode == "group":  # timm's batch mode, a pairing group for a batch: one draw for all its pairs
+        assert len(by_group) == len(plan.group_ends) > 1 and all(len(d) == 1 for d in by_group.values())
+        assert len(set.union(*by_group.values())) == len(by_group)
+    else:  # a draw per pair (both views alike), or per view (timm's elem mode: the two views apart)
+        same = sum(a == c and b == d for draws in by_group.values() for a, b, c, d in draws)
+        assert kinds["mixup"] > 20 and kinds["cutmix"] > 20
+        assert same == plan.items if mix_mode == "pair" else same < plan.items / 4
     batch = ViewCollate(10, recipe.smoothing)([v for item in items for v in item])
     assert batch.images[0].dtype == torch.uint8
     assert len(batch.images[0]) == len(batch)  # a pair's two views share their two images

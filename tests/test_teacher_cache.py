@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 import zarr
 from safetensors.torch import save_file
 
@@ -351,3 +352,22 @@ def test_a_shard_too_small_to_give_a_view_in_some_epoch_leaves_a_complete_store(
     assert "all intact" in ok.stdout, ok.stdout
     # stage two takes it: every unit complete
     cache.require(CacheRequest.of(Manifest.load(tmp_path / "data"), "train", Recipe.load("digits-ra"), 0), complete=True)
+
+
+def test_a_store_of_pair_mixed_views_stays_what_it_is(digits_dir, teacher_ckpt, tmp_path):
+    # every store built before recipes had mix_mode mixed each pair on its own draw: its recorded views name no
+    # mix_mode, as a 'pair' recipe's views do now, so such a store trains a student that asks for 'pair' and is
+    # refused, by name, to one that asks for 'group' (DeiT's recipes now)
+    from replaykd import ReplayLoader
+
+    pair = tmp_path / "digits-ra-pair.yaml"
+    pair.write_text(yaml.safe_dump({**Recipe.load("digits-ra").as_dict(), "mix_mode": "pair"}))
+    run(options(digits_dir, teacher_ckpt, tmp_path / "store", recipe=str(pair), epochs=1))
+    cache = TeacherCache.open(tmp_path / "store")
+    assert "mix_mode" not in cache.config.views and Recipe.load("digits-ra").views()["mix_mode"] == "group"
+    loader = ReplayLoader(digits_dir, pair, tmp_path / "store", batch_size=64, workers=0, device="cpu")
+    assert next(iter(loader)).teacher is not None  # every view's fingerprint checked against the store
+    with pytest.raises(ReplayKDError, match=r"differ in mix_mode 'pair' vs 'group'"):
+        ReplayLoader(digits_dir, "digits-ra", tmp_path / "store", batch_size=64, workers=0, device="cpu")
+    verify = run_cli("cache", "verify", tmp_path / "store", "--samples", 16, "--device", "cpu")
+    assert "fingerprints OK" in verify.stdout  # verify remakes the store's own pair views

@@ -155,8 +155,10 @@ def main() -> None:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     reuse_freed_memory()
     # Slurm's preemption and `kill` send SIGTERM: stop as Ctrl-C does (loader workers stopped, the place and the
-    # command that continues said), not at once with the workers left behind
+    # command that continues said), not at once with the workers left behind. And SIGINT stops a command even where
+    # it started with SIGINT ignored (a background job of a script: `replaykd ... &`), as a user who sends it means.
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         app()
     except Interrupted as exn:

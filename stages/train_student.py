@@ -199,7 +199,7 @@ def _train(r: StudentRun) -> dict:
         for epoch in range(start_epoch, o.epochs):
             r.progress["epoch"] = epoch
             loader.set_epoch(epoch)
-            set_threads(o.threads)  # follow runs started or ended since the last epoch
+            threads = set_threads(o.threads)  # follow runs started or ended since the last epoch
             stats, step = train_one_epoch(model, criterion, loader, r.optimizer, dev, epoch, lr_at,
                                           r.progress["step"], o.clip_grad, r.ema, total=loader.views(),
                                           show_progress=r.rank == 0, progress=r.progress, log_every=o.log_interval)
@@ -213,7 +213,7 @@ def _train(r: StudentRun) -> dict:
                            "loss": stats.loss, "loss_base": stats.loss_base, "loss_distill": stats.loss_distill,
                            "lr": stats.lr, "images": stats.images, "train_seconds": stats.seconds,
                            "train_cpu_seconds": stats.cpu_seconds,
-                           "images_per_s": stats.images_per_s, **acc,
+                           "images_per_s": stats.images_per_s, "threads": threads, **acc,
                            # this launch's start-up: from the process's start to its first optimiser step
                            **({"startup_seconds": r.progress["first_step"]} if epoch == start_epoch else {}),
                            "step_losses": stats.step_losses})

@@ -49,12 +49,13 @@ def test_the_example_loop_trains_the_weights_train_student_trains(digits_dir, st
         "out": tmp_path / "cli", "manifest": digits_dir, "cache": [store], "student": student,
         "distillation": distillation, "eval_split": "none", "device": "cpu", "threads": 1, "log_interval": 1,
         **common}))
-    assert summary["epochs"] == 2
+    assert summary["epochs"] == 2 and summary["threads"] == 1  # each epoch's thread count: the run's arithmetic
     flags = [x for k, v in common.items() for x in (f"--{k.replace('_', '-')}", v)]
     example("train_loop.py", "--manifest", digits_dir, "--cache", store, "--student", student, "--distillation",
             distillation, "--device", "cpu", "--threads", 1, "--out", tmp_path / "mine.pt", *flags)
     rows = [json.loads(line) for line in (tmp_path / "cli" / "log.jsonl").read_text().splitlines()]
     theirs = [(step, loss) for row in rows for step, loss in row["step_losses"]]
+    assert [row["threads"] for row in rows] == [1, 1]
     mine = [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / "mine.pt.steps.jsonl").read_text().splitlines())]
     assert len(mine) == sum(r["steps"] for r in rows) > 40 and mine == theirs  # every step's loss, to the bit
     weights = torch.load(tmp_path / "cli" / "train_state.pt", weights_only=True)["model"]

@@ -95,8 +95,12 @@ class Raises(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("error", [ReplayKDError, *_subclasses(ReplayKDError)], ids=lambda c: c.__name__)
 def test_every_project_error_from_a_loader_worker_is_its_own_message(error):
+    batches = iter(DataLoader(Raises(error), num_workers=1))
     with pytest.raises(error) as raised:
-        next(iter(DataLoader(Raises(error), num_workers=1)))
+        next(batches)
+    # stopped now: left to the garbage collector (the error's traceback holds the iterator), torch's shutdown waited
+    # 5 s for the worker, its queues already closed by the same collection
+    batches._shutdown_workers()
     assert str(raised.value) == "shard x.tar: the project's message"
     # the worker's traceback is kept for REPLAYKD_DEBUG=1, as a note
     assert "Caught" in raised.value.__notes__[0] and "__getitem__" in raised.value.__notes__[0]

@@ -128,23 +128,27 @@ def _code(fn) -> object:
     return (fn.func if isinstance(fn, partial) else fn).__code__
 
 
-# What `_check_op` applies each op to: a small image with every level of every channel's gradient, and seeds that
-# take each branch of an op's draws (applied or not, either sign, either resampling filter) many times over.
-_CHECK_IMAGE = Image.fromarray(np.stack([*np.meshgrid(np.arange(0, 256, 8), np.arange(0, 256, 8)),
-                                         np.full((32, 32), 127)], axis=-1).astype(np.uint8))
+# What `_check_op` applies each op to: a small image, gradients on its left half and noise on its right (where
+# resampling filters differ), and seeds that take each branch of an op's draws (applied or not, either sign, either
+# filter) many times over.
+_CHECK_IMAGE = Image.fromarray(np.concatenate([
+    np.stack([*np.meshgrid(np.arange(0, 256, 16), np.arange(0, 256, 8)), np.full((32, 16), 127)], axis=-1),
+    np.random.default_rng(0).integers(0, 256, (32, 16, 3))], axis=1).astype(np.uint8))
 _CHECK_SEEDS = 16
+_CHECKING = threading.Lock()  # one check at a time swaps timm's module attribute
 
 
 @contextmanager
 def _timm_draws_from(rng: random.Random):
     """timm's augmentation module drawing from `rng` instead of Python's global generator (its ops call
     `random.random()` and the like through the module attribute `random`, which this replaces for a moment)."""
-    module = aa.random
-    aa.random = rng
-    try:
-        yield
-    finally:
-        aa.random = module
+    with _CHECKING:
+        module = aa.random
+        aa.random = rng
+        try:
+            yield
+        finally:
+            aa.random = module
 
 
 def _check_op(op: aa.AugmentOp) -> None:

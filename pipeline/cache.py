@@ -25,7 +25,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import zarr
@@ -35,7 +35,7 @@ from replaykd.claims import CHANGING, CLAIMS, Claims, newest
 from replaykd.errors import ReplayKDError
 from replaykd.plan import PAIR_GROUP, max_unit_size, unit_size
 from replaykd.reader import crc32c
-from replaykd.recipe import STORED_BEFORE_MIX_MODE
+from replaykd.recipe import stored_views
 from replaykd import storage as storages
 from replaykd.storage import Location
 
@@ -340,7 +340,7 @@ class TeacherCache:
         removed = False
         try:
             # not while another process creates or grows it; not when the store cannot say (out of reach)
-            removed = claims.take(CHANGING) and not self._recorded().any() and not claims.others_active()
+            removed = claims.take(CHANGING) and not self.recorded().any() and not claims.others_active()
             if removed:  # everything but the lock, then the lock: nobody else can take it meanwhile
                 lock = claims.key(CHANGING)
                 claims.abandon()
@@ -410,9 +410,9 @@ class TeacherCache:
             out.append(f"manifest: the store was built from {c.manifest_hash[:16]} ({self.attrs.get('data_path')}), "
                        f"this run's is {request.manifest_hash[:16]}")
         if c.views_hash != request.views_hash:
-            views = [{"mix_mode": STORED_BEFORE_MIX_MODE, **v} for v in (c.views, request.views)]
             out.append(f"views: the store's recipe '{self.attrs.get('recipe_name')}' and this run's "
-                       f"'{request.recipe_name}' differ in {_dict_differences(*views)}")
+                       f"'{request.recipe_name}' differ in "
+                       f"{_dict_differences(stored_views(c.views), stored_views(request.views))}")
         checks = [("run_seed", "run seed"), ("split", "split"), ("num_classes", "classes"),
                   ("image_library", "image library (its decoding and resampling make the views)")]
         if request.teacher is not None:
@@ -441,10 +441,10 @@ class TeacherCache:
     def done(self) -> np.ndarray:
         """(epochs, shards) bool: which units are complete: recorded so, or holding no view at all (a shard too small
         to give one in that epoch is complete by construction: nothing will ever be written for it)."""
-        recorded = self._recorded()
-        return recorded | self._empty(len(recorded))[:, :recorded.shape[1]]
+        recorded = self.recorded()
+        return recorded | self._empty(len(recorded))
 
-    def _recorded(self) -> np.ndarray:
+    def recorded(self) -> np.ndarray:
         """(epochs, shards) bool: which units have their completion recorded."""
         try:
             with storages.remote(self.path, "reading the completion records"):
@@ -453,11 +453,12 @@ class TeacherCache:
             raise DamagedUnit(f"cache {self.path}: its completion records are damaged ({exn}); run `replaykd cache "
                               f"repair {self.path}`") from exn
 
-    def _empty(self, epochs: int) -> np.ndarray:
-        """(epochs, shards) bool: which units hold no view (a unit's size depends on its epoch only through the
-        epoch's place in its cycle of repeats)."""
-        cycle = np.array([[unit_size(n, self.repeats, e, self.paired) == 0 for n in self.counts]
-                          for e in range(self.repeats)], dtype=bool).reshape(self.repeats, len(self.counts))
+    def _empty(self, epochs: int, shards: Sequence[int] | None = None) -> np.ndarray:
+        """(epochs, shards) bool: which units (of `shards`, default all) hold no view (a unit's size depends on its
+        epoch only through the epoch's place in its cycle of repeats)."""
+        counts = self.counts if shards is None else [self.counts[s] for s in shards]
+        cycle = np.array([[unit_size(n, self.repeats, e, self.paired) == 0 for n in counts]
+                          for e in range(self.repeats)], dtype=bool).reshape(self.repeats, len(counts))
         return cycle[np.arange(epochs) % self.repeats]
 
     def completed(self, shard_no: int) -> np.ndarray:
@@ -468,7 +469,7 @@ class TeacherCache:
         except (ValueError, RuntimeError) as exn:
             raise DamagedUnit(f"cache {self.path}: the completion records of {self.shards[shard_no]} are damaged "
                               f"({exn}); run `replaykd cache repair {self.path}`") from exn
-        return recorded | self._empty(len(recorded))[:, shard_no]
+        return recorded | self._empty(len(recorded), [shard_no])[:, 0]
 
     def missing(self, epochs: int | None = None) -> list[tuple[int, int]]:
         """(epoch, shard_no) units not yet complete among the first `epochs` epochs."""

@@ -4,6 +4,7 @@ to its manifest, so one met later in stage one could never be made)."""
 from __future__ import annotations
 
 import multiprocessing
+import signal
 
 from tqdm import tqdm
 
@@ -37,13 +38,24 @@ def bad_images(manifest: Manifest, max_pixels: int = MAX_PIXELS, workers: int | 
     tasks = [(split, shard, max_pixels) for split in manifest.tables for shard in manifest.shards(split)]
     workers = workers or cores()
     _CHECKED, found = manifest, []
+    # forked before the progress bar starts its thread; its processes leave signals to this one
+    pool = multiprocessing.get_context("fork").Pool(max(1, min(workers, len(tasks))), initializer=_quiet_signals)
     bar = tqdm(total=sum(manifest.count(s) for s in manifest.tables), desc="decode check", unit="img")
     try:
-        with multiprocessing.get_context("fork").Pool(max(1, min(workers, len(tasks)))) as pool:
-            for n, bad in pool.imap_unordered(_bad_in, tasks):
-                found += bad
-                bar.update(n)
+        for n, bad in pool.imap_unordered(_bad_in, tasks):
+            found += bad
+            bar.update(n)
+        pool.close()
     finally:
         bar.close()
+        pool.terminate()
+        pool.join()
         _CHECKED = None
     return sorted(found)
+
+
+def _quiet_signals() -> None:
+    # the command line turns SIGTERM into a stop that says where it stopped: a pool process stopped by its pool
+    # (terminate sends SIGTERM) has nothing to say, and Ctrl-C is the main process's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -36,7 +36,7 @@ import numpy as np
 from replaykd.errors import ReplayKDError
 
 # Domain tags keep the seed streams of views, pairs, permutations, sample choice, unit order and pairing groups apart.
-TAG_VIEW, TAG_PAIR, TAG_PERM, TAG_CHOICE, TAG_ORDER, TAG_GROUP = 1, 2, 3, 4, 5, 6
+TAG_VIEW, TAG_PAIR, TAG_PERM, TAG_CHOICE, TAG_ORDER, TAG_GROUP, TAG_ELEM = 1, 2, 3, 4, 5, 6, 7
 # Samples of a unit whose views are paired among themselves (with their repeats): a batch's worth of DeiT's views
 # per GPU, and ~50 MB of decoded ImageNet photographs, well within a loader worker's decode budget.
 PAIR_GROUP = 64
@@ -105,6 +105,10 @@ class UnitPlan:
     slots: tuple[Slot, ...]
     paired: bool
     group_ends: tuple[int, ...] = ()  # paired: the item just after each pairing group's last pair
+
+    def __post_init__(self):
+        if self.paired and self.slots and (not self.group_ends or self.group_ends[-1] != self.items):
+            raise ValueError(f"a paired unit's pairing groups must end at its {self.items} items: {self.group_ends}")
 
     def pairing_group(self, item: int) -> int:
         """Which pairing group of the unit a pair (`item`) was drawn in."""

@@ -20,6 +20,11 @@ MIX_MODES = ("group", "pair", "elem")
 STORED_BEFORE_MIX_MODE = "pair"  # the mixing of every store made before recipes had mix_mode
 
 
+def stored_views(views: dict) -> dict:
+    """Recorded `views()` with what they leave out said: no `mix_mode` is the pairs of a store from before it."""
+    return {"mix_mode": STORED_BEFORE_MIX_MODE, **views}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything that decides a training view and its mixed label; defaults are DeiT's."""
@@ -76,9 +81,10 @@ class Recipe:
     def views(self) -> dict:
         """The fields that shape the training views and what the teacher sees of them: a teacher cache is tied to
         these only (label smoothing and the evaluation crop are each student's own). `mix_mode` 'pair', what every
-        store held before the field existed, is left out, so those stores keep their identity."""
+        store held before the field existed, is left out (and so is any `mix_mode` of a recipe that does not mix), so
+        those stores keep their identity."""
         return {k: v for k, v in self.as_dict().items()
-                if k not in STUDENT_ONLY and not (k == "mix_mode" and v == STORED_BEFORE_MIX_MODE)}
+                if k not in STUDENT_ONLY and not (k == "mix_mode" and (v == STORED_BEFORE_MIX_MODE or not self.mixes))}
 
     @property
     def views_hash(self) -> str:
@@ -106,9 +112,8 @@ class Recipe:
 
     @classmethod
     def of_views(cls, views: dict, name: str) -> "Recipe":
-        """The recipe a store's recorded `views()` describe (without `mix_mode`: the pairs of a store from before
-        it)."""
-        return cls.from_dict({"mix_mode": STORED_BEFORE_MIX_MODE, **views}, name)
+        """The recipe a store's recorded `views()` describe."""
+        return cls.from_dict(stored_views(views), name)
 
     @classmethod
     def from_dict(cls, d: dict, name: str) -> "Recipe":

@@ -1,12 +1,12 @@
 """Deterministic views: each training view is a pure function of (run seed, epoch, sample key, repeat, recipe).
 
-Every random draw of a view (timm's crop, flip, RandAugment, erasing; the pair's Mixup/CutMix) comes from generators
-seeded with the view's (or the pair's) own seed and owned by this thread (`pipeline/augment.py`), never from the
-process-wide ones: no other thread, worker, rank, batch or order can change a view, and nothing outside sees a
-changed generator. Which views a unit holds and how they pair is the epoch plan's (`pipeline/plan.py`).
+Every random draw of a view (timm's crop, flip, RandAugment, erasing; its Mixup/CutMix) comes from generators seeded
+with the view's own seed (its pairing group's, pair's or own for the mix, as the recipe's mix_mode says) and owned by
+this thread (`pipeline/augment.py`), never from the process-wide ones: no other thread, worker, rank, batch or order
+can change a view, and nothing outside sees a changed generator. Which views a unit holds and how they pair is the epoch plan's (`pipeline/plan.py`).
 
 A view leaves the worker as uint8 pixels after timm's PIL stages (crop, flip, RandAugment), with what the float
-stages need: the random-erasing boxes and values (drawn as timm's RandomErasing draws them, in its order), the pair's
+stages need: the random-erasing boxes and values (drawn as timm's RandomErasing draws them, in its order), its
 Mixup/CutMix parameters and its partner's pixels and erasing, so that every view finishes in any batch (a batch
 holding both views of a pair keeps each image once: `pipeline/loader.py`). `pipeline/finish.py` runs the float
 stages where the batch is consumed.
@@ -23,7 +23,7 @@ from PIL import Image
 from replaykd.augment import Augmentation, draw_mix, draws
 from replaykd.errors import BadImage
 from replaykd.finish import normalise_table
-from replaykd.plan import TAG_GROUP, TAG_PAIR, TAG_VIEW, Slot, UnitPlan, derive_seed, plan_unit
+from replaykd.plan import TAG_ELEM, TAG_GROUP, TAG_PAIR, TAG_VIEW, UnitPlan, derive_seed, plan_unit
 from replaykd.reader import crc32c, crc32c_extend
 from replaykd.recipe import Recipe
 from replaykd.records import Erase, MixParams, View
@@ -111,7 +111,7 @@ class Replayer:
         elif mode == "pair":
             seeds = [derive_seed(self.run_seed, epoch, TAG_PAIR, *(f"{k}\0{r}" for k, r in members))]
         else:
-            seeds = [derive_seed(self.run_seed, epoch, TAG_PAIR, f"{k}\0{r}") for k, r in members]
+            seeds = [derive_seed(self.run_seed, epoch, TAG_ELEM, f"{k}\0{r}") for k, r in members]
         mixes = [draw_mix(self.recipe, height, width, draws(seed).np) for seed in seeds]
         return (mixes[0], mixes[-1])
 

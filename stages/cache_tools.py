@@ -46,7 +46,7 @@ def verify(o: CacheVerifyOptions) -> None:
     cache = TeacherCache.open(o.store)
     problems = []
     if o.full:
-        bar = tqdm(total=int(cache.done().sum()), desc="check every chunk", unit="unit")
+        bar = tqdm(total=int(cache.recorded().sum()), desc="check every chunk", unit="unit")
         damaged = cache.damage(progress=lambda: bar.update())
         bar.close()
         problems += [f"damaged: {_where(cache, e, s)} array '{a}' fails its checksum or is not the data written for "
@@ -156,7 +156,7 @@ def repair(o: CacheRepairOptions) -> None:
 
 def _repair(cache: TeacherCache, o: CacheRepairOptions) -> None:
     try:
-        total = int(cache.done().sum())
+        total = int(cache.recorded().sum())
     except DamagedUnit:  # the completion records themselves: damage() names them
         total = None
     bar = tqdm(total=total, desc="check every chunk", unit="unit")

@@ -141,8 +141,12 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what Slurm and torchrun send to stop a process), stopping a command as Ctrl-C does."""
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated()
+def _stop(signum, frame) -> None:
+    # the first signal stops the command; later ones (torchrun answers Ctrl-C with a SIGTERM of its own) would cut
+    # short the clean-up that keeps what is finished, so they are ignored from here on
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def main() -> None:
@@ -157,8 +161,8 @@ def main() -> None:
     # Slurm's preemption and `kill` send SIGTERM: stop as Ctrl-C does (loader workers stopped, the place and the
     # command that continues said), not at once with the workers left behind. And SIGINT stops a command even where
     # it started with SIGINT ignored (a background job of a script: `replaykd ... &`), as a user who sends it means.
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         app()
     except Interrupted as exn:

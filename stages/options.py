@@ -82,7 +82,8 @@ def prefetch_opt():
 def max_pixels_opt():
     """The --max-pixels field of the commands that check images."""
     return opt(89_478_485, "Refuse an image of more pixels than this, width x height, read from its header (Pillow's "
-                           "decompression-bomb limit; decoded, an image takes 4 bytes a pixel).", min=1)
+                           "decompression-bomb limit; decoded, an image takes 4 bytes a pixel). Pillow itself refuses "
+                           "more than twice its limit, whatever this says.", min=1)
 
 
 def threads_opt():

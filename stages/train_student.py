@@ -23,7 +23,7 @@ from replaykd.io import check_writable
 from replaykd.losses import DistillationLoss
 from replaykd.manifest import Manifest
 from replaykd.plots import plot_curves
-from replaykd.recipe import Recipe
+from replaykd.recipe import STORED_BEFORE_MIX_MODE, Recipe
 from replaykd.records import TeacherRecord
 from replaykd.replay_loader import ReplayLoader
 from replaykd.runs import EMA_WEIGHTS, WEIGHTS, RunFolder, mean_rate, schedule_differences
@@ -149,13 +149,22 @@ def run(o: StudentOptions) -> dict:
     lr = o.lr * o.batch_size * world / 512  # DeiT's linear scaling
     optimizer = create_optimizer_v2(student.model, "adamw", lr=lr, weight_decay=o.weight_decay)
     ema = ModelEmaV3(student.model, decay=o.model_ema) if o.model_ema else None
-    schedule = {"world_size": world, "batch_size": o.batch_size, "steps_per_epoch": loader.steps_per_epoch(o.epochs)}
+    schedule = {"world_size": world, "batch_size": o.batch_size, "steps_per_epoch": loader.steps_per_epoch(o.epochs),
+                "views_hash": recipe.views_hash}
     if min(schedule["steps_per_epoch"]) == 0:
         raise ReplayKDError(f"an epoch holds less than one full batch of {o.batch_size} views per process "
                             f"({world} processes): use a smaller --batch-size")
     start_epoch, step, rows = 0, 0, []
     if resume:
         state = folder.restore()
+        # a run from before the views were recorded here was trained on its recipe's views with pairs mixed alone
+        before = dataclasses.replace(recipe, mix_mode=STORED_BEFORE_MIX_MODE).views_hash
+        views = {"views_hash": before, **state["schedule"]}["views_hash"]
+        if views != recipe.views_hash:
+            raise ReplayKDError(f"--resume of {o.out} would replay other views than it was trained on: the recipe "
+                                f"'{recipe.name}' changed since the run started (before recipes had mix_mode, pairs "
+                                "were mixed one by one; the built-in recipes now mix by pairing group). Finish it "
+                                "with the replaykd it was started with, or train it again")
         changed = schedule_differences(state["schedule"], schedule)
         if changed:
             raise ReplayKDError(f"--resume would change the learning-rate schedule of {o.out} ({'; '.join(changed)}); "

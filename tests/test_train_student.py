@@ -136,6 +136,15 @@ def test_a_run_from_before_an_option_resumes_with_that_options_default(digits_di
              if k not in ("soft_scale", "keep_distillation_token", "cache_weights", "log_interval")}
     config.write_text(yaml.safe_dump(older, sort_keys=False))
     assert run(opts(digits_dir, tmp_path / "run", resume=True, **kw))["epochs"] == 2
+    # a run from before its views were recorded (and before mix_mode) is refused, not continued on other views
+    older = tmp_path / "older"
+    shutil.copytree(tmp_path / "run", older)
+    (older / "summary.json").unlink()
+    state = torch.load(older / "train_state.pt", weights_only=True)
+    del state["schedule"]["views_hash"]
+    torch.save(state, older / "train_state.pt")
+    with pytest.raises(ReplayKDError, match=r"would replay other views than it was trained on: the recipe 'digits-ra'"):
+        run(opts(digits_dir, older, resume=True, **kw))
     # an option the config does not name compares as its default: a change is still refused by name
     shutil.copytree(tmp_path / "run", tmp_path / "other")
     (tmp_path / "other" / "summary.json").unlink()

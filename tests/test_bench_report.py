@@ -48,7 +48,7 @@ def test_bench_writes_every_section(tmp_path):
     # P1 and the ensembles' cost: images per CPU second of runs side by side, the median round (smoke: one round,
     # one after the other); beside P1 the ratio of its arms' images per second
     def cpu(run):
-        log = (tmp_path / "bench" / "work" / "digits" / run / "log.jsonl").read_text().splitlines()
+        log = (tmp_path / "bench" / "work" / "digits-few" / run / "log.jsonl").read_text().splitlines()
         log = [json.loads(x) for x in log]
         log = log[1:] or log  # the epochs after the first (smoke: one epoch)
         return sum(x["images"] for x in log) / sum(x["train_cpu_seconds"] for x in log)
@@ -57,20 +57,20 @@ def test_bench_writes_every_section(tmp_path):
     assert s2["p1_same_student"] == s2["p1_same_student_rounds"][0]
     assert s2["p1_same_student_wall"] == s2["cache_kd_images_per_s"] / s2["no_kd_same_student_images_per_s"]
     assert s2["side_by_side_rates_are"] == SIDE_BY_SIDE  # the CPU's way
-    assert r["p1_same_student"]["per_data_set"] == {"digits": s2["p1_same_student"]}
+    assert r["p1_same_student"]["per_data_set"] == {"digits-few": s2["p1_same_student"]}
     for n, name in ((2, "two_caches_over_one"), (4, "four_caches_over_one")):
         assert s2[f"{name}_rounds"] == [pytest.approx(cpu(f"ensemble-cache_kd_{n}") / cpu("ensemble-cache_kd"))]
         assert s2[name] == s2[f"{name}_rounds"][0] > 0
     ens = r["ensemble"]
     assert ens["goal"] == 0.95 and ens["caches"] == [2, 4]
-    assert ens["per_data_set"] == {"digits": min(s2["two_caches_over_one"], s2["four_caches_over_one"])}
-    assert ens["met"] == (ens["per_data_set"]["digits"] >= 0.95)
+    assert ens["per_data_set"] == {"digits-few": min(s2["two_caches_over_one"], s2["four_caches_over_one"])}
+    assert ens["met"] == (ens["per_data_set"]["digits-few"] >= 0.95)
     assert "concurrent" not in r  # measured side by side in fresh processes by the real presets only
     assert [c["k"] for c in r["cache_size"]] == [5, 10, 100]
     assert all(c["stored_bytes_per_view"] < c["raw_bytes_per_view"] for c in r["cache_size"])
     text = readme.read_text()
     assert "old\n<!-- bench:end -->" not in text and f"{s2['cached_over_no_kd']:.3f}" in text
-    assert f"**{s2['four_caches_over_one']:.3f}** (" in text and f"digits **{ens['per_data_set']['digits']:.3f}**" in text
+    assert f"**{s2['four_caches_over_one']:.3f}** (" in text and f"digits-few **{ens['per_data_set']['digits-few']:.3f}**" in text
     readme.write_text(README)
     run_cli("bench", "--out", tmp_path / "bench", "--render-only", "--readme", readme)  # measures nothing
     assert readme.read_text() == text

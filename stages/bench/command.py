@@ -19,7 +19,7 @@ from replaykd.models import create_classifier
 from replaykd.reader import read_shard
 from replaykd.recipe import Recipe
 from replaykd.shards import write_shards
-from replaykd.sources import digits_source
+from replaykd.sources import Source, digits_source
 from replaykd.stages.bench import loader as loader_bench
 from replaykd.stages.bench import measure
 from replaykd.stages.options import BenchOptions
@@ -62,10 +62,10 @@ PRESETS = {
     # parameters; the demo trains 4 blocks to fit its 8 minutes).
     # Stage two also on 64 px JPEG tiles of real photographs in 1000-image shards (JPEG decoding, bigger shards).
     "small": Preset(("digits", "photo-tiles"), "digits", "regnety_002", 32, (TINY_DEIT,), 64, 256, 4, 8),
-    # The small preset on digits alone: every section once, to check the bench itself runs (the tests use it). Its
-    # student has 2 blocks, not 6: stage two trains it nine times (labels twice, one cache, online; P1's two arms; 1,
+    # The small preset on a few hundred digits alone: every section once, to check the bench itself runs (the tests
+    # use it). Its student has 2 blocks, not 6: stage two trains it nine times (labels twice, one cache, online; P1's two arms; 1,
     # 2 and 4 caches), and the suite's time is spent on what the bench's code does, not on the student's depth.
-    "smoke": Preset(("digits",), "digits", "regnety_002", 32, ({**TINY_DEIT, "depth": 2},), 64, 256, 1, 1,
+    "smoke": Preset(("digits-few",), "digits", "regnety_002", 32, ({**TINY_DEIT, "depth": 2},), 64, 256, 1, 1,
                     fresh=False, big_shard=48, p1_rounds=1, side_rounds=1),
     # GPU: DeiT's sizes on ImageNet-sized JPEGs cut from real photographs (500x375, 1000 classes), regnety_160 at 224.
     "imagenet": Preset(("photographs",), "deit", "regnety_160", None,
@@ -75,9 +75,16 @@ PRESETS = {
 
 SOURCES = {  # name -> (data set of n images, shard size, classes)
     "digits": (lambda n: digits_source(0.2, 0, 32), 200, 10),
+    "digits-few": (lambda n: first_items(digits_source(0.2, 0, 32), n), 200, 10),
     "photo-tiles": (lambda n: loader_bench.photo_source(n, (64, 64), 10), 1000, 10),
     "photographs": (lambda n: loader_bench.photo_source(n, (500, 375), 1000), 1024, 1000),
 }
+
+
+def first_items(source: Source, n: int) -> Source:
+    """`source` cut to its first `n` training items and a quarter as many of each other split's."""
+    return dataclasses.replace(source, splits={name: items[:n if name == "train" else max(1, n // 4)]
+                                               for name, items in source.splits.items()})
 
 
 def bench_shards(work: Path, source: str, images: int) -> Path:

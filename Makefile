@@ -50,11 +50,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The tests in as many processes as there are cores (at most 4; pytest-xdist): most of them start processes or
+# wait on them, so two at once on 2 cores take half the time of one after the other.
+TEST_JOBS ?= auto --maxprocesses 4
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_JOBS) -m "not slow"
 
 # The documentation (docs/ and the API reference from the docstrings) into site/, offline; a warning fails it.
 docs: $(STAMP)

@@ -29,7 +29,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from replaykd.errors import ReplayKDError
 from replaykd.recipe import Recipe
-from replaykd.records import Erase, MixParams
+from replaykd.records import FILL_COLOUR, FILL_PIXEL, FILL_ZERO, Erase, MixParams
 
 
 class Draws:
@@ -241,15 +241,32 @@ def _erase(t: RandomErasing, channels: int, height: int, width: int, d: Draws) -
             w = int(round(math.sqrt(target_area / aspect_ratio)))
             if w < width and h < height:
                 top, left = d.py.randint(0, height - h), d.py.randint(0, width - w)
-                if t.per_pixel:
-                    values = torch.empty((channels, h, w)).normal_(generator=d.torch)
-                elif t.rand_color:
-                    values = torch.empty((channels, 1, 1)).normal_(generator=d.torch).expand(channels, h, w)
-                else:
-                    values = torch.zeros((channels, 1, 1)).expand(channels, h, w)
-                boxes.append(Erase(top, left, h, w, values.contiguous()))
+                fill = FILL_PIXEL if t.per_pixel else FILL_COLOUR if t.rand_color else FILL_ZERO
+                state = d.torch.get_state() if fill != FILL_ZERO else _NO_STATE
+                boxes.append(Erase(top, left, h, w, _fill(fill, channels, h, w, d.torch), fill, state))
                 break
     return tuple(boxes)
+
+
+_NO_STATE = torch.zeros(0, dtype=torch.uint8)
+
+
+def _fill(fill: int, channels: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """A box's values as timm's RandomErasing draws them (`_get_pixels`), from `generator`."""
+    if fill == FILL_PIXEL:
+        return torch.empty((channels, height, width)).normal_(generator=generator)
+    if fill == FILL_COLOUR:
+        return torch.empty((channels, 1, 1)).normal_(generator=generator).expand(channels, height, width).contiguous()
+    return torch.zeros((channels, height, width))
+
+
+def erase_values(fill: int, state: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+    """The values of an erasing box, drawn again from the generator state they were first drawn from: on a CPU
+    generator wherever the batch is finished, so they are the worker's values to the bit on any device."""
+    generator = torch.Generator()
+    if fill != FILL_ZERO:
+        generator.set_state(state.clone())  # its own storage: torch reads a state in a view of a larger one wrongly
+    return _fill(fill, channels, height, width, generator)
 
 
 class Augmentation:

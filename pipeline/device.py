@@ -38,10 +38,11 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def set_threads(threads: int | None) -> int:
-    """Set this process's compute threads to `threads`, else to its share of the cores now (`replaykd.threads.share`);
-    called again at each epoch, it follows runs that started or ended since. The number set."""
-    n = share(threads)
+def set_threads(threads: int | None, workers: int = 0, device: torch.device | None = None) -> int:
+    """Set this process's compute threads to `threads`, else to its share of the cores now, given its loader
+    `workers` and the `device` it computes on (`replaykd.threads.share`); called again at each epoch, it follows runs
+    that started or ended since. The number set."""
+    n = share(threads, workers, device is not None and device.type != "cpu")
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n

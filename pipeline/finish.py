@@ -3,7 +3,8 @@
 In order, for each image of the batch (its pixel rows: a view's own, and its partner's): uint8 -> float and
 normalise, through a per-channel table of 256 values made by timm's own ToTensor and Normalize (so a pixel gets
 exactly the float timm's transform gives it);
-random erasing, copying in the boxes and values the worker drew; then Mixup or CutMix of the view with its partner.
+random erasing, its values drawn again here from the generator states the worker sent (on a CPU generator, then
+copied: a worker sends a few KB a box, not the values); then Mixup or CutMix of the view with its partner.
 Plain eager ops with nothing a device could round its own way: a table look-up, copies, a select, and Mixup's two
 float32 products and one sum (each correctly rounded, never fused). So a batch finishes to the same bits on every
 device, and to the same bits as timm's whole transform followed by the replay's mixing.
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from replaykd.augment import erase_values
 from replaykd.recipe import Recipe
 from replaykd.records import ViewBatch
 
@@ -39,9 +41,12 @@ class Finisher:
             self._on[device] = (self.table.to(device).view(-1), torch.arange(3, dtype=torch.int32, device=device) * 256)
         pixels = self._to_float(batch.images, device)
         if len(batch.erase_boxes):
-            values = batch.erase_values.to(device, non_blocking=True)
-            start = 0
-            for row, top, left, h, w in batch.erase_boxes.tolist():
+            boxes = batch.erase_boxes.tolist()
+            # drawn on the CPU here, from the states the worker sent, then copied over at once
+            values = torch.cat([erase_values(fill, state, 3, h, w).view(-1)
+                                for (_, _, _, h, w, fill), state in zip(boxes, batch.erase_states)])
+            values, start = values.to(device, non_blocking=True), 0
+            for row, top, left, h, w, _ in boxes:
                 pixels[row, :, top:top + h, left:left + w] = values[start:start + 3 * h * w].view(3, h, w)
                 start += 3 * h * w
         if batch.partner_rows is None:  # unmixed views: one pixel row each, in order

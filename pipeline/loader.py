@@ -25,7 +25,7 @@ from replaykd.manifest import Manifest
 from replaykd.plan import EpochPlan, Segment, UnitPlan, split_range
 from replaykd.reader import read_ahead, read_shard
 from replaykd.recipe import Recipe
-from replaykd.records import Erase, TeacherTargets, View, ViewBatch
+from replaykd.records import FILL_ZERO, Erase, TeacherTargets, View, ViewBatch
 from replaykd.replay import Replayer, decode_image
 from replaykd.storage import is_url
 
@@ -231,6 +231,18 @@ class CacheViews(_Views):
             del records, images
 
 
+_STATE_BYTES = torch.Generator().get_state().numel()
+
+
+def _erase_states(boxes: Sequence[Erase]) -> torch.Tensor:
+    """(boxes, state bytes) uint8: each box's generator state, zeros for a box of zeros."""
+    out = torch.zeros((len(boxes), _STATE_BYTES), dtype=torch.uint8)
+    for i, e in enumerate(boxes):
+        if e.fill != FILL_ZERO:
+            out[i] = e.state
+    return out
+
+
 def _empty_like_rows(first: torch.Tensor, rows: int) -> torch.Tensor:
     """Room for `rows` tensors shaped like `first`: in shared memory in a loader worker, where batches go to the
     main process from (as torch's own collate does: no copy on the way out)."""
@@ -323,15 +335,15 @@ class ViewCollate:
         other = torch.full((n, self.num_classes), off).scatter_(1, partner_labels.view(-1, 1), on)
         lam = lams.to(torch.float32).unsqueeze(1)
         erased = rows.erased
-        erase_boxes = torch.tensor([(row, e.top, e.left, e.height, e.width) for row, e in erased],
-                                   dtype=torch.int64).view(-1, 5)
-        erase_values = torch.cat([e.values.reshape(-1) for _, e in erased]) if erased else torch.zeros(0)
+        erase_boxes = torch.tensor([(row, e.top, e.left, e.height, e.width, e.fill) for row, e in erased],
+                                   dtype=torch.int64).view(-1, 6)
+        erase_states = _erase_states([e for _, e in erased])
         mix_boxes = torch.tensor([v.box or (-1, -1, -1, -1) for v in views], dtype=torch.int64)
         fingerprints = None if any(v.fingerprint is None for v in views) else column("fingerprint")
         teacher = None if views[0].teacher is None else TeacherTargets.stack([v.teacher for v in views])
         return ViewBatch([rows.pixels[:rows.filled]], torch.tensor(rows.image_rows, dtype=torch.int64),
                          torch.tensor(rows.partner_rows, dtype=torch.int64) if rows.pairs else None, erase_boxes,
-                         erase_values, mix_boxes, lams, labels, lam * own + (1.0 - lam) * other,
+                         erase_states, mix_boxes, lams, labels, lam * own + (1.0 - lam) * other,
                          [v.key for v in views], column("index"), column("repeat"), column("slot"), column("shard_no"),
                          column("epoch"), column("partner"), partner_labels, fingerprints, teacher, worker)
 

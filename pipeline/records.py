@@ -67,16 +67,25 @@ class MixParams:
     box: tuple[int, int, int, int] | None = None
 
 
+# How an erasing box is filled (timm's RandomErasing modes): zeros ('const'), one random colour ('rand'), or
+# random values per pixel ('pixel').
+FILL_ZERO, FILL_COLOUR, FILL_PIXEL = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class Erase:
     """One random-erasing box of a view as timm drew it: where, and the values it writes (3 x height x width,
-    float32, in normalised units)."""
+    float32, in normalised units), how they were drawn (`fill`), and the state of the view's torch generator before
+    they were drawn (uint8; empty for zeros): a batch carries the state, not the values, and the consumer draws them
+    again from it (`replaykd.augment.erase_values`)."""
 
     top: int
     left: int
     height: int
     width: int
     values: torch.Tensor
+    fill: int = FILL_ZERO
+    state: torch.Tensor = torch.zeros(0, dtype=torch.uint8)
 
 
 @dataclass
@@ -121,7 +130,9 @@ class ViewBatch:
     `concat`), each image once: view i shows row `image_rows[i]` and, for a mixing recipe, is mixed with row
     `partner_rows[i]` (a pair's two views in one batch share their two rows, as timm's Mixup mixes within a batch; a
     view whose partner is in another batch brings its partner's row along, so M <= 2N);
-    `erase_boxes` rows are (pixel row, top, left, height, width) and `erase_values` their values, concatenated;
+    `erase_boxes` rows are (pixel row, top, left, height, width, fill) and `erase_states` the torch generator state
+    each box's values are drawn from (one row per box; zeros for a box of zeros): a few KB a box, where its values
+    were 3 x 4 bytes a pixel;
     `mix_boxes` rows are CutMix boxes (y0, y1, x0, x1; -1: none) and `lams` each view's
     own weight. `Finisher` turns these into float views. `targets` are the mixed, label-smoothed targets
     lam * y(own) + (1 - lam) * y(partner). `fingerprints` is None unless every view has one; `teacher` is None unless
@@ -132,7 +143,7 @@ class ViewBatch:
     image_rows: torch.Tensor
     partner_rows: torch.Tensor | None
     erase_boxes: torch.Tensor
-    erase_values: torch.Tensor
+    erase_states: torch.Tensor
     mix_boxes: torch.Tensor
     lams: torch.Tensor
     labels: torch.Tensor
@@ -178,7 +189,7 @@ class ViewBatch:
         offsets = [0]
         for b in batches[:-1]:
             offsets.append(offsets[-1] + sum(len(c) for c in b.images))
-        boxes = [b.erase_boxes + torch.tensor([o, 0, 0, 0, 0]) for b, o in zip(batches, offsets)]
+        boxes = [b.erase_boxes + torch.tensor([o, 0, 0, 0, 0, 0]) for b, o in zip(batches, offsets)]
 
         def cat(name: str):
             values = [getattr(b, name) for b in batches]
@@ -190,7 +201,7 @@ class ViewBatch:
 
         teachers = [b.teacher for b in batches]
         return cls([c for b in batches for c in b.images], rows("image_rows"), rows("partner_rows"),
-                   torch.cat(boxes), cat("erase_values"), cat("mix_boxes"), cat("lams"), cat("labels"),
+                   torch.cat(boxes), cat("erase_states"), cat("mix_boxes"), cat("lams"), cat("labels"),
                    cat("targets"), [k for b in batches for k in b.keys], cat("indices"), cat("repeats"), cat("slots"),
                    cat("shard_nos"), cat("epochs"), cat("partners"), cat("partner_labels"), cat("fingerprints"),
                    None if any(t is None for t in teachers) else TeacherTargets(torch.cat([t.probs for t in teachers]),

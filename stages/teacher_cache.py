@@ -58,7 +58,7 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
     dev = pick_device(o.device)
     rank, world = init_distributed(dev)
     me = Participant.of(o.part, rank, world)
-    set_threads(o.threads)
+    set_threads(o.threads, o.workers, dev)
     check_writable(o.out, "--out")
     manifest, recipe = Manifest.load(o.manifest, shard_root=o.shards), Recipe.load(o.recipe)
     if o.topk > manifest.num_classes:
@@ -174,7 +174,7 @@ def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, reci
                                                            batch.slots.numpy(), rows):
                     writer.put(epoch, shard_no, arrays)
                     mine["views_written"] += len(arrays.fingerprint)
-                    set_threads(o.threads)  # a unit done: follow runs started or ended since
+                    set_threads(o.threads, o.workers, dev)  # a unit done: follow runs started or ended since
                 bar.update(len(majority))
         failed = False
     finally:

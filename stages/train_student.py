@@ -57,6 +57,8 @@ class StudentRun:
     world: int
     folder: RunFolder
     started: float  # perf_counter at the process's start of the run
+    threads: int | None  # compute threads: --threads, a resumed run's own, else each epoch's share (None)
+    generator: torch.Generator  # this rank's drop path masks
 
 
 def online_teachers(o: StudentOptions, manifest: Manifest, recipe: Recipe, dev: torch.device) -> OnlineTargets | None:
@@ -111,7 +113,7 @@ def run(o: StudentOptions) -> dict:
     t_start = time.perf_counter()
     dev = pick_device(o.device)
     rank, world = init_distributed(dev)
-    set_threads(o.threads)
+    set_threads(o.threads, o.workers, dev)
     manifest, recipe = Manifest.load(o.manifest), Recipe.load(o.recipe)
     eval_split = manifest.eval_split(o.eval_split)
     folder = RunFolder(o.out)
@@ -134,18 +136,20 @@ def run(o: StudentOptions) -> dict:
         folder.check_new()
     check_available([s for s, on in (("tensorboard", o.log_tensorboard), ("wandb", o.log_wandb)) if on])
     loader = replay_loader(o, manifest, recipe, dev, rank, world, online_teachers(o, manifest, recipe, dev))
-    torch.manual_seed(o.init_seed)  # the same initial weights on every rank
     if o.keep_distillation_token and baseline_name(o.student) == o.student:
         raise ReplayKDError(f"--keep-distillation-token applies to a distilled DeiT student; {o.student} has no "
                             "distillation token: drop it")
     baseline = o.distillation is Distillation.none and not o.keep_distillation_token
-    student = build_student(o.student, manifest.num_classes, recipe.input_size, baseline, o.drop_path,
-                            {k: getattr(o, k) for k in ("img_size", "patch_size", "depth", "embed_dim", "num_heads")})
+    with rng.drawing_from(o.init_seed):  # the same initial weights on every rank
+        student = build_student(o.student, manifest.num_classes, recipe.input_size, baseline, o.drop_path,
+                                {k: getattr(o, k) for k in ("img_size", "patch_size", "depth", "embed_dim",
+                                                            "num_heads")})
     if student.name != o.student and rank == 0:
         typer.echo(f"--distillation none: training {student.name}, DeiT's baseline without the distillation token, "
                    f"in place of {o.student} (summary.json and the checkpoint's JSON name {student.name})")
-    rng.seed_rank(o.init_seed, rank)
     student.model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else torch.preserve_format)
+    generator = rng.rank_generator(o.init_seed, rank, dev)
+    rng.own_drop_path(student.model, generator)
     lr = o.lr * o.batch_size * world / 512  # DeiT's linear scaling
     optimizer = create_optimizer_v2(student.model, "adamw", lr=lr, weight_decay=o.weight_decay)
     ema = ModelEmaV3(student.model, decay=o.model_ema) if o.model_ema else None
@@ -154,7 +158,7 @@ def run(o: StudentOptions) -> dict:
     if min(schedule["steps_per_epoch"]) == 0:
         raise ReplayKDError(f"an epoch holds less than one full batch of {o.batch_size} views per process "
                             f"({world} processes): use a smaller --batch-size")
-    start_epoch, step, rows = 0, 0, []
+    start_epoch, step, rows, threads = 0, 0, [], o.threads
     if resume:
         state = folder.restore()
         # a run from before the views were recorded here was trained on its recipe's views with pairs mixed alone
@@ -173,16 +177,21 @@ def run(o: StudentOptions) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        rng.restore(state["rng"], rank, dev)
+        rng.restore(state["rng"], rank, generator)
         start_epoch, step, rows = state["epoch"] + 1, state["step"], state["rows"]
+        # the thread count enters a CPU run's sums: the run goes on with its own, whatever else runs now
+        threads = threads or rows[-1].get("threads")
         if rank == 0:
-            typer.echo(f"resuming {o.out} at epoch {start_epoch} of {o.epochs} (step {step}), after its last checkpoint")
+            typer.echo(f"resuming {o.out} at epoch {start_epoch} of {o.epochs} (step {step}), after its last checkpoint"
+                       + (f", on {threads} compute threads as before (--threads changes it)"
+                          if threads and not o.threads else ""))
     elif rank == 0:
         folder.create(o.to_config())
     progress = {"epoch": start_epoch, "step": step}
     try:
         return _train(StudentRun(o, manifest, recipe, eval_split, loader, schedule, student, optimizer, ema, lr, rows,
-                                 progress, dev, rank, world, folder, t_start))
+                                 progress, dev, rank, world, folder, t_start, threads,
+                                 generator))
     except KeyboardInterrupt:
         raise Interrupted(f"train-student stopped in epoch {progress['epoch']} (step {progress['step']}); "
                           + (f"{o.out} holds its epochs before that. Continue with: {rerun_command('--resume')}"
@@ -208,7 +217,7 @@ def _train(r: StudentRun) -> dict:
         for epoch in range(start_epoch, o.epochs):
             r.progress["epoch"] = epoch
             loader.set_epoch(epoch)
-            threads = set_threads(o.threads)  # follow runs started or ended since the last epoch
+            threads = set_threads(r.threads, o.workers, dev)  # unless fixed: follow runs started or ended since
             stats, step = train_one_epoch(model, criterion, loader, r.optimizer, dev, epoch, lr_at,
                                           r.progress["step"], o.clip_grad, r.ema, total=loader.views(),
                                           show_progress=r.rank == 0, progress=r.progress, log_every=o.log_interval)
@@ -226,7 +235,7 @@ def _train(r: StudentRun) -> dict:
                            # this launch's start-up: from the process's start to its first optimiser step
                            **({"startup_seconds": r.progress["first_step"]} if epoch == start_epoch else {}),
                            "step_losses": stats.step_losses})
-            rng_states = rng.all_states(dev)
+            rng_states = rng.all_states(r.generator)
             if r.rank == 0:
                 _checkpoint(r, epoch, step, rng_states)
                 sinks.log(r.rows[-1])

@@ -8,6 +8,7 @@ import torch
 import typer
 import yaml
 
+from replaykd import rng
 from replaykd import teacher as teachers
 from replaykd.device import pick_device, set_threads
 from replaykd.engine import evaluate, train_one_epoch
@@ -60,15 +61,16 @@ def main(o: TrainTeacherOptions) -> None:
     """Train, evaluate each epoch, and write the weights with the .json timm loads them by (and the accuracy) and a
     .yaml of these options."""
     dev = pick_device(o.device)
-    set_threads(o.threads)
-    torch.manual_seed(o.seed)
+    set_threads(o.threads, o.workers, dev)
     manifest, recipe = Manifest.load(o.data), Recipe.load(o.recipe)
     eval_split = manifest.eval_split(o.eval_split)
-    loaded, name = starting_model(o, manifest, recipe)
+    with rng.drawing_from(o.seed):
+        loaded, name = starting_model(o, manifest, recipe)
     prep = loaded.identity.preprocessing
     side = prep.input_size if o.input_size is None else (o.input_size or recipe.input_size)
     prep = Preprocessing(prep.mean, prep.std, side, prep.interpolation, recipe.eval_crop_pct)
     net = teachers.Teacher(loaded.model.train(), prep, recipe.mean, recipe.std).to(dev)
+    rng.own_drop_path(net, rng.rank_generator(o.seed, 0, dev))
     teachers.check_input(net, recipe.input_size)
     optimizer = torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     loader = view_loader(manifest, recipe, o, dev)
@@ -78,7 +80,7 @@ def main(o: TrainTeacherOptions) -> None:
     try:
         for epoch in range(o.epochs):
             loader.set_epoch(epoch)
-            set_threads(o.threads)  # follow runs started or ended since the last epoch
+            set_threads(o.threads, o.workers, dev)  # follow runs started or ended since the last epoch
             stats, step = train_one_epoch(net, DistillationLoss("none"), loader, optimizer, dev, epoch, lr_at, step,
                                           total=loader.views())
             if eval_loader is not None:

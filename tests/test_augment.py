@@ -15,9 +15,10 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader
 from timm.data.auto_augment import AugmentOp, rand_augment_transform
 from timm.data.mixup import cutmix_bbox_and_lam
+from safetensors.torch import load_file
 
 from replaykd import loader
-from replaykd.augment import Augmentation, _check_op, draw_mix, draws
+from replaykd.augment import Augmentation, _check_op, draw_mix, draws, erase_values
 from replaykd.errors import ReplayKDError
 from replaykd.finish import normalise_table
 from replaykd.manifest import Manifest
@@ -47,11 +48,14 @@ VARIANTS = {
 
 
 def finished(recipe: Recipe, pixels: torch.Tensor, erase) -> torch.Tensor:
-    """The float view: timm's per-level values of each pixel, with the erasing boxes written in."""
+    """The float view: timm's per-level values of each pixel, with the erasing boxes written in, their values drawn
+    again from the states the batch carries (as the consumer draws them) and equal to the worker's."""
     table = normalise_table(recipe)
     x = torch.stack([table[c][pixels[..., c].long()] for c in range(3)])
     for e in erase:
-        x[:, e.top:e.top + e.height, e.left:e.left + e.width] = e.values
+        again = erase_values(e.fill, e.state, 3, e.height, e.width)
+        assert torch.equal(again, e.values)
+        x[:, e.top:e.top + e.height, e.left:e.left + e.width] = again
     return x
 
 
@@ -230,3 +234,20 @@ def test_stage_two_beside_a_noisy_thread_replays_the_quiet_views(digits_dir, sto
             embed_dim=48, num_heads=2, batch_size=64, workers=workers, device="cpu", check_fingerprints="all",
             eval_split="none")))
         assert draws() > 1000 and len(quiet) > 10
+
+
+@pytest.mark.slow
+def test_the_students_initial_weights_and_drop_path_ignore_a_noisy_thread(digits_dir, store, tmp_path):
+    # they drew from torch's global generator: a thread drawing from it changed the run's weights
+    def trained(out):
+        train_student(StudentOptions.from_mapping(dict(
+            out=out, manifest=digits_dir, cache=store, epochs=1, recipe="digits-ra", patch_size=4, depth=1,
+            embed_dim=32, num_heads=2, batch_size=64, workers=0, device="cpu", drop_path=0.3, threads=1,
+            eval_split="none")))
+        return load_file(str(out / "checkpoint.safetensors"))
+
+    quiet = trained(tmp_path / "quiet")
+    with Noise() as noise:
+        noisy = trained(tmp_path / "noisy")
+    assert noise.draws > 1000 and quiet.keys() == noisy.keys()
+    assert all(torch.equal(quiet[k], noisy[k]) for k in quiet)

@@ -30,6 +30,7 @@ def test_bench_writes_every_section(tmp_path):
     deit = lo["per_core"][0]
     assert deit["input_size"] == 224 and deit["repeats"] == 3 and deit["pillow"].startswith("pillow ")
     assert {"RandomResizedCropAndInterpolation", "RandAugment", "fingerprint", "erase draws"} <= set(deit["replay_ms_per_view"])
+    assert 0 < deit["worker_bytes_per_view"]["pickled"] < deit["worker_bytes_per_view"]["pixels"]
     assert lo["full_loader"]["views_per_s"] > 0 and lo["draft_eligible"] == 0.0  # 500x375 photos never qualify
     decodes = r["loader"]["decodes_per_view"]
     assert r["stage_one"]["teacher_cache_views_per_s"] > 0 and decodes["repeats"] == 3

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import zarr
 from safetensors.torch import load_file
 
 from replaykd import teacher as teachers
+from replaykd import threads
 from replaykd.cache import TeacherCache
 from replaykd.errors import ReplayKDError, ShardMismatch
 from replaykd.finish import Finisher
@@ -22,6 +26,7 @@ from replaykd.manifest import Manifest
 from replaykd.recipe import Recipe
 from replaykd.records import TeacherTargets
 from replaykd.targets import CachedTargets
+from replaykd.threads import cores
 from replaykd.stages.options import StudentOptions
 from replaykd.stages.train_student import run
 
@@ -124,6 +129,32 @@ def test_resume_gives_the_uninterrupted_result(digits_dir, store, tmp_path, work
     rows = [(tmp_path / d / "log.jsonl").read_text().splitlines() for d in ("full", "part")]
     strip = [[{k: v for k, v in json.loads(r).items() if "seconds" not in k and "per_s" not in k} for r in x] for x in rows]
     assert strip[0] == strip[1] and len(strip[0]) == 2
+
+
+@pytest.mark.skipif(cores() < 2, reason="one core: every share is one thread")
+def test_a_resumed_run_keeps_its_thread_count_whatever_else_runs(digits_dir, store, tmp_path, monkeypatch):
+    # by default a run takes its share of the cores, so a run resumed beside another replaykd process took half as
+    # many threads as it had, and a CPU run's sums (and so its weights) followed
+    seats = tmp_path / f"replaykd-{os.getuid()}" / "compute"
+    monkeypatch.setattr(threads, "seats_folder", lambda: seats)
+    kw = dict(cache=store, epochs=2, depth=1, embed_dim=32, threads=None)
+    run(opts(digits_dir, tmp_path / "full", **kw))
+    assert run(opts(digits_dir, tmp_path / "part", stop_after=1, **kw)) == {"stopped_after": 1}
+    other = subprocess.Popen([sys.executable, "-c", "import sys; from replaykd.threads import share; "
+                              "print(share(None), flush=True); sys.stdin.readline()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp_path), "LOCAL_WORLD_SIZE": "1"})
+    try:
+        assert int(other.stdout.readline()) >= 1  # it holds its seat beside the resumed run
+        run(opts(digits_dir, tmp_path / "part", resume=True, **kw))
+    finally:
+        other.kill()
+        other.wait()
+    rows = [[json.loads(r) for r in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("full", "part")]
+    assert [r["threads"] for r in rows[0]] == [r["threads"] for r in rows[1]] == [cores(), cores()]
+    assert [r["step_losses"] for r in rows[0]] == [r["step_losses"] for r in rows[1]]
+    a, b = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("full", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_run_from_before_an_option_resumes_with_that_options_default(digits_dir, store, tmp_path):

@@ -123,7 +123,10 @@ def bench_markdown(r: dict) -> str:
               f"{', '.join(lo['speedups']) or 'none'}; the replay against stock timm); stock "
               f"**{lo['replay_over_timm_per_core_stock']:.2f}**. Replay ms per view (DeiT, stock): "
               + ", ".join(f"{k} {v:.3f}" for k, v in deit["replay_ms_per_view"].items())
-              + f"; finishing on this CPU would add {deit['finish_on_cpu_ms_per_view']:.3f} (on a GPU it runs there). "
+              + f"; finishing on this CPU would add {deit['finish_on_cpu_ms_per_view']:.3f} (on a GPU it runs there; "
+              f"erasing values included, drawn there from the states a worker sends). A worker sends "
+              f"{deit['worker_bytes_per_view']['pickled'] / 1e3:.1f} KB a view in its batch's pickle besides the "
+              f"{deit['worker_bytes_per_view']['pixels'] / 1e3:.1f} KB of pixels in shared memory. "
               f"Stage-two loader with {lo['full_loader']['workers']} workers: {lo['full_loader']['views_per_s']:.0f} "
               f"views/s (DeiT recipe, real photographs). Reduced-size JPEG decoding could serve "
               f"{100 * lo['draft_eligible']:.1f}% of decoded images (all their repeats' crops at least twice 224 px), "

@@ -2,9 +2,11 @@
 path against the replay, where the replay's time goes, and the full stage-two loader."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import pickle
 import random
 import statistics
 import subprocess
@@ -113,6 +115,7 @@ def per_core(recipe: Recipe, jpegs: list[tuple[str, bytes]], rounds: int) -> dic
     fingerprint = replay_mod.fingerprint
     replay_mod.fingerprint = timer.wrap("fingerprint", fingerprint)
     extra = Counter()
+    sent = {"pickled": 0, "pixels": 0}  # what the views' batches would carry from a loader worker
     try:
         for epoch in range(rounds + 1):  # round 0 warms up
             plan = replayer.plan(len(records), epoch, "photos")
@@ -135,6 +138,9 @@ def per_core(recipe: Recipe, jpegs: list[tuple[str, bytes]], rounds: int) -> dic
                 times["replay"].append((t4 - t1) / len(batch))
                 extra.update({"decode (one per sample, for all its repeats)": t2 - t1, "items": t3 - t2,
                               "collate": t4 - t3, "finish on this CPU": t5 - t4})
+                # the pixels go through shared memory, the rest inside the batch's pickle
+                sent["pickled"] += len(pickle.dumps(dataclasses.replace(batch, images=[])))
+                sent["pixels"] += sum(c.nbytes for c in batch.images)
                 views += len(batch)
             elif timer.seconds:
                 timer.seconds.clear()
@@ -149,7 +155,8 @@ def per_core(recipe: Recipe, jpegs: list[tuple[str, bytes]], rounds: int) -> dic
     return {"recipe": recipe.name, "repeats": recipe.repeats, "images": len(jpegs), "input_size": recipe.input_size,
             "pillow": pillow_build(), "timm_views_per_s": timm_rate, "replay_views_per_s": replay_rate,
             "replay_over_timm": replay_rate / timm_rate, "replay_ms_per_view": steps,
-            "finish_on_cpu_ms_per_view": 1000 * extra["finish on this CPU"] / views}
+            "finish_on_cpu_ms_per_view": 1000 * extra["finish on this CPU"] / views,
+            "worker_bytes_per_view": {k: v / views for k, v in sent.items()}}
 
 
 def save_jpegs(jpegs: list[tuple[str, bytes]], folder: Path) -> Path:

@@ -37,6 +37,14 @@ OPEN = "open-"  # presence records of the processes that have the store open for
 
 # A record whose holder has not renewed it for this long is stale (holders renew it every LEASE_SECONDS / 4).
 LEASE_SECONDS = 300.0
+# A holder that could not renew a record for this share of the lease stops writing under it: the rest of the lease
+# is its margin before another process may take the name.
+RENEWAL_MARGIN = 0.5
+
+
+class ClaimNotRenewed(ReplayKDError):
+    """This process could not renew its claim for most of its lease (a storage error each time), so it stops
+    writing under it before another process may take it over."""
 
 
 def _read(path: str) -> str:
@@ -160,6 +168,8 @@ class Claims:
         self.launch = launch
         self.holder = this_process(launch).holder
         self.held: dict[str, str] = {}  # name -> key of the record held
+        self._renewed: dict[str, float] = {}  # name -> when its record was last written
+        self._renew_error: BaseException | None = None  # the last failed renewal's error
         self._taken_over: set[str] = set()
         self.lock = threading.Lock()
         self._stop = threading.Event()
@@ -184,6 +194,7 @@ class Claims:
                 return False
         with self.lock:
             self.held[name] = key
+            self._renewed[name] = time.time()
             if found is not None and (found[1] is None or found[1].renewed > 0):  # not given up: its holder died
                 self._taken_over.add(name)
         if found is not None:  # the record this one replaces
@@ -201,20 +212,32 @@ class Claims:
             return self.held.get(_name(what))
 
     def holds(self, what: int | str) -> bool:
-        """Whether this process's record of a name is still the newest one and its own (checked before writes)."""
+        """Whether this process's record of a name is still the newest one and its own (checked before writes).
+        Raises `ClaimNotRenewed` where storage errors kept the record from being renewed for most of its lease."""
         name = _name(what)
         key = self.key(name)
         if key is None:
             return False
         found = self.current(name)
-        return found is not None and _key(name, found[0]) == key and found[1] is not None and \
-            found[1].holder == self.holder
+        if found is None or _key(name, found[0]) != key or found[1] is None or found[1].holder != self.holder:
+            return False
+        with self.lock:
+            since = time.time() - self._renewed.get(name, 0.0)
+            error = self._renew_error
+        if error is not None and since > self.lease * RENEWAL_MARGIN:
+            raise ClaimNotRenewed(
+                f"could not renew this process's claim on {name} of {self.storage.root} for {since:.0f} s of its "
+                f"{self.lease:.0f} s lease (last error: {type(error).__name__}: {error}); it stops writing before "
+                "the lease ends, so that no other process takes the name while it writes. Every finished unit is "
+                "kept: run the same command again to continue")
+        return True
 
     def release(self, what: int | str) -> None:
         """Give a name up (its units are written, or this process stops): its record stays, marked given up, so
         the next holder's generation is a newer one."""
         with self.lock:
             key = self.held.pop(_name(what), None)
+            self._renewed.pop(_name(what), None)
             self._taken_over.discard(_name(what))
             if key is None:
                 return
@@ -262,9 +285,18 @@ class Claims:
     def renew_in_background(self) -> None:
         """Renew held records every quarter lease, on a thread, until `release_all`."""
         def loop():
+            # a failed write (an S3 5xx after botocore's retries, an NFS EIO) is tried again at the next round: one
+            # error must not end the renewal, or every record held would go stale while the process runs on
             while not self._stop.wait(self.lease / 4):
                 with self.lock:  # a record released meanwhile is not written back
-                    for key in self.held.values():
-                        self.storage.write(key, _group_json(this_process(self.launch)))
+                    error = None
+                    for name, key in self.held.items():
+                        try:
+                            self.storage.write(key, _group_json(this_process(self.launch)))
+                        except Exception as exn:  # noqa: BLE001 - any storage error; `holds` reports it
+                            error = exn
+                        else:
+                            self._renewed[name] = time.time()
+                    self._renew_error = error
         self._thread = threading.Thread(target=loop, name="claim-renewal", daemon=True)
         self._thread.start()

@@ -16,7 +16,7 @@ from replaykd import teacher as teachers
 from replaykd.cache import CacheRequest, LostClaim, TeacherCache, UnitArrays
 from replaykd.cache_report import CacheSummary, launch_id, now, record_run, summarize
 from replaykd.cache_writer import UnitBuffers, UnitWriter, WriteFailed
-from replaykd.claims import Claims
+from replaykd.claims import ClaimNotRenewed, Claims
 from replaykd.device import autocast, pick_device, set_threads
 from replaykd.distributed import barrier, init_distributed, is_main_process
 from replaykd.errors import BadImage, Interrupted, ReplayKDError
@@ -99,7 +99,7 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
                           f"({len(cache.missing(o.epochs))} units still missing). Continue with: {rerun_command()}"
                           ) from None
     except ReplayKDError as exn:
-        if isinstance(exn, (Interrupted, WriteFailed, LostClaim)):  # their messages say what is kept and what next
+        if isinstance(exn, (Interrupted, WriteFailed, LostClaim, ClaimNotRenewed)):  # they say what is kept, what next
             raise
         raise ReplayKDError(_failed(exn, o, cache, created and cache.remove_if_unused(claims))) from exn
     finally:

@@ -268,3 +268,53 @@ def test_a_writer_failure_of_any_kind_ends_the_run_with_its_message(tmp_path):
     assert not thread.is_alive(), "put or close hung after the writer failed"
     assert outcome and "a write failed (ValueError" in outcome[0] and "rerun the same command" in outcome[0]
     assert cache.missing() == [(0, 0), (1, 0)]  # nothing marked complete
+
+
+class FailingWrites(LocalStorage):
+    """A local store whose record writes fail while `failing` is set (an S3 5xx after botocore's retries, an NFS
+    EIO), counting the failures."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.failing, self.failed = False, 0
+
+    def write(self, key: str, data: bytes) -> None:
+        if self.failing and key.startswith("claims/"):
+            self.failed += 1
+            raise OSError(5, "Input/output error")
+        super().write(key, data)
+
+
+def _renewed(storage, key) -> float:
+    return json.loads(storage.read(key))["attributes"]["renewed"]
+
+
+def test_a_failed_renewal_is_tried_again_and_a_claim_not_renewed_stops_the_writes(tmp_path):
+    # one failed write ended the renewal thread: five minutes later every record held was stale while the process
+    # ran on, and another process took its shards
+    storage = FailingWrites(tmp_path)
+    claims = Claims(storage, "me", lease=0.8)  # renewed every 0.2 s
+    assert claims.take(0)
+    key = claims.key(0)
+    claims.renew_in_background()
+    try:
+        storage.failing = True
+        deadline = time.time() + 30
+        while storage.failed < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        storage.failing = False
+        before = _renewed(storage, key)
+        while _renewed(storage, key) == before and time.time() < deadline:
+            time.sleep(0.05)
+        assert claims._thread.is_alive() and _renewed(storage, key) > before  # renewing again after two failures
+        assert claims.holds(0)
+        # failing for most of the lease: the holder stops writing under the claim, naming the storage error
+        storage.failing, failed, failed_from = True, storage.failed, time.time()
+        while (storage.failed == failed or time.time() - failed_from < 0.8 * 0.5 + 0.3) and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(ReplayKDError, match=r"could not renew .* s0 .*OSError: \[Errno 5\] Input/output error.*"
+                                                r"Every finished unit is kept"):
+            claims.holds(0)
+    finally:
+        storage.failing = False
+        claims.release_all()

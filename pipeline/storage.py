@@ -286,6 +286,18 @@ class LocalStorage:
         return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
 
 
+def _conflict(exn: BaseException) -> bool:
+    """Whether a failed request was S3's answer to conditional writes of one key at once (409
+    ConditionalRequestConflict, which s3fs raises as an OSError holding botocore's error)."""
+    while exn is not None:
+        response = getattr(exn, "response", None)
+        if isinstance(response, dict) and (response.get("Error", {}).get("Code") == "ConditionalRequestConflict"
+                                           or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 409):
+            return True
+        exn = exn.__cause__ or exn.__context__
+    return False
+
+
 class ObjectStorage:
     """Records under an object-store URL (one object each), through fsspec."""
 
@@ -336,6 +348,10 @@ class ObjectStorage:
                 return True
             except FileExistsError:
                 return False
+            except OSError as exn:
+                if _conflict(exn):  # another conditional write of this key was under way: one of them wins
+                    return False
+                raise
 
     def delete(self, key: str) -> None:
         """Remove a record (absent: nothing to do)."""

@@ -11,6 +11,9 @@ from urllib.parse import urlsplit
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
+CONFLICT = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ConditionalRequestConflict</Code>'
+            b"<Message>A conflicting conditional operation is currently in progress against this resource."
+            b"</Message></Error>")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
 
 
@@ -18,8 +21,9 @@ class FlakyProxy:
     """Forwards to `upstream`; of every `every` requests one gets a 503, one loses its connection and one waits
     `delay` seconds first. `failed` counts the requests that failed on purpose."""
 
-    def __init__(self, upstream: str, every: int = 6, delay: float = 0.05):
+    def __init__(self, upstream: str, every: int = 6, delay: float = 0.05, conflicts: int = 0):
         self.upstream, self.every, self.delay = urlsplit(upstream), every, delay
+        self.conflicts = conflicts  # conditional PUTs to answer 409 ConditionalRequestConflict first
         self.count = self.failed = 0
         self.lock = threading.Lock()
         proxy = self
@@ -35,14 +39,15 @@ class FlakyProxy:
                 with proxy.lock:
                     proxy.count += 1
                     n = proxy.count
+                    conflict = self.command == "PUT" and "If-None-Match" in self.headers and proxy.conflicts > 0
+                    proxy.conflicts -= conflict
+                if conflict:  # S3's answer to conditional writes of one key at once
+                    self._answer(409, CONFLICT)
+                    return
                 if n % proxy.every == 1:
                     with proxy.lock:
                         proxy.failed += 1
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
-                    self.end_headers()
-                    self.wfile.write(SLOW_DOWN)
+                    self._answer(503, SLOW_DOWN)
                     return
                 if n % proxy.every == 3:
                     with proxy.lock:
@@ -67,6 +72,13 @@ class FlakyProxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
+
+            def _answer(self, status: int, xml: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(xml)))
+                self.end_headers()
+                self.wfile.write(xml)
 
             def _body(self) -> bytes | None:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

@@ -46,6 +46,19 @@ def test_storage_records_on_s3(s3):
         storage.read_bytes("s3://no-such-bucket/x")
 
 
+def test_a_contended_conditional_write_is_a_lost_race(s3):
+    # S3 answers 409 ConditionalRequestConflict to conditional writes of one key at once; s3fs raises it as
+    # OSError(EBUSY), which a claim's create took for a storage failure
+    endpoint, options = s3
+    with FlakyProxy(endpoint, every=10**9, conflicts=1) as proxy:
+        storage.configure({**options, "endpoint_url": proxy.endpoint})
+        records = storage.for_root("s3://bucket/contended")
+        assert not records.create("claims/s0-g0/zarr.json", b"mine")  # lost to the other writer
+        assert proxy.conflicts == 0 and records.read("claims/s0-g0/zarr.json") is None
+        assert records.create("claims/s0-g0/zarr.json", b"mine")
+    storage.configure(options)
+
+
 def test_missing_credentials_are_named(s3, monkeypatch):
     endpoint, _ = s3
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):

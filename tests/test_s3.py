@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 import s3fs
@@ -52,7 +53,7 @@ def test_a_contended_conditional_write_is_a_lost_race(s3):
     endpoint, options = s3
     with FlakyProxy(endpoint, every=10**9, conflicts=1) as proxy:
         storage.configure({**options, "endpoint_url": proxy.endpoint})
-        records = storage.for_root("s3://bucket/contended")
+        records = storage.for_root(f"s3://bucket/contended-{uuid.uuid4().hex}")
         assert not records.create("claims/s0-g0/zarr.json", b"mine")  # lost to the other writer
         assert proxy.conflicts == 0 and records.read("claims/s0-g0/zarr.json") is None
         assert records.create("claims/s0-g0/zarr.json", b"mine")

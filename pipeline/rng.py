@@ -1,5 +1,6 @@
-"""The training process's own randomness (the initial weights, drop path): generators the run owns, never torch's
-global one, which any thread may draw from at any moment.
+"""The training process's own randomness (the initial weights, drop path): generators the run owns, not torch's
+global one, which any thread may draw from at any moment. (Dropout and DropBlock at rates above 0, which no built-in
+student uses, still draw from the global one.)
 
 Views draw nothing from these generators (each view seeds its own), so they decide only what differs between
 ranks by design: DeiT seeds `seed + rank` after an identical initialisation, so that stochastic depth draws other
@@ -102,7 +103,12 @@ def all_states(generator: torch.Generator) -> list[dict]:
     return out
 
 
-def restore(states: list[dict], rank: int, generator: torch.Generator) -> None:
+def restore(states: list[dict], rank: int, generator: torch.Generator) -> bool:
     """Set this rank's generator to its saved state (a checkpoint from before the run owned its generator saved
-    torch's global ones, from which drop path drew on that device: the same state)."""
-    generator.set_state(states[rank][generator.device.type])
+    torch's global ones, from which drop path drew on that device: the same state). False where the checkpoint was
+    made on another kind of device: the generator keeps its fresh seed."""
+    state = states[rank].get(generator.device.type)
+    if state is None:
+        return False
+    generator.set_state(state)
+    return True

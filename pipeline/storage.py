@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -286,13 +287,16 @@ class LocalStorage:
         return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
 
 
+# Seconds between the tries of a conditional create that S3 answered with a conflict (None: the last try).
+CONFLICT_WAITS = (0.1, 0.2, 0.4, 0.8, 1.6, None)
+
+
 def _conflict(exn: BaseException) -> bool:
     """Whether a failed request was S3's answer to conditional writes of one key at once (409
     ConditionalRequestConflict, which s3fs raises as an OSError holding botocore's error)."""
     while exn is not None:
         response = getattr(exn, "response", None)
-        if isinstance(response, dict) and (response.get("Error", {}).get("Code") == "ConditionalRequestConflict"
-                                           or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 409):
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") == "ConditionalRequestConflict":
             return True
         exn = exn.__cause__ or exn.__context__
     return False
@@ -343,15 +347,18 @@ class ObjectStorage:
         self.require_atomic_create()
         fs, path = self._fs(key)
         with remote(f"{self.root}/{key}", "creating"):
-            try:
-                fs.pipe_file(path, data, mode="create")
-                return True
-            except FileExistsError:
-                return False
-            except OSError as exn:
-                if _conflict(exn):  # another conditional write of this key was under way: one of them wins
+            for wait in CONFLICT_WAITS:
+                try:
+                    fs.pipe_file(path, data, mode="create")
+                    return True
+                except FileExistsError:
                     return False
-                raise
+                except OSError as exn:
+                    # another conditional write of this key was under way, and neither may have won: S3 says to
+                    # try again, which either creates it or finds it there
+                    if not _conflict(exn) or wait is None:
+                        raise
+                    time.sleep(wait)
 
     def delete(self, key: str) -> None:
         """Remove a record (absent: nothing to do)."""

@@ -76,7 +76,7 @@ def cores() -> int:
     """The cores this process may use: its affinity, capped by a cgroup CPU quota."""
     quota = cpu_quota()
     n = len(affinity())
-    return max(1, min(n, math.ceil(quota))) if quota else n
+    return max(1, min(n, math.floor(quota))) if quota else n  # a fraction of a core more would be throttled
 
 
 def seats_folder() -> Path:

@@ -31,6 +31,7 @@ from replaykd.schedule import step_schedule
 from replaykd.sinks import MetricSinks, check_available
 from replaykd.student import Student, baseline_name, build_student
 from replaykd.targets import OnlineTargets
+from replaykd.threads import cores
 from replaykd.stages.options import Distillation, StudentOptions, rerun_command
 
 ONLINE_TOPK = 10
@@ -177,10 +178,14 @@ def run(o: StudentOptions) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        rng.restore(state["rng"], rank, generator)
+        if not rng.restore(state["rng"], rank, generator) and rank == 0:
+            typer.echo(f"{o.out} was checkpointed on another kind of device: drop path draws anew from the init "
+                       "seed from here on")
         start_epoch, step, rows = state["epoch"] + 1, state["step"], state["rows"]
-        # the thread count enters a CPU run's sums: the run goes on with its own, whatever else runs now
-        threads = threads or rows[-1].get("threads")
+        # the thread count enters a CPU run's sums: the run goes on with its own (up to the cores it has now),
+        # whatever else runs now; on a GPU it does not, and the share is taken again
+        if not threads and dev.type == "cpu" and rows[-1].get("threads"):
+            threads = min(rows[-1]["threads"], cores())
         if rank == 0:
             typer.echo(f"resuming {o.out} at epoch {start_epoch} of {o.epochs} (step {step}), after its last checkpoint"
                        + (f", on {threads} compute threads as before (--threads changes it)"

@@ -47,17 +47,23 @@ def test_storage_records_on_s3(s3):
         storage.read_bytes("s3://no-such-bucket/x")
 
 
-def test_a_contended_conditional_write_is_a_lost_race(s3):
-    # S3 answers 409 ConditionalRequestConflict to conditional writes of one key at once; s3fs raises it as
-    # OSError(EBUSY), which a claim's create took for a storage failure
+def test_a_contended_conditional_write_is_tried_again(s3):
+    # S3 answers 409 ConditionalRequestConflict to conditional writes of one key at once, and neither may have won;
+    # s3fs raised it as an OSError, which failed the run
     endpoint, options = s3
-    with FlakyProxy(endpoint, every=10**9, conflicts=1) as proxy:
-        storage.configure({**options, "endpoint_url": proxy.endpoint})
-        records = storage.for_root(f"s3://bucket/contended-{uuid.uuid4().hex}")
-        assert not records.create("claims/s0-g0/zarr.json", b"mine")  # lost to the other writer
-        assert proxy.conflicts == 0 and records.read("claims/s0-g0/zarr.json") is None
-        assert records.create("claims/s0-g0/zarr.json", b"mine")
-    storage.configure(options)
+    try:
+        with FlakyProxy(endpoint, every=10**9, conflicts=2) as proxy:
+            storage.configure({**options, "endpoint_url": proxy.endpoint})
+            records = storage.for_root(f"s3://bucket/contended-{uuid.uuid4().hex}")
+            assert records.create("claims/s0-g0/zarr.json", b"mine")  # tried again: nobody else had it
+            assert proxy.conflicts == 0 and records.read("claims/s0-g0/zarr.json") == b"mine"
+            assert not records.create("claims/s0-g0/zarr.json", b"theirs")  # there now: a lost race
+        with FlakyProxy(endpoint, every=10**9, conflicts=100) as proxy:
+            storage.configure({**options, "endpoint_url": proxy.endpoint})
+            with pytest.raises(ReplayKDError, match="creating failed: .*ConditionalRequestConflict"):
+                storage.for_root("s3://bucket/contended-forever").create("k", b"x")  # it never ends: named
+    finally:
+        storage.configure(options)
 
 
 def test_missing_credentials_are_named(s3, monkeypatch):

@@ -253,3 +253,14 @@ def test_a_store_serves_students_that_change_only_their_own_fields(digits_dir, s
     with pytest.raises(ReplayKDError, match=r"views: the store's recipe 'digits-ra' and this run's 'views' differ in "
                                             r"re_prob 0.25 vs 0.5"):
         run(opts(digits_dir, tmp_path / "views", cache=store, recipe=str(views), epochs=1))
+
+
+def test_a_checkpoint_of_another_kind_of_device_leaves_drop_path_its_fresh_seed():
+    from replaykd import rng
+
+    generator = rng.rank_generator(3, 0, torch.device("cpu"))
+    fresh = generator.get_state()
+    assert not rng.restore([{"cuda": torch.zeros(16, dtype=torch.uint8)}], 0, generator)  # was a KeyError
+    assert torch.equal(generator.get_state(), fresh)
+    saved = rng.all_states(torch.Generator().manual_seed(9))
+    assert rng.restore(saved, 0, generator) and torch.equal(generator.get_state(), saved[0]["cpu"])

@@ -11,7 +11,9 @@ import dataclasses
 import gc
 import itertools
 import multiprocessing
+import os
 import signal
+import tempfile
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -424,10 +426,31 @@ def stop_workers(*loaders) -> None:
             iterator._shutdown_workers()
 
 
+# The longest path of a Unix socket on Linux (sun_path's 108 bytes, its closing NUL included).
+UNIX_SOCKET_PATH = 107
+# What multiprocessing adds to the temporary folder for the socket a loader worker hands its batches' shared memory
+# over: "/pymp-XXXXXXXX/listener-XXXXXXXX".
+SOCKET_SUFFIX = 32
+
+
+def check_worker_tempdir() -> None:
+    """Refuse a temporary folder whose path leaves no room for the loader workers' sockets: the socket cannot be
+    made, the batch whose memory it should hand over is dropped (multiprocessing prints the error and goes on) and
+    the run waits for it for ever."""
+    folder = tempfile.gettempdir()
+    if len(os.fsencode(folder)) + SOCKET_SUFFIX > UNIX_SOCKET_PATH:
+        raise ReplayKDError(f"the temporary folder {folder} ({len(os.fsencode(folder))} bytes) is too long a path for "
+                            f"loader workers: they make Unix sockets under it, whose paths may not pass "
+                            f"{UNIX_SOCKET_PATH} bytes ({len(os.fsencode(folder)) + SOCKET_SUFFIX} here). Set TMPDIR "
+                            "to a shorter folder (e.g. TMPDIR=/tmp), or use --workers 0")
+
+
 def loader_settings(workers: int, prefetch: int, device: torch.device, seed: int = 0) -> dict:
     """DataLoader settings for long runs: workers kept across epochs, pinned memory on GPU, `prefetch` batches queued
     per worker, and a generator of its own for the workers' seeds, so that starting a loader never draws from the
     global generator (whose state a resumed run restores: drawing from it would change what follows)."""
+    if workers > 0:
+        check_worker_tempdir()
     return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": device.type == "cuda",
             "prefetch_factor": prefetch if workers > 0 else None, "worker_init_fn": setup_worker if workers else None,
             "generator": torch.Generator().manual_seed(seed)}

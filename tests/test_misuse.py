@@ -6,7 +6,9 @@ import os
 import shutil
 import signal
 import stat
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,10 +272,25 @@ def test_a_teacher_input_under_its_stride_and_a_longer_resume_of_a_finished_run_
 def test_runs_leave_the_temporary_folder_as_they_found_it(digits_dir, store, teacher_ckpt, tmp_path):
     # each loader worker that sends batches makes a multiprocessing temp folder (pymp-*); the workers must exit
     # through their own clean-up, which removes it
-    temp = tmp_path / "tmp"
+    # a short folder: the workers' sockets go under it (pytest's own paths, under xdist, leave them too little room)
+    temp = Path(tempfile.mkdtemp(prefix="rkd-", dir="/tmp"))
+    try:
+        common = ["--manifest", digits_dir, "--epochs", "1", *STUDENT[:-4], "--workers", "2", "--device", "cpu"]
+        for name, source in (("cached", ["--cache", store]),
+                             ("online", ["--online-teacher", "regnety_002", "--teacher-checkpoint", teacher_ckpt])):
+            run_cli("train-student", "--out", tmp_path / name, *common, *source, env={"TMPDIR": str(temp)})
+        assert not [p.name for p in temp.iterdir() if p.name.startswith("pymp-")]
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_temporary_folder_too_long_for_the_workers_sockets_is_refused(digits_dir, store, tmp_path):
+    # a worker's socket path over 107 bytes cannot be made: multiprocessing printed the error, dropped the batch
+    # whose shared memory it should hand over, and the run waited for it for ever
+    temp = tmp_path / ("t" * max(1, 80 - len(str(tmp_path))))
     temp.mkdir()
-    common = ["--manifest", digits_dir, "--epochs", "1", *STUDENT[:-4], "--workers", "2", "--device", "cpu"]
-    for name, source in (("cached", ["--cache", store]),
-                         ("online", ["--online-teacher", "regnety_002", "--teacher-checkpoint", teacher_ckpt])):
-        run_cli("train-student", "--out", tmp_path / name, *common, *source, env={"TMPDIR": str(temp)})
-    assert not [p.name for p in temp.iterdir() if p.name.startswith("pymp-")]
+    proc = run_cli("train-student", "--out", tmp_path / "run", "--manifest", digits_dir, "--cache", store, "--epochs",
+                   "1", *STUDENT[:-4], "--workers", "2", "--device", "cpu", env={"TMPDIR": str(temp)}, check=False,
+                   timeout=120)
+    assert proc.returncode == 2 and "too long a path for loader workers" in proc.stderr, proc.stderr
+    assert "Set TMPDIR to a shorter folder" in proc.stderr and not (tmp_path / "run").exists()

@@ -4,9 +4,8 @@ student uses, still draw from the global one.)
 
 Views draw nothing from these generators (each view seeds its own), so they decide only what differs between
 ranks by design: DeiT seeds `seed + rank` after an identical initialisation, so that stochastic depth draws other
-masks on every rank. The initial weights are drawn as timm draws them, from a generator seeded with the run's
-init seed (the values `torch.manual_seed(seed)` before `create_model` gives a quiet process); drop path's masks from
-the rank's generator on the device. A checkpoint holds every rank's generator state, and each rank takes its own back
+masks on every rank. The initial weights are drawn as timm draws them, in timm's order, from a CPU generator of
+the run's own seeded with its init seed; drop path's masks from the rank's generator on the device. A checkpoint holds every rank's generator state, and each rank takes its own back
 on resume.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, ModelEmaV3, accuracy
 
-from replaykd import DistillationLoss, ReplayLoader
+from replaykd import DistillationLoss, ReplayLoader, drawing_from, own_drop_path, rank_generator
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--manifest", required=True)
@@ -36,9 +36,10 @@ device = torch.device(args.device)
 
 loader = ReplayLoader(args.manifest, args.recipe, args.cache, batch_size=args.batch_size, epochs=args.epochs,
                       seed=args.seed, shuffle_seed=args.init_seed, workers=args.workers, device=device)
-torch.manual_seed(args.init_seed)  # the initial weights and drop path's draws
-model = create_model(args.model, num_classes=loader.num_classes, img_size=loader.recipe.input_size,
-                     drop_path_rate=args.drop_path, **args.model_kwargs).to(device)
+with drawing_from(args.init_seed):  # the initial weights, from a generator this run owns (not torch's global one)
+    model = create_model(args.model, num_classes=loader.num_classes, img_size=loader.recipe.input_size,
+                         drop_path_rate=args.drop_path, **args.model_kwargs).to(device)
+own_drop_path(model, rank_generator(args.init_seed, 0, device))  # drop path's masks (its EMA copy shares them)
 if hasattr(model, "set_distilled_training"):
     model.set_distilled_training(True)
 model_ema = ModelEmaV3(model, decay=args.model_ema_decay)

@@ -14,7 +14,8 @@ import timm
 import torch
 from timm.optim import create_optimizer_v2
 
-from replaykd import ReplayLoader, hard_distillation, soft_distillation, soft_target_ce
+from replaykd import (ReplayLoader, drawing_from, hard_distillation, own_drop_path, rank_generator, soft_distillation,
+                      soft_target_ce)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--manifest", required=True)
@@ -38,13 +39,13 @@ device = torch.device(args.device)
 loader = ReplayLoader(args.manifest, args.recipe, args.cache, batch_size=args.batch_size, epochs=args.epochs,
                       seed=args.seed, shuffle_seed=args.init_seed, workers=args.workers, device=device)
 sizes = {k: v for k in ("patch_size", "depth", "embed_dim", "num_heads") if (v := getattr(args, k)) is not None}
-torch.manual_seed(args.init_seed)  # the initial weights
-model = timm.create_model(args.student, num_classes=loader.num_classes, drop_path_rate=args.drop_path,
-                          img_size=loader.recipe.input_size, **sizes)
+with drawing_from(args.init_seed):  # the initial weights, from a generator this run owns (not torch's global one)
+    model = timm.create_model(args.student, num_classes=loader.num_classes, drop_path_rate=args.drop_path,
+                              img_size=loader.recipe.input_size, **sizes)
 model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
 if hasattr(model, "set_distilled_training"):
     model.set_distilled_training(True)  # a distilled DeiT answers (class head, distillation head)
-torch.manual_seed(args.init_seed)  # drop path's draws (train-student seeds each rank with init seed + rank)
+own_drop_path(model, rank_generator(args.init_seed, 0, device))  # drop path's masks: train-student's rank 0
 peak = args.lr * args.batch_size / 512  # DeiT's linear scaling
 optimizer = create_optimizer_v2(model, "adamw", lr=peak, weight_decay=args.weight_decay)
 steps = loader.steps_per_epoch(args.epochs)

@@ -27,6 +27,9 @@ _PUBLIC = {
     "soft_target_ce": "replaykd.losses",
     "dense_target": "replaykd.losses",
     "teacher_distribution": "replaykd.losses",
+    "drawing_from": "replaykd.rng",
+    "own_drop_path": "replaykd.rng",
+    "rank_generator": "replaykd.rng",
     "TargetSource": "replaykd.targets",
     "OnlineTargets": "replaykd.targets",
     "TeacherCache": "replaykd.cache",
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
     from replaykd.recipe import Recipe
     from replaykd.records import TeacherEnsemble, TeacherRecord, TeacherTargets, TrainBatch, ViewBatch
     from replaykd.replay_loader import ReplayLoader
+    from replaykd.rng import drawing_from, own_drop_path, rank_generator
     from replaykd.targets import OnlineTargets, TargetSource
 
 

@@ -1,23 +1,16 @@
-"""The teacher cache: top-k targets per view in a Zarr v3 store, written in whole units.
+"""The teacher cache: top-k targets per view in a Zarr v3 store, written in whole units, each once.
 
-Layout: one data array, `targets`, shaped (epochs, shards, slots, columns): a unit of work is one (epoch, shard),
-its views are the unit's slots in the epoch plan's order (`pipeline/plan.py`), and only what cannot be recomputed
-is stored, a row of uint16 columns per view (`UnitArrays.packed`): the teacher's top-k probabilities and classes,
-and the view's fingerprint (seeds, partners and mix weights are derived from (run seed, epoch, key) again by every
-reader, and the fingerprint proves it). A unit is one inner chunk, read in one request: Zarr spends about 1.5 ms of
-CPU per chunk read, and three arrays (format 6) made a digits unit's read 6.2 ms against 2.6 ms now. All epochs of
-a data shard live in Zarr shard files that only that data shard's writer touches (a data shard has one writer at a
-time: `pipeline/claims.py`), so no two writers ever share a file. Every chunk ends in a CRC-32C (Zarr's crc32c
-codec), checked on every read: damaged bytes are an error naming the unit and the array, never wrong targets.
-Zarr's local store writes each file atomically, and a unit's completion is recorded (in the `complete` array, one
-file per data shard) only after its data, so a run killed at any point resumes to arrays identical to an
-uninterrupted run's. Readers trust completed units only.
+A unit of work is one (epoch, data shard); its views are the unit's slots in the epoch plan's order
+(`pipeline/plan.py`), and only what cannot be recomputed is stored, a row of uint16 columns per view
+(`UnitArrays.packed`): the teacher's top-k probabilities and classes, and the view's fingerprint (seeds, partners and
+mix weights are derived from (run seed, epoch, key) again by every reader, and the fingerprint proves it).
 
-A completion record holds a CRC-32C of the unit's stored rows as written (one entry per data array). Zarr reads a
-chunk that is absent (a file deleted, lost in a copy, or never written) as its fill value, zeros, which no chunk
-checksum can catch; so every read compares the values it got with the record, and a unit whose data is missing,
-short or not the data its record names is an error naming the unit, the array and the file, never class 0 with
-probability 0.
+Stage one writes each unit as its own object, created only if absent (`pipeline/layouts.py`, `Loose`): a unit is
+complete when its object exists, and its CRC-32C proves its bytes on every read. No file is ever read, modified and
+written back, so no writer (a stalled one, two that took one shard) can change a finished unit, and no record beside
+the data can disagree with it. A finished store can be packed into Zarr shard files of several units (`Packed`,
+`replaykd cache pack`), read the same way. Damaged, short or missing data is an error naming the unit and the file,
+never class 0 with probability 0. FORMAT.md describes the store for programs other than this one.
 """
 from __future__ import annotations
 
@@ -25,16 +18,16 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field, fields
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 
 from replaykd.claims import CHANGING, CLAIMS, Claims, newest
 from replaykd.errors import ReplayKDError
+from replaykd.layouts import LOOSE, PACKED, DamagedRecords, Loose, Packed
 from replaykd.plan import PAIR_GROUP, max_unit_size, unit_size
-from replaykd.reader import crc32c
 from replaykd.recipe import stored_views
 from replaykd import storage as storages
 from replaykd.storage import Location
@@ -48,13 +41,15 @@ FORMAT_NAME = "replaykd.teacher-cache"
 # 4: CRC-32C per chunk, the teacher's identity and preprocessing, the views' fields only; 5: completion records
 # hold each array's CRC-32C (a chunk that is absent reads as zeros: now refused); 6: pairs for Mixup/CutMix drawn
 # inside pairing groups of ~64 samples (other views than format 5's); 7: a unit's probabilities, classes and
-# fingerprints in one chunk of one array (one read per unit, not three)
-FORMAT_VERSION = 7
+# fingerprints in one chunk of one array (one read per unit, not three); 8: each unit its own object, written once
+# (loose), or Zarr shard files of a finished store (packed; a format 7 store is read as one)
+FORMAT_VERSION = 8
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
-COMPLETE = "complete"
+# Format 7 stores are read as packed ones (never written): `replaykd cache upgrade` makes them loose.
+READABLE = (7, FORMAT_VERSION)
 WAIT_SECONDS = 600.0
-# Epochs per file of the completion array: one small file per data shard for any realistic run.
-COMPLETE_EPOCHS = 1024
+# Units read at once by `damage` (verify and repair): object stores answer many requests at once.
+CHECK_THREADS = 16
 
 
 def index_dtype(num_classes: int) -> str:
@@ -86,10 +81,6 @@ def decode_sorted_float16(stored: np.ndarray) -> np.ndarray:
     bits = stored.copy()
     bits[..., 1:] = stored[..., :1] - np.cumsum(stored[..., 1:], axis=-1, dtype=np.uint16)
     return bits.view(np.float16)
-
-
-# The store's data array (beside the completion records).
-TARGETS = "targets"
 
 
 @dataclass
@@ -165,12 +156,6 @@ def _as_uint16(values: np.ndarray) -> np.ndarray:
     return _little_endian(values).view("<u2").astype(np.uint16)
 
 
-def digest(values: np.ndarray) -> int:
-    """A stored array's entry in a completion record: the CRC-32C of its little-endian bytes with bit 32 set (0
-    means not written)."""
-    return (1 << 32) | crc32c(_little_endian(values).view(np.uint8))
-
-
 @dataclass(frozen=True)
 class CacheConfig:
     """What a cache was built from (stored in the store; stage two checks it against its own run)."""
@@ -223,23 +208,11 @@ class DamagedUnit(ReplayKDError):
     """Stored bytes of a unit fail their checksum, do not decode, or are missing."""
 
 
-class LostClaim(ReplayKDError):
-    """Another process took over a data shard this one was writing."""
+class ReadOnlyStore(ReplayKDError):
+    """A packed store, or one of an older format, is never written."""
 
 
-def _compressors(dtype: str):
-    # Bit-shuffling exposes the shared high bits of small numbers (probability deltas, class indices) to zstd.
-    # Measured on 8192 top-10 rows of a synthetic 1000-class teacher, bytes per view: float16 probabilities
-    # 16.0 as they are, 14.0 as deltas of their bit patterns along k, 13.0 as deltas with k outermost in the chunk
-    # (each k's values side by side); class indices 12.6 (close to their entropy); fingerprints 4.0. zstd level 9
-    # instead of 5 saved 0.4 more on probabilities only. Quantising probabilities further would be lossy. The
-    # CRC-32C after compression costs 4 bytes per chunk and proves every chunk read. All three as the columns of
-    # one uint16 array (format 7) store 29.7 bytes per view of 1024 such rows against 29.6 as three arrays.
-    return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=np.dtype(dtype).itemsize),
-            Crc32cCodec()]
-
-
-def _open_group(path: Location, mode: str) -> zarr.Group:
+def open_group(path: Location, mode: str) -> zarr.Group:
     """The store's root group: a local folder, or a URL through zarr's fsspec store with this process's options."""
     if storages.is_url(path):
         return zarr.open_group(str(path), mode=mode, storage_options=storages.options(str(path)))
@@ -251,6 +224,19 @@ def _dict_differences(stored: dict, wanted: dict) -> str:
     return ", ".join(f"{n} {stored.get(n)!r} vs {wanted.get(n)!r}" for n in names if stored.get(n) != wanted.get(n))
 
 
+def _version(path: Location, attrs: dict) -> int:
+    """The format of a store's attributes; a foreign or unreadable one is refused by name."""
+    found = str(attrs.get("format", ""))
+    if not found.startswith(FORMAT_NAME + "/"):
+        raise ReplayKDError(f"{path} is not a replaykd teacher cache")
+    version = found.rsplit("/", 1)[-1]
+    if not version.isdigit() or int(version) not in READABLE:
+        raise ReplayKDError(f"{path} is a teacher cache of format {version}; this replaykd reads formats "
+                            f"{' and '.join(map(str, READABLE))} (and upgrades 7). Rebuild it: delete it and rerun the "
+                            "teacher-cache command that made it")
+    return int(version)
+
+
 class TeacherCache:
     """An open teacher cache: its config, shard layout, completed units, and unit reads/writes."""
 
@@ -258,26 +244,38 @@ class TeacherCache:
         self.path, self.group = storages.as_location(path), group
         self.storage = storages.for_root(self.path)
         attrs = dict(group.attrs)
-        found = str(attrs.get("format", ""))
-        if not found.startswith(FORMAT_NAME + "/"):
-            raise ReplayKDError(f"{path} is not a replaykd teacher cache")
-        if found != FORMAT:
-            raise ReplayKDError(f"{path} is a teacher cache of format {found.rsplit('/', 1)[-1]}, written by an older "
-                                f"replaykd; this one reads format {FORMAT_VERSION} only. Rebuild it: delete it and "
-                                "rerun the teacher-cache command that made it")
+        self.version = _version(path, attrs)
         self.attrs = attrs
         self.config = CacheConfig(**attrs["config"])
         layout = attrs["layout"]
         self.shards: list[str] = layout["shards"]
         self.counts: list[int] = layout["counts"]
         self.repeats, self.paired = layout["repeats"], layout["paired"]
-        self.epochs_per_file = layout["epochs_per_file"]
-        self.arrays = {TARGETS: group[TARGETS]}
-        self.complete = group[COMPLETE]
+        self.slots = layout["slots"]
+        self.columns = UnitArrays.columns(self.config.topk, self.config.num_classes)
+        if layout.get("kind", PACKED) == LOOSE:
+            self.layout: Loose | Packed = Loose(group, self.storage, self.slots, self.columns)
+        else:
+            self.layout = Packed(group, self.storage, layout["epochs_per_file"])
 
     def unit_size(self, epoch: int, shard_no: int) -> int:
         """How many views (slots) the unit (epoch, shard) holds."""
         return unit_size(self.counts[shard_no], self.repeats, epoch, self.paired)
+
+    @property
+    def writable(self) -> bool:
+        """Whether stage one may write units into this store (a loose store of this format)."""
+        return self.version == FORMAT_VERSION and self.layout.kind == LOOSE
+
+    def require_writable(self) -> None:
+        """Refuse to write into a packed store or one of an older format, saying what to do instead."""
+        if self.version != FORMAT_VERSION:
+            raise ReadOnlyStore(f"{self.path} is a teacher cache of format {self.version}, read as it is but never "
+                                f"written: to continue or grow it, run `replaykd cache upgrade {self.path} NEW` "
+                                "(its units are kept, no teacher runs) and build into NEW")
+        if self.layout.kind != LOOSE:
+            raise ReadOnlyStore(f"{self.path} is a packed store: finished and read-only. To continue or grow it, "
+                                f"unpack it with `replaykd cache upgrade {self.path} NEW` and build into NEW")
 
     # --- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -289,20 +287,22 @@ class TeacherCache:
         if meta is None:
             raise ReplayKDError(f"no teacher cache at {path} (run 'replaykd teacher-cache' first)")
         finished = cls._is_store(path, meta)
+        if not finished and "packing" in json.loads(meta).get("attributes", {}):
+            raise ReplayKDError(f"{path} is being packed, or its packing stopped before the end: run `replaykd cache "
+                                "pack` again (it starts over), or read the store it was packed from")
         lock = newest(storage, CHANGING) if not finished else None
         if lock is not None and lock[1] is not None and not lock[1].stale(time.time()):
             raise ReplayKDError(f"{path} is being created by another run; try again when it has started")
         with storages.remote(path, "opening the store"):
-            return cls(path, _open_group(path, mode))
+            return cls(path, open_group(path, mode))
 
     @classmethod
     def create_or_grow(cls, path: Location, request: CacheRequest, epochs: int, shards: list[str], counts: list[int],
-                       repeats: int, paired: bool, epochs_per_file: int, extra_attrs: dict,
-                       claims: Claims) -> "TeacherCache":
-        """Create the store, or open one that fits `request` and grow it to `epochs` epochs, and record that this
-        process has it open (`claims`, on the store's root). Of several processes doing this at once (independent
-        runs, parts of a job array) one changes the store and the others wait for it; a creation interrupted by a
-        kill is taken over."""
+                       repeats: int, paired: bool, extra_attrs: dict, claims: Claims) -> "TeacherCache":
+        """Create a loose store, or open one that fits `request` and grow it to `epochs` epochs, and record that
+        this process has it open (`claims`, on the store's root). Of several processes doing this at once
+        (independent runs, parts of a job array) one changes the store and the others wait for it; a creation
+        interrupted by a kill is taken over."""
         path = storages.as_location(path)
         storage = claims.storage
         deadline = time.time() + WAIT_SECONDS
@@ -322,8 +322,7 @@ class TeacherCache:
                     raise ReplayKDError(f"{path} exists and is not a teacher cache; choose another --out")
                 try:
                     with storages.remote(path, "creating the store"):
-                        cls._create(path, request.config(epochs), shards, counts, repeats, paired, epochs_per_file,
-                                    extra_attrs)
+                        cls.create(path, request.config(epochs), shards, counts, repeats, paired, extra_attrs)
                 except BaseException:
                     storage.remove_all(keep=claims.key(CHANGING))  # nothing half-made: it held nothing of anyone's
                     raise
@@ -366,39 +365,41 @@ class TeacherCache:
     def _grow(cls, path: Location, request: CacheRequest, epochs: int, shards: list[str], counts: list[int]):
         cache = cls.open(path, mode="a")
         cache.require(request)
+        cache.require_writable()
         if cache.shards != shards or cache.counts != counts:
             raise ReplayKDError(f"{path}: shard layout differs from the manifest's")
         if epochs > cache.config.epochs:
-            for arr in (*cache.arrays.values(), cache.complete):
-                arr.resize((epochs, *arr.shape[1:]))
+            cache.layout.grow(epochs)
             cache.group.attrs["config"] = {**cache.attrs["config"], "epochs": epochs}
             cache.config = dataclasses.replace(cache.config, epochs=epochs)
         return cache
 
     @staticmethod
-    def _create(path: Location, config: CacheConfig, shards: list[str], counts: list[int], repeats: int, paired: bool,
-                epochs_per_file: int, extra_attrs: dict) -> None:
-        # overwrite: a creation a kill interrupted is redone from the start (the lock file itself is not zarr's)
-        group = _open_group(path, "a")
+    def create(path: Location, config: CacheConfig, shards: list[str], counts: list[int], repeats: int,
+               paired: bool, extra_attrs: dict, packed_epochs: int | None = None) -> None:
+        """Write a new store's metadata: loose, or packed with `packed_epochs` epochs per Zarr shard file (then its
+        format is recorded by `finish_packing`, once its units are in). Attributes last: then it is a store."""
+        group = open_group(path, "a")
         width = max(max_unit_size(n, repeats, paired) for n in counts)
-        block = max(1, min(epochs_per_file, config.epochs))
-        codec_chain = {}
         columns = UnitArrays.columns(config.topk, config.num_classes)
-        # columns outermost in the chunk (each column's values side by side), as the measurement in `_compressors`
-        arr = group.create_array(TARGETS, shape=(config.epochs, len(shards), width, columns), dtype="uint16",
-                                 chunks=(1, 1, width, columns), shards=(block, 1, width, columns),
-                                 filters=[TransposeCodec(order=(0, 1, 3, 2))], compressors=_compressors("uint16"),
-                                 fill_value=0, overwrite=True, dimension_names=("epoch", "shard", "slot", "column"))
-        codec_chain[TARGETS] = arr.metadata.to_dict()["codecs"]
-        # one entry per (epoch, shard, array): its digest once the unit is written; one file per data shard
-        group.create_array(COMPLETE, shape=(config.epochs, len(shards), len(codec_chain)), dtype="uint64",
-                           chunks=(COMPLETE_EPOCHS, 1, len(codec_chain)), compressors=[Crc32cCodec()], fill_value=0,
-                           overwrite=True, dimension_names=("epoch", "shard", "array"))
+        layout = {"shards": shards, "counts": counts, "repeats": repeats, "paired": paired, "pair_group": PAIR_GROUP,
+                  "slots": width}
+        if packed_epochs is None:
+            Loose.create(group, config.epochs, len(shards), width, columns)
+            layout["kind"] = LOOSE
+        else:
+            Packed.create(group, config.epochs, len(shards), width, columns, packed_epochs)
+            layout.update(kind=PACKED, epochs_per_file=max(1, min(packed_epochs, config.epochs)))
         group.require_group(CLAIMS)
-        group.attrs.update({"format": FORMAT, "config": dataclasses.asdict(config),  # written last: now it is a store
-                            "layout": {"shards": shards, "counts": counts, "repeats": repeats, "paired": paired,
-                                       "pair_group": PAIR_GROUP, "slots": width, "epochs_per_file": block},
-                            "codecs": json.loads(json.dumps(codec_chain, default=list)), **extra_attrs})
+        attrs = {"config": dataclasses.asdict(config), "layout": layout, **extra_attrs}
+        group.attrs.update({"packing": True, **attrs} if packed_epochs is not None else {"format": FORMAT, **attrs})
+
+    @staticmethod
+    def finish_packing(path: Location) -> None:
+        """Record a packed store's format, after its every unit: now it is a store."""
+        group = open_group(path, "a")
+        attrs = {k: v for k, v in group.attrs.items() if k != "packing"}
+        group.attrs.put({"format": FORMAT, **attrs})
 
     # --- does it fit ---------------------------------------------------------------------------------
     def differences(self, request: CacheRequest) -> list[str]:
@@ -439,19 +440,19 @@ class TeacherCache:
 
     # --- units -------------------------------------------------------------------------------------
     def done(self) -> np.ndarray:
-        """(epochs, shards) bool: which units are complete: recorded so, or holding no view at all (a shard too small
+        """(epochs, shards) bool: which units are complete: written, or holding no view at all (a shard too small
         to give one in that epoch is complete by construction: nothing will ever be written for it)."""
         recorded = self.recorded()
         return recorded | self._empty(len(recorded))
 
     def recorded(self) -> np.ndarray:
-        """(epochs, shards) bool: which units have their completion recorded."""
+        """(epochs, shards) bool: which units are written (have an object, or a completion record when packed)."""
         try:
-            with storages.remote(self.path, "reading the completion records"):
-                return (self.complete[:] != 0).all(axis=-1)
-        except (ValueError, RuntimeError) as exn:
-            raise DamagedUnit(f"cache {self.path}: its completion records are damaged ({exn}); run `replaykd cache "
-                              f"repair {self.path}`") from exn
+            with storages.remote(self.path, "listing the completed units"):
+                return self.layout.recorded(self.config.epochs, len(self.shards))
+        except DamagedRecords as exn:
+            raise DamagedUnit(f"cache {self.path}: its completion records are damaged ({exn}); unpack what is intact "
+                              f"with `replaykd cache upgrade {self.path} NEW`") from exn
 
     def _empty(self, epochs: int, shards: Sequence[int] | None = None) -> np.ndarray:
         """(epochs, shards) bool: which units (of `shards`, default all) hold no view (a unit's size depends on its
@@ -462,13 +463,13 @@ class TeacherCache:
         return cycle[np.arange(epochs) % self.repeats]
 
     def completed(self, shard_no: int) -> np.ndarray:
-        """(epochs,) bool: which units of one data shard are complete (its one completion file, not the store's)."""
+        """(epochs,) bool: which units of one data shard are complete (one listing of its units, not the store's)."""
         try:
-            with storages.remote(self.path, "reading the completion records"):
-                recorded = (self.complete[:, shard_no] != 0).all(axis=-1)
-        except (ValueError, RuntimeError) as exn:
+            with storages.remote(self.path, "listing the completed units"):
+                recorded = self.layout.completed(shard_no, self.config.epochs)
+        except DamagedRecords as exn:
             raise DamagedUnit(f"cache {self.path}: the completion records of {self.shards[shard_no]} are damaged "
-                              f"({exn}); run `replaykd cache repair {self.path}`") from exn
+                              f"({exn})") from exn
         return recorded | self._empty(len(recorded), [shard_no])[:, 0]
 
     def missing(self, epochs: int | None = None) -> list[tuple[int, int]]:
@@ -476,109 +477,93 @@ class TeacherCache:
         epochs = self.config.epochs if epochs is None else min(epochs, self.config.epochs)
         return [(int(e), int(s)) for e, s in np.argwhere(~self.done()[:epochs, :])]
 
-    def write_unit(self, epoch: int, shard_no: int, data: UnitArrays,
-                   still_mine: Callable[[], bool] | None = None) -> None:
-        """Write one unit's rows, then record it complete with their digest. The caller owns this data shard;
-        `still_mine`, asked before the rows are written and again right before the completion is recorded, says
-        whether it still does (a process taken for gone stops rather than writing beside the new holder)."""
+    def write_unit(self, epoch: int, shard_no: int, data: UnitArrays) -> bool:
+        """Write one unit whole, once: True if this call wrote it, False if it was there already (another process
+        wrote the same views' targets; theirs stay). A unit is never changed once written."""
+        self.require_writable()
         n = self.unit_size(epoch, shard_no)
-        stored = {TARGETS: data.packed(self.config.num_classes)}
+        if len(data.fingerprint) != n:
+            raise ValueError(f"unit (epoch {epoch}, shard {self.shards[shard_no]}) holds {n} views, got "
+                             f"{len(data.fingerprint)} rows")
+        return self.write_rows(epoch, shard_no, data.packed(self.config.num_classes))
 
-        def check_claim() -> None:
-            if still_mine is not None and not still_mine():
-                raise LostClaim(f"this process no longer holds data shard {self.shards[shard_no]} of {self.path}: "
-                                "another process took it over (this one was taken for gone); stopping rather than "
-                                "writing beside it")
-
+    def write_rows(self, epoch: int, shard_no: int, rows: np.ndarray) -> bool:
+        """`write_unit` for a unit's rows as stored (`UnitArrays.packed`)."""
+        self.require_writable()
+        padded = np.zeros((self.slots, self.columns), np.uint16)
+        padded[:len(rows)] = rows
         with storages.remote(self.path, f"writing unit (epoch {epoch}, shard {self.shards[shard_no]})"):
-            check_claim()
-            for name, values in stored.items():
-                self.arrays[name][epoch, shard_no, :n] = values
-            check_claim()
-            self.complete[epoch, shard_no] = [digest(v) for v in stored.values()]
+            return self.layout.write(epoch, shard_no, padded)
 
     def read_unit(self, epoch: int, shard_no: int) -> UnitArrays:
-        """One completed unit's arrays, one row per slot. Bytes that fail their checksum, and values that are not
-        the ones its completion record names (a file missing or short), are a `DamagedUnit` error naming the unit,
-        the array and the file; a unit not complete is an error too."""
+        """One completed unit's arrays, one row per slot. Bytes that fail their checksum, or are missing or short,
+        are a `DamagedUnit` error naming the unit and the file; a unit not complete is an error too."""
         with storages.remote(self.path, f"reading unit (epoch {epoch}, shard {self.shards[shard_no]})"):
-            problems, stored = self._check_unit(epoch, shard_no)
+            problems, rows = self.check_unit(epoch, shard_no)
         if problems is None:
-            raise ReplayKDError(f"{self.path}: unit (epoch {epoch}, shard {self.shards[shard_no]}) is not complete")
+            raise ReplayKDError(f"{self.path}: unit (epoch {epoch}, shard {self.shards[shard_no]}) is not complete"
+                                + (" (its object is not there)" if self.layout.kind == LOOSE else ""))
         if problems:
-            name, why = problems[0]
             raise DamagedUnit(f"cache {self.path}: unit (epoch {epoch}, shard {self.shards[shard_no]}) is damaged: "
-                              f"array '{name}' {why}. Run `replaykd cache repair {self.path}` (it drops the damaged "
-                              "units), then the teacher-cache command that built the store to rebuild them")
-        return UnitArrays.unpack(stored[TARGETS], self.config.topk, self.config.num_classes)
+                              f"{problems[0]}. " + self._repair_hint())
+        return UnitArrays.unpack(rows, self.config.topk, self.config.num_classes)
 
-    def _check_unit(self, epoch: int, shard_no: int) -> tuple[list[tuple[str, str]] | None, dict[str, np.ndarray]]:
-        """(problems, stored values) of one unit: problems None when it is not complete, else (array, what is wrong)
-        for each array that fails its checksum or differs from its completion record."""
+    def _repair_hint(self) -> str:
+        if self.writable:
+            return (f"Run `replaykd cache repair {self.path}` (it drops the damaged units), then the teacher-cache "
+                    "command that built the store to rebuild them")
+        return (f"Unpack the intact units with `replaykd cache upgrade {self.path} NEW`, then rebuild the rest into NEW "
+                "with the teacher-cache command that built the store")
+
+    def check_unit(self, epoch: int, shard_no: int) -> tuple[list[str] | None, np.ndarray | None]:
+        """(problems, stored rows) of one unit: problems None when it is not complete, else what is wrong with it
+        (rows None then)."""
         n = self.unit_size(epoch, shard_no)
         if n == 0:  # complete by construction: nothing was, or will be, written
-            return [], {name: np.empty((0, *arr.shape[3:]), arr.dtype) for name, arr in self.arrays.items()}
-        record = self.complete[epoch, shard_no]
-        if not record.all():
-            return None, {}
-        problems, stored = [], {}
-        for (name, arr), expected in zip(self.arrays.items(), record.tolist()):
-            try:
-                stored[name] = arr[epoch, shard_no, :n]
-            except (ValueError, RuntimeError) as exn:  # zarr's checksum mismatch, or a chunk that does not decode
-                problems.append((name, f"fails its checksum in {self._file(arr, epoch, shard_no)} ({exn})"))
-                continue
-            if digest(stored[name]) != expected:
-                key = self._file(arr, epoch, shard_no)
-                state = "is missing" if not self.storage.exists(key) else "is shorter than written, or holds other data"
-                problems.append((name, f"does not hold the data written for it: its file {key} {state}"))
-        return problems, stored
-
-    def _file(self, arr: zarr.Array, epoch: int, shard_no: int) -> str:
-        """The store key of the Zarr shard file that holds a unit's chunk of `arr`."""
-        coords = (epoch // self.epochs_per_file, shard_no) + (0,) * (arr.ndim - 2)
-        return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+            return [], np.zeros((0, self.columns), np.uint16)
+        return self.layout.check(epoch, shard_no, n)
 
     def bytes_on_disk(self) -> int:
         """Total size of the store's files (objects)."""
         return self.storage.total_bytes()
 
+    def file_count(self) -> int:
+        """How many files (objects) the store holds."""
+        return len(self.storage.files(""))
+
     # --- integrity ---------------------------------------------------------------------------------
-    def damage(self, progress=None) -> list[tuple[int | None, int, str]]:
-        """Read every completed unit's every chunk, one unit at a time: (epoch, shard_no, array) of each one that
-        fails its checksum, does not decode or is not the data its completion record names (epoch None: the
-        shard's completion records themselves)."""
-        found = []
+    def damage(self, progress: Callable[[], None] | None = None,
+               threads: int = CHECK_THREADS) -> list[tuple[int | None, int, str]]:
+        """Read every written unit, `threads` at a time: (epoch, shard_no, what is wrong) of each one that fails
+        its checksum, does not decode, or is gone or short (epoch None: a packed shard's completion records)."""
+        found: list[tuple[int | None, int, str]] = []
+        units: list[tuple[int, int]] = []
         for s in range(len(self.shards)):
             try:
-                epochs = np.flatnonzero(self.complete[:, s].any(axis=-1)).tolist()
-            except (ValueError, RuntimeError):
-                found.append((None, s, COMPLETE))
+                with storages.remote(self.path, "listing the completed units"):
+                    written = self.layout.completed(s, self.config.epochs)
+            except DamagedRecords as exn:
+                found.append((None, s, f"its completion records do not decode ({exn})"))
                 continue
-            for e in epochs:
-                problems, _ = self._check_unit(e, s)
-                found += [(e, s, name) for name, _ in ([(COMPLETE, "")] if problems is None else problems)]
-                if progress is not None:
-                    progress()
+            units += [(int(e), s) for e in np.flatnonzero(written)]
+
+        def check(unit: tuple[int, int]) -> list[str]:
+            with storages.remote(self.path, f"reading unit (epoch {unit[0]}, shard {self.shards[unit[1]]})"):
+                problems, _ = self.check_unit(*unit)
+            return ["it vanished while the store was read"] if problems is None else problems
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            step = 64 * max(1, threads)  # a bounded number of units in flight: their rows are dropped as they come
+            for i in range(0, len(units), step):
+                for (e, s), problems in zip(units[i:i + step], pool.map(check, units[i:i + step])):
+                    found += [(e, s, why) for why in problems]
+                    if progress is not None:
+                        progress()
         return found
 
     def drop(self, damaged: list[tuple[int | None, int, str]]) -> list[tuple[int, int]]:
-        """Remove the Zarr shard files that hold damaged units (of every data array, so a unit is never half there)
-        and mark every unit they held missing; a shard whose completion records are damaged is marked missing
-        whole. Returns the (block, shard_no) pairs dropped (a block: `epochs_per_file` epochs)."""
-        epf = self.epochs_per_file
-        blocks = sorted({(e // epf, s) for e, s, _ in damaged if e is not None})
-        whole = sorted({s for e, s, _ in damaged if e is None})
-        blocks += [(b, s) for s in whole for b in range(-(-self.config.epochs // epf)) if (b, s) not in blocks]
-        # completion first: a repair killed midway leaves units missing (rebuilt later), never complete without data
-        for s in {s for _, s in blocks}:
-            column = np.zeros(self.complete.shape[::2], np.uint64)
-            if s not in whole:
-                column = self.complete[:, s]
-                for b, _ in (x for x in blocks if x[1] == s):
-                    column[b * epf:(b + 1) * epf] = 0
-            self.complete[:, s] = column
-        for b, s in blocks:
-            for arr in self.arrays.values():
-                self.storage.delete(self._file(arr, b * epf, s))
-        return blocks
+        """Delete the objects of damaged units (they are then missing, and rebuilt by the next stage-one run);
+        returns the (epoch, shard_no) units dropped. A packed store is never changed: refused."""
+        units = sorted({(e, s) for e, s, _ in damaged if e is not None})
+        self.layout.drop(units)
+        return units

@@ -85,6 +85,9 @@ class CacheSummary:
     views_cached: int
     bytes_on_disk: int
     bytes_per_view: float | None
+    format: int
+    layout: str
+    files: int
     totals: dict = field(default_factory=dict)
     last_launch: dict = field(default_factory=dict)
 
@@ -99,9 +102,12 @@ class CacheSummary:
                  f"{self.views_hash}), seed {self.run_seed}, {self.epochs} epochs x {self.shards} shards, top-"
                  f"{self.topk} of {self.num_classes}",
                  f"views cached {self.views_cached}, units missing {self.units_missing}, "
-                 f"{self.bytes_on_disk / 1e6:.2f} MB on disk"
+                 f"{self.bytes_on_disk / 1e6:.2f} MB on disk in {self.files} files"
                  + (f", {self.bytes_per_view:.1f} bytes/view" if self.bytes_per_view else "")
-                 + "; every chunk carries a CRC-32C checked on each read (`cache verify --full` reads them all)"]
+                 + f"; format {self.format}, {self.layout} ("
+                 + ("one object per unit, written once" if self.layout == "loose" else
+                    "Zarr shard files of several units, read-only")
+                 + "); every unit carries a CRC-32C checked on each read (`cache verify --full` reads them all)"]
         for label, r in (("store totals", self.totals), ("last launch", self.last_launch)):
             if not r:
                 continue
@@ -142,7 +148,8 @@ def summarize(cache: TeacherCache) -> CacheSummary:
     return CacheSummary(str(cache.path), c.teacher["name"], c.teacher["sha256"][:16], c.teacher["input_size"],
                         c.manifest_hash[:16], c.split, cache.attrs.get("recipe_name"), c.views_hash[:16], c.run_seed,
                         c.epochs, c.topk, c.num_classes, len(cache.shards), int((~done).sum()), views, size,
-                        size / views if views else None, totals, last_launch)
+                        size / views if views else None, cache.version, cache.layout.kind, cache.file_count(), totals,
+                        last_launch)
 
 
 # What decides a store's views (with its data shards' layout): stores that agree on all hold the same views.

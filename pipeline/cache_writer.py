@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -47,15 +46,16 @@ class WriteFailed(ReplayKDError):
 class UnitWriter:
     """Writes completed units on a background thread, off the teacher's compute path. Any failure of a write ends
     the run with its message at the next `put` or at `close` (a full queue never waits on a thread that died).
-    `owns(shard_no)`, asked before each unit and again right before its completion is recorded, says whether this
-    process still holds the shard's claim;
-    `written(epoch, shard_no)` is told of each unit written."""
+    `check()`, called before each unit, raises where this process must stop writing (its claims could not be
+    renewed); `written(epoch, shard_no)` is told of each unit done, by this process or, found there already
+    (`others` counts those), by another."""
 
     POLL_SECONDS = 0.5
 
     def __init__(self, cache: TeacherCache, depth: int = 8, written: Callable[[int, int], None] | None = None,
-                 owns: Callable[[int], bool] | None = None):
-        self.cache, self.error, self.written, self.owns = cache, None, written, owns
+                 check: Callable[[], None] | None = None):
+        self.cache, self.error, self.written, self.check = cache, None, written, check
+        self.others = 0  # units another process had written first (its copy stays)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.thread = threading.Thread(target=self._run, name="unit-writer", daemon=True)
         self.thread.start()
@@ -64,7 +64,9 @@ class UnitWriter:
         while (job := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.cache.write_unit(*job, still_mine=None if self.owns is None else partial(self.owns, job[1]))
+                    if self.check is not None:
+                        self.check()
+                    self.others += not self.cache.write_unit(*job)
                     if self.written is not None:
                         self.written(job[0], job[1])
                 except BaseException as exn:  # noqa: BLE001 - any failure must reach the main thread

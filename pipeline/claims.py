@@ -9,9 +9,10 @@ machine (the same boot and process namespace, not merely the same host name: con
 has exited; anywhere, it has not been renewed for a lease. The newest record decides, and a stale one is replaced
 by generation G + 1, again created only if absent, so of several processes that find it stale exactly one takes over
 (the others then see a live holder); generations only grow, so no process can take a name through a record that
-was replaced while it looked. A holder checks its record is still the newest one before it
-writes into the shard and again right before it records a unit complete, so a holder that was taken for gone (a
-machine stalled past its lease) stops rather than writing beside the new one.
+was replaced while it looked. Claims on data shards only spread the work, so that processes rarely compute the same
+unit: they never keep data safe, since every unit is written once, created only if absent (`pipeline/layouts.py`),
+and a holder taken for gone (a machine stalled past its lease) that writes on loses each create to the unit already
+there.
 
 A process that has a store open for writing also keeps a presence record (`claims/open-TOKEN`, renewed like the
 others): a store is only ever removed when no live process has it open. Records are Zarr groups (the record in the
@@ -212,8 +213,8 @@ class Claims:
             return self.held.get(_name(what))
 
     def holds(self, what: int | str) -> bool:
-        """Whether this process's record of a name is still the newest one and its own (checked before writes).
-        Raises `ClaimNotRenewed` where storage errors kept the record from being renewed for most of its lease."""
+        """Whether this process's record of a name is still the newest one and its own. Raises `ClaimNotRenewed`
+        where storage errors kept its records from being renewed for most of their lease."""
         name = _name(what)
         key = self.key(name)
         if key is None:
@@ -221,16 +222,24 @@ class Claims:
         found = self.current(name)
         if found is None or _key(name, found[0]) != key or found[1] is None or found[1].holder != self.holder:
             return False
-        with self.lock:
-            since = time.time() - self._renewed.get(name, 0.0)
-            error = self._renew_error
-        if error is not None and since > self.lease * RENEWAL_MARGIN:
-            raise ClaimNotRenewed(
-                f"could not renew this process's claim on {name} of {self.storage.root} for {since:.0f} s of its "
-                f"{self.lease:.0f} s lease (last error: {type(error).__name__}: {error}); it stops writing before "
-                "the lease ends, so that no other process takes the name while it writes. Every finished unit is "
-                "kept: run the same command again to continue")
+        self.check_renewed()
         return True
+
+    def check_renewed(self) -> None:
+        """Raise `ClaimNotRenewed` where storage errors kept a held record from being renewed for most of its lease
+        (asks no storage: called before every unit written)."""
+        with self.lock:
+            error = self._renew_error
+            stale = [(name, time.time() - t) for name, t in self._renewed.items()]
+        if error is None:
+            return
+        for name, since in stale:
+            if since > self.lease * RENEWAL_MARGIN:
+                raise ClaimNotRenewed(
+                    f"could not renew this process's claim on {name} of {self.storage.root} for {since:.0f} s of its "
+                    f"{self.lease:.0f} s lease (last error: {type(error).__name__}: {error}); it stops writing before "
+                    "the lease ends, so that no other process takes the name while it writes. Every finished unit is "
+                    "kept: run the same command again to continue")
 
     def release(self, what: int | str) -> None:
         """Give a name up (its units are written, or this process stops): its record stays, marked given up, so

@@ -183,6 +183,23 @@ def expand(pattern: str) -> list[Location]:
     return sorted(found)
 
 
+def probe_create(storage: "LocalStorage | ObjectStorage") -> None:
+    """Create one probe key twice and remove it: the first create must succeed and the second fail, or the storage
+    does not create only if absent, and every guarantee built on it (one writer per claim, a unit written once) is
+    void: refused by name."""
+    key = f".probe-{uuid.uuid4().hex}"
+    try:
+        first, second = storage.create(key, b"probe"), storage.create(key, b"probe")
+    finally:
+        storage.delete(key)
+    if not first or second:
+        raise ReplayKDError(f"{storage.root}: the storage does not honour create-only-if-absent (a second create of "
+                            f"the probe key {key} {'succeeded' if second else 'found it there already'}), so two "
+                            "processes could both take one claim; this back-end cannot hold a cache being built. "
+                            "For S3-compatible stores, If-None-Match: * on PUT is needed (AWS S3, MinIO, R2 and Ceph "
+                            "RGW 18.2+ honour it)")
+
+
 def for_root(root: Location) -> "LocalStorage | ObjectStorage":
     """The record storage under `root`."""
     return ObjectStorage(str(root)) if is_url(root) else LocalStorage(Path(root))
@@ -279,8 +296,23 @@ class LocalStorage:
             pass
 
     def require_atomic_create(self) -> None:
-        """Nothing to check: a hard link is created only if absent, in one step, on local and network file
-        systems alike."""
+        """Refuse a file system that cannot create a file only if it is absent (a hard link, in one step): probed
+        once (some FUSE and SMB mounts have no hard links)."""
+        try:
+            probe_create(self)
+        except OSError as exn:
+            raise ReplayKDError(f"{self.root}: this file system cannot create a file only if it is absent (a hard "
+                                f"link failed: {exn}), so two processes could both write one unit; write caches to "
+                                "a local disk, NFS, Lustre, s3:// or gs://") from exn
+
+    def files(self, prefix: str) -> list[str]:
+        """Keys of every file under `prefix`, relative to it."""
+        top = self._path(prefix)
+        out = []
+        for folder, _, names in os.walk(top):
+            rel = os.path.relpath(folder, top)
+            out += [n if rel == "." else f"{rel}/{n}" for n in names if not n.startswith(".")]
+        return out
 
     def total_bytes(self) -> int:
         """Bytes of every file under the root."""
@@ -314,9 +346,11 @@ class ObjectStorage:
     def read(self, key: str) -> bytes | None:
         """The record's bytes, or None when absent."""
         fs, path = self._fs(key)
+        # s3fs asks an object's size first (a HEAD) to split large reads; records and units are read whole
+        whole = {"max_concurrency": 1} if self.root.split("://", 1)[0] in ("s3", "s3a") else {}
         with remote(f"{self.root}/{key}", "reading"):
             try:
-                return fs.cat_file(path)
+                return fs.cat_file(path, **whole)
             except FileNotFoundError:
                 return None
 
@@ -334,7 +368,12 @@ class ObjectStorage:
 
     def require_atomic_create(self) -> None:
         """Refuse a back-end whose create-only-if-absent is not one atomic request (fsspec's default checks, then
-        writes: two processes could both claim one data shard and lose each other's chunks)."""
+        writes), or one that does not honour it (older Ceph RGW and some on-premises stores ignore If-None-Match:
+        probed once, a second create of one key must fail)."""
+        self._require_conditional_protocol()
+        probe_create(self)
+
+    def _require_conditional_protocol(self) -> None:
         protocol = self.root.split("://", 1)[0]
         if protocol not in ATOMIC_CREATE:
             raise ReplayKDError(f"{self.root}: {protocol}:// cannot create an object only if it is absent in one "
@@ -344,7 +383,7 @@ class ObjectStorage:
 
     def create(self, key: str, data: bytes) -> bool:
         """Create a record only if absent (one conditional PUT); True if this call created it."""
-        self.require_atomic_create()
+        self._require_conditional_protocol()
         fs, path = self._fs(key)
         with remote(f"{self.root}/{key}", "creating"):
             for wait in CONFLICT_WAITS:
@@ -390,8 +429,17 @@ class ObjectStorage:
     def discard_root(self) -> None:
         """Nothing to do: an object store has no folders."""
 
+    def files(self, prefix: str) -> list[str]:
+        """Keys of every object under `prefix`, relative to it (one listing, paged)."""
+        fs, path = self._fs(prefix)
+        with remote(f"{self.root}/{prefix}", "listing"):
+            try:
+                return [posixpath.relpath(p, path) for p in fs.find(path)]
+            except FileNotFoundError:
+                return []
+
     def total_bytes(self) -> int:
         """Bytes of every object under the root."""
         fs, path = self._fs()
-        with remote(self.root, "listing"):
-            return int(fs.du(path))
+        with remote(self.root, "listing"):  # sizes from the listing itself (du asks each object: a HEAD apiece)
+            return sum(int(e.get("size") or 0) for e in fs.find(path, detail=True).values())

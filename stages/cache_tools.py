@@ -1,6 +1,8 @@
 """`replaykd cache verify | repair`: whether a store is still right, and dropping damage."""
 from __future__ import annotations
 
+import dataclasses
+import time
 from itertools import groupby
 from pathlib import Path
 
@@ -46,26 +48,37 @@ def verify(o: CacheVerifyOptions) -> None:
     cache = TeacherCache.open(o.store)
     problems = []
     if o.full:
-        bar = tqdm(total=int(cache.recorded().sum()), desc="check every chunk", unit="unit")
-        damaged = cache.damage(progress=lambda: bar.update())
-        bar.close()
-        problems += [f"damaged: {_where(cache, e, s)} array '{a}' fails its checksum or is not the data written for "
-                     "it (a file missing or short)" for e, s, a in damaged]
-        missing = [] if damaged else cache.missing()  # damaged completion records: damage() named them
-        problems += [f"missing: {_where(cache, e, s)} is not complete" for e, s in missing]
-        typer.echo(f"read every chunk of {o.store}: " + (f"{len(damaged)} damaged" if damaged else "all intact")
-                   + (f"; {len(missing)} of {cache.done().size} units missing (not complete)" if missing else ""))
-        if damaged:
-            problems.append(f"run `replaykd cache repair {o.store}`, then the teacher-cache command that built it")
-        elif missing:
-            problems.append(f"finish them with the teacher-cache command that built {o.store} (`replaykd cache "
-                            f"repair {o.store}` prints it)")
+        problems += _check_every_unit(cache, o.threads, o.store)
     if o.samples and not any(p.startswith("damaged") for p in problems):
         problems += _replay_samples(cache, o)
     if problems:
         for p in problems[:20]:
             typer.secho(f"mismatch: {p}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
+
+
+def _check_every_unit(cache: TeacherCache, threads: int, store) -> list[str]:
+    """Read every written unit (`threads` at once) and list what is damaged and what is missing, with the rate."""
+    t0 = time.perf_counter()
+    bar = tqdm(total=int(cache.recorded().sum()), desc="check every unit", unit="unit")
+    damaged = cache.damage(progress=lambda: bar.update(), threads=threads)
+    bar.close()
+    read, seconds = bar.n, time.perf_counter() - t0
+    problems = [f"damaged: {_where(cache, e, s)}: {why}" for e, s, why in damaged]
+    try:
+        missing = cache.missing()
+    except DamagedUnit:  # a packed store's completion records: damage() named them
+        missing = []
+    problems += [f"missing: {_where(cache, e, s)} is not in the store" for e, s in missing]
+    typer.echo(f"read every unit of {store}: {read} units in {seconds:.1f} s ({read / max(seconds, 1e-9):.0f} "
+               f"units/s); " + (f"{len(damaged)} damaged" if damaged else "all intact")
+               + (f"; {len(missing)} of {cache.done().size} units missing" if missing else "; none missing"))
+    if damaged:
+        problems.append(f"run `replaykd cache repair {store}`, then the teacher-cache command that built it")
+    elif missing:
+        problems.append(f"finish them with the teacher-cache command that built {store} (`replaykd cache "
+                        f"repair {store}` prints it)")
+    return problems
 
 
 def _where(cache: TeacherCache, epoch: int | None, shard_no: int) -> str:
@@ -140,8 +153,10 @@ def _replay_samples(cache: TeacherCache, o: CacheVerifyOptions) -> list[str]:
 
 
 def repair(o: CacheRepairOptions) -> None:
-    """Find damaged units (every chunk's checksum), drop their Zarr shard files, and say how to rebuild them."""
+    """Find damaged units (every unit's checksum), delete their objects, and say how to rebuild them. It holds the
+    store's lock (renewed) for as long as it runs, so no stage-one run starts meanwhile."""
     cache = TeacherCache.open(o.store, mode="a")
+    cache.require_writable()
     cache.storage.require_atomic_create()
     claims = Claims(cache.storage, launch_id())
     try:
@@ -149,31 +164,32 @@ def repair(o: CacheRepairOptions) -> None:
         if busy:
             raise ReplayKDError(f"{o.store} is being built right now (by {getattr(busy[0], 'holder', busy[0])}); "
                                 "repair it when that run has stopped")
+        claims.renew_in_background()
         _repair(cache, o)
     finally:
         claims.release_all()
 
 
 def _repair(cache: TeacherCache, o: CacheRepairOptions) -> None:
-    try:
-        total = int(cache.recorded().sum())
-    except DamagedUnit:  # the completion records themselves: damage() names them
-        total = None
-    bar = tqdm(total=total, desc="check every chunk", unit="unit")
-    damaged = cache.damage(progress=lambda: bar.update())
+    t0 = time.perf_counter()
+    bar = tqdm(total=int(cache.recorded().sum()), desc="check every unit", unit="unit")
+    damaged = cache.damage(progress=lambda: bar.update(), threads=o.threads)
     bar.close()
+    typer.echo(f"read {bar.n} units in {time.perf_counter() - t0:.1f} s "
+               f"({bar.n / max(time.perf_counter() - t0, 1e-9):.0f} units/s)")
     if damaged:
-        for e, s, a in damaged:
-            typer.echo(f"damaged: {_where(cache, e, s)} array '{a}'")
-        blocks = cache.drop(damaged)
-        typer.echo(f"dropped {len(blocks)} Zarr shard file group(s) ({cache.epochs_per_file} epochs of one data shard "
-                   "each)")
+        for e, s, why in damaged:
+            typer.echo(f"damaged: {_where(cache, e, s)}: {why}")
+        dropped = cache.drop(damaged)
+        typer.echo(f"dropped {len(dropped)} damaged unit(s)")
     missing = len(cache.missing())
     if not damaged and not missing:
-        typer.echo(f"{o.store}: every chunk is intact and every unit complete; nothing to repair")
+        typer.echo(f"{o.store}: every unit is intact and complete; nothing to repair")
         return
     # the store repaired is where it is now: copied or moved since it was built, its recorded --out is another one
-    options = {**{k: v for k, v in (cache.attrs.get("options") or {}).items() if k != "json_out"}, "out": str(o.store)}
+    known = {f.name for f in dataclasses.fields(TeacherCacheOptions)}
+    recorded = {k: v for k, v in (cache.attrs.get("options") or {}).items() if k in known and k != "json_out"}
+    options = {**recorded, "out": str(o.store)}
     command = (command_line("teacher-cache", TeacherCacheOptions, options) if len(options) > 1
                else f"the teacher-cache command that built it, with --out {o.store}")
     typer.echo(f"{o.store}: {missing} units are {'now ' if damaged else ''}missing. Rebuild them with:\n  {command}")

@@ -129,6 +129,8 @@ app.command("teacher-cache")(command(O.TeacherCacheOptions, "replaykd.stages.tea
 cache_app.command("info")(command(O.CacheInfoOptions, "replaykd.stages.cache_info:info"))
 cache_app.command("verify")(command(O.CacheVerifyOptions, "replaykd.stages.cache_tools:verify"))
 cache_app.command("repair")(command(O.CacheRepairOptions, "replaykd.stages.cache_tools:repair"))
+cache_app.command("pack")(command(O.CachePackOptions, "replaykd.stages.cache_layout:pack"))
+cache_app.command("upgrade")(command(O.CacheUpgradeOptions, "replaykd.stages.cache_layout:upgrade"))
 app.command("train-student")(command(O.StudentOptions, "replaykd.stages.train_student:main", config_file=True))
 app.command("evaluate")(command(O.EvaluateOptions, "replaykd.stages.evaluate:main"))
 app.command("report")(command(O.ReportOptions, "replaykd.stages.report:report"))

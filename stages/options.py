@@ -432,7 +432,10 @@ class TeacherCacheOptions(Options):
     threads: int | None = threads_opt()
     device: Device = opt(Device.auto, "Where the teacher runs: auto, cpu or cuda (bf16 autocast and channels_last "
                                       "on GPU).")
-    epochs_per_file: int = opt(8, "Epochs of one data shard stored per Zarr shard file (fewer, larger files).", min=1)
+    lease: float = opt(300.0, "Seconds a data shard's claim stays this process's without a renewal (renewed every "
+                              "quarter of it): a process silent this long (a machine stalled or cut off) is taken "
+                              "for gone and others build its shards. Claims only spread work: a unit is written "
+                              "once, so a late writer never changes one.", min=1.0)
     decode_memory: int = decode_memory_opt()
     part: str | None = opt(None, "This launch's part of a job run as N independent launches, I/N (default: a Slurm "
                                  "job array's SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT, else 0/1). Each part "
@@ -463,8 +466,9 @@ class CacheVerifyOptions(Options):
     storage_options: dict | None = opt(None, STORAGE_HELP)
     samples: int = opt(64, "Random cached views to remake and re-run through the teacher (memory stays that of one "
                            "shard, whatever the number).", min=0)
-    full: bool = opt(False, "Also read every completed unit's every chunk and check its checksum (all bytes of the "
-                            "store); damaged units are listed.")
+    full: bool = opt(False, "Also read every unit and check its CRC-32C (all bytes of the store); damaged and "
+                            "missing units are listed, and either exits 1.")
+    threads: int = opt(16, "Units read at once by --full (object stores answer many requests at once).", min=1)
     data: Path | None = opt(None, "Dataset folder (default: the one recorded in the store).")
     checkpoint: Path | None = opt(None, "Teacher weights (default: the file, or the pretrained weights, recorded "
                                         "in the store; their sha256 must match).")
@@ -475,11 +479,38 @@ class CacheVerifyOptions(Options):
 
 @dataclass
 class CacheRepairOptions(Options):
-    """Drop a store's damaged units (every chunk is read and its checksum checked; a damaged unit's whole Zarr
-    shard files are removed and their units marked missing), so the teacher-cache command that built the store
-    rebuilds them."""
+    """Drop a store's damaged units (every unit is read and its CRC-32C checked; a damaged unit's object is
+    deleted), so the teacher-cache command that built the store, printed at the end, rebuilds them."""
 
     store: Path | str = opt(help="Teacher cache (Zarr store): a folder or URL.", argument=True)
+    storage_options: dict | None = opt(None, STORAGE_HELP)
+    threads: int = opt(16, "Units read at once.", min=1)
+
+
+@dataclass
+class CachePackOptions(Options):
+    """Write a finished store into the packed layout: a Zarr shard file per data shard and a few epochs instead of
+    an object per unit (fewer files, for shared file systems and publishing). The packed store is read like any
+    other, is read-only, and proves every unit as the loose one does."""
+
+    store: Path | str = opt(help="A complete loose teacher cache: a folder or URL.", argument=True)
+    out: Path | str = opt(help="The packed store to write (must not exist; a packing that stopped is redone).",
+                          argument=True)
+    epochs_per_file: int = opt(8, "Epochs of one data shard per Zarr shard file (fewer, larger files).", min=1)
+    threads: int = opt(16, "Units read at once.", min=1)
+    storage_options: dict | None = opt(None, STORAGE_HELP)
+
+
+@dataclass
+class CacheUpgradeOptions(Options):
+    """Rewrite a format 7 store, or unpack a packed one, into a loose store of this format without running the
+    teacher: every intact unit is copied (and proved on the way); damaged ones are named and left missing, for the
+    teacher-cache command to rebuild. Stopped, it continues where it was when run again."""
+
+    store: Path | str = opt(help="The store to read: format 7, or packed.", argument=True)
+    out: Path | str = opt(help="The loose store to write (new, or one this command started from the same store).",
+                          argument=True)
+    threads: int = opt(16, "Units copied at once.", min=1)
     storage_options: dict | None = opt(None, STORAGE_HELP)
 
 
@@ -720,5 +751,7 @@ class ScaleBenchOptions(Options):
                               "measured over this window, not a full epoch).", min=5.0)
     workers: int = opt(2, "Loader workers of the timed commands.", min=1)
     recipe: str = opt("digits", "Recipe of the timed commands (the data's images are 16 px).")
+    verify_epochs: int = opt(4, "Epochs of synthetic units (1,282 each, DeiT's recipe) that `cache verify --full` "
+                                "reads for its rate, locally and on a local S3 server.", min=1, max=300)
     readme: Path | None = opt(None, "Also rewrite this README's scale section (between its scale:start/end markers).")
     render_only: bool = opt(False, "Measure nothing: rewrite scale.md (and --readme) from OUT/scale.json.")

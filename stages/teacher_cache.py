@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from replaykd import teacher as teachers
-from replaykd.cache import CacheRequest, LostClaim, TeacherCache, UnitArrays
+from replaykd.cache import CacheRequest, TeacherCache, UnitArrays
 from replaykd.cache_report import CacheSummary, launch_id, now, record_run, summarize
 from replaykd.cache_writer import UnitBuffers, UnitWriter, WriteFailed
 from replaykd.claims import ClaimNotRenewed, Claims
@@ -68,7 +69,7 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
     manifest.check_files(o.split)
     request = CacheRequest.of(manifest, o.split, recipe, o.seed, loaded.identity, o.topk)
     launch = launch_id()
-    claims = Claims(storages.for_root(o.out), launch)
+    claims = Claims(storages.for_root(o.out), launch, lease=o.lease)
     claims.storage.require_atomic_create()
     created = False
     if rank == 0:
@@ -77,11 +78,12 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
                  "checkpoint_path": str(Path(o.checkpoint).resolve()) if o.checkpoint else None,
                  "created_by": launch}
         cache = TeacherCache.create_or_grow(o.out, request, o.epochs, manifest.shards(o.split),
-                                            manifest.shard_counts(o.split), recipe.repeats, recipe.mixes,
-                                            o.epochs_per_file, hints, claims)
+                                            manifest.shard_counts(o.split), recipe.repeats, recipe.mixes, hints,
+                                            claims)
         created = cache.attrs.get("created_by") == launch
     barrier()
     cache = TeacherCache.open(o.out, mode="a")
+    cache.require_writable()
     claims.open()
     claims.renew_in_background()
     work = remaining(cache.done(), o.epochs)
@@ -99,7 +101,7 @@ def run(o: TeacherCacheOptions) -> tuple[CacheSummary, dict]:
                           f"({len(cache.missing(o.epochs))} units still missing). Continue with: {rerun_command()}"
                           ) from None
     except ReplayKDError as exn:
-        if isinstance(exn, (Interrupted, WriteFailed, LostClaim, ClaimNotRenewed)):  # they say what is kept, what next
+        if isinstance(exn, (Interrupted, WriteFailed, ClaimNotRenewed)):  # they say what is kept, what next
             raise
         raise ReplayKDError(_failed(exn, o, cache, created and cache.remove_if_unused(claims))) from exn
     finally:
@@ -154,7 +156,7 @@ def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, reci
     loader = DataLoader(Batched(ds, o.batch_size, ViewCollate(manifest.num_classes, recipe.smoothing), partial=True),
                         batch_size=None,
                         **{**loader_settings(o.workers, o.prefetch, dev, o.seed), "persistent_workers": False})
-    writer = UnitWriter(cache, written=written, owns=claims.holds)
+    writer = UnitWriter(cache, written=written, check=claims.check_renewed)
     buffers, finish = UnitBuffers(cache.unit_size, o.topk, manifest.num_classes), Finisher(recipe)
     bar = tqdm(total=expected, desc=f"teacher-cache part {mine['part']}" if mine["parts"] > 1 else "teacher-cache",
                unit="view", unit_scale=True, disable=expected == 0)
@@ -183,4 +185,8 @@ def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, reci
         writer.close(check=not failed)
     if dealer.error is not None:
         raise dealer.error
+    if writer.others:  # this process was taken for gone (stalled past its lease) and others built its shards
+        tqdm.write(f"note: {writer.others} units this process computed were written by another process first (it "
+                   "took this one's data shards while this one was stalled or cut off); theirs are kept", file=sys.stderr)
+    mine["units_written_by_others"] = writer.others
     mine["loop_views_per_s"] = mine["views_seen"] / max(1e-9, time.perf_counter() - t_loop)

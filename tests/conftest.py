@@ -19,7 +19,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="replaykd-hf-")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 
-from replaykd.cache import TARGETS, TeacherCache, UnitArrays  # noqa: E402
+from replaykd.cache import TeacherCache, UnitArrays  # noqa: E402
 from replaykd.manifest import Manifest  # noqa: E402
 from replaykd.shards import write_shards  # noqa: E402
 from replaykd.sources import digits_source  # noqa: E402
@@ -82,16 +82,21 @@ def options(digits_dir, ckpt, out, **kw) -> TeacherCacheOptions:
     """teacher-cache options for the digits tests (the demo teacher, regnety_002 at 32 px), checked as the command
     line's are."""
     base = dict(manifest=digits_dir, checkpoint=ckpt, out=out, recipe="digits-ra", teacher="regnety_002", epochs=2,
-                topk=5, seed=0, batch_size=64, workers=0, device="cpu", epochs_per_file=2)
+                topk=5, seed=0, batch_size=64, workers=0, device="cpu")
     return TeacherCacheOptions.from_mapping({**base, **kw})
 
 
 def arrays(path) -> dict:
-    """A store's probabilities, classes and fingerprints, each shaped (epoch, shard, slot[, k])."""
+    """A store's probabilities, classes and fingerprints, each shaped (epoch, shard, slot[, k]) (zeros where a unit
+    holds fewer views, or is not complete)."""
     cache = TeacherCache.open(path)
-    rows = cache.arrays[TARGETS][:]
-    unit = UnitArrays.unpack(rows.reshape(-1, rows.shape[-1]), cache.config.topk, cache.config.num_classes)
-    return {n: a.reshape(*rows.shape[:3], *a.shape[1:]) for n, a in unit.arrays().items()}
+    c = cache.config
+    out = UnitArrays.zeros(c.epochs * len(cache.shards) * cache.slots, c.topk, c.num_classes).arrays()
+    out = {n: a.reshape(c.epochs, len(cache.shards), cache.slots, *a.shape[1:]) for n, a in out.items()}
+    for e, s in zip(*cache.done().nonzero()):
+        for n, a in cache.read_unit(e, s).arrays().items():
+            out[n][e, s, :len(a)] = a
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -152,7 +152,7 @@ def test_stage_one_on_two_nodes_finishes_what_is_left_in_equal_shares(store, dig
     shutil.copytree(store, grown)
     args = ["teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--teacher", "regnety_002",
             "--out", grown, "--recipe", "digits-ra", "--epochs", "3", "--topk", "5", "--workers", "0", "--device",
-            "cpu", "--epochs-per-file", "2", "--batch-size", "64"]
+            "cpu", "--batch-size", "64"]
     outs = finish(*two_nodes(args))
     cache = TeacherCache.open(grown)
     assert not cache.missing()
@@ -175,9 +175,9 @@ def test_stage_one_resumes_by_itself_after_a_worker_is_killed(store, digits_dir,
     out = tmp_path / "elastic"
     args = ["teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--teacher", "regnety_002",
             "--out", out, "--recipe", "digits-ra", "--epochs", "2", "--topk", "5", "--workers", "0", "--device", "cpu",
-            "--epochs-per-file", "2", "--batch-size", "16"]
+            "--batch-size", "16"]
     agent = start(torchrun("--standalone", "--nproc-per-node", 2, "--max-restarts", 1) + args)
-    kill_a_worker_when(agent, lambda: any((out / "complete").rglob("c/*/*")))
+    kill_a_worker_when(agent, lambda: any((out / "units" / "c").glob("*/*")))
     finish(agent)
     assert not TeacherCache.open(out).missing()
     assert_same_arrays(arrays(out), arrays(store))

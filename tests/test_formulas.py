@@ -167,7 +167,7 @@ def test_a_units_rows_pack_into_uint16_columns_and_back_exactly(num_classes):
 
 
 def test_a_completion_digest_is_of_little_endian_bytes_on_any_machine():
-    from replaykd.cache import digest
+    from replaykd.layouts import digest
 
     rows = np.arange(60, dtype=np.uint16).reshape(6, 10) * 1031
     assert digest(rows) == digest(rows.astype(">u2")) == digest(rows.astype("<u2"))

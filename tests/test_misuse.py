@@ -246,7 +246,7 @@ def test_ctrl_c_says_where_it_stopped_and_how_to_continue(digits_dir, store, tea
             "--out", cache, "--recipe", "digits-ra", "--epochs", "2", "--topk", "5", "--workers", "0", "--batch-size",
             "16", "--device", "cpu"]
     proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    code, err, _ = _interrupt_when(proc, lambda: any((cache / "complete").rglob("c/*/*")))
+    code, err, _ = _interrupt_when(proc, lambda: any((cache / "units" / "c").glob("*/*")))
     lines = visible(err)
     assert code == 130 and "Traceback" not in err and "units" in lines[-1] and "still missing" in lines[-1], err
     assert TeacherCache.open(cache).missing()

@@ -106,13 +106,13 @@ def test_both_stages_on_s3_equal_the_local_runs(s3, digits_dir, teacher_ckpt, st
     out = "s3://bucket/caches/digits.zarr"
     args = ["teacher-cache", "--manifest", manifest, "--checkpoint", teacher_ckpt, "--out", out, "--recipe",
             "digits-ra", "--teacher", "regnety_002", "--epochs", "2", "--topk", "5", "--workers", "1",
-            "--batch-size", "16", "--device", "cpu", "--epochs-per-file", "2"]
+            "--batch-size", "16", "--device", "cpu"]
     # the run that creates the store is given the secret in --storage-options (which the store records, less its
     # credentials); the rerun takes its credentials from the ordinary environment
     proc = subprocess.Popen([*CLI, *map(str, args), *flag], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     fs = s3fs.S3FileSystem(**options, use_listings_cache=False)
     deadline = time.time() + 120
-    while time.time() < deadline and not fs.glob("bucket/caches/digits.zarr/complete/c/*/*"):
+    while time.time() < deadline and not fs.glob("bucket/caches/digits.zarr/units/c/*/*"):
         time.sleep(0.05)
     time.sleep(random.uniform(0.0, 0.5))
     assert proc.poll() is None, f"the run finished before it could be killed: {proc.stderr.read()[-2000:]}"
@@ -216,7 +216,7 @@ def test_stage_one_through_a_flaky_endpoint_equals_the_local_build(s3, digits_di
         t0 = time.time()
         built = run_cli("teacher-cache", "--manifest", manifest, "--checkpoint", teacher_ckpt, "--out", out,
                         "--recipe", "digits-ra", "--teacher", "regnety_002", "--epochs", "2", "--topk", "5",
-                        "--workers", "0", "--batch-size", "64", "--device", "cpu", "--epochs-per-file", "2", *flag)
+                        "--workers", "0", "--batch-size", "64", "--device", "cpu", *flag)
         # a retried request's failure is botocore's to handle, not a traceback in the command's output
         assert "Traceback" not in built.stderr and "exception was never retrieved" not in built.stderr, built.stderr
         print(f"flaky build: {time.time() - t0:.1f} s, {proxy.count} requests, {proxy.failed} failed on purpose")

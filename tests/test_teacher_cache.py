@@ -81,7 +81,9 @@ def test_cache_info_and_verify(store, tmp_path, monkeypatch):
     for e, s in zip(*cache.done().nonzero()):
         unit = cache.read_unit(e, s)
         unit.fingerprint ^= 1
-        cache.write_unit(e, s, unit)
+        assert not cache.write_unit(e, s, unit)  # written once: a second write changes nothing
+        cache.drop([(e, s, "edited")])
+        assert cache.write_unit(e, s, unit)
     proc = run_cli("cache", "verify", bad, "--samples", "8", "--device", "cpu", check=False)
     assert proc.returncode == 1 and "fingerprint" in proc.stderr and "fingerprints: 8 of 8 mismatch" in proc.stdout
 
@@ -145,10 +147,10 @@ def test_kill_and_resume_gives_identical_arrays(store, digits_dir, teacher_ckpt,
     out = tmp_path / "killed"
     args = ["teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--out", out, "--recipe", "digits-ra",
             "--teacher", "regnety_002", "--epochs", "2", "--topk", "5", "--workers", "0", "--batch-size", "16",
-            "--device", "cpu", "--epochs-per-file", "2"]
+            "--device", "cpu"]
     proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not any((out / "complete").rglob("c/*/*")):
+    while time.time() < deadline and not any((out / "units" / "c").glob("*/*")):
         time.sleep(0.05)
     time.sleep(random.uniform(0.0, 1.0))
     assert proc.poll() is None, "the run finished before it could be killed"
@@ -165,7 +167,7 @@ def test_two_runs_on_one_new_store_share_the_work(store, digits_dir, teacher_ckp
     out = tmp_path / "shared"
     args = ["teacher-cache", "--manifest", digits_dir, "--checkpoint", teacher_ckpt, "--out", out, "--recipe",
             "digits-ra", "--teacher", "regnety_002", "--epochs", "2", "--topk", "5", "--workers", "0", "--batch-size",
-            "16", "--device", "cpu", "--epochs-per-file", "2", "--json", "--threads", "1"]
+            "16", "--device", "cpu", "--json", "--threads", "1"]
     procs = [subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
@@ -207,7 +209,7 @@ def test_plain_zarr_opens_the_store_without_warnings(store):
         warnings.simplefilter("error")
         group = zarr.open_group(str(store), mode="r")
         members = sorted(name for name, _ in group.members(max_depth=None))
-        assert [m for m in members if "/" not in m] == ["claims", "complete", "runs", "targets"]
+        assert [m for m in members if "/" not in m] == ["claims", "runs", "units"]
         # each building process's figures, and the claim records (given up, they stay: generations only grow)
         assert all(m.startswith(("runs/", "claims/")) for m in members if "/" in m)
 
@@ -232,9 +234,9 @@ def test_full_disk_is_a_clear_error_and_the_store_resumes(store, digits_dir, tea
 def test_damaged_bytes_are_named_repaired_and_rebuilt(store, digits_dir, teacher_ckpt, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(store, damaged)
-    chunk = damaged / "targets" / "c" / "0" / "3" / "0" / "0"  # epochs 0-1 of data shard 3
+    chunk = damaged / "units" / "c" / "3" / "0"  # epoch 0 of data shard 3
     data = bytearray(chunk.read_bytes())
-    for i in range(40):  # 40 bytes in the first inner chunk's compressed data
+    for i in range(40):  # 40 bytes of its compressed data
         data[len(data) // 8 + i] ^= 0x5A
     chunk.write_bytes(bytes(data))
     student = ["train-student", "--out", tmp_path / "run", "--manifest", digits_dir, "--cache", damaged, "--recipe",
@@ -242,19 +244,19 @@ def test_damaged_bytes_are_named_repaired_and_rebuilt(store, digits_dir, teacher
                "2", "--batch-size", "64", "--workers", "0", "--device", "cpu"]
     proc = run_cli(*student, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "shard train-000003.tar) is damaged: array 'targets' fails its checksum" in proc.stderr
+    assert "shard train-000003.tar) is damaged: its object units/c/3/0 fails its CRC-32C" in proc.stderr
     assert f"replaykd cache repair {damaged}" in proc.stderr and not (tmp_path / "run").exists()
     proc = run_cli("cache", "verify", damaged, "--full", "--samples", "0", check=False)
-    assert proc.returncode == 1 and "damaged: unit (epoch 0, shard train-000003.tar) array 'targets'" in proc.stderr
+    assert proc.returncode == 1 and "damaged: unit (epoch 0, shard train-000003.tar): its object" in proc.stderr
     assert "1 damaged" in proc.stdout
     proc = run_cli("cache", "repair", damaged)
-    assert "damaged: unit (epoch 0, shard train-000003.tar) array 'targets'" in proc.stdout
-    assert "2 units are now missing" in proc.stdout and "replaykd teacher-cache " in proc.stdout
-    assert TeacherCache.open(damaged).missing() == [(0, 3), (1, 3)]  # the whole Zarr shard file's units
+    assert "damaged: unit (epoch 0, shard train-000003.tar): its object units/c/3/0 fails" in proc.stdout
+    assert "1 units are now missing" in proc.stdout and "replaykd teacher-cache " in proc.stdout
+    assert TeacherCache.open(damaged).missing() == [(0, 3)]  # that unit only: each unit is its own object
     # units missing are not "all intact": each is named, and verify fails
     proc = run_cli("cache", "verify", damaged, "--full", "--samples", "0", check=False)
-    assert proc.returncode == 1 and "all intact; 2 of 16 units missing (not complete)" in proc.stdout, proc.stdout
-    assert "missing: unit (epoch 1, shard train-000003.tar) is not complete" in proc.stderr
+    assert proc.returncode == 1 and "all intact; 1 of 16 units missing" in proc.stdout, proc.stdout
+    assert "missing: unit (epoch 0, shard train-000003.tar) is not in the store" in proc.stderr
     # the command repair printed rebuilds this store, a copy of the one built (its recorded --out is that one)
     command = shlex.split(proc_repair_command(run_cli("cache", "repair", damaged).stdout))
     assert command[:2] == ["replaykd", "teacher-cache"] and command[command.index("--out") + 1] == str(damaged)
@@ -319,7 +321,7 @@ def test_a_first_run_failing_on_its_last_shard_keeps_every_finished_unit(digits_
     out = tmp_path / "store"
     proc = run_cli("teacher-cache", "--manifest", tmp_path / "m", "--checkpoint", teacher_ckpt, "--teacher",
                    "regnety_002", "--recipe", "digits-ra", "--epochs", "2", "--topk", "5", "--workers", "1",
-                   "--batch-size", "64", "--device", "cpu", "--epochs-per-file", "2", "--out", out, check=False)
+                   "--batch-size", "64", "--device", "cpu", "--out", out, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"cannot decode image train-000007.tar:{key}" in proc.stderr
     missing = TeacherCache.open(out).missing()

@@ -198,7 +198,11 @@ def bench_markdown(r: dict) -> str:
                   f"stage one reading shards from S3 and writing its store there {one['s3']:.0f} views/s vs local "
                   f"{one['local']:.0f}: **{s3['stage_one_s3_over_local']:.2f}x**. The server process kept "
                   f"{s3['server_cores_busy']['stage_two']:.2f} and {s3['server_cores_busy']['stage_one']:.2f} of "
-                  "this machine's cores busy meanwhile (on a cluster it runs elsewhere)."]
+                  "this machine's cores busy meanwhile (on a cluster it runs elsewhere). Requests to the store, "
+                  "counted by a proxy: stage one "
+                  f"**{s3['stage_one_requests_per_unit']:.2f} per unit written** (claims included), stage two "
+                  f"**{s3['stage_two_requests_per_unit']:.2f} per unit read** (plus "
+                  f"{s3['stage_two_other_requests_per_epoch']} per epoch, the loader workers opening the store)."]
     lines += ["", "| cache, k of 1000 classes (synthetic teacher) | raw bytes/view | stored bytes/view | reads (records/s, 1 process) |",
               "|---|---|---|---|"]
     lines += [f"| {c['k']} | {c['raw_bytes_per_view']} | {c['stored_bytes_per_view']:.1f} | {c['read_records_per_s']:.0f} |"

@@ -299,10 +299,10 @@ def describe(student: dict) -> str:
 
 
 def stored_bytes_per_view(store: Path) -> dict:
-    """Bytes per cached view of a real store (its data arrays, completion records excluded)."""
+    """Bytes per cached view of a real store (its unit objects, metadata excluded)."""
     cache = TeacherCache.open(store)
     s = summarize(cache)
-    data = sum(f.stat().st_size for name in cache.arrays for f in (Path(store) / name).rglob("*") if f.is_file())
+    data = sum(f.stat().st_size for f in (Path(store) / "units" / "c").rglob("*") if f.is_file())
     return {"store": str(store), "topk": s.topk, "num_classes": s.num_classes, "views": s.views_cached,
             "stored_bytes_per_view": data / max(1, s.views_cached), "teacher": s.teacher}
 
@@ -320,7 +320,7 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
                                            (0.5,) * 3, 224, "bicubic")
         request = CacheRequest("synthetic", "train", {}, "synthetic", "synthetic", 0, 1000, "pillow", teacher, k)
         claims = Claims(storages.for_root(store), "bench")
-        cache = TeacherCache.create_or_grow(store, request, 1, shards, [per_shard] * len(shards), 1, False, 1, {},
+        cache = TeacherCache.create_or_grow(store, request, 1, shards, [per_shard] * len(shards), 1, False, {},
                                             claims)
         claims.release_all()
         for s in range(len(shards)):
@@ -332,7 +332,7 @@ def cache_size_and_reads(work: Path, views: int = 4096) -> list[dict]:
             unit.probs[:], unit.classes[:] = p.half().numpy(), c.numpy()
             unit.fingerprint[:] = rng.integers(2**32, size=per_shard, dtype=np.uint32)
             cache.write_unit(0, s, unit)
-        data_bytes = sum(f.stat().st_size for name in cache.arrays for f in (store / name).rglob("*") if f.is_file())
+        data_bytes = sum(f.stat().st_size for f in (store / "units" / "c").rglob("*") if f.is_file())
         t0 = time.perf_counter()
         for s in range(len(shards)):
             cache.read_unit(0, s)

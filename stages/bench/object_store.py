@@ -86,6 +86,60 @@ def loader_views_per_s(manifest: Manifest, recipe: Recipe, store, workers: int, 
     return n / (time.perf_counter() - t0)
 
 
+def _stage_two_epochs(manifest: Manifest, recipe: Recipe, store: str, epochs: int, workers: int) -> int:
+    """Load `epochs` epochs of views with their cached targets, as train-student's loader does; the units read."""
+    ds = ReplayViews(manifest, recipe, 0, 0, rank=0, world_size=1, shuffle_buffer=256,
+                     annotate=CachedTargets(store).annotator())
+    loader = DataLoader(Batched(ds, 64, ViewCollate(manifest.num_classes, recipe.smoothing), partial=True),
+                        batch_size=None, **loader_settings(workers, 2, torch.device("cpu")))
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for _ in loader:
+            pass
+    return epochs * len(manifest.shards("train"))
+
+
+def requests_per_unit(data: Path, ckpt: Path, small, workers: int, server: "S3Server", local_store: Path) -> dict:
+    """Requests to the store per unit written by stage one and per unit read by stage two, through a counting
+    proxy in front of the S3 server: the difference between a shorter and a longer run over the difference in
+    units (the marginal cost, without each run's fixed costs: opening, creating the store, claims per shard)."""
+    from replaykd.stages.bench.http_proxy import Proxy
+
+    manifest, recipe = Manifest.load(data), Recipe.load("deit")
+    store_url = server.upload(local_store, "counted.zarr")
+    with Proxy(server.options["endpoint_url"]) as proxy:
+        options = {**server.options, "endpoint_url": proxy.endpoint}
+        flag = ["--storage-options", json.dumps(options)]
+        one = {}
+        for epochs in (1, ONE_EPOCHS):
+            name = f"count-{epochs}.zarr"
+            args = cache_args(data, ckpt, small, f"s3://{BUCKET}/{name}", epochs, workers, "cpu")
+            replaykd("teacher-cache", *args, *flag, fresh=small.fresh)
+            one[epochs] = (sum(proxy.counted(f"/{name}/").values()), epochs * len(manifest.shards("train")),
+                           dict(proxy.counted(f"/{name}/")))
+        storage.configure(options)
+        two = {}
+        try:
+            for epochs in (1, 2):
+                before, units_before = proxy.counted("/counted.zarr/"), proxy.counted("/counted.zarr/units/")
+                units = _stage_two_epochs(manifest, recipe, store_url, epochs, workers)
+                all_ = proxy.counted("/counted.zarr/") - before
+                on_units = proxy.counted("/counted.zarr/units/") - units_before
+                two[epochs] = (sum(all_.values()), sum(on_units.values()), units, dict(all_))
+        finally:
+            storage.configure(server.options)
+    return {"proxy": "counts every request to the store's prefix between the client and the S3 server",
+            "stage_one_requests_per_unit": (one[ONE_EPOCHS][0] - one[1][0]) / (one[ONE_EPOCHS][1] - one[1][1]),
+            "stage_one_requests": {f"{e}_epochs": {"requests": r, "units": u, "by_method": m}
+                                   for e, (r, u, m) in one.items()},
+            # requests for unit objects per unit read; what else an epoch asks for (each loader worker opens the
+            # store: its metadata, a few requests) does not grow with the units an epoch holds
+            "stage_two_requests_per_unit": (two[2][1] - two[1][1]) / (two[2][2] - two[1][2]),
+            "stage_two_other_requests_per_epoch": (two[2][0] - two[2][1]) - (two[1][0] - two[1][1]),
+            "stage_two_requests": {f"{e}_epochs": {"requests": r, "on_unit_objects": ru, "units": u, "by_method": m}
+                                   for e, (r, ru, u, m) in two.items()}}
+
+
 def object_store_vs_local(data: Path, preset, workers: int, repeats: int, work: Path) -> dict:
     """Stage two's loader (shards and cache read) and stage one's loop (shards read, store written) on S3 vs local
     files, DeiT's recipe on real photographs: views/s side by side and their ratios (S3 / local)."""
@@ -138,6 +192,7 @@ def object_store_vs_local(data: Path, preset, workers: int, repeats: int, work: 
 
             interleaved({"local": cache_run("local"), "s3": cache_run("s3")}, repeats)
             stage_one = {k: statistics.median(v) for k, v in one.items()}
+            counts = requests_per_unit(data, ckpt, small, workers, server_process, local_store)
         finally:
             storage.configure(None)
     return {"server": "moto (S3 API) in its own process on 127.0.0.1, sharing this machine's cores",
@@ -145,6 +200,7 @@ def object_store_vs_local(data: Path, preset, workers: int, repeats: int, work: 
             "workers": workers,
             "stage_two_loader_views_per_s": stage_two, "stage_two_s3_over_local": stage_two["s3"] / stage_two["local"],
             "stage_one_epochs": ONE_EPOCHS, "stage_one_views_per_s": stage_one, "stage_one_s3_over_local": stage_one["s3"] / stage_one["local"],
+            **counts,
             # the server's CPU use while it served (cores busy on average): on a cluster it runs elsewhere
             "server_cores_busy": {"stage_two": statistics.median(server["two"]),
                                   "stage_one": statistics.median(server["one"])}}

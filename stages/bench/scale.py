@@ -98,8 +98,8 @@ def run_for(args: list, seconds: float, ready) -> dict:
 
 
 def newest_completion(store: Path) -> float:
-    """The newest modification time of the store's completion records (0 when there are none)."""
-    return max((f.stat().st_mtime for f in (store / "complete").rglob("c/*/*")), default=0.0)
+    """The newest modification time of the store's unit objects (0 when there are none)."""
+    return max((f.stat().st_mtime for f in (store / "units" / "c").glob("*/*")), default=0.0)
 
 
 def views_done(cache: TeacherCache) -> int:
@@ -123,18 +123,72 @@ def plan_seconds(counts: list[int], repeats: int, paired: bool, epochs: int = 3)
     return (time.perf_counter() - t0) / epochs
 
 
-def fill_epoch(store: Path, epoch: int) -> int:
-    """Record every missing unit of `epoch` with synthetic targets (what stage two reads; its fingerprint check is
-    off for them); returns how many units were written."""
+def fill_epoch(store: Path | str, epoch: int) -> int:
+    """Write every missing unit of `epoch` with synthetic targets as varied as a teacher's (seeded random sorted
+    probabilities, classes and fingerprints: what stage two reads with its fingerprint check off, and what
+    compresses like real targets); returns how many units were written."""
     cache = TeacherCache.open(store, mode="a")
     missing = np.flatnonzero(~cache.done()[epoch])
+    rng = np.random.default_rng(epoch)
     for s in missing:
-        n = cache.unit_size(epoch, int(s))
-        rows = UnitArrays.zeros(n, cache.config.topk, cache.config.num_classes)
-        rows.probs[:] = np.linspace(0.5, 0.01, cache.config.topk, dtype=np.float16)
-        rows.classes[:] = np.arange(cache.config.topk)
-        cache.write_unit(epoch, int(s), rows)
+        n, c = cache.unit_size(epoch, int(s)), cache.config
+        probs = rng.random((n, c.topk)) ** 4  # a peaked top-1, a long tail, like a teacher's
+        probs = -np.sort(-probs / (probs.sum(1, keepdims=True) * 1.25), axis=1)
+        cache.write_unit(epoch, int(s), UnitArrays(probs=probs.astype(np.float16),
+                                                   classes=rng.integers(0, c.num_classes, (n, c.topk)),
+                                                   fingerprint=rng.integers(0, 2 ** 32, n, dtype=np.uint32)))
     return len(missing)
+
+
+def imagenet_store(work: Path, recipe: Recipe, epochs: int = 300) -> Path:
+    """An empty store of ImageNet-1k's shape (1,282 data shards, `epochs` epochs, top-10 of 1000), from the shape
+    alone (no shards are read)."""
+    n, shard = IN1K["train"], IN1K["shard"]
+    counts = [min(shard, n - s) for s in range(0, n, shard)]
+    manifest_hash = "a" * 64
+    teacher = TeacherIdentity("synthetic", "regnety_002", None, None, "0" * 64, IN1K["classes"], recipe.mean,
+                              recipe.std, recipe.input_size, "bicubic")
+    request = CacheRequest(manifest_hash, "train", recipe.views(), recipe.views_hash, recipe.name, 0, IN1K["classes"],
+                           "pillow", teacher, 10)
+    store = work / "verify.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+    claims = Claims(storages.for_root(store), "bench-scale")
+    TeacherCache.create_or_grow(store, request, epochs, [f"train-{s:06d}.tar" for s in range(len(counts))], counts,
+                                recipe.repeats, recipe.mixes, {}, claims)
+    claims.release_all()
+    return store
+
+
+def verify_rate(store: Path | str, *flags) -> tuple[float, int]:
+    """(units/s, units) that `replaykd cache verify --full` reports reading, in a fresh process (it exits 1: the
+    epochs not filled are missing units)."""
+    proc = subprocess.run([*CLI, "cache", "verify", str(store), "--full", "--samples", "0", *flags],
+                          capture_output=True, text=True)
+    out = proc.stdout
+    match = re.search(r"read every unit of .*: (\d+) units in [\d.]+ s \((\d+) units/s\)", out)
+    if match is None:
+        raise ReplayKDError(f"cache verify said: {out}")
+    return float(match.group(2)), int(match.group(1))
+
+
+def verify_section(work: Path, recipe: Recipe, epochs: int) -> dict:
+    """`cache verify --full` over `epochs` epochs of an ImageNet-1k x 300-epoch store of synthetic units, locally
+    and on the local S3 server (moto, in its own process): units per second, and the whole shape's time at that
+    rate."""
+    from replaykd.stages.bench.object_store import S3Server
+
+    store = imagenet_store(work, recipe)
+    for epoch in range(epochs):
+        fill_epoch(store, epoch)
+    local, units = verify_rate(store)
+    whole = 300 * len(TeacherCache.open(store).shards)
+    with S3Server() as server:
+        url = server.upload(store, "verify.zarr")
+        s3, _ = verify_rate(url, "--storage-options", json.dumps(server.options))
+    return {"epochs_filled": epochs, "units_read": units, "local_units_per_s": local, "s3_units_per_s": s3,
+            "whole_shape_units": whole, "whole_shape_local_minutes": whole / local / 60,
+            "whole_shape_s3_minutes": whole / s3 / 60,
+            "s3_server": "moto in its own process on this machine, sharing its 2 cores"}
 
 
 def in21k_layout(work: Path, recipe: Recipe) -> dict:
@@ -168,7 +222,7 @@ def in21k_layout(work: Path, recipe: Recipe) -> dict:
     t0 = time.perf_counter()
     if not store.exists():
         claims = Claims(storages.for_root(store), "bench-scale")
-        TeacherCache.create_or_grow(store, request, 300, m.shards("train"), counts, recipe.repeats, recipe.mixes, 8,
+        TeacherCache.create_or_grow(store, request, 300, m.shards("train"), counts, recipe.repeats, recipe.mixes,
                                     {}, claims)
         claims.release_all()
     created = time.perf_counter() - t0
@@ -247,7 +301,13 @@ def scale_markdown(r: dict) -> str:
         f"{one['worker_rss_mb']} / {one['worker_private_mb']} MB |",
         f"| store after stage one's window: files, metadata (zarr.json) bytes, all bytes | {r['store_files']:,}, "
         f"{r['metadata_bytes']:,}, {r['store_bytes']:,} |",
-        f"| store files once all {r['epochs']} epochs are written (from its layout) | {r['store_files_complete']:,} |",
+        f"| store files once all {r['epochs']} epochs are written (from its layout): loose / packed | "
+        f"{r['store_files_complete']:,} / {r['store_files_packed']:,} |",
+        f"| `cache verify --full`, {r['verify']['units_read']:,} synthetic units ({r['verify']['epochs_filled']} "
+        f"epochs): units/s local / local S3 server | {r['verify']['local_units_per_s']:.0f} / "
+        f"{r['verify']['s3_units_per_s']:.0f} |",
+        f"| `cache verify --full` of the whole shape ({r['verify']['whole_shape_units']:,} units) at those rates | "
+        f"{r['verify']['whole_shape_local_minutes']:.1f} / {r['verify']['whole_shape_s3_minutes']:.1f} min |",
         f"| `replaykd cache info` (`cache_info_s`) | {r['cache_info_s']:.1f} s |",
         f"| train-student: launch to its first optimiser step (`student_startup_s`) | {r['student_startup_s']:.1f} s |",
         f"| stage two, images/s over {two['window_s']:.0f} s (not a full epoch) | {two['images_per_s']:.0f} |",
@@ -312,9 +372,11 @@ def bench_scale(o: ScaleBenchOptions) -> None:
                       "rerun_first_unit_s": rerun["ready_s"],
                       **{k: first[k] for k in ("main_rss_mb", "worker_rss_mb", "worker_private_mb")}}
     r.update(store_layout(store))
-    # a finished store's files: per data shard, one file per array and block of epochs, and its completion records
-    r["store_files_complete"] = r["store_files"] - r["store_files_written"] + len(built.shards) * (
-        len(built.arrays) * -(-built.config.epochs // built.epochs_per_file) + 1)
+    # a finished store's files: one object per unit; packed (`cache pack`, 8 epochs a file): a shard file per data
+    # shard and block of epochs, and a completion file per data shard
+    metadata_files = r["store_files"] - r["store_files_written"]
+    r["store_files_complete"] = metadata_files + len(built.shards) * built.config.epochs
+    r["store_files_packed"] = metadata_files + len(built.shards) * (-(-built.config.epochs // 8) + 1)
     r["cache_info_s"], _ = timed("cache", "info", store)
 
     fill_epoch(store, 0)
@@ -334,6 +396,7 @@ def bench_scale(o: ScaleBenchOptions) -> None:
                       **{k: proc_out[k] for k in ("main_rss_mb", "worker_rss_mb", "worker_private_mb")}}
     r["worker_private_mb"] = worker_private_memory(work)
     r["in21k"] = in21k_layout(work, recipe)
+    r["verify"] = verify_section(work, Recipe.load("deit"), o.verify_epochs)
     write_json_atomic(o.out / "scale.json", r)
     publish(o, r)
     typer.echo(json.dumps({k: r[k] for k in ("train_samples", "student_startup_s", "teacher_cache_startup_s",

@@ -512,8 +512,8 @@ class TeacherCache:
         if self.writable:
             return (f"Run `replaykd cache repair {self.path}` (it drops the damaged units), then the teacher-cache "
                     "command that built the store to rebuild them")
-        return (f"Unpack the intact units with `replaykd cache upgrade {self.path} NEW`, then rebuild the rest into NEW "
-                "with the teacher-cache command that built the store")
+        return (f"Unpack the intact units with `replaykd cache upgrade {self.path} NEW`, then rebuild the rest into "
+                "NEW with the teacher-cache command that built the store")
 
     def check_unit(self, epoch: int, shard_no: int) -> tuple[list[str] | None, np.ndarray | None]:
         """(problems, stored rows) of one unit: problems None when it is not complete, else what is wrong with it

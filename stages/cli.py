@@ -29,8 +29,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-cache_app = typer.Typer(help="Inspect and verify teacher caches.", no_args_is_help=True, add_completion=False,
-                        rich_markup_mode=None)
+cache_app = typer.Typer(help="Inspect, verify, repair, pack and upgrade teacher caches.", no_args_is_help=True,
+                        add_completion=False, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 
 CONFIG_HELP = "YAML file of options (keys are the option names, e.g. 'batch_size: 128'); flags given on the " \

@@ -19,14 +19,14 @@ import json
 import time
 from dataclasses import dataclass, field, fields
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import zarr
 
 from replaykd.claims import CHANGING, CLAIMS, Claims, newest
 from replaykd.errors import ReplayKDError
-from replaykd.layouts import LOOSE, PACKED, DamagedRecords, Loose, Packed
+from replaykd.layouts import LOOSE, PACKED, DamagedRecords, Loose, Packed, little_endian
 from replaykd.plan import PAIR_GROUP, max_unit_size, unit_size
 from replaykd.recipe import stored_views
 from replaykd import storage as storages
@@ -146,14 +146,9 @@ class UnitArrays:
         return cls(**out)
 
 
-def _little_endian(values: np.ndarray) -> np.ndarray:
-    """The values as contiguous little-endian ones: the same bytes on any machine."""
-    return np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
-
-
 def _as_uint16(values: np.ndarray) -> np.ndarray:
     """Rows of fixed-size values as uint16 columns, a wider value as its little-endian halves."""
-    return _little_endian(values).view("<u2").astype(np.uint16)
+    return little_endian(values).view("<u2").astype(np.uint16)
 
 
 @dataclass(frozen=True)
@@ -532,33 +527,45 @@ class TeacherCache:
         return len(self.storage.files(""))
 
     # --- integrity ---------------------------------------------------------------------------------
+    def written(self) -> tuple[list[tuple[int, int]], list[tuple[int, str]]]:
+        """(epoch, shard_no) of every written unit, shard by shard, and (shard_no, why) of each packed shard whose
+        completion records do not decode (its units cannot be told)."""
+        units, unreadable = [], []
+        for s in range(len(self.shards)):
+            try:
+                with storages.remote(self.path, "listing the completed units"):
+                    found = self.layout.completed(s, self.config.epochs)
+            except DamagedRecords as exn:
+                unreadable.append((s, f"its completion records do not decode ({exn})"))
+                continue
+            units += [(int(e), s) for e in np.flatnonzero(found)]
+        return units, unreadable
+
+    def check_units(self, units: list[tuple[int, int]], threads: int = CHECK_THREADS,
+                    progress: Callable[[], None] | None = None) -> Iterator[tuple[tuple[int, int], list[str], Any]]:
+        """(unit, what is wrong, rows) of each of `units` in order, `threads` read at once and a bounded number in
+        flight; a unit gone since it was listed is wrong too."""
+        def check(unit: tuple[int, int]):
+            with storages.remote(self.path, f"reading unit (epoch {unit[0]}, shard {self.shards[unit[1]]})"):
+                problems, rows = self.check_unit(*unit)
+            return (["it vanished while the store was read"] if problems is None else problems), rows
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            step = 64 * max(1, threads)
+            for i in range(0, len(units), step):
+                for unit, (problems, rows) in zip(units[i:i + step], pool.map(check, units[i:i + step])):
+                    if progress is not None:
+                        progress()
+                    yield unit, problems, rows
+
     def damage(self, progress: Callable[[], None] | None = None,
                threads: int = CHECK_THREADS) -> list[tuple[int | None, int, str]]:
         """Read every written unit, `threads` at a time: (epoch, shard_no, what is wrong) of each one that fails
         its checksum, does not decode, or is gone or short (epoch None: a packed shard's completion records)."""
-        found: list[tuple[int | None, int, str]] = []
-        units: list[tuple[int, int]] = []
-        for s in range(len(self.shards)):
-            try:
-                with storages.remote(self.path, "listing the completed units"):
-                    written = self.layout.completed(s, self.config.epochs)
-            except DamagedRecords as exn:
-                found.append((None, s, f"its completion records do not decode ({exn})"))
-                continue
-            units += [(int(e), s) for e in np.flatnonzero(written)]
-
-        def check(unit: tuple[int, int]) -> list[str]:
-            with storages.remote(self.path, f"reading unit (epoch {unit[0]}, shard {self.shards[unit[1]]})"):
-                problems, _ = self.check_unit(*unit)
-            return ["it vanished while the store was read"] if problems is None else problems
-
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            step = 64 * max(1, threads)  # a bounded number of units in flight: their rows are dropped as they come
-            for i in range(0, len(units), step):
-                for (e, s), problems in zip(units[i:i + step], pool.map(check, units[i:i + step])):
-                    found += [(e, s, why) for why in problems]
-                    if progress is not None:
-                        progress()
+        units, unreadable = self.written()
+        found: list[tuple[int | None, int, str]] = [(None, s, why) for s, why in unreadable]
+        for (e, s), problems, _ in self.check_units(units, threads, progress):
+            found += [(e, s, why) for why in problems]
         return found
 
     def drop(self, damaged: list[tuple[int | None, int, str]]) -> list[tuple[int, int]]:

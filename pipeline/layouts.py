@@ -27,14 +27,15 @@ COMPLETE_EPOCHS = 1024
 Check = tuple[list[str] | None, np.ndarray | None]
 
 
-def _little_endian(values: np.ndarray) -> np.ndarray:
+def little_endian(values: np.ndarray) -> np.ndarray:
+    """The values as contiguous little-endian ones: the same bytes on any machine."""
     return np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
 
 
 def digest(values: np.ndarray) -> int:
     """A packed store's completion record of a unit: the CRC-32C of its stored rows' little-endian bytes with bit
     32 set (0 means not written)."""
-    return (1 << 32) | crc32c(_little_endian(values).view(np.uint8))
+    return (1 << 32) | crc32c(little_endian(values).view(np.uint8))
 
 
 class Loose:

@@ -5,32 +5,19 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
 from replaykd import storage as storages
 from replaykd.cache import DamagedUnit, TeacherCache, open_group
 from replaykd.errors import ReplayKDError
-from replaykd.layouts import DamagedRecords, Packed
+from replaykd.layouts import Packed
 from replaykd.storage import Location
 
 # Attributes that describe a store's layout, never carried over to another layout.
 _LAYOUT_ATTRS = ("format", "config", "layout", "codecs", "packing", "upgraded_from", "packed_from")
 Progress = Callable[[], None] | None
-
-
-def _read(cache: TeacherCache, units: list[tuple[int, int]], threads: int,
-          progress: Progress) -> Iterator[tuple[tuple[int, int], list[str] | None, np.ndarray | None]]:
-    """(unit, problems, rows) of each unit in order, `threads` read at once, a bounded number in flight."""
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        step = 64 * max(1, threads)
-        for i in range(0, len(units), step):
-            for unit, (problems, rows) in zip(units[i:i + step], pool.map(lambda u: cache.check_unit(*u),
-                                                                          units[i:i + step])):
-                if progress is not None:
-                    progress()
-                yield unit, problems, rows
 
 
 def _carried(src: TeacherCache) -> dict:
@@ -74,7 +61,7 @@ def pack(src: TeacherCache, out: Location, epochs_per_file: int, threads: int, p
     units = [(e, s) for s in range(len(src.shards)) for e in range(epochs)]
     block = np.zeros((epf, src.slots, src.columns), np.uint16)
     with storages.remote(out, "writing the packed store"):
-        for (e, s), problems, rows in _read(src, units, threads, progress):
+        for (e, s), problems, rows in src.check_units(units, threads, progress):
             if problems:
                 raise DamagedUnit(f"{src.path}: unit (epoch {e}, shard {src.shards[s]}) is damaged: {problems[0]}; "
                                   f"run `replaykd cache repair {src.path}`, rebuild, then pack")
@@ -104,21 +91,17 @@ def upgrade(src: TeacherCache, out: Location, threads: int, progress: Progress =
     if dst.attrs.get("upgraded_from") != marker or dst.config != src.config:
         raise ReplayKDError(f"{out} is a store, not one this command started from {src.path}; give a new folder")
     dst.storage.require_atomic_create()
-    damaged, units, there = [], [], dst.recorded()
-    for s in range(len(src.shards)):
-        try:
-            written = src.layout.completed(s, src.config.epochs)
-        except DamagedRecords as exn:
-            damaged.append(f"the completion records of {src.shards[s]} ({exn}): its units are left missing")
-            continue
-        units += [(int(e), s) for e in np.flatnonzero(written & ~there[:, s])]
+    there = dst.recorded()
+    written, unreadable = src.written()
+    damaged = [f"{src.shards[s]}: {why}; its units are left missing" for s, why in unreadable]
+    units = [(e, s) for e, s in written if not there[e, s]]
     copied = 0
     with ThreadPoolExecutor(max(1, threads)) as writers:
         pending = []
-        for (e, s), problems, rows in _read(src, units, threads, progress):
+        for (e, s), problems, rows in src.check_units(units, threads, progress):
             if problems:
                 damaged.append(f"unit (epoch {e}, shard {src.shards[s]}): {problems[0]}")
-            elif problems is not None:
+            else:
                 pending.append(writers.submit(dst.write_rows, e, s, rows))
             if len(pending) >= 64 * threads:
                 copied += sum(f.result() for f in pending)

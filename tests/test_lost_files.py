@@ -20,12 +20,18 @@ LOST = "units/c/3/0"  # epoch 0 of data shard 3
 UNIT = r"unit \(epoch 0, shard train-000003.tar\)"
 
 
-def test_a_unit_whose_object_is_deleted_or_cut_is_refused_by_name(store, tmp_path):
+def _damaged_copies(store, tmp_path, key):
+    """(how, a copy of `store` whose file `key` is deleted or cut to half), for each way."""
     for damage in ("deleted", "cut"):
         copy = tmp_path / damage
         shutil.copytree(store, copy)
-        f = copy / LOST
+        f = copy / key
         f.unlink() if damage == "deleted" else f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        yield damage, copy
+
+
+def test_a_unit_whose_object_is_deleted_or_cut_is_refused_by_name(store, tmp_path):
+    for damage, copy in _damaged_copies(store, tmp_path, LOST):
         cache = TeacherCache.open(copy)
         if damage == "deleted":
             assert cache.missing() == [(0, 3)] and not cache.damage()
@@ -66,11 +72,7 @@ def test_a_packed_store_with_a_lost_or_cut_file_is_refused_by_name(store, tmp_pa
     run_cli("cache", "pack", store, packed, "--epochs-per-file", "2")
     assert_same_arrays(arrays(packed), arrays(store))
     shard_file = "targets/c/0/3/0/0"  # epochs 0-1 of data shard 3
-    for damage in ("deleted", "cut"):
-        copy = tmp_path / damage
-        shutil.copytree(packed, copy)
-        f = copy / shard_file
-        f.unlink() if damage == "deleted" else f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    for damage, copy in _damaged_copies(packed, tmp_path, shard_file):
         cache = TeacherCache.open(copy)
         why = f"its file {shard_file} is missing" if damage == "deleted" else f"fails its checksum in {shard_file}"
         with pytest.raises(DamagedUnit, match=f"{UNIT} is damaged: .*{why}"):

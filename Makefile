@@ -102,8 +102,9 @@ DEMO_THREADS ?= 1
 # The whole pipeline on digits: shards -> teacher -> cache -> three students on the same views -> report, as a graph
 # run with make -j3 after the teacher (alone on all cores: beside a student it took 3x as long, 2026-12-06): the
 # labels-only student trains beside the cache build, the two KD students beside each other. The
-# report's demo_seconds run from demo-start (this invocation's first step) to the report.
-demo-start:
+# report's demo_seconds run from demo-start (this invocation's first step once the virtual environment is installed)
+# to the report.
+demo-start: $(STAMP)
 	mkdir -p $(RUN) && date +%s.%N > $(RUN)/demo-start
 
 demo: demo-start

@@ -16,8 +16,8 @@ RECIPE         ?= digits
 TEACHER        ?= regnety_002
 TEACHER_CKPT   ?= $(RUN)/teacher/teacher.safetensors
 TEACHER_EPOCHS ?= 8
-# The demo teacher from scratch: AdamW at 1e-2 after 1 warm-up epoch reaches 89-94% on val in its 8 epochs (seeds
-# 0-2); train-teacher's defaults (2e-3, 2 warm-up epochs, made for fine-tuning too) left it at 76-79%, a teacher too
+# The demo teacher from scratch: AdamW at 1e-2 after 1 warm-up epoch reaches 90-93% on val in its 8 epochs (seeds
+# 0-2); train-teacher's defaults (2e-3, 2 warm-up epochs, made for fine-tuning too) left it at 79-82%, a teacher too
 # weak for the demo's KD gain to stand clear of the noise on 359 images (measured 2026-12-06).
 TEACHER_LR     ?= 1e-2
 TEACHER_WARMUP ?= 1
@@ -100,7 +100,7 @@ STUDENT_COMMON = --manifest $(DATA) --recipe $(RECIPE) --seed $(SEED) --epochs $
 DEMO_THREADS ?= 1
 
 # The whole pipeline on digits: shards -> teacher -> cache -> three students on the same views -> report, as a graph
-# run with make -j3 after the teacher (alone on all cores: beside a student it took 3x as long, 2026-12-06): the
+# run with make -j3 after the teacher (alone on all cores: beside a student it took 2-3x as long, 2026-12-06): the
 # labels-only student trains beside the cache build, the two KD students beside each other. The
 # report's demo_seconds run from demo-start (this invocation's first step once the virtual environment is installed)
 # to the report.

@@ -19,7 +19,7 @@ import json
 import time
 from dataclasses import dataclass, field, fields
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -542,10 +542,11 @@ class TeacherCache:
         return units, unreadable
 
     def check_units(self, units: list[tuple[int, int]], threads: int = CHECK_THREADS,
-                    progress: Callable[[], None] | None = None) -> Iterator[tuple[tuple[int, int], list[str], Any]]:
+                    progress: Callable[[], None] | None = None) \
+            -> Iterator[tuple[tuple[int, int], list[str], np.ndarray | None]]:
         """(unit, what is wrong, rows) of each of `units` in order, `threads` read at once and a bounded number in
         flight; a unit gone since it was listed is wrong too."""
-        def check(unit: tuple[int, int]):
+        def check(unit: tuple[int, int]) -> tuple[list[str], np.ndarray | None]:
             with storages.remote(self.path, f"reading unit (epoch {unit[0]}, shard {self.shards[unit[1]]})"):
                 problems, rows = self.check_unit(*unit)
             return (["it vanished while the store was read"] if problems is None else problems), rows

@@ -114,14 +114,12 @@ SECRET = "not-a-real-secret-3f9a"
 
 
 @pytest.fixture(scope="session")
-def s3():
-    """A fresh S3 server on a free port of 127.0.0.1 with one bucket; yields (endpoint, storage options JSON)."""
+def s3_server():
+    """An S3 server on a free port of 127.0.0.1 with one bucket, for the session; yields (endpoint, options)."""
     import logging
 
     import s3fs
     from moto.server import ThreadedMotoServer
-
-    from replaykd import storage
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -132,4 +130,19 @@ def s3():
     s3fs.S3FileSystem(**options).mkdir("bucket")
     yield endpoint, options
     server.stop()
+
+
+@pytest.fixture
+def s3(s3_server):
+    """The session's S3 server with its bucket emptied, so that each test (and each rerun of one, pytest --count)
+    starts afresh; yields (endpoint, storage options) and forgets the options `storage.configure` was given."""
+    import s3fs
+
+    from replaykd import storage
+
+    fs = s3fs.S3FileSystem(**s3_server[1], skip_instance_cache=True, use_listings_cache=False)
+    stale = fs.find("bucket")
+    if stale:
+        fs.rm(stale)
+    yield s3_server
     storage.configure(None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 
 import pytest
 import s3fs
@@ -92,10 +91,10 @@ def test_a_packed_store_with_a_lost_or_cut_file_is_refused_by_name(store, tmp_pa
 def test_a_lost_object_on_s3_is_refused_repaired_and_rebuilt(s3, store, digits_dir, teacher_ckpt):
     _, opts = s3
     fs = s3fs.S3FileSystem(**opts)
-    url = f"s3://bucket/{uuid.uuid4().hex}.zarr"  # a rerun in one server (pytest --count) starts afresh
-    fs.put(str(store), url[5:], recursive=True)
-    fs.pipe_file(f"{url[5:]}/{LOST}", fs.cat_file(f"{url[5:]}/{LOST}")[:-9])
-    fs.rm_file(f"{url[5:]}/units/c/2/1")
+    fs.put(str(store), "bucket/lost.zarr", recursive=True)
+    url = "s3://bucket/lost.zarr"
+    fs.pipe_file(f"bucket/lost.zarr/{LOST}", fs.cat_file(f"bucket/lost.zarr/{LOST}")[:-9])
+    fs.rm_file("bucket/lost.zarr/units/c/2/1")
     storage.configure(opts)
     with pytest.raises(DamagedUnit, match=f"{UNIT} is damaged: its object {LOST} fails its CRC-32C"):
         TeacherCache.open(url).read_unit(0, 3)

@@ -153,8 +153,8 @@ def test_a_server_that_goes_away_is_one_named_error(digits_dir, tmp_path):
     options = {"endpoint_url": f"http://{host}:{port}", "key": "k", "secret": "s",
                "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 1}}
     plain = {k: options[k] for k in ("endpoint_url", "key", "secret")}
-    s3fs.S3FileSystem(**plain).mkdir("gone")  # (moto's servers of one process share their buckets)
     fs = s3fs.S3FileSystem(**plain)
+    fs.makedirs("gone", exist_ok=True)  # moto's servers of one process share their buckets: a rerun finds it
     for f in sorted(digits_dir.glob("train-*.tar")):
         fs.put_file(str(f), f"gone/{f.name}")
     storage.configure(options)

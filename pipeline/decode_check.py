@@ -6,10 +6,9 @@ from __future__ import annotations
 import multiprocessing
 import signal
 
-from tqdm import tqdm
-
 from replaykd.errors import ReplayKDError
 from replaykd.manifest import Manifest
+from replaykd.progress import Progress
 from replaykd.reader import read_shard
 from replaykd.sources import MAX_PIXELS, check_image
 from replaykd.threads import cores
@@ -40,7 +39,7 @@ def bad_images(manifest: Manifest, max_pixels: int = MAX_PIXELS, workers: int | 
     _CHECKED, found = manifest, []
     # forked before the progress bar starts its thread; its processes leave signals to this one
     pool = multiprocessing.get_context("fork").Pool(max(1, min(workers, len(tasks))), initializer=_quiet_signals)
-    bar = tqdm(total=sum(manifest.count(s) for s in manifest.tables), desc="decode check", unit="img")
+    bar = Progress(total=sum(manifest.count(s) for s in manifest.tables), desc="decode check", unit="img")
     try:
         for n, bad in pool.imap_unordered(_bad_in, tasks):
             found += bad

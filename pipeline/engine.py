@@ -9,12 +9,12 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from replaykd import cputime
 from replaykd.device import autocast, process_seconds
 from replaykd.distributed import sum_across_ranks
 from replaykd.errors import ReplayKDError
+from replaykd.progress import Progress
 from replaykd.records import TrainBatch
 
 # Steps between loss readings for the log and the progress bar (each reads the loss back from the device): DeiT's
@@ -60,7 +60,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[Tr
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     images, lr, first, t0, cpu0 = 0, float("nan"), step, time.perf_counter(), cputime.with_workers()
     logged = []
-    bar = tqdm(total=total, desc=f"epoch {epoch}", unit="img", unit_scale=True, leave=False, disable=not show_progress)
+    bar = Progress(total=total, desc=f"epoch {epoch}", unit="img", unit_scale=True, leave=False, disable=not show_progress)
     try:
         for batch in batches:
             lr = lr_at(step)
@@ -90,7 +90,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[Tr
                 if "first_step" not in progress:
                     progress["first_step"] = process_seconds()
                     if show_progress:
-                        tqdm.write(f"first step {progress['first_step']:.1f} s after this process started")
+                        Progress.write(f"first step {progress['first_step']:.1f} s after this process started")
     finally:
         bar.close()  # before any error message: a left-open bar would share its line
     seconds, cpu = time.perf_counter() - t0, cputime.with_workers()

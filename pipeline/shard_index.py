@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from braceexpand import braceexpand
-from tqdm import tqdm
 
 from replaykd import storage
 from replaykd.errors import ReplayKDError
+from replaykd.progress import Progress
 from replaykd.reader import crc32c, image_field, iter_tar
 from replaykd.storage import Location
 
@@ -119,7 +119,7 @@ def index_shards(pattern: str, classes_file: Path | None = None, num_classes: in
     info_splits, info_lengths = _info_files(info)
     splits: dict[str, list[IndexedSample]] = defaultdict(list)
     sizes, first_seen = {}, {}
-    for path in tqdm(paths, desc="index shards", unit="shard"):
+    for path in Progress(paths, desc="index shards", unit="shard"):
         name = storage.basename(path)
         data = storage.read_bytes(path)
         sizes[name] = len(data)

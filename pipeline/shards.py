@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 
 from replaykd import storage
 from replaykd.decode_check import bad_images
 from replaykd.errors import ReplayKDError
 from replaykd.manifest import HEADER, Manifest, rows_to_table
+from replaykd.progress import Progress
 from replaykd.reader import crc32c
 from replaykd.shard_index import CLASSES_FILE, SHARD_RE, index_shards
 from replaykd.sources import MAX_PIXELS, Source, check_image
@@ -93,7 +93,7 @@ def _write_split(split: str, items, rng: np.random.Generator, folder: Path, shar
                  skip_bad: bool, max_pixels: int) -> tuple[list[dict], list[tuple[str, str]]]:
     """One split's shards, filled with readable images in shuffled order; returns its manifest rows and skips."""
     rows, skipped, sink, position = [], [], None, 0
-    bar = tqdm(total=len(items), desc=f"shards {split}", unit="img")
+    bar = Progress(total=len(items), desc=f"shards {split}", unit="img")
     try:
         for i in rng.permutation(len(items)):
             item = items[i]
@@ -141,7 +141,7 @@ def publish(source: Source, url: str, shard_size: int, seed: int, skip_bad: bool
             records.delete(HEADER)  # the old data set is no longer whole from here on
         files = sorted(Path(tmp, "out").iterdir(), key=lambda f: f.name == HEADER)  # the header last
         fs, root = storage.filesystem(url)
-        for f in tqdm(files, desc="upload", unit="file"):
+        for f in Progress(files, desc="upload", unit="file"):
             with storage.remote(storage.join(url, f.name), "uploading"):
                 fs.put_file(str(f), f"{root.rstrip('/')}/{f.name}")
         for name in set(before) - {f.name for f in files}:

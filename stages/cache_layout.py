@@ -4,10 +4,10 @@ from __future__ import annotations
 import time
 
 import typer
-from tqdm import tqdm
 
 from replaykd.cache import TeacherCache
 from replaykd.errors import ReplayKDError
+from replaykd.progress import Progress
 from replaykd.repack import pack as pack_units
 from replaykd.repack import upgrade as upgrade_units
 from replaykd.stages.options import CachePackOptions, CacheUpgradeOptions
@@ -16,7 +16,7 @@ from replaykd.stages.options import CachePackOptions, CacheUpgradeOptions
 def pack(o: CachePackOptions) -> None:
     """Pack a finished loose store into Zarr shard files."""
     src = TeacherCache.open(o.store)
-    t0, bar = time.perf_counter(), tqdm(total=len(src.shards) * src.config.epochs, desc="pack", unit="unit")
+    t0, bar = time.perf_counter(), Progress(total=len(src.shards) * src.config.epochs, desc="pack", unit="unit")
     pack_units(src, o.out, o.epochs_per_file, o.threads, progress=lambda: bar.update())
     bar.close()
     packed = TeacherCache.open(o.out)
@@ -28,7 +28,7 @@ def pack(o: CachePackOptions) -> None:
 def upgrade(o: CacheUpgradeOptions) -> None:
     """Rewrite a format 7 or packed store into a loose store of this format; exit 1 when units were damaged."""
     src = TeacherCache.open(o.store)
-    t0, bar = time.perf_counter(), tqdm(total=int(src.recorded().sum()), desc="upgrade", unit="unit")
+    t0, bar = time.perf_counter(), Progress(total=int(src.recorded().sum()), desc="upgrade", unit="unit")
     try:
         copied, there, damaged = upgrade_units(src, o.out, o.threads, progress=lambda: bar.update())
     finally:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import typer
-from tqdm import tqdm
 
 from replaykd import teacher as teachers
 from replaykd.cache import CacheRequest, DamagedUnit, TeacherCache
@@ -20,6 +19,7 @@ from replaykd.errors import ReplayKDError
 from replaykd.finish import Finisher
 from replaykd.loader import ViewCollate
 from replaykd.manifest import Manifest
+from replaykd.progress import Progress
 from replaykd.reader import read_shard
 from replaykd.recipe import Recipe
 from replaykd.replay import Replayer
@@ -60,7 +60,7 @@ def verify(o: CacheVerifyOptions) -> None:
 def _check_every_unit(cache: TeacherCache, threads: int, store) -> list[str]:
     """Read every written unit (`threads` at once) and list what is damaged and what is missing, with the rate."""
     t0 = time.perf_counter()
-    bar = tqdm(total=int(cache.recorded().sum()), desc="check every unit", unit="unit")
+    bar = Progress(total=int(cache.recorded().sum()), desc="check every unit", unit="unit")
     damaged = cache.damage(progress=lambda: bar.update(), threads=threads)
     bar.close()
     read, seconds = bar.n, time.perf_counter() - t0
@@ -172,7 +172,7 @@ def repair(o: CacheRepairOptions) -> None:
 
 def _repair(cache: TeacherCache, o: CacheRepairOptions) -> None:
     t0 = time.perf_counter()
-    bar = tqdm(total=int(cache.recorded().sum()), desc="check every unit", unit="unit")
+    bar = Progress(total=int(cache.recorded().sum()), desc="check every unit", unit="unit")
     damaged = cache.damage(progress=lambda: bar.update(), threads=o.threads)
     bar.close()
     typer.echo(f"read {bar.n} units in {time.perf_counter() - t0:.1f} s "

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 import typer
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from replaykd import teacher as teachers
 from replaykd.cache import CacheRequest, TeacherCache, UnitArrays
@@ -25,6 +24,7 @@ from replaykd.finish import Finisher
 from replaykd.io import check_writable
 from replaykd.loader import Batched, CacheViews, ViewCollate, loader_settings, regroup
 from replaykd.manifest import Manifest
+from replaykd.progress import Progress
 from replaykd.recipe import Recipe
 from replaykd.records import TeacherTargets
 from replaykd import storage as storages
@@ -158,7 +158,7 @@ def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, reci
                         **{**loader_settings(o.workers, o.prefetch, dev, o.seed), "persistent_workers": False})
     writer = UnitWriter(cache, written=written, check=claims.check_renewed)
     buffers, finish = UnitBuffers(cache.unit_size, o.topk, manifest.num_classes), Finisher(recipe)
-    bar = tqdm(total=expected, desc=f"teacher-cache part {mine['part']}" if mine["parts"] > 1 else "teacher-cache",
+    bar = Progress(total=expected, desc=f"teacher-cache part {mine['part']}" if mine["parts"] > 1 else "teacher-cache",
                unit="view", unit_scale=True, disable=expected == 0)
     t_loop = time.perf_counter()
     failed = True
@@ -186,7 +186,7 @@ def _build(o: TeacherCacheOptions, cache: TeacherCache, manifest: Manifest, reci
     if dealer.error is not None:
         raise dealer.error
     if writer.others:  # this process was taken for gone (stalled past its lease) and others built its shards
-        tqdm.write(f"note: {writer.others} units this process computed were written by another process first (it "
+        Progress.write(f"note: {writer.others} units this process computed were written by another process first (it "
                    "took this one's data shards while this one was stalled or cut off); theirs are kept", file=sys.stderr)
     mine["units_written_by_others"] = writer.others
     mine["loop_views_per_s"] = mine["views_seen"] / max(1e-9, time.perf_counter() - t_loop)

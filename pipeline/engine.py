@@ -60,7 +60,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, batches: Iterable[Tr
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     images, lr, first, t0, cpu0 = 0, float("nan"), step, time.perf_counter(), cputime.with_workers()
     logged = []
-    bar = Progress(total=total, desc=f"epoch {epoch}", unit="img", unit_scale=True, leave=False, disable=not show_progress)
+    bar = Progress(total=total, desc=f"epoch {epoch}", unit="img", unit_scale=True, leave=False,
+                   disable=not show_progress)
     try:
         for batch in batches:
             lr = lr_at(step)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 import s3fs
@@ -51,19 +50,16 @@ def test_a_contended_conditional_write_is_tried_again(s3):
     # S3 answers 409 ConditionalRequestConflict to conditional writes of one key at once, and neither may have won;
     # s3fs raised it as an OSError, which failed the run
     endpoint, options = s3
-    try:
-        with FlakyProxy(endpoint, every=10**9, conflicts=2) as proxy:
-            storage.configure({**options, "endpoint_url": proxy.endpoint})
-            records = storage.for_root(f"s3://bucket/contended-{uuid.uuid4().hex}")
-            assert records.create("claims/s0-g0/zarr.json", b"mine")  # tried again: nobody else had it
-            assert proxy.conflicts == 0 and records.read("claims/s0-g0/zarr.json") == b"mine"
-            assert not records.create("claims/s0-g0/zarr.json", b"theirs")  # there now: a lost race
-        with FlakyProxy(endpoint, every=10**9, conflicts=100) as proxy:
-            storage.configure({**options, "endpoint_url": proxy.endpoint})
-            with pytest.raises(ReplayKDError, match="creating failed: .*ConditionalRequestConflict"):
-                storage.for_root("s3://bucket/contended-forever").create("k", b"x")  # it never ends: named
-    finally:
-        storage.configure(options)
+    with FlakyProxy(endpoint, every=10**9, conflicts=2) as proxy:
+        storage.configure({**options, "endpoint_url": proxy.endpoint})
+        records = storage.for_root("s3://bucket/contended")
+        assert records.create("claims/s0-g0/zarr.json", b"mine")  # tried again: nobody else had it
+        assert proxy.conflicts == 0 and records.read("claims/s0-g0/zarr.json") == b"mine"
+        assert not records.create("claims/s0-g0/zarr.json", b"theirs")  # there now: a lost race
+    with FlakyProxy(endpoint, every=10**9, conflicts=100) as proxy:
+        storage.configure({**options, "endpoint_url": proxy.endpoint})
+        with pytest.raises(ReplayKDError, match="creating failed: .*ConditionalRequestConflict"):
+            storage.for_root("s3://bucket/contended-forever").create("k", b"x")  # it never ends: named
 
 
 def test_missing_credentials_are_named(s3, monkeypatch):
@@ -74,11 +70,8 @@ def test_missing_credentials_are_named(s3, monkeypatch):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     storage.configure({"endpoint_url": endpoint, "skip_instance_cache": True})
-    try:
-        with pytest.raises(ReplayKDError, match=r"s3://bucket/records/a: reading failed: no credentials"):
-            storage.read_bytes("s3://bucket/records/a")
-    finally:
-        storage.configure(None)
+    with pytest.raises(ReplayKDError, match=r"s3://bucket/records/a: reading failed: no credentials"):
+        storage.read_bytes("s3://bucket/records/a")
 
 
 def test_shards_written_to_s3_are_the_local_data_set(s3, tmp_path):
